@@ -1,0 +1,201 @@
+"""Image sets held as tensors, their versionable file format, batching and augmentation.
+
+Images are NCHW tensors in [0, 1]: ``uint8`` (scaled by 1/255 when batched) for real photographs, ``float32`` for
+synthesised data such as robustified datasets. A prepared dataset is one safetensors file (no pickle, byte-stable)
+whose metadata carries a content digest, so DVC can version it and every run can record which data it saw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from rrm.errors import RRMError, unknown
+from rrm.io import atomic_path
+
+DATASET_FORMAT = "rrm-dataset/1"
+AUGMENTATIONS = ("none", "crop-flip", "crop")
+
+
+@dataclass
+class ImageData:
+    """A train/test pair of labelled image tensors plus what every model and method needs to know about them."""
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: tuple[str, ...]
+    augment: str = "none"
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    # Provenance (e.g. the source dataset and teacher of a robustified set); stored in the file.
+    source: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.augment not in AUGMENTATIONS:
+            raise unknown("augmentation", self.augment, AUGMENTATIONS)
+        for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
+            if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
+                raise RRMError(f"{self.name}: {split} images must be NCHW with one label each, got {tuple(x.shape)} "
+                               f"and {tuple(y.shape)}")
+        if self.train_x.shape[1:] != self.test_x.shape[1:]:
+            raise RRMError(f"{self.name}: train and test images differ in shape")
+        if not self.mean:
+            x = to_float(self.train_x[:2048])
+            self.mean = tuple(round(v, 4) for v in x.mean(dim=(0, 2, 3)).tolist())
+            self.std = tuple(round(max(v, 1e-3), 4) for v in x.std(dim=(0, 2, 3)).tolist())
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.train_x.shape[1:]
+        return int(c), int(h), int(w)
+
+    @property
+    def digest(self) -> str:
+        """sha256 over the tensors' bytes and the metadata that changes training; stable across files and machines."""
+        h = hashlib.sha256()
+        for t in (self.train_x, self.train_y, self.test_x, self.test_y):
+            t = t.contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+        h.update(json.dumps([self.classes, self.augment, self.mean, self.std], sort_keys=True).encode())
+        return h.hexdigest()
+
+    def model_kwargs(self) -> dict:
+        """The arguments of :func:`rrm.models.build_model` that this data fixes."""
+        c, h, _ = self.input_shape
+        return dict(num_classes=self.num_classes, in_channels=c, image_size=h, mean=self.mean, std=self.std)
+
+    def validation_split(self, fraction: float = 0.2, seed: int = 0) -> "ImageData":
+        """Carve a stratified validation split from the training data; the result's test split is that validation set.
+
+        Tuning scores trials on it, so the real test split is never looked at while choosing hyper-parameters.
+        """
+        if not 0 < fraction < 1:
+            raise RRMError(f"validation fraction must be in (0, 1), got {fraction}")
+        g = torch.Generator().manual_seed(seed)
+        val_idx = []
+        for c in range(self.num_classes):
+            idx = torch.nonzero(self.train_y == c).flatten()
+            idx = idx[torch.randperm(len(idx), generator=g)]
+            val_idx.append(idx[: max(1, round(len(idx) * fraction))])
+        val = torch.cat(val_idx).sort().values
+        keep = torch.ones(len(self.train_y), dtype=torch.bool)
+        keep[val] = False
+        return dataclasses.replace(
+            self, name=f"{self.name}-val", train_x=self.train_x[keep], train_y=self.train_y[keep],
+            test_x=self.train_x[val], test_y=self.train_y[val],
+            source={**self.source, "validation_of": self.name, "fraction": fraction, "seed": seed},
+        )
+
+    def subset(self, n_train: int | None = None, n_test: int | None = None) -> "ImageData":
+        """The first ``n_train`` / ``n_test`` examples (the splits are already shuffled and stratified)."""
+        return dataclasses.replace(
+            self, train_x=self.train_x[:n_train], train_y=self.train_y[:n_train],
+            test_x=self.test_x[:n_test], test_y=self.test_y[:n_test],
+        )
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """Images as float32 in [0, 1]."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+
+
+def save_dataset(data: ImageData, path: str | os.PathLike) -> str:
+    """Write ``data`` to one safetensors file atomically; returns its digest."""
+    digest = data.digest
+    meta = {
+        "format": DATASET_FORMAT, "name": data.name, "classes": json.dumps(list(data.classes)),
+        "augment": data.augment, "mean": json.dumps(list(data.mean)), "std": json.dumps(list(data.std)),
+        "source": json.dumps(data.source, sort_keys=True), "digest": digest,
+    }
+    tensors = {k: getattr(data, k).contiguous() for k in ("train_x", "train_y", "test_x", "test_y")}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return digest
+
+
+def read_dataset(path: str | os.PathLike, verify: bool = True) -> ImageData:
+    """Read a file written by :func:`save_dataset`, checking its digest unless ``verify`` is False."""
+    path = Path(path)
+    if not path.is_file():
+        raise RRMError(f"dataset file {str(path)!r} does not exist; write it with `rrm data prepare`")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RRMError(f"dataset file {str(path)!r} is corrupt ({exc}); re-create it with `rrm data prepare`") from None
+    if meta.get("format") != DATASET_FORMAT:
+        raise RRMError(f"{str(path)!r} is not an rrm dataset file; write one with `rrm data prepare`")
+    data = ImageData(
+        name=meta["name"], classes=tuple(json.loads(meta["classes"])), augment=meta["augment"],
+        mean=tuple(json.loads(meta["mean"])), std=tuple(json.loads(meta["std"])), source=json.loads(meta["source"]),
+        **tensors,
+    )
+    if verify and data.digest != meta["digest"]:
+        raise RRMError(f"dataset file {str(path)!r} does not match its digest (modified or damaged); "
+                       "re-create it with `rrm data prepare`")
+    return data
+
+
+def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-dataset training augmentation on a float batch: random crop (zero padding 1/8 of the side) and flip.
+
+    Vectorised on the batch's device, so every method sees the same augmentation at no per-image Python cost.
+    """
+    if kind == "none":
+        return x
+    n, _, h, w = x.shape
+    pad = max(1, h // 8)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    gen_device = generator.device if generator is not None else "cpu"
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gen_device).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gen_device).to(x.device)
+    rows = (torch.arange(h, device=x.device)[None, :] + dy[:, None])[:, None, :, None]
+    cols = (torch.arange(w, device=x.device)[None, :] + dx[:, None])[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    out = padded[batch, chans, rows, cols]
+    if kind == "crop-flip":
+        flip = (torch.rand(n, generator=generator, device=gen_device) < 0.5).to(x.device)
+        out = torch.where(flip[:, None, None, None], out.flip(3), out)
+    return out
+
+
+def batches(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    augment: str = "none",
+    device: torch.device | str = "cpu",
+    drop_last: bool = False,
+    indices: torch.Tensor | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Float batches in [0, 1] on ``device``, optionally shuffled and augmented; ``indices`` restricts to a shard."""
+    order = indices if indices is not None else torch.arange(len(y))
+    if shuffle:
+        order = order[torch.randperm(len(order), generator=generator)]
+    stop = len(order) - (len(order) % batch_size if drop_last else 0)
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        xb = to_float(x[idx].to(device, non_blocking=True))
+        yield augment_batch(xb, augment, generator), y[idx].to(device)
