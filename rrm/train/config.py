@@ -1,0 +1,116 @@
+"""The typed configuration of a training run, validated at the edge with errors that name the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from rrm.errors import RRMError, unknown
+
+SCHEDULES = ("constant", "cosine", "step", "cyclic")
+PRECISIONS = ("fp32", "bf16", "fp16")
+FEATURE_LOSSES = ("cosine", "l2")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run depends on. ``None`` means "the method's default" where noted."""
+
+    # data and model
+    dataset: str = "mnist5k"  # a registered name or a file written by `rrm data prepare` / `rrm robustify`
+    model: str = "cnn"
+    width: float = 1.0
+    feature_dim: int | None = None  # adds Linear(penultimate, feature_dim) so teacher and student sizes match
+    # method
+    method: str = "natural"
+    # optimisation: SGD with momentum
+    epochs: int = 10  # for `free`, epochs as the paper counts them: passes x replays
+    batch_size: int = 128
+    lr: float = 0.1  # the peak rate for the cyclic schedule
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str | None = None  # constant | cosine | step | cyclic; None: the method's default
+    milestones: tuple[int, ...] = ()  # epochs at which the `step` schedule multiplies the rate by lr_gamma
+    lr_gamma: float = 0.1
+    # threat model of adversarial training and of the per-epoch monitor
+    norm: str = "linf"
+    eps: float = 0.3
+    step_size: float | None = None  # None: sat/pgd-fast 2.5 * eps / steps, fast 1.25 * eps, free eps
+    attack_steps: int = 7
+    random_start: bool = True
+    replays: int = 8  # Free AT's minibatch replays m
+    # transfer methods
+    teacher: str | None = None  # a model file, or a registry URI such as models:/rrm-teacher@champion
+    lam: float = 5e-3  # RRM's lambda: weight of the cross-entropy term
+    feature_loss: str = "cosine"  # cosine | l2
+    temperature: float = 30.0  # KD / KDIGA
+    alpha: float = 1.0  # KD / KDIGA: weight of the distillation term
+    gamma: float = 1.0  # KDIGA: weight of input-gradient alignment
+    # runtime
+    precision: str | None = None  # fp32 | bf16 | fp16 autocast; None: the method's default
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    seed: int = 0
+    deterministic: bool = False
+    channels_last: bool = True
+    monitor_examples: int = 256  # test examples attacked after each epoch (0 turns the monitor off)
+    monitor_steps: int = 10  # PGD steps of the per-epoch monitor
+    out_dir: str = "runs/train"
+    resume: bool = False
+    progress: bool | None = None  # None: progress bars only when stderr is a terminal
+    extra: dict = field(default_factory=dict)  # method options added by later methods (documented per method)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Build from a params-file section; ``lambda`` is accepted for ``lam``; unknown keys are an error."""
+        values = dict(values)
+        if "lambda" in values:
+            values["lam"] = values.pop("lambda")
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(values) - names)
+        if bad:
+            raise RRMError(f"unknown training option(s) {bad}; valid options: {', '.join(sorted(names))}")
+        if "milestones" in values and values["milestones"] is not None:
+            values["milestones"] = tuple(values["milestones"])
+        return cls(**values)
+
+    def validate(self) -> "TrainConfig":
+        """Raise :class:`RRMError` for any value out of range; returns self for chaining."""
+        from rrm.attacks import check_threat  # the training config shares the attacks' threat-model rules
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise RRMError(message)
+
+        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
+        need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise unknown("schedule", self.schedule, SCHEDULES)
+        need(0 < self.lr_gamma <= 1, f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
+        need(all(m >= 1 for m in self.milestones), f"milestones are epochs >= 1, got {list(self.milestones)}")
+        check_threat(self.norm, self.eps)
+        need(self.step_size is None or self.step_size > 0, f"step_size must be > 0, got {self.step_size}")
+        need(self.attack_steps >= 1, f"attack_steps must be >= 1, got {self.attack_steps}")
+        need(self.replays >= 1, f"replays must be >= 1, got {self.replays}")
+        need(self.lam > 0, f"lambda must be > 0 (got {self.lam}): with lambda <= 0 the last layer gets no gradient; "
+                           "the paper's plateau is 5e-5 to 1e-2")
+        if self.feature_loss not in FEATURE_LOSSES:
+            raise unknown("feature loss", self.feature_loss, FEATURE_LOSSES)
+        need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        need(0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha}")
+        need(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise unknown("precision", self.precision, PRECISIONS)
+        need(self.monitor_examples >= 0, f"monitor_examples must be >= 0, got {self.monitor_examples}")
+        need(self.monitor_steps >= 1, f"monitor_steps must be >= 1, got {self.monitor_steps}")
+        need(self.feature_dim is None or self.feature_dim >= 1, f"feature_dim must be >= 1, got {self.feature_dim}")
+        return self
