@@ -1,0 +1,239 @@
+"""Training methods as small strategies over one trainer.
+
+A method computes the loss of a batch and declares what it needs (a teacher, an attack, its default schedule).
+Everything else (data, augmentation, optimiser, precision, BatchNorm handling, timing, checkpoints) is the
+trainer's and identical for every method, so comparisons between them are fair. Adding a method is one class and
+one entry in :data:`METHODS`.
+
+BatchNorm: attacks used for training are crafted with the model in eval mode (Madry et al.'s SAT as the paper
+ran it) and the update is taken in train mode; Free AT is the exception by construction, since its perturbation
+comes from the same forward/backward pass as the update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from rrm.attacks import ascent_step, fgsm, pgd, project, random_perturbation
+from rrm.data import ImageData
+from rrm.errors import RRMError, unknown
+from rrm.models import Classifier
+from rrm.train.config import TrainConfig
+from rrm.train.losses import FEATURE_LOSSES, input_gradient, input_gradient_alignment, kd_loss
+
+# ``step(loss)`` back-propagates ``loss`` and takes one optimiser and scheduler step.
+StepFn = Callable[[torch.Tensor], None]
+# A batch's results: "loss" and "logits" plus named loss terms, all tensors (detached by the trainer).
+Terms = dict[str, torch.Tensor]
+
+
+class Method:
+    """Natural training; the base of every strategy."""
+
+    name: ClassVar[str] = "natural"
+    needs_teacher: ClassVar[bool] = False
+    default_schedule: ClassVar[str] = "cosine"
+    # Whether the method defaults to fp16 autocast on CUDA (the paper's Fast AT); fp32 everywhere else.
+    mixed_precision_on_gpu: ClassVar[bool] = False
+    # Paper epochs per pass over the data (Free AT replays each batch m times).
+    epochs_per_pass: int = 1
+
+    def __init__(self, cfg: TrainConfig, teacher: Classifier | None = None):
+        self.cfg = cfg
+        self.teacher = teacher
+
+    def check(self, data: ImageData) -> None:
+        """Reject data this method cannot use."""
+
+    def loss(self, model: Classifier, x: torch.Tensor, y: torch.Tensor) -> Terms:
+        logits = model(x)
+        return {"loss": F.cross_entropy(logits.float(), y), "logits": logits}
+
+    def train_batch(self, model: Classifier, x: torch.Tensor, y: torch.Tensor, step: StepFn) -> Terms:
+        terms = self.loss(model, x, y)
+        step(terms["loss"])
+        return terms
+
+    @property
+    def step_size(self) -> float:
+        """The attack step; by default Madry et al.'s 2.5 * eps / steps, which reaches the boundary from any start."""
+        cfg = self.cfg
+        return cfg.step_size if cfg.step_size is not None else 2.5 * cfg.eps / cfg.attack_steps
+
+
+class AdversarialMethod(Method):
+    """Train on attacks crafted against the model itself, with BatchNorm in eval mode while crafting."""
+
+    def craft(self, model: Classifier, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, model: Classifier, x: torch.Tensor, y: torch.Tensor) -> Terms:
+        model.eval()
+        x_adv = self.craft(model, x, y)
+        model.train()
+        return super().loss(model, x_adv, y)
+
+
+class SAT(AdversarialMethod):
+    """Madry et al.'s PGD-k adversarial training (Linf or L2, random start)."""
+
+    name = "sat"
+    default_schedule = "step"
+
+    def craft(self, model, x, y):
+        c = self.cfg
+        return pgd(model, x, y, norm=c.norm, eps=c.eps, step_size=self.step_size, steps=c.attack_steps,
+                   random_start=c.random_start)
+
+
+class PGDFast(SAT):
+    """What the RRM paper calls "Fast AT": PGD-k with a cyclic learning rate (and mixed precision on GPUs)."""
+
+    name = "pgd-fast"
+    default_schedule = "cyclic"
+    mixed_precision_on_gpu = True
+
+
+class Fast(AdversarialMethod):
+    """Wong et al. (2020) "Fast is better than free": FGSM from a random start, step 1.25 * eps, cyclic rate."""
+
+    name = "fast"
+    default_schedule = "cyclic"
+
+    @property
+    def step_size(self) -> float:
+        return self.cfg.step_size if self.cfg.step_size is not None else 1.25 * self.cfg.eps
+
+    def craft(self, model, x, y):
+        return fgsm(model, x, y, norm=self.cfg.norm, eps=self.cfg.eps, step_size=self.step_size, random_start=True)
+
+
+class Free(Method):
+    """Shafahi et al. (2019) Free AT: each batch replayed m times; one gradient serves the update and the attack.
+
+    The perturbation is carried across replays and batches. ``epochs`` counts as the paper counts it: passes over
+    the data times m (12 passes x 8 replays = "96 epochs").
+    """
+
+    name = "free"
+    default_schedule = "cyclic"
+
+    def __init__(self, cfg: TrainConfig, teacher: Classifier | None = None):
+        super().__init__(cfg, teacher)
+        self.epochs_per_pass = cfg.replays
+        self.delta: torch.Tensor | None = None
+
+    @property
+    def step_size(self) -> float:
+        return self.cfg.step_size if self.cfg.step_size is not None else self.cfg.eps
+
+    def train_batch(self, model, x, y, step):
+        c = self.cfg
+        if self.delta is None or self.delta.shape != x.shape:
+            self.delta = torch.zeros_like(x)
+        for _ in range(c.replays):
+            delta = self.delta.requires_grad_(True)
+            logits = model((x + delta).clamp(0, 1))
+            loss = F.cross_entropy(logits.float(), y)
+            step(loss)
+            new = project(delta.detach() + ascent_step(delta.grad, c.norm, self.step_size), c.norm, c.eps)
+            self.delta = (x + new).clamp(0, 1) - x
+        return {"loss": loss, "logits": logits}
+
+
+class TeacherMethod(Method):
+    """A method that learns from a frozen teacher (eval mode, no gradients into it)."""
+
+    needs_teacher = True
+
+    def check(self, data: ImageData) -> None:
+        assert self.teacher is not None
+        spec = self.teacher.spec
+        shape = (spec.get("in_channels"), spec.get("image_size"), spec.get("image_size"))
+        if shape != data.input_shape or spec.get("num_classes") != data.num_classes:
+            raise RRMError(f"teacher expects {shape[0]}x{shape[1]}x{shape[2]} images in {spec.get('num_classes')} "
+                           f"classes but {data.name!r} has {'x'.join(map(str, data.input_shape))} in "
+                           f"{data.num_classes}; use a teacher trained on this dataset")
+
+
+class RRM(TeacherMethod):
+    """Robust Representation Matching: ``lambda * CE(S(x), y) + L_R(g_S(x), g_T(x))`` on clean inputs."""
+
+    name = "rrm"
+
+    def loss(self, model, x, y):
+        features = model.features(x)
+        logits = model.head(features)
+        with torch.no_grad():
+            target = self.teacher.features(x)
+        if features.shape[1] != target.shape[1]:
+            raise RRMError(f"student features have {features.shape[1]} dimensions but the teacher's have "
+                           f"{target.shape[1]}; pass --feature-dim {target.shape[1]} to add a projection layer")
+        ce = F.cross_entropy(logits.float(), y)
+        representation = FEATURE_LOSSES[self.cfg.feature_loss](features, target)
+        return {"loss": self.cfg.lam * ce + representation, "logits": logits, "ce": ce,
+                "representation": representation}
+
+
+class KD(TeacherMethod):
+    """Hinton distillation as Goldblum et al. ran it: ``alpha * T^2 * KL(teacher || student) + (1 - alpha) * CE``."""
+
+    name = "kd"
+    default_schedule = "step"
+
+    def loss(self, model, x, y):
+        logits = model(x)
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        return self._combine(logits, teacher_logits, y)
+
+    def _combine(self, logits, teacher_logits, y) -> Terms:
+        c = self.cfg
+        ce = F.cross_entropy(logits.float(), y)
+        distill = kd_loss(logits, teacher_logits, c.temperature)
+        return {"loss": c.alpha * distill + (1 - c.alpha) * ce, "logits": logits, "ce": ce, "kd": distill}
+
+
+class KDIGA(KD):
+    """KD plus input-gradient alignment (Shao et al. 2021): ``+ gamma * ||grad_x CE_S - grad_x CE_T||_2``.
+
+    The student's gradient is differentiated again (double backpropagation); the teacher's is a constant.
+    """
+
+    name = "kdiga"
+
+    def loss(self, model, x, y):
+        student_grad, logits = input_gradient(model, x, y, create_graph=True)
+        teacher_grad, teacher_logits = input_gradient(self.teacher, x, y, create_graph=False)
+        terms = self._combine(logits, teacher_logits.detach(), y)
+        alignment = input_gradient_alignment(student_grad, teacher_grad)
+        terms["loss"] = terms["loss"] + self.cfg.gamma * alignment
+        terms["alignment"] = alignment
+        return terms
+
+
+class RDT(Method):
+    """Ilyas et al.'s robust data training: natural training on a dataset written by `rrm robustify`."""
+
+    name = "rdt"
+    default_schedule = "step"
+
+    def check(self, data: ImageData) -> None:
+        if data.source.get("kind") != "robustified":
+            raise RRMError(f"method 'rdt' trains on robustified data but {data.name!r} is not; "
+                           "run `rrm robustify` and pass its output file as the dataset")
+
+
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (Method, SAT, PGDFast, Fast, Free, RRM, KD, KDIGA, RDT)
+}
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise unknown("method", name, METHODS)
+    return METHODS[name]

@@ -1,0 +1,351 @@
+"""The one trainer every method runs in: same data pipeline, augmentation, optimiser, precision and timing.
+
+Nothing here imports MLflow, DVC or Optuna: tracking and tuning attach through :class:`Callback`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rrm.attacks import pgd
+from rrm.data import ImageData, batches, load_dataset
+from rrm.errors import RRMError
+from rrm.io import atomic_path, write_json
+from rrm.models import Classifier, build_model, load_model, save_model
+from rrm.stats import mean_ci
+from rrm.train.config import TrainConfig
+from rrm.train.methods import Method, get_method
+
+CHECKPOINT_FORMAT = "rrm-checkpoint/1"
+CHECKPOINT, MODEL, METRICS = "checkpoint.pt", "model.pt", "train_metrics.json"
+
+
+class Callback:
+    """Hooks for tracking and tuning; every method is optional. Raising from a hook stops training."""
+
+    def on_train_start(self, cfg: TrainConfig, data: ImageData, model: Classifier) -> None: ...
+
+    def on_epoch_end(self, epoch: int, metrics: dict) -> None: ...
+
+    def on_train_end(self, result: "TrainResult") -> None: ...
+
+
+@dataclass
+class TrainResult:
+    model: Classifier
+    config: TrainConfig
+    history: list[dict]
+    summary: dict
+    out_dir: Path
+    data: ImageData = field(repr=False)
+
+    @property
+    def model_path(self) -> Path:
+        return self.out_dir / MODEL
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / METRICS
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RRMError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RRMError(f"device {name!r} asked for but CUDA is not available here; use --device cpu or auto")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def load_teacher(ref: str, device: torch.device) -> Classifier:
+    """A frozen teacher from a model file or a registry URI (``models:/name@alias``, ``runs:/id/model``)."""
+    if ref.startswith(("models:/", "runs:/")):
+        from rrm.tracking import load_registered_model  # only registry URIs need MLflow
+
+        teacher = load_registered_model(ref)
+    else:
+        teacher, _ = load_model(ref)
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def lr_factor(schedule: str, progress: float, epoch_progress: float, milestones: tuple[int, ...], gamma: float) -> float:
+    """The learning-rate multiplier at ``progress`` (fraction of all steps) / ``epoch_progress`` (in epochs)."""
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "cyclic":  # Wong et al.'s triangle: 0 -> peak at 2/5 of training -> 0
+        return float(np.interp(progress, [0, 0.4, 1], [0, 1, 0]))
+    if schedule == "step":
+        return gamma ** bisect_right(sorted(milestones), epoch_progress)
+    return 1.0
+
+
+def _precision(cfg: TrainConfig, method: Method, device: torch.device) -> str:
+    if cfg.precision is not None:
+        return cfg.precision
+    return "fp16" if method.mixed_precision_on_gpu and device.type == "cuda" else "fp32"
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch) % 2**63
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def accuracy(model: Classifier, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 512) -> float:
+    model.eval()
+    correct = torch.zeros((), device=device)
+    for xb, yb in batches(x, y, batch_size, device=device):
+        correct += (model(xb).argmax(1) == yb).sum()
+    return float(correct.item()) / max(1, len(y))
+
+
+def monitored_robust_accuracy(model: Classifier, data: ImageData, cfg: TrainConfig, device: torch.device) -> float:
+    """PGD accuracy on the first ``monitor_examples`` test images: a cheap per-epoch robustness signal."""
+    model.eval()
+    n = min(cfg.monitor_examples, len(data.test_y))
+    correct = 0
+    for xb, yb in batches(data.test_x[:n], data.test_y[:n], 256, device=device):
+        x_adv = pgd(model, xb, yb, norm=cfg.norm, eps=cfg.eps, step_size=2.5 * cfg.eps / cfg.monitor_steps,
+                    steps=cfg.monitor_steps, random_start=True)
+        with torch.no_grad():
+            correct += int((model(x_adv).argmax(1) == yb).sum())
+    return correct / max(1, n)
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, scaler, epoch: int, history: list, cfg) -> None:
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "spec": model.spec,
+        "state_dict": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch,
+        "history": history,
+        "config": cfg.to_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+            "python": list(random.getstate()[1]),
+        },
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or foreign files raise many types
+        raise RRMError(f"checkpoint {str(path)!r} is corrupt ({type(exc).__name__}); delete it to start over") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise RRMError(f"{str(path)!r} is not an rrm training checkpoint; delete it to start over")
+    saved = {k: v for k, v in state["config"].items() if k not in ("resume", "progress", "device", "epochs")}
+    now = {k: v for k, v in cfg.to_dict().items() if k in saved}
+    changed = sorted(k for k in saved if saved[k] != now[k] and not (isinstance(saved[k], (list, tuple))
+                                                                      and list(saved[k]) == list(now[k] or [])))
+    if changed:
+        raise RRMError(f"checkpoint {str(path)!r} was written with other settings ({', '.join(changed)}); "
+                       "use the same settings to resume, or another --out-dir")
+    return state
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    callbacks: tuple[Callback, ...] | list[Callback] = (),
+    data: ImageData | None = None,
+    teacher: Classifier | None = None,
+) -> TrainResult:
+    """Train ``cfg.model`` with ``cfg.method``; writes checkpoint, model and metrics under ``cfg.out_dir``.
+
+    ``data`` and ``teacher`` may be passed in already loaded (tests, tuning); otherwise they are loaded from
+    ``cfg.dataset`` and ``cfg.teacher``.
+    """
+    cfg.validate()
+    method_cls = get_method(cfg.method)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed, cfg.deterministic)
+    data = data if data is not None else load_dataset(cfg.dataset)
+    if method_cls.needs_teacher:
+        if teacher is None:
+            if not cfg.teacher:
+                raise RRMError(f"method {cfg.method!r} needs a teacher; pass --teacher <model file or models:/ URI>")
+            teacher = load_teacher(cfg.teacher, device)
+        teacher = teacher.to(device).eval()
+        teacher.requires_grad_(False)
+    method = method_cls(cfg, teacher if method_cls.needs_teacher else None)
+    method.check(data)
+
+    model = build_model(cfg.model, **data.model_kwargs(), feature_dim=cfg.feature_dim, width=cfg.width).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if method_cls.needs_teacher and cfg.method == "rrm" and model.feature_dim != teacher.feature_dim:
+        raise RRMError(f"student {cfg.model!r} has {model.feature_dim}-d features but the teacher has "
+                       f"{teacher.feature_dim}-d; pass --feature-dim {teacher.feature_dim}")
+
+    passes = math.ceil(cfg.epochs / method.epochs_per_pass)
+    steps_per_pass = math.ceil(len(data.train_y) / cfg.batch_size) * method.epochs_per_pass
+    total_steps = passes * steps_per_pass
+    schedule = cfg.schedule or method.default_schedule
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda it: lr_factor(schedule, it / total_steps, it / steps_per_pass * method.epochs_per_pass,
+                             cfg.milestones, cfg.lr_gamma),
+    )
+    precision = _precision(cfg, method, device)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
+
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = out_dir / CHECKPOINT
+    history: list[dict] = []
+    start = 0
+    if cfg.resume and checkpoint_path.exists():
+        state = _load_checkpoint(checkpoint_path, cfg)
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        history, start = state["history"], state["epoch"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        np.random.set_state(("MT19937", state["rng"]["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+        random.setstate((3, tuple(state["rng"]["python"]), None))
+
+    def step(loss: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+
+    for cb in callbacks:
+        cb.on_train_start(cfg, data, model)
+
+    for epoch in range(start, passes):
+        model.train()
+        generator = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
+        sums: dict[str, torch.Tensor] = {}
+        seen = 0
+        _sync(device)
+        started = time.perf_counter()
+        bar = tqdm(
+            batches(data.train_x, data.train_y, cfg.batch_size, shuffle=True, generator=generator,
+                    augment=data.augment, device=device),
+            total=math.ceil(len(data.train_y) / cfg.batch_size), desc=f"{cfg.method} {epoch + 1}/{passes}",
+            disable=None if cfg.progress is None else not cfg.progress, leave=False,
+        )
+        for i, (xb, yb) in enumerate(bar):
+            if cfg.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                terms = method.train_batch(model, xb, yb, step)
+            n = len(yb)
+            seen += n
+            for key, value in terms.items():
+                if key != "logits":
+                    sums[key] = sums.get(key, 0) + value.detach().float() * n
+            sums["correct"] = sums.get("correct", 0) + (terms["logits"].detach().argmax(1) == yb).sum()
+            if i % 20 == 0 and not bar.disable:
+                bar.set_postfix(loss=f"{terms['loss'].item():.3f}")
+        _sync(device)
+        epoch_seconds = time.perf_counter() - started
+        metrics = {key: float(value) / seen for key, value in sums.items()}
+        if not math.isfinite(metrics["loss"]):
+            raise RRMError(f"the training loss became {metrics['loss']} in epoch {epoch + 1} of {cfg.method!r}; "
+                           "lower --lr, or use --precision fp32; the last good checkpoint is kept")
+        metrics = {
+            "epoch": epoch + 1,
+            "paper_epochs": (epoch + 1) * method.epochs_per_pass,
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_seconds": epoch_seconds,
+            "train_accuracy": metrics.pop("correct"),
+            **metrics,
+            "test_accuracy": accuracy(model, data.test_x, data.test_y, device),
+        }
+        if cfg.monitor_examples:
+            metrics["monitor_robust_accuracy"] = monitored_robust_accuracy(model, data, cfg, device)
+        history.append(metrics)
+        _save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, epoch + 1, history, cfg)
+        for cb in callbacks:
+            cb.on_epoch_end(epoch + 1, metrics)
+
+    model.eval()
+    summary = summarize(history, method.epochs_per_pass)
+    summary.update(method=cfg.method, model=cfg.model, dataset=data.name, dataset_digest=data.digest,
+                   precision=precision, schedule=schedule, device=str(device))
+    meta = {
+        "method": cfg.method, "model": cfg.model, "dataset": data.name, "dataset_digest": data.digest,
+        "norm": cfg.norm, "eps": cfg.eps, "teacher": cfg.teacher, "feature_dim": model.feature_dim,
+        "config": cfg.to_dict(), "summary": summary,
+    }
+    save_model(model, out_dir / MODEL, meta)
+    write_json(out_dir / METRICS, summary)
+    result = TrainResult(model=model, config=cfg, history=history, summary=summary, out_dir=out_dir, data=data)
+    for cb in callbacks:
+        cb.on_train_end(result)
+    return result
+
+
+def summarize(history: list[dict], epochs_per_pass: int = 1) -> dict:
+    """Final metrics and the paper's epoch-time statistics.
+
+    Free AT records one time per pass; a pass is ``epochs_per_pass`` paper epochs, so the per-epoch time is the pass
+    time divided by the replays and the total is the sum of the pass times, as the paper counts it.
+    """
+    seconds = [h["epoch_seconds"] / epochs_per_pass for h in history]
+    mean, ci = mean_ci(seconds)
+    last = history[-1]
+    summary = {
+        "epochs": last["paper_epochs"],
+        "epoch_seconds_mean": mean,
+        "epoch_seconds_ci95": ci,
+        "train_seconds": sum(h["epoch_seconds"] for h in history),
+        "test_accuracy": last["test_accuracy"],
+        "train_loss": last["loss"],
+    }
+    if "monitor_robust_accuracy" in last:
+        summary["monitor_robust_accuracy"] = last["monitor_robust_accuracy"]
+    return summary
+
