@@ -117,9 +117,11 @@ class EvalConfig:
              f"n_examples must be >= 1 (or unset for the whole test split), got {self.n_examples}")
         for name in ("batch_size", "steps", "restarts", "pgd_steps", "sanity_examples", "sanity_steps"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        need(self.pgd_step_size is None or self.pgd_step_size > 0, f"pgd_step_size must be > 0, got {self.pgd_step_size}")
+        need(self.pgd_step_size is None or self.pgd_step_size > 0,
+             f"pgd_step_size must be > 0, got {self.pgd_step_size}")
         need(0 <= self.sanity_tolerance < 1, f"sanity_tolerance must be in [0, 1), got {self.sanity_tolerance}")
-        need(0 <= self.sanity_zero_accuracy < 1, f"sanity_zero_accuracy must be in [0, 1), got {self.sanity_zero_accuracy}")
+        need(0 <= self.sanity_zero_accuracy < 1,
+             f"sanity_zero_accuracy must be in [0, 1), got {self.sanity_zero_accuracy}")
         return self
 
 
@@ -249,11 +251,10 @@ def _crafts(model: nn.Module, config: EvalConfig, num_classes: int, transfer_fro
     """The full-evaluation attacks by name: ``(craft, settings recorded with the result)``."""
     norm, eps = config.norm, config.eps
 
-    def seeded_pgd(source: nn.Module, steps: int, step_size: float, random_start: bool) -> Craft:
+    def seeded_pgd(source: nn.Module) -> Craft:
         def craft(x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
             with seeded(seed):
-                return pgd(source, x, y, norm=norm, eps=eps, step_size=step_size, steps=steps,
-                           random_start=random_start)
+                return pgd(source, x, y, norm=norm, eps=eps, step_size=config.pgd_step, steps=config.pgd_steps)
 
         return craft
 
@@ -268,14 +269,14 @@ def _crafts(model: nn.Module, config: EvalConfig, num_classes: int, transfer_fro
         "apgd": (_native_apgd(model, norm, eps, config.steps, config.restarts), apgd_settings),
         "art-apgd": (art, {"max_iter": config.steps, "nb_random_init": config.restarts, "eps_step": 2 * eps,
                            "batch_size": config.batch_size, "loss": "cross_entropy", "clip_values": "(0, 1)"}),
-        "pgd": (seeded_pgd(model, config.pgd_steps, config.pgd_step, True), pgd_settings),
-        "fgsm": (seeded_pgd(model, 1, eps, False), {"step_size": eps, "random_start": False}),
+        "pgd": (seeded_pgd(model), pgd_settings),
+        "fgsm": (lambda x, y, seed: fgsm(model, x, y, norm=norm, eps=eps), {"step_size": eps, "random_start": False}),
     }
     if transfer_from is not None:
         if config.transfer_attack == "apgd":
             source, settings = _native_apgd(transfer_from, norm, eps, config.steps, config.restarts), apgd_settings
         else:
-            source, settings = seeded_pgd(transfer_from, config.pgd_steps, config.pgd_step, True), pgd_settings
+            source, settings = seeded_pgd(transfer_from), pgd_settings
         table["transfer"] = (_crafted_on(transfer_from, source), {"attack": config.transfer_attack, **settings,
                                                                   "source_model": transfer_from.spec.get("name", "?")})
     return table
@@ -333,7 +334,9 @@ def evaluate(
     """Natural accuracy, adversarial accuracy per attack and the sanity checks, as a metrics dict.
 
     The models are evaluated in eval mode with frozen parameters; their mode, ``requires_grad`` and ``.grad`` are
-    restored afterwards. ``progress=None`` shows bars only on a terminal.
+    restored afterwards. ``progress=None`` shows bars only on a terminal. ``sanity_passed`` is True when every check
+    that ran passed; ``sanity.enabled`` says whether the gradient-masking checks ran (they need eps > 0), while the
+    constraint check covers every attack that ran either way.
     """
     config.validate()
     check_compatible(model, data)
