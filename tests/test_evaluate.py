@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from rrm.attacks import apgd, art_apgd, fgsm, pgd
-from rrm.data import ImageData, load_dataset, to_float
+from rrm.data import ImageData, to_float
 from rrm.errors import RRMError
 from rrm.evaluate import EvalConfig, epoch_time_stats, evaluate, load_for_evaluation, write_metrics
 from rrm.models import save_model
@@ -28,18 +28,8 @@ FAST = dict(steps=10, restarts=1, sanity_steps=10, sanity_examples=100, n_exampl
 
 
 @pytest.fixture(scope="session")
-def digits() -> ImageData:
-    return load_dataset("digits")
-
-
-@pytest.fixture(scope="session")
-def trained(digits, tmp_path_factory) -> nn.Module:
-    from rrm.train import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("natural")
-    result = train(TrainConfig(dataset="digits", model="cnn", method="natural", epochs=8, lr=0.05,
-                               monitor_examples=0, out_dir=str(out)), data=digits)
-    return result.model.eval()
+def trained(digits_natural) -> nn.Module:
+    return digits_natural.model.eval()
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -100,6 +90,14 @@ def test_trained_model_passes_sanity_checks(trained, digits):
     assert result["sanity_passed"], result["sanity"]
     acc = result["adversarial_accuracy"]
     assert acc["apgd"] <= acc["fgsm"] and acc["apgd"] < result["natural_accuracy_attacked"]
+
+
+def test_robust_model_passes_sanity_checks(digits_teacher, trained, digits):
+    teacher = digits_teacher.model.eval()
+    result = evaluate(teacher, digits, EvalConfig(eps=0.1, attacks=("apgd", "transfer"), **FAST),
+                      transfer_from=trained)
+    assert result["sanity_passed"], result["sanity"]
+    assert result["adversarial_accuracy"]["apgd"] <= result["adversarial_accuracy"]["transfer"]
 
 
 @pytest.mark.parametrize("mask", [SaturatedLogits, QuantisedInput])
