@@ -40,7 +40,6 @@ from rrm.data import ImageData, batches
 from rrm.errors import RRMError, unknown
 from rrm.io import write_json
 from rrm.models import Classifier, load_model
-from rrm.stats import mean_ci
 
 ATTACKS = ("apgd", "art-apgd", "pgd", "fgsm", "transfer")
 TRANSFER_ATTACKS = ("apgd", "pgd")
@@ -149,29 +148,6 @@ def load_for_evaluation(path: str | os.PathLike, map_location: str | torch.devic
 def write_metrics(path: str | os.PathLike, result: dict) -> None:
     """Write :func:`evaluate`'s result atomically as JSON; nested dicts of scalars, as ``dvc metrics show`` reads."""
     write_json(path, result)
-
-
-def epoch_time_stats(epoch_seconds: Sequence[float], replays: int = 1) -> dict:
-    """Per-epoch wall time as mean +- 95% CI (Student's t) and the total, as the paper reports training cost.
-
-    Free AT replays each minibatch ``replays`` times and the paper counts one pass over the data as ``replays``
-    epochs (12 passes x 8 = "96 epochs"). So each recorded pass counts as ``replays`` epochs of ``pass / replays``
-    seconds, the interval is computed over the passes (the independent measurements, not ``replays`` copies of each,
-    which would shrink it for nothing) and the total is the sum of the passes, which equals ``mean x epochs``.
-    """
-    if replays < 1:
-        raise RRMError(f"replays must be >= 1, got {replays}")
-    if not epoch_seconds:
-        raise RRMError("no epoch times recorded; train at least one epoch first")
-    if any(not (s >= 0 and math.isfinite(s)) for s in epoch_seconds):
-        raise RRMError(f"epoch times must be finite and >= 0 seconds, got {list(epoch_seconds)}")
-    mean, half_width = mean_ci([s / replays for s in epoch_seconds])
-    total = math.fsum(epoch_seconds)
-    return {
-        "epochs": len(epoch_seconds) * replays, "passes": len(epoch_seconds), "replays": replays,
-        "epoch_seconds_mean": mean, "epoch_seconds_ci95": half_width,
-        "total_seconds": total, "total_minutes": total / 60,
-    }
 
 
 class _Constraint:

@@ -13,7 +13,8 @@ from torch import nn
 from rrm.attacks import apgd, art_apgd, fgsm, pgd
 from rrm.data import ImageData, to_float
 from rrm.errors import RRMError
-from rrm.evaluate import EvalConfig, epoch_time_stats, evaluate, load_for_evaluation, write_metrics
+from rrm.evaluate import EvalConfig, evaluate, load_for_evaluation, write_metrics
+from rrm.stats import epoch_time_stats
 from rrm.models import save_model
 
 # Native APGD and ART's AutoPGD are the same algorithm but not the same code: ART keeps only each restart's last
