@@ -38,8 +38,8 @@ def main() -> None:
     torch.manual_seed(0)
     data = load_dataset(args.dataset)
     kw = data.model_kwargs()
-    teacher = build_model(args.teacher, **kw).eval().requires_grad_(False)
     memory = torch.channels_last if args.channels_last else torch.contiguous_format
+    teacher = build_model(args.teacher, **kw).to(memory_format=memory).eval().requires_grad_(False)
     feature_dim = teacher.feature_dim if build_model(args.student, **kw).feature_dim != teacher.feature_dim else None
     batch_list = list(batches(data.train_x, data.train_y, args.batch_size, shuffle=True,
                               generator=torch.Generator().manual_seed(0), drop_last=True))[: args.steps + 1]

@@ -216,6 +216,8 @@ def train(
     method.check(data, model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher = teacher.to(memory_format=torch.channels_last)
 
     passes = math.ceil(cfg.epochs / method.epochs_per_pass)
     steps_per_pass = math.ceil(len(data.train_y) / cfg.batch_size) * method.epochs_per_pass
