@@ -777,4 +777,8 @@ def list_teachers(name: str | None = None) -> list[TeacherVersion]:
         client = _client()
         found = client.search_model_versions(f"name = '{name}'" if name else f"tags.`{TEACHER_TAG}` = 'true'")
         teachers = [TeacherVersion.of(v) for v in found if (v.tags or {}).get(TEACHER_TAG) == "true"]
+        # Searches do not return aliases; the registered model holds them.
+        aliases = {n: client.get_registered_model(n).aliases for n in {t.name for t in teachers}}
+    for teacher in teachers:
+        teacher.aliases = sorted(a for a, v in aliases[teacher.name].items() if str(v) == teacher.version)
     return sorted(teachers, key=lambda t: (t.name, -int(t.version)))

@@ -1,0 +1,144 @@
+"""The `rrm` command line through click's runner: help everywhere, params files, one-line errors, a teacher flow."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+
+import click
+import pytest
+import torch
+from click.testing import CliRunner
+
+from rrm import cli as rrm_cli
+from rrm.data import read_dataset
+from rrm.models import load_model
+
+DIGITS = ["--dataset", "digits", "--model", "cnn", "--epochs", "1", "--monitor-examples", "0", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def project(tmp_path, monkeypatch):
+    """A project dir with its own SQLite store; env the CLI sets is undone after each test."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    for key in (*rrm_cli._FAIL_FAST_ENV, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+        monkeypatch.setenv(key, "")  # recorded, so the value the CLI sets is removed again
+        monkeypatch.delenv(key)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared CPU: a second thread made epochs up to 50x slower
+    yield tmp_path
+    torch.set_num_threads(threads)
+
+
+def rrm(*args: str):
+    return CliRunner().invoke(rrm_cli.cli, [str(a) for a in args])
+
+
+def assert_one_line_error(result, fragment: str, code: int = 1) -> None:
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert fragment in lines[0], lines[0]
+
+
+def _commands(group: click.Group, path: tuple[str, ...] = ()):
+    for name, command in group.commands.items():
+        yield (*path, name)
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+
+
+@pytest.mark.parametrize("path", [(), *_commands(rrm_cli.cli)], ids=lambda p: " ".join(p) or "rrm")
+def test_every_command_has_help_with_an_example(path):
+    result = rrm(*path, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output or "Commands:" in result.output
+
+
+def test_command_list():
+    assert sorted(map(" ".join, _commands(rrm_cli.cli))) == [
+        "data", "data prepare", "robustify", "teacher", "teacher list", "teacher promote", "teacher pull",
+        "teacher register", "teacher show", "train"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train", "--method", "bogus", "--no-track"], "unknown method 'bogus'"),
+    (["train", "--dataset", "nowhere", "--no-track"], "unknown dataset 'nowhere'"),
+    (["train", "--model", "bogus", "--no-track"], "unknown model 'bogus'"),
+    (["train", "--lambda", "0", "--no-track"], "lambda must be > 0"),
+    (["train", "--lambda", "-1e-3", "--no-track"], "lambda must be > 0"),
+    (["train", "--method", "rrm", "--teacher", "missing.pt", *DIGITS, "--no-track"], "does not exist"),
+    (["train", "--method", "rrm", "--teacher", "models:/rrm-teacher@champion", *DIGITS, "--no-track"],
+     "no registered model 'rrm-teacher'"),
+    (["robustify", "--teacher", "missing.pt", "--dataset", "digits", "--out", "r.safetensors"], "does not exist"),
+    (["teacher", "register", "missing.pt"], "neither a model file nor an MLflow run id"),
+    (["teacher", "pull", "models:/rrm-teacher@champion"], "missing --out"),
+    (["train", "--params", "missing.yaml"], "does not exist"),
+    (["data", "prepare", "--dataset", "digits"], "missing --out"),
+])
+def test_bad_input_is_one_line_and_non_zero(args, message):
+    assert_one_line_error(rrm(*args), message)
+
+
+def test_usage_errors_are_one_line_too():
+    assert_one_line_error(rrm("train", "--bogus"), "No such option", code=2)
+    assert_one_line_error(rrm("train", "--epochs", "many"), "'many' is not a valid integer", code=2)
+
+
+def test_params_section_gives_defaults_and_flags_override(project):
+    (project / "params.yaml").write_text(
+        "train_teacher:\n"
+        "  dataset: digits\n  model: cnn\n  method: natural\n  epochs: 3\n  lambda: 5e-3\n  milestones: [1, 2]\n"
+        "  monitor_examples: 0\n  out_dir: runs/from-params\n  no_track: true\n"
+        "other:\n  epochs: 1\n")
+    result = rrm("train", "--params", "params.yaml", "--section", "train_teacher", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    _, meta = load_model(project / "runs" / "from-params" / "model.pt")
+    assert meta["config"]["epochs"] == 1 and meta["config"]["lam"] == 0.005
+    assert list(meta["config"]["milestones"]) == [1, 2]
+    assert not (project / "mlflow.db").exists(), "no_track from the file turned tracking off"
+
+    assert_one_line_error(rrm("train", "--params", "params.yaml", "--section", "nope"), "choose one of: other")
+    (project / "bad.yaml").write_text("train:\n  epoch: 3\n")
+    assert_one_line_error(rrm("train", "--params", "bad.yaml"), "unknown key")
+
+
+def test_data_prepare_writes_a_dataset(project):
+    result = rrm("data", "prepare", "--dataset", "digits", "--out", "data/digits.safetensors", "-o", "test_size=300")
+    assert result.exit_code == 0, result.output
+    assert len(read_dataset(project / "data" / "digits.safetensors").test_y) == 300
+
+
+def test_teacher_flow_through_the_command_line(project):
+    result = rrm("train", "--method", "sat", "--eps", "0.1", *DIGITS[:-3], "--monitor-examples", "50",
+                 "--out-dir", "runs/teacher", "--experiment", "cli")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"MLflow run [0-9a-f]{32}", result.output)
+    (project / "eval.json").write_text(json.dumps({"natural_accuracy": 0.7, "adversarial_accuracy": 0.4}))
+    result = rrm("teacher", "register", "runs/teacher/model.pt", "--evaluation", "eval.json")
+    assert result.exit_code == 0, result.output
+    assert "registered models:/rrm-teacher/1" in result.output
+    assert rrm("teacher", "promote", "1", "champion").exit_code == 0
+    listed = rrm("teacher", "list")
+    assert "models:/rrm-teacher/1" in listed.output and "champion" in listed.output
+    shown = rrm("teacher", "show", "models:/rrm-teacher@champion")
+    assert "| adversarial accuracy | 40.00%" in shown.output
+    assert rrm("teacher", "pull", "models:/rrm-teacher@champion", "--out", "t.pt").exit_code == 0
+    teacher, meta = load_model(project / "t.pt")
+    assert meta["method"] == "sat" and teacher.features(torch.rand(2, 1, 8, 8)).shape == (2, 128)
+    assert_one_line_error(rrm("teacher", "show", "models:/rrm-teacher@nope"), "has no alias 'nope'")
+    assert_one_line_error(rrm("teacher", "promote", "7", "champion"), "has no version 7")
+
+
+def test_server_down_fails_in_seconds_with_one_line(monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    assert_one_line_error(rrm("teacher", "list"), "cannot reach the MLflow tracking server")
+    assert time.monotonic() - started < 30
