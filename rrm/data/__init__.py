@@ -8,12 +8,16 @@ from pathlib import Path
 
 from rrm.data.core import AUGMENTATIONS, ImageData, augment_batch, batches, read_dataset, save_dataset, to_float
 from rrm.data.embedded import digits, mnist5k
+from rrm.data.folders import cifar10, imagefolder, restricted_imagenet
 from rrm.errors import RRMError, unknown
 
 # name -> loader(**options) -> ImageData
 DATASETS: dict[str, Callable[..., ImageData]] = {
     "mnist5k": mnist5k,
     "digits": digits,
+    "cifar10": cifar10,
+    "imagefolder": imagefolder,
+    "restricted-imagenet": restricted_imagenet,
 }
 
 __all__ = [

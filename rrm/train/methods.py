@@ -46,8 +46,8 @@ class Method:
         self.cfg = cfg
         self.teacher = teacher
 
-    def check(self, data: ImageData) -> None:
-        """Reject data this method cannot use."""
+    def check(self, data: ImageData, model: Classifier) -> None:
+        """Reject data or a student this method cannot use, before any training."""
 
     def loss(self, model: Classifier, x: torch.Tensor, y: torch.Tensor) -> Terms:
         logits = model(x)
@@ -150,7 +150,7 @@ class TeacherMethod(Method):
 
     needs_teacher = True
 
-    def check(self, data: ImageData) -> None:
+    def check(self, data: ImageData, model: Classifier) -> None:
         assert self.teacher is not None
         spec = self.teacher.spec
         shape = (spec.get("in_channels"), spec.get("image_size"), spec.get("image_size"))
@@ -165,14 +165,17 @@ class RRM(TeacherMethod):
 
     name = "rrm"
 
+    def check(self, data: ImageData, model: Classifier) -> None:
+        super().check(data, model)
+        if model.feature_dim != self.teacher.feature_dim:
+            raise RRMError(f"student {model.spec['name']!r} has {model.feature_dim}-d features but the teacher has "
+                           f"{self.teacher.feature_dim}-d; pass --feature-dim {self.teacher.feature_dim}")
+
     def loss(self, model, x, y):
         features = model.features(x)
         logits = model.head(features)
         with torch.no_grad():
             target = self.teacher.features(x)
-        if features.shape[1] != target.shape[1]:
-            raise RRMError(f"student features have {features.shape[1]} dimensions but the teacher's have "
-                           f"{target.shape[1]}; pass --feature-dim {target.shape[1]} to add a projection layer")
         ce = F.cross_entropy(logits.float(), y)
         representation = FEATURE_LOSSES[self.cfg.feature_loss](features, target)
         return {"loss": self.cfg.lam * ce + representation, "logits": logits, "ce": ce,
@@ -222,7 +225,7 @@ class RDT(Method):
     name = "rdt"
     default_schedule = "step"
 
-    def check(self, data: ImageData) -> None:
+    def check(self, data: ImageData, model: Classifier) -> None:
         if data.source.get("kind") != "robustified":
             raise RRMError(f"method 'rdt' trains on robustified data but {data.name!r} is not; "
                            "run `rrm robustify` and pass its output file as the dataset")

@@ -212,14 +212,10 @@ def train(
         teacher = teacher.to(device).eval()
         teacher.requires_grad_(False)
     method = method_cls(cfg, teacher if method_cls.needs_teacher else None)
-    method.check(data)
-
     model = build_model(cfg.model, **data.model_kwargs(), feature_dim=cfg.feature_dim, width=cfg.width).to(device)
+    method.check(data, model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if method_cls.needs_teacher and cfg.method == "rrm" and model.feature_dim != teacher.feature_dim:
-        raise RRMError(f"student {cfg.model!r} has {model.feature_dim}-d features but the teacher has "
-                       f"{teacher.feature_dim}-d; pass --feature-dim {teacher.feature_dim}")
 
     passes = math.ceil(cfg.epochs / method.epochs_per_pass)
     steps_per_pass = math.ceil(len(data.train_y) / cfg.batch_size) * method.epochs_per_pass
