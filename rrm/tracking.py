@@ -262,18 +262,24 @@ class MlflowCallback(Callback):
         self.tags = dict(tags or {})
         self.run_id: str | None = None
         self.model_id: str | None = None
+        self._entered = False
         self._active = False
         self._logged_epochs: set[int] = set()
 
     def __enter__(self) -> "MlflowCallback":
+        self._entered = True
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self._entered = False
         if self._active:
             self._active = False
             _end_active_run(exc)
 
     def on_train_start(self, cfg: TrainConfig, data: ImageData, model: Classifier) -> None:
+        if not self._entered:  # outside a `with`, a failing run would be marked FINISHED at interpreter exit
+            raise RRMError("use MlflowCallback as a context manager: `with MlflowCallback() as tracker: "
+                           "train(cfg, callbacks=[tracker])`")
         with _mlflow_errors("starting the MLflow run"):
             client = _client()
             experiment_id = _experiment_id(client, self.experiment)
@@ -316,24 +322,24 @@ class MlflowCallback(Callback):
             for row in result.history:  # epochs a resumed run took from its checkpoint
                 if row["epoch"] not in self._logged_epochs:
                     self.on_epoch_end(row["epoch"], row)
-            epoch_keys = set(result.history[-1]) if result.history else set()
+            epoch_keys = set(result.history[-1])
             mlflow.log_metrics({k: v for k, v in _numbers(result.summary).items() if k not in epoch_keys})
             mlflow.set_tags({"rrm.precision": result.summary["precision"], "rrm.schedule": result.summary["schedule"],
                              "rrm.device": result.summary["device"],
                              "rrm.model_sha256": sha256_file(result.model_path)})
             mlflow.log_artifact(str(result.checkpoint_path))
             mlflow.log_artifact(str(result.metrics_path))
+            cfg = result.config
             with tempfile.TemporaryDirectory() as tmp:
                 plot = Path(tmp) / "curves.png"
-                plot_history(result.history, plot, title=f"{result.config.method} {result.config.model} on "
-                                                         f"{result.data.name}")
+                _plot_history(result.history, plot, title=f"{cfg.method} {cfg.model} on {result.data.name}")
                 mlflow.log_artifact(str(plot))
             self.model_id = _log_model(result.model_path)
             self._active = False
             _end_active_run(None)
 
 
-def plot_history(history: list[dict], path: str | os.PathLike, title: str = "") -> None:
+def _plot_history(history: list[dict], path: str | os.PathLike, title: str = "") -> None:
     """Per-epoch loss terms, accuracies and epoch time as one PNG (matplotlib's Agg canvas; no display needed)."""
     from matplotlib.figure import Figure
 
@@ -512,8 +518,8 @@ def _resolve_version(client: MlflowClient, uri: str) -> ModelVersion:
         if alias is not None:
             return client.get_model_version_by_alias(name, alias)
         return client.get_model_version(name, version)
-    except MlflowException as exc:
-        if not _is(exc, "RESOURCE_DOES_NOT_EXIST") and "not found" not in str(exc).lower():
+    except MlflowException as exc:  # stores answer an unknown alias with INVALID_PARAMETER_VALUE
+        if not (_is(exc, "RESOURCE_DOES_NOT_EXIST") or _is(exc, "INVALID_PARAMETER_VALUE")):
             raise
     if not client.search_registered_models(f"name = '{name}'"):
         raise RRMError(f"no registered model {name!r}; register a teacher with `rrm teacher register`")
@@ -656,8 +662,9 @@ def register_teacher(
             run = _model_run(client, sha256_file(path))
         elif isinstance(source, str) and (_RUN_ID.match(source) or source.startswith("runs:/")):
             uri = source if source.startswith("runs:/") else f"runs:/{source}/{LOGGED_MODEL_NAME}"
-            local = _fetch_rrm_file(_run_model(client, uri), tmp, uri)
-            run = client.get_run(uri[len("runs:/"):].split("/")[0])
+            logged = _run_model(client, uri)
+            local = _fetch_rrm_file(logged, tmp, uri)
+            run = client.get_run(logged.source_run_id)
         else:
             raise RRMError(f"{str(source)!r} is neither a model file nor an MLflow run id; pass the model.pt that "
                            "`rrm train` wrote or the run id shown in `mlflow ui`")
@@ -748,6 +755,8 @@ def _create_version(client: MlflowClient, name: str, model_id: str, run_id: str,
 
 def promote(name: str, version: str | int, alias: str) -> TeacherVersion:
     """Point ``alias`` (``champion``, ``candidate``, ...) of registered model ``name`` at ``version``."""
+    if not str(version).isdigit():
+        raise RRMError(f"version must be a number such as 3, got {version!r}; see `rrm teacher list --name {name}`")
     with _mlflow_errors(f"setting alias {alias!r} on {name!r}"):
         client = _client()
         current = _resolve_version(client, f"models:/{name}/{version}")

@@ -220,6 +220,8 @@ def test_bad_references_are_one_line_errors(teacher_run):
         assert "\n" not in str(caught.value)
     with pytest.raises(RRMError, match="invalid alias"):
         tracking.promote("refs", 1, "v3")
+    with pytest.raises(RRMError, match="must be a number"):
+        tracking.promote("refs", "latest", "champion")
     # A version registered by plain MLflow is no rrm teacher: loading and promoting it are refused.
     client = MlflowClient()
     client.create_registered_model("plain")
@@ -250,6 +252,12 @@ def test_a_run_that_raises_is_not_left_running(store, error, status):
     assert run.info.status == status
     assert run.data.tags["rrm.error"].startswith(type(error).__name__)
     assert mlflow.active_run() is None
+
+
+def test_the_callback_must_wrap_training(store):
+    cfg = TrainConfig(**DIGITS, method="natural", out_dir=str(store / "unwrapped"))
+    with pytest.raises(RRMError, match="context manager"):
+        train(cfg, callbacks=[tracking.MlflowCallback(experiment="tests")])
 
 
 def test_resumed_run_logs_every_epoch(store):
