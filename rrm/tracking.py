@@ -54,8 +54,6 @@ DEFAULT_EXPERIMENT = "rrm"
 DEFAULT_TEACHER_NAME = "rrm-teacher"
 # Methods that train on attacks against the model itself; only these make teachers.
 ADVERSARIAL_METHODS = frozenset({"sat", "pgd-fast", "fast", "free"})
-# The keys an evaluation must provide (from `rrm evaluate`'s metrics JSON or an evaluation run's metrics).
-EVALUATION_KEYS = ("natural_accuracy", "adversarial_accuracy")
 LOGGED_MODEL_NAME = "model"
 TEACHER_TAG = "rrm.teacher"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -66,7 +64,7 @@ _NOT_LOSSES = {"epoch", "paper_epochs", "lr", "epoch_seconds", "train_accuracy",
                "monitor_robust_accuracy"}
 
 __all__ = [
-    "ADVERSARIAL_METHODS", "DEFAULT_EXPERIMENT", "DEFAULT_TEACHER_NAME", "DEFAULT_TRACKING_URI", "EVALUATION_KEYS",
+    "ADVERSARIAL_METHODS", "DEFAULT_EXPERIMENT", "DEFAULT_TEACHER_NAME", "DEFAULT_TRACKING_URI",
     "MlflowCallback", "TeacherVersion", "list_teachers", "load_registered_model", "log_evaluation", "promote",
     "pull_teacher", "register_teacher", "show_teacher", "tracking_uri",
 ]
@@ -444,32 +442,55 @@ def _flat_text(values: Mapping, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _summarize_evaluation(values: Mapping) -> dict | None:
+    """Natural accuracy and the worst adversarial accuracy over the attacks of an evaluation, or None if absent.
+
+    Takes ``rrm evaluate``'s metrics (``adversarial_accuracy`` per attack), the same logged as run metrics
+    (``adversarial_accuracy/apgd``) or a single number.
+    """
+    natural, adversarial = values.get("natural_accuracy"), values.get("adversarial_accuracy")
+    if isinstance(adversarial, Mapping):
+        per_attack = dict(adversarial)
+    elif adversarial is not None:
+        per_attack = {str(values.get("attack", "attack")): adversarial}
+    else:
+        per_attack = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("adversarial_accuracy/")}
+    per_attack = {k: float(v) for k, v in per_attack.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if not isinstance(natural, (int, float)) or not per_attack:
+        return None
+    attack = min(per_attack, key=per_attack.get)
+    sanity = values.get("sanity_passed")  # a bool in the JSON, "true"/"false" once logged as a run param
+    examples = values.get("n_examples")  # logged runs give every number back as a float
+    return {
+        "natural_accuracy": float(natural), "adversarial_accuracy": per_attack[attack], "attack": attack,
+        "norm": values.get("norm"), "eps": values.get("eps"),
+        "n_examples": int(examples) if isinstance(examples, (int, float)) else None,
+        "sanity_passed": None if sanity is None else str(sanity).lower() == "true",
+    }
+
+
 def _evaluation_of_run(client: MlflowClient, run_id: str) -> dict | None:
     """The newest finished evaluation linked to training run ``run_id`` that measured both accuracies."""
     runs = _search_runs(client, f"tags.`rrm.train_run_id` = '{run_id}' and attributes.status = 'FINISHED'")
     for run in runs:
-        found = run.data.metrics
-        if all(k in found for k in EVALUATION_KEYS):
-            return {**run.data.params, **found, "evaluation_run": run.info.run_id}
+        found = _summarize_evaluation({**run.data.params, **run.data.metrics})
+        if found is not None:
+            return {**found, "evaluation_run": run.info.run_id}
     return None
 
 
 def _read_evaluation(evaluation: str | os.PathLike | Mapping) -> dict:
+    """The metrics of an evaluation given as a dict or as the JSON file ``rrm evaluate`` writes."""
     if isinstance(evaluation, Mapping):
-        values = dict(evaluation)
-    else:
-        path = Path(evaluation)
-        try:
-            values = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise RRMError(f"evaluation file {str(path)!r} does not exist; write it with `rrm evaluate`") from None
-        except (OSError, ValueError) as exc:
-            raise RRMError(f"evaluation file {str(path)!r} is not JSON ({_one_line(exc)}); pass the metrics file "
-                           "`rrm evaluate` writes") from None
-    missing = [k for k in EVALUATION_KEYS if not isinstance(values.get(k), (int, float))]
-    if missing:
-        raise RRMError(f"the evaluation has no {', '.join(missing)}; pass the metrics file `rrm evaluate` writes")
-    return values
+        return dict(evaluation)
+    path = Path(evaluation)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RRMError(f"evaluation file {str(path)!r} does not exist; write it with `rrm evaluate`") from None
+    except (OSError, ValueError) as exc:
+        raise RRMError(f"evaluation file {str(path)!r} is not JSON ({_one_line(exc)}); pass the metrics file "
+                       "`rrm evaluate` writes") from None
 
 
 # -------------------------------------------------------------------------------------------------------- registry
@@ -614,9 +635,12 @@ def _card(meta: dict, spec: dict, feature_dim: int, evaluation: dict | None, run
 
     attack = "not evaluated (registered with --force)"
     if evaluation is not None:
-        details = [f"{k} {evaluation[k]}" for k in ("attack", "norm", "eps", "examples", "num_examples")
-                   if k in evaluation]
-        attack = pct(evaluation["adversarial_accuracy"]) + (f" ({', '.join(details)})" if details else "")
+        details = [f"worst attack {evaluation['attack']}"]
+        details += [f"{evaluation['norm']} eps {evaluation['eps']}"] if evaluation.get("norm") else []
+        details += [f"{evaluation['n_examples']} examples"] if evaluation.get("n_examples") else []
+        if evaluation.get("sanity_passed") is not None:
+            details.append("sanity checks " + ("passed" if evaluation["sanity_passed"] else "FAILED"))
+        attack = f"{pct(evaluation['adversarial_accuracy'])} ({', '.join(details)})"
     natural = evaluation["natural_accuracy"] if evaluation else summary.get("test_accuracy")
     rows = [
         ("architecture", f"{spec.get('name')} (width {spec.get('width', 1.0)})"),
@@ -675,19 +699,30 @@ def register_teacher(
             what = f"trained with {method!r}" if method else "without training metadata (a checkpoint?)"
             raise RRMError(f"{str(source)!r} was {what}; a teacher must be adversarially trained "
                            f"({', '.join(sorted(ADVERSARIAL_METHODS))}); pass the model.pt of such a run, or --force")
-        found = _read_evaluation(evaluation) if evaluation is not None else (
-            _evaluation_of_run(client, run.info.run_id) if run is not None else None)
+        metrics = _read_evaluation(evaluation) if evaluation is not None else None
+        if metrics is not None:
+            found = _summarize_evaluation(metrics)
+            if found is None:
+                raise RRMError(f"evaluation {str(evaluation)!r} has no natural_accuracy and adversarial_accuracy; "
+                               "pass the metrics file `rrm evaluate` writes")
+        else:
+            found = _evaluation_of_run(client, run.info.run_id) if run is not None else None
         if found is None and not force:
             raise RRMError(f"{str(source)!r} has no evaluation; run `rrm evaluate` on it (and pass --evaluation "
                            "with its metrics file if it was not tracked), or --force to register it unevaluated")
+        if found is not None and found["sanity_passed"] is False and not force:
+            raise RRMError(f"the evaluation of {str(source)!r} failed its gradient-masking sanity checks, so its "
+                           "adversarial accuracy is not trustworthy; see `sanity` in its metrics, or --force")
 
         if run is None:
             run_id, model_id = _import_run(client, local, meta, experiment)
         else:
             run_id = run.info.run_id
             model_id = _run_model(client, f"runs:/{run_id}/{LOGGED_MODEL_NAME}").model_id
-        if evaluation is not None and found is not None:
-            found["evaluation_run"] = log_evaluation(found, model_path=local, train_run_id=run_id)
+        if metrics is not None:  # keep the evidence next to the training run
+            found["evaluation_run"] = log_evaluation(
+                metrics, model_path=local, train_run_id=run_id,
+                metrics_path=None if isinstance(evaluation, Mapping) else evaluation)
 
         tags = {
             TEACHER_TAG: "true",
@@ -702,6 +737,7 @@ def register_teacher(
                 "test_accuracy")),
             "adversarial_accuracy": str(found["adversarial_accuracy"]) if found else "not evaluated",
             "evaluated": str(found is not None).lower(),
+            "attack": str(found["attack"]) if found else "none",
             "source_run": run_id,
             "model_sha256": sha256,
         }

@@ -118,7 +118,8 @@ def test_teacher_flow_through_the_command_line(project):
                  "--out-dir", "runs/teacher", "--experiment", "cli")
     assert result.exit_code == 0, result.output
     assert re.search(r"MLflow run [0-9a-f]{32}", result.output)
-    (project / "eval.json").write_text(json.dumps({"natural_accuracy": 0.7, "adversarial_accuracy": 0.4}))
+    (project / "eval.json").write_text(json.dumps({"natural_accuracy": 0.7, "adversarial_accuracy": {"apgd": 0.4},
+                                                     "norm": "linf", "eps": 0.1, "sanity_passed": True}))
     result = rrm("teacher", "register", "runs/teacher/model.pt", "--evaluation", "eval.json")
     assert result.exit_code == 0, result.output
     assert "registered models:/rrm-teacher/1" in result.output

@@ -74,11 +74,12 @@ def sat_file(store):
     return train(cfg).model_path
 
 
-def _evaluation(result) -> dict:
-    """Until `rrm evaluate` is on main, the per-epoch PGD monitor stands in for the adversarial accuracy."""
-    return {"natural_accuracy": result.summary["test_accuracy"],
-            "adversarial_accuracy": result.summary["monitor_robust_accuracy"],
-            "attack": "pgd-10 (training monitor)", "norm": "linf", "eps": 0.1, "examples": 100}
+def _evaluation(result, sanity_passed: bool = True) -> dict:
+    """Metrics in `rrm evaluate`'s shape; until it is on main the per-epoch PGD monitor gives the adversarial number."""
+    return {"dataset": "digits", "norm": "linf", "eps": 0.1, "n_examples": 100,
+            "natural_accuracy": result.summary["test_accuracy"],
+            "adversarial_accuracy": {"pgd": result.summary["monitor_robust_accuracy"], "fgsm": 0.99},
+            "sanity_passed": sanity_passed, "sanity": {"noise": {"passed": sanity_passed}}}
 
 
 def test_training_run_reads_back(teacher_run, store):
@@ -139,8 +140,10 @@ def test_register_promote_pull_then_train_student(teacher_run, store):
         "cnn", "128", "sat", "linf", "0.1")
     assert (tags["dataset"], tags["dataset_digest"]) == ("digits", result.data.digest)
     assert float(tags["adversarial_accuracy"]) == result.summary["monitor_robust_accuracy"]
+    assert tags["attack"] == "pgd", "the worst attack is the one that counts"
     assert tags["source_run"] == tracker.run_id and tags["evaluation_run"] == evaluation_run
-    assert "| adversarial accuracy |" in version.description and tracker.run_id in version.description
+    assert "worst attack pgd, linf eps 0.1, 100 examples, sanity checks passed" in version.description
+    assert tracker.run_id in version.description
 
     assert tracking.promote("rrm-teacher", 1, "champion").aliases == ["champion"]
     assert tracking.show_teacher("models:/rrm-teacher@champion").version == "1"
@@ -177,6 +180,11 @@ def test_register_refuses_unevaluated_or_natural_models_and_writes_nothing(sat_f
     natural = train(TrainConfig(**DIGITS, method="natural", out_dir=str(store / "natural"))).model_path
     with pytest.raises(RRMError, match="adversarially trained"):
         tracking.register_teacher(natural, "refused", evaluation={"natural_accuracy": 0.9, "adversarial_accuracy": 0})
+    masked = {"natural_accuracy": 0.9, "adversarial_accuracy": {"apgd": 0.8}, "sanity_passed": False}
+    with pytest.raises(RRMError, match="sanity checks"):
+        tracking.register_teacher(sat_file, "refused", evaluation=masked)
+    with pytest.raises(RRMError, match="has no natural_accuracy"):
+        tracking.register_teacher(sat_file, "refused", evaluation={"accuracy": 0.9})
     assert client.search_registered_models("name = 'refused'") == []
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs_before
 
@@ -313,7 +321,8 @@ def server(tmp_path, monkeypatch):
 
 def test_register_and_pull_through_a_server(server, sat_file, tmp_path):
     evaluation = tmp_path / "eval_metrics.json"
-    evaluation.write_text(json.dumps({"natural_accuracy": 0.8, "adversarial_accuracy": 0.5, "eps": 0.1}))
+    evaluation.write_text(json.dumps({"natural_accuracy": 0.8, "adversarial_accuracy": {"apgd": 0.5}, "eps": 0.1,
+                                      "norm": "linf", "sanity_passed": True}))
     version = tracking.register_teacher(sat_file, evaluation=evaluation)
     assert version.uri == "models:/rrm-teacher/1" and version.tags["adversarial_accuracy"] == "0.5"
     tracking.promote("rrm-teacher", 1, "champion")
