@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 from scipy import stats
 
+from rrm.errors import RRMError
+
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
     """Mean and the half-width of its ``confidence`` interval from Student's t (0 for a single value).
@@ -21,3 +23,26 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
         return mean, 0.0
     sd = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
     return mean, float(stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * sd / math.sqrt(n)
+
+
+def epoch_time_stats(epoch_seconds: Sequence[float], replays: int = 1) -> dict:
+    """Per-epoch wall time as mean +- 95% CI (Student's t) and the total, as the paper reports training cost.
+
+    Free AT replays each minibatch ``replays`` times and the paper counts one pass over the data as ``replays``
+    epochs (12 passes x 8 = "96 epochs"). So each recorded pass counts as ``replays`` epochs of ``pass / replays``
+    seconds, the interval is computed over the passes (the independent measurements, not ``replays`` copies of each,
+    which would shrink it for nothing) and the total is the sum of the passes, which equals ``mean x epochs``.
+    """
+    if replays < 1:
+        raise RRMError(f"replays must be >= 1, got {replays}")
+    if not epoch_seconds:
+        raise RRMError("no epoch times recorded; train at least one epoch first")
+    if any(not (s >= 0 and math.isfinite(s)) for s in epoch_seconds):
+        raise RRMError(f"epoch times must be finite and >= 0 seconds, got {list(epoch_seconds)}")
+    mean, half_width = mean_ci([s / replays for s in epoch_seconds])
+    total = math.fsum(epoch_seconds)
+    return {
+        "epochs": len(epoch_seconds) * replays, "passes": len(epoch_seconds), "replays": replays,
+        "epoch_seconds_mean": mean, "epoch_seconds_ci95": half_width,
+        "total_seconds": total, "total_minutes": total / 60,
+    }

@@ -22,7 +22,7 @@ from rrm.data import ImageData, batches, load_dataset
 from rrm.errors import RRMError
 from rrm.io import atomic_path, write_json
 from rrm.models import Classifier, build_model, load_model, save_model
-from rrm.stats import mean_ci
+from rrm.stats import epoch_time_stats
 from rrm.train.config import TrainConfig
 from rrm.train.methods import Method, get_method
 
@@ -325,19 +325,10 @@ def train(
 
 
 def summarize(history: list[dict], epochs_per_pass: int = 1) -> dict:
-    """Final metrics and the paper's epoch-time statistics.
-
-    Free AT records one time per pass; a pass is ``epochs_per_pass`` paper epochs, so the per-epoch time is the pass
-    time divided by the replays and the total is the sum of the pass times, as the paper counts it.
-    """
-    seconds = [h["epoch_seconds"] / epochs_per_pass for h in history]
-    mean, ci = mean_ci(seconds)
+    """Final metrics and the paper's epoch-time statistics (Free AT's passes counted as its replays)."""
     last = history[-1]
     summary = {
-        "epochs": last["paper_epochs"],
-        "epoch_seconds_mean": mean,
-        "epoch_seconds_ci95": ci,
-        "train_seconds": sum(h["epoch_seconds"] for h in history),
+        **epoch_time_stats([h["epoch_seconds"] for h in history], epochs_per_pass),
         "test_accuracy": last["test_accuracy"],
         "train_loss": last["loss"],
     }

@@ -1,0 +1,366 @@
+"""Robustness numbers users can trust: natural and adversarial accuracy, plus automatic checks for gradient masking.
+
+:func:`evaluate` attacks the first ``n_examples`` test images with every attack in :class:`EvalConfig` and, by
+default, runs Carlini et al.'s (2019) sanity checks on a subset with the native APGD, because a robustness number is
+worth nothing if the model merely hides its gradients (defensive distillation and high-temperature KD did exactly
+that). The result is a flat dict that :func:`write_metrics` stores as JSON for ``dvc metrics show``.
+
+Checks, their thresholds and why (``tol`` is ``EvalConfig.sanity_tolerance``, 2 points by default: on a 200-image
+subset one or two borderline images flip between attack runs that differ only in their random starts):
+
+- ``eps_growth``: accuracy at eps x 0.5, 1, 2, 4, 8 (Linf capped at 1, where any image is reachable) falls to at most
+  ``sanity_zero_accuracy`` (5%, half of chance on 10 classes: a model guessing under its strongest perturbation has
+  not been attacked) and never rises by more than ``tol`` as eps grows.
+- ``more_steps`` / ``more_restarts``: 4x the iterations or 4 restarts (other seeds) never raise accuracy by more
+  than ``tol``.
+- ``noise``: uniform noise in the eps ball hurts no more than the attack (noise accuracy >= attack accuracy - ``tol``).
+- ``transfer`` (with ``transfer_from``): white-box accuracy <= transfer accuracy + ``tol``; a student that copies a
+  teacher must not resist the teacher's adversarial examples better than its own.
+- ``constraint``: every adversarial example of every attack lies within its eps (computed in float64; slack 1e-6 per
+  pixel for Linf and 1e-6 * sqrt(pixels) for L2, the fp32 rounding of ``x + delta``) and inside [0, 1].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from rrm.attacks import apgd, art_apgd, check_threat, fgsm, frozen, pgd, random_perturbation, seeded
+from rrm.data import ImageData, batches
+from rrm.errors import RRMError, unknown
+from rrm.io import write_json
+from rrm.models import Classifier, load_model
+
+ATTACKS = ("apgd", "art-apgd", "pgd", "fgsm", "transfer")
+TRANSFER_ATTACKS = ("apgd", "pgd")
+EPS_MULTIPLES = (0.5, 1.0, 2.0, 4.0, 8.0)
+# The larger budgets of the monotonicity checks, relative to the sanity attack's.
+MORE_STEPS_FACTOR = 4
+MORE_RESTARTS = 4
+
+# craft(x, y, seed) -> adversarial images
+Craft = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+@dataclass
+class EvalConfig:
+    """What to attack and how. The defaults are the paper's APGD budget (50 iterations x 10 restarts)."""
+
+    norm: str = "linf"
+    eps: float = 0.3
+    # Native "apgd" is the fast default; final reports add "art-apgd", the paper's reference implementation.
+    attacks: tuple[str, ...] = ("apgd",)
+    n_examples: int | None = None  # the first n test images are attacked (the splits are shuffled); None: all
+    batch_size: int = 128
+    steps: int = 50  # APGD iterations, native and ART
+    restarts: int = 10  # APGD random restarts, native and ART
+    pgd_steps: int = 20
+    pgd_step_size: float | None = None  # None: 2.5 * eps / pgd_steps (Madry et al.)
+    transfer_attack: str = "apgd"  # how "transfer" crafts on the transfer_from model
+    sanity: bool = True
+    sanity_examples: int = 200
+    sanity_steps: int = 20  # native APGD iterations (1 restart) of the sanity attacks
+    sanity_tolerance: float = 0.02
+    sanity_zero_accuracy: float = 0.05
+    seed: int = 0
+
+    def replace(self, **changes) -> "EvalConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "EvalConfig":
+        """Build from a params-file section; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(values) - names)
+        if bad:
+            raise RRMError(f"unknown evaluation option(s) {bad}; valid options: {', '.join(sorted(names))}")
+        values = dict(values)
+        if isinstance(values.get("attacks"), (list, str)):
+            attacks = values["attacks"]
+            values["attacks"] = tuple([attacks] if isinstance(attacks, str) else attacks)
+        return cls(**values)
+
+    @property
+    def pgd_step(self) -> float:
+        return self.pgd_step_size if self.pgd_step_size is not None else 2.5 * self.eps / self.pgd_steps
+
+    def validate(self) -> "EvalConfig":
+        """Raise :class:`RRMError` for any value out of range; returns self for chaining."""
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise RRMError(message)
+
+        check_threat(self.norm, self.eps)
+        need(not isinstance(self.attacks, str), f"attacks must be a list of names, got the string {self.attacks!r}")
+        for name in self.attacks:
+            if name not in ATTACKS:
+                raise unknown("attack", name, ATTACKS)
+        need(len(set(self.attacks)) == len(self.attacks), f"attacks are listed twice in {list(self.attacks)}")
+        if self.transfer_attack not in TRANSFER_ATTACKS:
+            raise unknown("transfer attack", self.transfer_attack, TRANSFER_ATTACKS)
+        need(self.n_examples is None or self.n_examples >= 1,
+             f"n_examples must be >= 1 (or unset for the whole test split), got {self.n_examples}")
+        for name in ("batch_size", "steps", "restarts", "pgd_steps", "sanity_examples", "sanity_steps"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.pgd_step_size is None or self.pgd_step_size > 0,
+             f"pgd_step_size must be > 0, got {self.pgd_step_size}")
+        need(0 <= self.sanity_tolerance < 1, f"sanity_tolerance must be in [0, 1), got {self.sanity_tolerance}")
+        need(0 <= self.sanity_zero_accuracy < 1,
+             f"sanity_zero_accuracy must be in [0, 1), got {self.sanity_zero_accuracy}")
+        return self
+
+
+def check_compatible(model: nn.Module, data: ImageData, role: str = "model") -> None:
+    """Raise :class:`RRMError` unless ``data``'s image shape and classes are what ``model`` was built for."""
+    spec = getattr(model, "spec", None)
+    if not spec or not {"in_channels", "image_size", "num_classes"} <= set(spec):
+        raise RRMError(f"the {role} has no architecture spec; evaluate models from rrm.models.build_model or "
+                       "load_model (a wrapper must copy the inner model's `spec`)")
+    want = (spec["in_channels"], spec["image_size"], spec["image_size"])
+    if data.input_shape != want:
+        raise RRMError(f"dataset {data.name!r} has {'x'.join(map(str, data.input_shape))} images but the {role} "
+                       f"expects {'x'.join(map(str, want))}; evaluate on the dataset the model was trained on")
+    if data.num_classes != spec["num_classes"]:
+        raise RRMError(f"dataset {data.name!r} has {data.num_classes} classes but the {role} predicts "
+                       f"{spec['num_classes']}; evaluate on the dataset the model was trained on")
+
+
+def load_for_evaluation(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Classifier, dict]:
+    """Load a model file or training checkpoint in eval mode and fp32 (ART's wrapper needs both); ``(model, meta)``."""
+    model, meta = load_model(path, map_location=map_location)
+    return model.float().eval(), meta
+
+
+def write_metrics(path: str | os.PathLike, result: dict) -> None:
+    """Write :func:`evaluate`'s result atomically as JSON; nested dicts of scalars, as ``dvc metrics show`` reads."""
+    write_json(path, result)
+
+
+class _Constraint:
+    """Largest amount by which any adversarial example leaves its eps ball, and its pixel range."""
+
+    def __init__(self, norm: str):
+        self.norm = norm
+        self.excess = -math.inf
+        self.min_pixel, self.max_pixel = math.inf, -math.inf
+        self.finite = True
+        self.slack = 0.0
+
+    def update(self, x: torch.Tensor, x_adv: torch.Tensor, eps: float) -> None:
+        delta = (x_adv.double() - x.double()).flatten(1)
+        dist = delta.abs().amax(1) if self.norm == "linf" else delta.norm(dim=1)
+        self.slack = 1e-6 * (1.0 if self.norm == "linf" else math.sqrt(delta.shape[1]))
+        self.excess = max(self.excess, (dist - eps).max().item())
+        self.min_pixel = min(self.min_pixel, x_adv.min().item())
+        self.max_pixel = max(self.max_pixel, x_adv.max().item())
+        self.finite = self.finite and bool(torch.isfinite(x_adv).all())
+
+    def result(self) -> dict:
+        passed = self.finite and self.excess <= self.slack and self.min_pixel >= 0 and self.max_pixel <= 1
+        return {"passed": bool(passed), "max_excess_over_eps": self.excess, "slack": self.slack,
+                "min_pixel": self.min_pixel, "max_pixel": self.max_pixel, "finite": self.finite}
+
+
+def _device(model: nn.Module) -> torch.device:
+    tensor = next(model.parameters(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    return int((model(x).argmax(1) == y).sum())
+
+
+def _bar(iterable, total: int, desc: str, progress: bool | None):
+    # disable=None: bars only when stderr is a terminal, so logs and CI stay clean.
+    return tqdm(iterable, total=total, desc=desc, leave=False, disable=None if progress is None else not progress)
+
+
+def _attack_accuracy(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, craft: Craft, *, eps: float, batch_size: int, seed: int,
+    constraint: _Constraint, desc: str, progress: bool | None,
+) -> float:
+    """Accuracy of ``model`` on ``craft``'s images, batch by batch (batch ``i`` seeded ``seed + i``)."""
+    correct = 0
+    n_batches = math.ceil(len(y) / batch_size)
+    stream = batches(x, y, batch_size, device=_device(model))
+    for i, (xb, yb) in enumerate(_bar(stream, n_batches, desc, progress)):
+        x_adv = craft(xb, yb, seed + i)
+        constraint.update(xb, x_adv, eps)
+        correct += _correct(model, x_adv, yb)
+    return correct / len(y)
+
+
+def _native_apgd(model: nn.Module, norm: str, eps: float, steps: int, restarts: int) -> Craft:
+    return lambda x, y, seed: apgd(model, x, y, norm=norm, eps=eps, steps=steps, restarts=restarts, seed=seed)
+
+
+def _crafted_on(source: nn.Module, craft: Craft) -> Craft:
+    """Transfer: craft on ``source``'s device, hand the images back on the caller's."""
+    device = _device(source)
+    return lambda x, y, seed: craft(x.to(device), y.to(device), seed).to(x.device)
+
+
+def _noise(norm: str, eps: float) -> Craft:
+    def craft(x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+        with seeded(seed):
+            return x + random_perturbation(x, norm, eps)
+
+    return craft
+
+
+def _crafts(model: nn.Module, config: EvalConfig, num_classes: int, transfer_from: nn.Module | None) -> dict:
+    """The full-evaluation attacks by name: ``(craft, settings recorded with the result)``."""
+    norm, eps = config.norm, config.eps
+
+    def seeded_pgd(source: nn.Module) -> Craft:
+        def craft(x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+            with seeded(seed):
+                return pgd(source, x, y, norm=norm, eps=eps, step_size=config.pgd_step, steps=config.pgd_steps)
+
+        return craft
+
+    def art(x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+        return art_apgd(model, x, y, norm=norm, eps=eps, num_classes=num_classes, steps=config.steps,
+                        restarts=config.restarts, batch_size=config.batch_size, seed=seed)
+
+    apgd_settings = {"steps": config.steps, "restarts": config.restarts, "eps_step_initial": 2 * eps,
+                     "loss": "cross_entropy"}
+    pgd_settings = {"steps": config.pgd_steps, "step_size": config.pgd_step, "random_start": True}
+    table = {
+        "apgd": (_native_apgd(model, norm, eps, config.steps, config.restarts), apgd_settings),
+        "art-apgd": (art, {"max_iter": config.steps, "nb_random_init": config.restarts, "eps_step": 2 * eps,
+                           "batch_size": config.batch_size, "loss": "cross_entropy", "clip_values": "(0, 1)"}),
+        "pgd": (seeded_pgd(model), pgd_settings),
+        "fgsm": (lambda x, y, seed: fgsm(model, x, y, norm=norm, eps=eps), {"step_size": eps, "random_start": False}),
+    }
+    if transfer_from is not None:
+        if config.transfer_attack == "apgd":
+            source, settings = _native_apgd(transfer_from, norm, eps, config.steps, config.restarts), apgd_settings
+        else:
+            source, settings = seeded_pgd(transfer_from), pgd_settings
+        table["transfer"] = (_crafted_on(transfer_from, source), {"attack": config.transfer_attack, **settings,
+                                                                  "source_model": transfer_from.spec.get("name", "?")})
+    return table
+
+
+def sanity_checks(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: EvalConfig, *, constraint: _Constraint,
+    transfer_from: nn.Module | None = None, progress: bool | None = None,
+) -> dict:
+    """The gradient-masking checks of the module docstring on ``(x, y)``, each with its measured numbers."""
+    norm, eps, tol, steps, seed = config.norm, config.eps, config.sanity_tolerance, config.sanity_steps, config.seed
+
+    def accuracy(craft: Craft, radius: float, desc: str, run_seed: int = seed) -> float:
+        return _attack_accuracy(model, x, y, craft, eps=radius, batch_size=config.batch_size, seed=run_seed,
+                                constraint=constraint, desc=f"sanity: {desc}", progress=progress)
+
+    cap = 1.0 if norm == "linf" else math.inf
+    growth = {f"x{m:g}": accuracy(_native_apgd(model, norm, min(m * eps, cap), steps, 1), min(m * eps, cap),
+                                  f"eps x{m:g}") for m in EPS_MULTIPLES}
+    curve = list(growth.values())
+    base = growth["x1"]
+    checks = {
+        "eps_growth": {
+            "passed": curve[-1] <= config.sanity_zero_accuracy and all(b <= a + tol for a, b in zip(curve, curve[1:])),
+            "accuracy": growth, "largest_eps": min(EPS_MULTIPLES[-1] * eps, cap),
+            "threshold": config.sanity_zero_accuracy,
+        },
+    }
+    more_steps = accuracy(_native_apgd(model, norm, eps, MORE_STEPS_FACTOR * steps, 1), eps, "more steps", seed + 1)
+    checks["more_steps"] = {"passed": more_steps <= base + tol, "accuracy": base, "accuracy_more": more_steps,
+                            "steps": steps, "steps_more": MORE_STEPS_FACTOR * steps}
+    more_restarts = accuracy(_native_apgd(model, norm, eps, steps, MORE_RESTARTS), eps, "more restarts", seed + 2)
+    checks["more_restarts"] = {"passed": more_restarts <= base + tol, "accuracy": base,
+                               "accuracy_more": more_restarts, "restarts_more": MORE_RESTARTS}
+    noise = accuracy(_noise(norm, eps), eps, "noise")
+    checks["noise"] = {"passed": noise >= base - tol, "noise_accuracy": noise, "attack_accuracy": base}
+    if transfer_from is not None:
+        transfer = accuracy(_crafted_on(transfer_from, _native_apgd(transfer_from, norm, eps, steps, 1)), eps,
+                            "transfer")
+        checks["transfer"] = {"passed": base <= transfer + tol, "whitebox_accuracy": base,
+                              "transfer_accuracy": transfer}
+    for check in checks.values():
+        check["passed"] = bool(check["passed"])
+    return {"examples": len(y), "steps": steps, "tolerance": tol, **checks}
+
+
+def evaluate(
+    model: nn.Module,
+    data: ImageData,
+    config: EvalConfig,
+    *,
+    transfer_from: nn.Module | None = None,
+    progress: bool | None = None,
+) -> dict:
+    """Natural accuracy, adversarial accuracy per attack and the sanity checks, as a metrics dict.
+
+    The models are evaluated in eval mode with frozen parameters; their mode, ``requires_grad`` and ``.grad`` are
+    restored afterwards. ``progress=None`` shows bars only on a terminal. ``sanity_passed`` is True when every check
+    that ran passed; ``sanity.enabled`` says whether the gradient-masking checks ran (they need eps > 0), while the
+    constraint check covers every attack that ran either way.
+    """
+    config.validate()
+    check_compatible(model, data)
+    if transfer_from is not None:
+        check_compatible(transfer_from, data, "transfer model")
+    if "transfer" in config.attacks and transfer_from is None:
+        raise RRMError("attack 'transfer' needs the model to craft on: pass transfer_from (e.g. the teacher)")
+    n_test = len(data.test_y)
+    n = n_test if config.n_examples is None else config.n_examples
+    if n > n_test:
+        raise RRMError(f"n_examples={n} exceeds the {n_test} test images of {data.name!r}; pass at most {n_test}")
+    x, y = data.test_x[:n], data.test_y[:n]
+    constraint = _Constraint(config.norm)
+    seconds: dict[str, float] = {}
+    with contextlib.ExitStack() as stack:
+        for m in (model, transfer_from):
+            if m is not None:
+                stack.enter_context(frozen(m))
+                m.eval()
+        start = time.perf_counter()
+        device = _device(model)
+        natural = sum(_correct(model, xb, yb) for xb, yb in batches(data.test_x, data.test_y, config.batch_size,
+                                                                       device=device)) / n_test
+        natural_attacked = sum(_correct(model, xb, yb) for xb, yb in batches(x, y, config.batch_size,
+                                                                             device=device)) / n
+        seconds["natural"] = time.perf_counter() - start
+        crafts = _crafts(model, config, data.num_classes, transfer_from)
+        adversarial, settings = {}, {}
+        for name in config.attacks:
+            craft, settings[name] = crafts[name]
+            start = time.perf_counter()
+            adversarial[name] = _attack_accuracy(model, x, y, craft, eps=config.eps, batch_size=config.batch_size,
+                                                 seed=config.seed, constraint=constraint, desc=name, progress=progress)
+            seconds[name] = time.perf_counter() - start
+        sanity: dict = {"enabled": config.sanity and config.eps > 0}
+        if sanity["enabled"]:
+            start = time.perf_counter()
+            k = min(config.sanity_examples, n)
+            sanity.update(sanity_checks(model, x[:k], y[:k], config, constraint=constraint,
+                                        transfer_from=transfer_from, progress=progress))
+            seconds["sanity"] = time.perf_counter() - start
+    if math.isfinite(constraint.excess):
+        sanity["constraint"] = constraint.result()
+    return {
+        "dataset": data.name, "norm": config.norm, "eps": config.eps, "n_examples": n, "n_test": n_test,
+        "natural_accuracy": natural, "natural_accuracy_attacked": natural_attacked,
+        "adversarial_accuracy": adversarial, "attack_settings": settings, "seconds": seconds,
+        "sanity_passed": all(c["passed"] for c in sanity.values() if isinstance(c, dict)), "sanity": sanity,
+        "seed": config.seed, "art_version": importlib.metadata.version("adversarial-robustness-toolbox"),
+        "torch_version": torch.__version__,
+    }

@@ -1,0 +1,72 @@
+"""Robustified data: starts from other images, moves toward the target's teacher features, resumes after a crash."""
+
+import pytest
+import torch
+
+import rrm.robustify as rb
+from rrm.data import read_dataset, to_float
+from rrm.errors import RRMError
+
+
+@pytest.fixture(scope="module")
+def small(digits):
+    return digits.subset(n_train=96, n_test=32)
+
+
+def test_partners_are_always_other_images():
+    partners = rb._partners(500, seed=3)
+    assert (partners != torch.arange(500)).all()
+    assert torch.equal(partners, rb._partners(500, seed=3))
+
+
+def test_robustified_images_match_teacher_features_and_keep_labels(tmp_path, digits_teacher, small):
+    teacher = digits_teacher.model
+    out = tmp_path / "robust.safetensors"
+    robust = rb.robustify(teacher, small, out, steps=30, step_size=0.1, batch_size=40, progress=False)
+    assert robust.train_x.dtype == torch.float32
+    assert robust.train_x.min() >= 0 and robust.train_x.max() <= 1
+    assert torch.equal(robust.train_y, small.train_y) and torch.equal(robust.test_x, small.test_x)
+    assert robust.source["kind"] == "robustified" and robust.source["from_digest"] == small.digest
+    with torch.no_grad():
+        goal = teacher.features(to_float(small.train_x))
+        start = teacher.features(to_float(small.train_x[rb._partners(96, 0)]))
+        reached = teacher.features(robust.train_x)
+    before = (start - goal).norm(dim=1)
+    after = (reached - goal).norm(dim=1)
+    assert (after < before).float().mean() > 0.95
+    assert after.mean() < 0.5 * before.mean()
+    loaded = read_dataset(out)
+    assert loaded.digest == robust.digest
+    assert not (tmp_path / "robust.safetensors.partial.pt").exists()
+
+
+def test_interrupted_robustify_resumes_to_the_same_result(tmp_path, digits_teacher, small, monkeypatch):
+    teacher = digits_teacher.model
+    full = rb.robustify(teacher, small, tmp_path / "full.safetensors", steps=5, batch_size=32, progress=False)
+
+    real = rb.match_features
+    calls = {"n": 0}
+
+    def crash_on_third_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rb, "match_features", crash_on_third_batch)
+    out = tmp_path / "cut.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        rb.robustify(teacher, small, out, steps=5, batch_size=32, progress=False, save_every_s=0)
+    assert not out.exists() and (tmp_path / "cut.safetensors.partial.pt").exists()
+    calls["n"] = 10  # past the crash: count only the batches the resumed run still computes
+    resumed = rb.robustify(teacher, small, out, steps=5, batch_size=32, progress=False, save_every_s=0)
+    assert calls["n"] == 11  # two of three batches were kept from before the crash
+    assert torch.equal(resumed.train_x, full.train_x)
+
+
+def test_teacher_of_other_images_is_rejected(tmp_path, digits_teacher):
+    from rrm.data import load_dataset
+
+    with pytest.raises(RRMError, match="use a teacher trained on it"):
+        rb.robustify(digits_teacher.model, load_dataset("mnist5k").subset(8, 8), tmp_path / "x.safetensors")
+    assert not list(tmp_path.iterdir())
