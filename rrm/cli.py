@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -23,7 +24,10 @@ import yaml
 from click.core import ParameterSource
 
 from rrm.errors import RRMError, unknown
+from rrm.evaluate import ATTACKS, TRANSFER_ATTACKS, EvalConfig
+from rrm.models import ARCHITECTURES
 from rrm.params import read_section
+from rrm.train import FEATURE_LOSSES, METHODS, PRECISIONS, SCHEDULES, TrainConfig, get_method
 
 # MLflow retries an unreachable server 7 times with exponential backoff (minutes) and waits 120 s per request;
 # the command line fails in seconds instead. Values the user exported win.
@@ -135,18 +139,20 @@ def _key_values(pairs: tuple[str, ...], flag: str) -> dict:
     return out
 
 
-class _IntList(click.ParamType):
-    name = "INT,INT,..."
+class _ListOf(click.ParamType):
+    """A comma-separated list on the command line, a YAML list in a params file; a tuple either way."""
+
+    def __init__(self, item: type):
+        self.item = item
+        self.name = f"{click.types.convert_type(item).name.upper()},..."
 
     def convert(self, value, param, ctx):
-        if isinstance(value, (list, tuple)):
-            items = list(value)
-        else:
-            items = [v for v in str(value).replace(" ", "").split(",") if v]
+        items = list(value) if isinstance(value, (list, tuple)) else [
+            v for v in str(value).replace(" ", "").split(",") if v]
         try:
-            return tuple(int(v) for v in items)
+            return tuple(self.item(v) for v in items)
         except (TypeError, ValueError):
-            self.fail(f"expected comma-separated integers, got {value!r}", param, ctx)
+            self.fail(f"expected a comma-separated list of {self.item.__name__}, got {value!r}", param, ctx)
 
 
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -198,9 +204,6 @@ def data_prepare(dataset: str | None, out: Path | None, options: tuple[str, ...]
 # ----------------------------------------------------------------------------------------------------------- train
 
 def _train_help() -> dict[str, str]:
-    from rrm.models import ARCHITECTURES
-    from rrm.train import FEATURE_LOSSES, METHODS, PRECISIONS, SCHEDULES
-
     return {
         "dataset": "Registered dataset name, or a file from `rrm data prepare` / `rrm robustify`.",
         "model": f"Architecture: {', '.join(ARCHITECTURES)}.",
@@ -241,37 +244,37 @@ def _train_help() -> dict[str, str]:
     }
 
 
-def train_options(command: Callable) -> Callable:
-    """One option per :class:`rrm.train.TrainConfig` field, so the command line never drifts from the config."""
-    from rrm.train import TrainConfig
+def config_options(config: type, helps: dict[str, str]) -> Callable:
+    """One option per field of the dataclass ``config``, so the command line never drifts from the library."""
+    hints = typing.get_type_hints(config)
+    defaults = config()
 
-    hints = typing.get_type_hints(TrainConfig)
-    defaults = TrainConfig()
-    helps = _train_help()
-    for field in reversed(dataclasses.fields(TrainConfig)):
-        name, default = field.name, getattr(defaults, field.name)
-        flag = "--lambda" if name == "lam" else "--" + name.replace("_", "-")
-        kind = hints[name]
-        if isinstance(kind, types.UnionType):
-            kind = next(t for t in typing.get_args(kind) if t is not type(None))
-        help_text = helps.get(name, "")
-        if name == "extra":
-            option = click.option(flag, name, multiple=True, metavar="KEY=VALUE", help=help_text)
-        elif kind is bool:
-            option = click.option(f"{flag}/--no-{flag[2:]}", name, default=default, show_default=default is not None,
-                                  help=help_text)
-        elif typing.get_origin(kind) is tuple:
-            option = click.option(flag, name, type=_IntList(), default=",".join(map(str, default)), help=help_text)
-        else:
-            option = click.option(flag, name, type=kind, default=default, show_default=default is not None,
-                                  help=help_text)
-        command = option(command)
-    return command
+    def decorate(command: Callable) -> Callable:
+        for field in reversed(dataclasses.fields(config)):
+            name, default = field.name, getattr(defaults, field.name)
+            flag = "--" + {v: k for k, v in _KEY_ALIASES.items()}.get(name, name).replace("_", "-")
+            kind = hints[name]
+            if isinstance(kind, types.UnionType):
+                kind = next(t for t in typing.get_args(kind) if t is not type(None))
+            shown = dict(default=default, show_default=default is not None, help=helps.get(name, ""))
+            if kind is dict:
+                option = click.option(flag, name, multiple=True, metavar="KEY=VALUE", help=shown["help"])
+            elif kind is bool:
+                option = click.option(f"{flag}/--no-{flag[2:]}", name, **shown)
+            elif typing.get_origin(kind) is tuple:
+                item = typing.get_args(kind)[0]
+                option = click.option(flag, name, type=_ListOf(item), **{**shown, "default": ",".join(map(str, default))})
+            else:
+                option = click.option(flag, name, type=kind, **shown)
+            command = option(command)
+        return command
+
+    return decorate
 
 
 @cli.command()
 @from_params("train")
-@train_options
+@config_options(TrainConfig, _train_help())
 @click.option("--no-track", is_flag=True, help="Do not record the run in MLflow.")
 @click.option("--experiment", default="rrm", show_default=True, help="MLflow experiment of the run.")
 @click.option("--run-name", help="MLflow run name. [default: METHOD-MODEL-DATASET]")
@@ -285,8 +288,6 @@ def train(no_track: bool, experiment: str, run_name: str | None, **options) -> N
       rrm train --params params.yaml --section train_teacher --epochs 2    # file values, one flag overridden
     """
     from rrm.data import load_dataset
-    from rrm.models import ARCHITECTURES
-    from rrm.train import TrainConfig, get_method
     from rrm.train import train as run_training
 
     options["extra"] = _key_values(options["extra"], "--extra")
@@ -347,6 +348,89 @@ def robustify(teacher: str | None, dataset: str | None, out: Path | None, steps:
     robust = run_robustify(model, data, out, steps=steps, step_size=step_size, batch_size=batch_size, seed=seed,
                            device=target, teacher_ref=teacher, progress=progress)
     click.echo(f"wrote {out}: {len(robust.train_y)} robustified training images, digest {robust.digest[:12]}")
+
+
+# -------------------------------------------------------------------------------------------------------- evaluate
+
+def _eval_help() -> dict[str, str]:
+    return {
+        "norm": "Threat model norm: linf or l2.",
+        "eps": "Threat model radius in [0, 1] pixel units (8/255 = 0.0314).",
+        "attacks": f"Attacks, comma-separated: {', '.join(ATTACKS)} (art-apgd is the paper's reference).",
+        "n_examples": "Test images attacked (the first n). [default: the whole test split]",
+        "batch_size": "Images per attack batch.",
+        "steps": "APGD iterations (native and ART).",
+        "restarts": "APGD random restarts (native and ART).",
+        "pgd_steps": "PGD steps of the pgd attack.",
+        "pgd_step_size": "PGD step. [default: 2.5 * eps / pgd-steps]",
+        "transfer_attack": f"How `transfer` crafts on --transfer-from: {', '.join(TRANSFER_ATTACKS)}.",
+        "sanity": "Run the gradient-masking sanity checks.",
+        "sanity_examples": "Test images the sanity checks attack.",
+        "sanity_steps": "APGD iterations of the sanity attacks.",
+        "sanity_tolerance": "Accuracy slack of the monotonicity checks.",
+        "sanity_zero_accuracy": "Accuracy the largest eps must push the model down to.",
+        "seed": "Random seed of the attacks.",
+    }
+
+
+@cli.command()
+@from_params("evaluate")
+@click.argument("model", required=False)
+@config_options(EvalConfig, _eval_help())
+@click.option("--dataset", help="Dataset name or prepared file. [default: the one the model was trained on]")
+@click.option("--transfer-from", help="Model that crafts the `transfer` attack and check (file or registry URI): "
+                                      "for a student, its teacher.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Metrics JSON to write. [default: eval_metrics.json beside a model file]")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars. [default: when stderr is a terminal]")
+@click.option("--no-track", is_flag=True, help="Do not record the evaluation in MLflow.")
+@click.option("--experiment", help="MLflow experiment. [default: the training run's, else rrm]")
+@click.option("--train-run-id", help="Training run to link to. [default: the run that logged this model file]")
+def evaluate(model: str | None, dataset: str | None, transfer_from: str | None, out: Path | None, device: str,
+             progress: bool | None, no_track: bool, experiment: str | None, train_run_id: str | None,
+             **options) -> None:
+    """Natural and adversarial accuracy of MODEL (a model file or registry URI) with gradient-masking checks.
+
+    Writes a metrics JSON (for `dvc metrics show` and `rrm teacher register --evaluation`) and records an
+    MLflow run linked to the training run of the model.
+
+    \b
+    Examples:
+      rrm evaluate runs/teacher/model.pt --eps 0.3 --attacks apgd,pgd
+      rrm evaluate runs/rrm/model.pt --attacks apgd,transfer --transfer-from models:/rrm-teacher@champion
+      rrm evaluate runs/teacher/model.pt --attacks art-apgd --n-examples 1000 --out reports/teacher.json
+    """
+    from rrm.data import load_dataset
+    from rrm.evaluate import evaluate as run_evaluation
+    from rrm.evaluate import load_for_evaluation, write_metrics
+    from rrm.train import load_teacher, resolve_device
+
+    _need(model, "MODEL (a model file or models:/NAME@ALIAS)")
+    if out is None and _from_registry(model):
+        raise RRMError(f"pass --out for the metrics of {model} (it has no directory to write them beside)")
+    config = EvalConfig.from_dict(options).validate()
+    target = resolve_device(device)
+    uses_mlflow = not no_track or _from_registry(model) or _from_registry(transfer_from)
+    tracking = _tracking() if uses_mlflow else None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = tracking.pull_teacher(model, Path(tmp) / "model.pt")[0] if _from_registry(model) else Path(model)
+        net, meta = load_for_evaluation(path, map_location=target)
+        dataset = dataset or (meta.get("config") or {}).get("dataset")
+        _need(dataset, "--dataset (the model file does not say what it was trained on)")
+        data = load_dataset(dataset)
+        source = load_teacher(transfer_from, target) if transfer_from else None
+        result = run_evaluation(net, data, config, transfer_from=source, progress=progress)
+        out = out or path.with_name("eval_metrics.json")
+        write_metrics(out, result)
+        run_id = None if no_track else tracking.log_evaluation(
+            result, model_path=path, train_run_id=train_run_id, experiment=experiment, metrics_path=out)
+    attacks = ", ".join(f"{name} {value:.4f}" for name, value in result["adversarial_accuracy"].items())
+    sanity = "passed" if result["sanity_passed"] else "FAILED (see `sanity` in the metrics)"
+    click.echo(f"natural accuracy {result['natural_accuracy']:.4f}; adversarial ({config.norm}, eps {config.eps}, "
+               f"{result['n_examples']} images): {attacks or 'no attacks'}; sanity checks {sanity}; wrote {out}")
+    if run_id:
+        click.echo(f"MLflow run {run_id} ({tracking.tracking_uri()})")
 
 
 # --------------------------------------------------------------------------------------------------------- teacher

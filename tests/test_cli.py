@@ -61,7 +61,7 @@ def test_every_command_has_help_with_an_example(path):
 
 def test_command_list():
     assert sorted(map(" ".join, _commands(rrm_cli.cli))) == [
-        "data", "data prepare", "robustify", "teacher", "teacher list", "teacher promote", "teacher pull",
+        "data", "data prepare", "evaluate", "robustify", "teacher", "teacher list", "teacher promote", "teacher pull",
         "teacher register", "teacher show", "train"]
 
 
@@ -79,6 +79,10 @@ def test_command_list():
     (["teacher", "pull", "models:/rrm-teacher@champion"], "missing --out"),
     (["train", "--params", "missing.yaml"], "does not exist"),
     (["data", "prepare", "--dataset", "digits"], "missing --out"),
+    (["evaluate", "missing.pt"], "does not exist"),
+    (["evaluate", "models:/rrm-teacher@champion"], "pass --out"),
+    (["evaluate", "x.pt", "--attacks", "apgd,bogus"], "unknown attack 'bogus'"),
+    (["evaluate", "x.pt", "--eps", "-0.1"], "eps must be >= 0"),
 ])
 def test_bad_input_is_one_line_and_non_zero(args, message):
     assert_one_line_error(rrm(*args), message)
@@ -114,25 +118,36 @@ def test_data_prepare_writes_a_dataset(project):
 
 
 def test_teacher_flow_through_the_command_line(project):
-    result = rrm("train", "--method", "sat", "--eps", "0.1", *DIGITS[:-3], "--monitor-examples", "50",
+    result = rrm("train", "--method", "sat", "--eps", "0.1", *DIGITS[:-3], "--epochs", "2", "--monitor-examples", "0",
                  "--out-dir", "runs/teacher", "--experiment", "cli")
     assert result.exit_code == 0, result.output
-    assert re.search(r"MLflow run [0-9a-f]{32}", result.output)
-    (project / "eval.json").write_text(json.dumps({"natural_accuracy": 0.7, "adversarial_accuracy": {"apgd": 0.4},
-                                                     "norm": "linf", "eps": 0.1, "sanity_passed": True}))
-    result = rrm("teacher", "register", "runs/teacher/model.pt", "--evaluation", "eval.json")
+    train_run = re.search(r"MLflow run ([0-9a-f]{32})", result.output).group(1)
+    assert_one_line_error(rrm("teacher", "register", train_run), "has no evaluation")
+
+    result = rrm("evaluate", "runs/teacher/model.pt", "--eps", "0.1", "--attacks", "apgd,fgsm", "--n-examples", "100",
+                 "--steps", "10", "--restarts", "1", "--no-sanity")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((project / "runs" / "teacher" / "eval_metrics.json").read_text())
+    assert set(metrics["adversarial_accuracy"]) == {"apgd", "fgsm"}
+
+    result = rrm("teacher", "register", train_run)  # finds the evaluation run linked to the training run
     assert result.exit_code == 0, result.output
     assert "registered models:/rrm-teacher/1" in result.output
     assert rrm("teacher", "promote", "1", "champion").exit_code == 0
     listed = rrm("teacher", "list")
     assert "models:/rrm-teacher/1" in listed.output and "champion" in listed.output
     shown = rrm("teacher", "show", "models:/rrm-teacher@champion")
-    assert "| adversarial accuracy | 40.00%" in shown.output
+    assert f"| adversarial accuracy | {100 * min(metrics['adversarial_accuracy'].values()):.2f}%" in shown.output
     assert rrm("teacher", "pull", "models:/rrm-teacher@champion", "--out", "t.pt").exit_code == 0
     teacher, meta = load_model(project / "t.pt")
     assert meta["method"] == "sat" and teacher.features(torch.rand(2, 1, 8, 8)).shape == (2, 128)
     assert_one_line_error(rrm("teacher", "show", "models:/rrm-teacher@nope"), "has no alias 'nope'")
     assert_one_line_error(rrm("teacher", "promote", "7", "champion"), "has no version 7")
+
+    result = rrm("evaluate", "models:/rrm-teacher@champion", "--eps", "0.1", "--n-examples", "50", "--steps", "5",
+                 "--restarts", "1", "--no-sanity", "--out", "champion.json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((project / "champion.json").read_text())["n_examples"] == 50
 
 
 def test_server_down_fails_in_seconds_with_one_line(monkeypatch):
