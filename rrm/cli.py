@@ -7,6 +7,7 @@ train_teacher``: the file's values are defaults, flags override them). Errors ar
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -33,8 +34,9 @@ from rrm.train import FEATURE_LOSSES, METHODS, PRECISIONS, SCHEDULES, TrainConfi
 # the command line fails in seconds instead. Values the user exported win.
 _FAIL_FAST_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
-# Params-file keys spelled differently from the option they set.
+# Params-file keys and flags spelled differently from the field they set (the paper's name, not Python's).
 _KEY_ALIASES = {"lambda": "lam"}
+_SPELLED = {field: key for key, field in _KEY_ALIASES.items()}
 
 
 class _OneLineErrors(click.Group):
@@ -103,9 +105,8 @@ def from_params(default_section: str) -> Callable:
                 for key, value in read_section(params_file, section).items():
                     name = _KEY_ALIASES.get(str(key), str(key).replace("-", "_"))
                     if name not in by_name:
-                        spelled = {v: k for k, v in _KEY_ALIASES.items()}
                         raise unknown(f"key in section {section!r} of {str(params_file)!r}:", key,
-                                      [spelled.get(n, n) for n in by_name])
+                                      [_SPELLED.get(n, n) for n in by_name])
                     if ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None):
                         kwargs[name] = _from_file(ctx, by_name[name], value)
             return command(**kwargs)
@@ -135,7 +136,11 @@ def _key_values(pairs: tuple[str, ...], flag: str) -> dict:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise RRMError(f"{flag} takes KEY=VALUE, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(raw) if raw else ""
+        value = yaml.safe_load(raw) if raw else ""
+        if isinstance(value, str):  # YAML 1.1 reads 5e-3 as text
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        out[key.strip()] = value
     return out
 
 
@@ -203,45 +208,44 @@ def data_prepare(dataset: str | None, out: Path | None, options: tuple[str, ...]
 
 # ----------------------------------------------------------------------------------------------------------- train
 
-def _train_help() -> dict[str, str]:
-    return {
-        "dataset": "Registered dataset name, or a file from `rrm data prepare` / `rrm robustify`.",
-        "model": f"Architecture: {', '.join(ARCHITECTURES)}.",
-        "width": "Channel width multiplier (small models).",
-        "feature_dim": "Add a linear layer so the features have this size (match the teacher's).",
-        "method": f"Training method: {', '.join(METHODS)}.",
-        "epochs": "Epochs (free: passes x replays, as the paper counts them).",
-        "batch_size": "Batch size.",
-        "lr": "Peak learning rate of SGD.",
-        "momentum": "SGD momentum.",
-        "weight_decay": "Weight decay.",
-        "schedule": f"Learning-rate schedule: {', '.join(SCHEDULES)}. [default: the method's]",
-        "milestones": "Epochs at which the step schedule multiplies the rate by --lr-gamma, e.g. 30,40.",
-        "lr_gamma": "Rate multiplier at each milestone.",
-        "norm": "Threat model norm: linf or l2.",
-        "eps": "Threat model radius in [0, 1] pixel units (8/255 = 0.0314).",
-        "step_size": "Attack step. [default: the method's]",
-        "attack_steps": "PGD steps of adversarial training.",
-        "random_start": "Start training attacks at a random point of the eps-ball.",
-        "replays": "Free AT's minibatch replays m.",
-        "teacher": "Teacher of rrm/kd/kdiga: a model file or a registry URI such as models:/rrm-teacher@champion.",
-        "lam": "RRM's lambda, the weight of the cross-entropy term (> 0; the paper's plateau is 5e-5 to 1e-2).",
-        "feature_loss": f"RRM's feature loss: {', '.join(FEATURE_LOSSES)}.",
-        "temperature": "KD / KDIGA temperature.",
-        "alpha": "KD / KDIGA weight of the distillation term.",
-        "gamma": "KDIGA weight of input-gradient alignment.",
-        "precision": f"Autocast precision: {', '.join(PRECISIONS)}. [default: the method's]",
-        "device": "auto, cpu, cuda, cuda:N or mps.",
-        "seed": "Random seed.",
-        "deterministic": "Use deterministic algorithms (slower).",
-        "channels_last": "Channels-last memory format (faster for conv nets).",
-        "monitor_examples": "Test images attacked after each epoch (0 turns the monitor off).",
-        "monitor_steps": "PGD steps of the per-epoch monitor.",
-        "out_dir": "Directory for checkpoint.pt, model.pt and train_metrics.json.",
-        "resume": "Continue from the checkpoint in --out-dir.",
-        "progress": "Progress bars. [default: when stderr is a terminal]",
-        "extra": "Method option KEY=VALUE, repeatable.",
-    }
+_TRAIN_HELP = {
+    "dataset": "Registered dataset name, or a file from `rrm data prepare` / `rrm robustify`.",
+    "model": f"Architecture: {', '.join(ARCHITECTURES)}.",
+    "width": "Channel width multiplier (small models).",
+    "feature_dim": "Add a linear layer so the features have this size (match the teacher's).",
+    "method": f"Training method: {', '.join(METHODS)}.",
+    "epochs": "Epochs (free: passes x replays, as the paper counts them).",
+    "batch_size": "Batch size.",
+    "lr": "Peak learning rate of SGD.",
+    "momentum": "SGD momentum.",
+    "weight_decay": "Weight decay.",
+    "schedule": f"Learning-rate schedule: {', '.join(SCHEDULES)}. [default: the method's]",
+    "milestones": "Epochs at which the step schedule multiplies the rate by --lr-gamma, e.g. 30,40.",
+    "lr_gamma": "Rate multiplier at each milestone.",
+    "norm": "Threat model norm: linf or l2.",
+    "eps": "Threat model radius in [0, 1] pixel units (8/255 = 0.0314).",
+    "step_size": "Attack step. [default: the method's]",
+    "attack_steps": "PGD steps of adversarial training.",
+    "random_start": "Start training attacks at a random point of the eps-ball.",
+    "replays": "Free AT's minibatch replays m.",
+    "teacher": "Teacher of rrm/kd/kdiga: a model file or a registry URI such as models:/rrm-teacher@champion.",
+    "lam": "RRM's lambda, the weight of the cross-entropy term (> 0; the paper's plateau is 5e-5 to 1e-2).",
+    "feature_loss": f"RRM's feature loss: {', '.join(FEATURE_LOSSES)}.",
+    "temperature": "KD / KDIGA temperature.",
+    "alpha": "KD / KDIGA weight of the distillation term.",
+    "gamma": "KDIGA weight of input-gradient alignment.",
+    "precision": f"Autocast precision: {', '.join(PRECISIONS)}. [default: the method's]",
+    "device": "auto, cpu, cuda, cuda:N or mps.",
+    "seed": "Random seed.",
+    "deterministic": "Use deterministic algorithms (slower).",
+    "channels_last": "Channels-last memory format (faster for conv nets).",
+    "monitor_examples": "Test images attacked after each epoch (0 turns the monitor off).",
+    "monitor_steps": "PGD steps of the per-epoch monitor.",
+    "out_dir": "Directory for checkpoint.pt, model.pt and train_metrics.json.",
+    "resume": "Continue from the checkpoint in --out-dir.",
+    "progress": "Progress bars. [default: when stderr is a terminal]",
+    "extra": "Method option KEY=VALUE, repeatable.",
+}
 
 
 def config_options(config: type, helps: dict[str, str]) -> Callable:
@@ -252,7 +256,7 @@ def config_options(config: type, helps: dict[str, str]) -> Callable:
     def decorate(command: Callable) -> Callable:
         for field in reversed(dataclasses.fields(config)):
             name, default = field.name, getattr(defaults, field.name)
-            flag = "--" + {v: k for k, v in _KEY_ALIASES.items()}.get(name, name).replace("_", "-")
+            flag = "--" + _SPELLED.get(name, name).replace("_", "-")
             kind = hints[name]
             if isinstance(kind, types.UnionType):
                 kind = next(t for t in typing.get_args(kind) if t is not type(None))
@@ -262,8 +266,8 @@ def config_options(config: type, helps: dict[str, str]) -> Callable:
             elif kind is bool:
                 option = click.option(f"{flag}/--no-{flag[2:]}", name, **shown)
             elif typing.get_origin(kind) is tuple:
-                item = typing.get_args(kind)[0]
-                option = click.option(flag, name, type=_ListOf(item), **{**shown, "default": ",".join(map(str, default))})
+                shown["default"] = ",".join(map(str, default))
+                option = click.option(flag, name, type=_ListOf(typing.get_args(kind)[0]), **shown)
             else:
                 option = click.option(flag, name, type=kind, **shown)
             command = option(command)
@@ -274,7 +278,7 @@ def config_options(config: type, helps: dict[str, str]) -> Callable:
 
 @cli.command()
 @from_params("train")
-@config_options(TrainConfig, _train_help())
+@config_options(TrainConfig, _TRAIN_HELP)
 @click.option("--no-track", is_flag=True, help="Do not record the run in MLflow.")
 @click.option("--experiment", default="rrm", show_default=True, help="MLflow experiment of the run.")
 @click.option("--run-name", help="MLflow run name. [default: METHOD-MODEL-DATASET]")
@@ -296,19 +300,21 @@ def train(no_track: bool, experiment: str, run_name: str | None, **options) -> N
     if cfg.model not in ARCHITECTURES:
         raise unknown("model", cfg.model, ARCHITECTURES)
     dataset = load_dataset(cfg.dataset)
-    tracking = _tracking() if not no_track or _from_registry(cfg.teacher) else None
-    if tracking is None or no_track:
+    if no_track:
+        if _from_registry(cfg.teacher):
+            _tracking()  # the teacher still comes from the registry
         result = run_training(cfg, data=dataset)
+        run_line = ""
     else:
+        tracking = _tracking()
         with tracking.MlflowCallback(experiment=experiment, run_name=run_name) as tracker:
             result = run_training(cfg, data=dataset, callbacks=[tracker])
+        run_line = f"\nMLflow run {tracker.run_id} in experiment {experiment!r} ({tracking.tracking_uri()})"
     s = result.summary
     robust = f", monitored robust accuracy {s['monitor_robust_accuracy']:.4f}" if "monitor_robust_accuracy" in s else ""
     click.echo(f"{cfg.method} {cfg.model} on {s['dataset']}: test accuracy {s['test_accuracy']:.4f}{robust}; "
                f"{s['epochs']} epochs, {s['epoch_seconds_mean']:.2f} +- {s['epoch_seconds_ci95']:.2f} s/epoch; "
-               f"wrote {result.model_path}")
-    if not no_track:
-        click.echo(f"MLflow run {tracker.run_id} in experiment {experiment!r} ({tracking.tracking_uri()})")
+               f"wrote {result.model_path}{run_line}")
 
 
 # ------------------------------------------------------------------------------------------------------- robustify
@@ -352,31 +358,30 @@ def robustify(teacher: str | None, dataset: str | None, out: Path | None, steps:
 
 # -------------------------------------------------------------------------------------------------------- evaluate
 
-def _eval_help() -> dict[str, str]:
-    return {
-        "norm": "Threat model norm: linf or l2.",
-        "eps": "Threat model radius in [0, 1] pixel units (8/255 = 0.0314).",
-        "attacks": f"Attacks, comma-separated: {', '.join(ATTACKS)} (art-apgd is the paper's reference).",
-        "n_examples": "Test images attacked (the first n). [default: the whole test split]",
-        "batch_size": "Images per attack batch.",
-        "steps": "APGD iterations (native and ART).",
-        "restarts": "APGD random restarts (native and ART).",
-        "pgd_steps": "PGD steps of the pgd attack.",
-        "pgd_step_size": "PGD step. [default: 2.5 * eps / pgd-steps]",
-        "transfer_attack": f"How `transfer` crafts on --transfer-from: {', '.join(TRANSFER_ATTACKS)}.",
-        "sanity": "Run the gradient-masking sanity checks.",
-        "sanity_examples": "Test images the sanity checks attack.",
-        "sanity_steps": "APGD iterations of the sanity attacks.",
-        "sanity_tolerance": "Accuracy slack of the monotonicity checks.",
-        "sanity_zero_accuracy": "Accuracy the largest eps must push the model down to.",
-        "seed": "Random seed of the attacks.",
-    }
+_EVAL_HELP = {
+    "norm": "Threat model norm: linf or l2.",
+    "eps": "Threat model radius in [0, 1] pixel units (8/255 = 0.0314).",
+    "attacks": f"Attacks, comma-separated: {', '.join(ATTACKS)} (art-apgd is the paper's reference).",
+    "n_examples": "Test images attacked (the first n). [default: the whole test split]",
+    "batch_size": "Images per attack batch.",
+    "steps": "APGD iterations (native and ART).",
+    "restarts": "APGD random restarts (native and ART).",
+    "pgd_steps": "PGD steps of the pgd attack.",
+    "pgd_step_size": "PGD step. [default: 2.5 * eps / pgd-steps]",
+    "transfer_attack": f"How `transfer` crafts on --transfer-from: {', '.join(TRANSFER_ATTACKS)}.",
+    "sanity": "Run the gradient-masking sanity checks.",
+    "sanity_examples": "Test images the sanity checks attack.",
+    "sanity_steps": "APGD iterations of the sanity attacks.",
+    "sanity_tolerance": "Accuracy slack of the monotonicity checks.",
+    "sanity_zero_accuracy": "Accuracy the largest eps must push the model down to.",
+    "seed": "Random seed of the attacks.",
+}
 
 
 @cli.command()
 @from_params("evaluate")
 @click.argument("model", required=False)
-@config_options(EvalConfig, _eval_help())
+@config_options(EvalConfig, _EVAL_HELP)
 @click.option("--dataset", help="Dataset name or prepared file. [default: the one the model was trained on]")
 @click.option("--transfer-from", help="Model that crafts the `transfer` attack and check (file or registry URI): "
                                       "for a student, its teacher.")

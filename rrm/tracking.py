@@ -168,7 +168,8 @@ def _params(config: Mapping) -> dict[str, str]:
         if key == "extra":
             out.update({f"extra.{k}": json.dumps(v) for k, v in value.items()})
             continue
-        out["lambda" if key == "lam" else key] = json.dumps(list(value)) if isinstance(value, (list, tuple)) else str(value)
+        text = json.dumps(list(value)) if isinstance(value, (list, tuple)) else str(value)
+        out["lambda" if key == "lam" else key] = text
     return out
 
 
@@ -656,7 +657,8 @@ def _card(meta: dict, spec: dict, feature_dim: int, evaluation: dict | None, run
         ("model file sha256", sha256),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return (f"# rrm teacher: {spec.get('name')} trained with {meta.get('method', '?')} on {meta.get('dataset', '?')}\n\n"
+    title = f"{spec.get('name')} trained with {meta.get('method', '?')} on {meta.get('dataset', '?')}"
+    return (f"# rrm teacher: {title}\n\n"
             f"| field | value |\n|---|---|\n{table}\n\n"
             f"Load it with `rrm teacher pull` or `rrm train --method rrm --teacher models:/NAME@ALIAS`.\n")
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
 import time
 
 import click
@@ -158,3 +161,13 @@ def test_server_down_fails_in_seconds_with_one_line(monkeypatch):
     started = time.monotonic()
     assert_one_line_error(rrm("teacher", "list"), "cannot reach the MLflow tracking server")
     assert time.monotonic() - started < 30
+
+
+def test_untracked_training_runs_as_a_process_without_importing_mlflow(project):
+    script = ("import sys\nfrom rrm.cli import main\nsys.argv = ['rrm', *sys.argv[1:]]\ntry:\n    main()\n"
+              "finally:\n    assert 'mlflow' not in sys.modules, 'mlflow was imported'\n")
+    done = subprocess.run([sys.executable, "-c", script, "train", "--no-track", *DIGITS, "--out-dir", "out"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "wrote out/model.pt" in done.stdout and not (project / "mlflow.db").exists()
