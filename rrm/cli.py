@@ -30,10 +30,11 @@ from rrm.models import ARCHITECTURES
 from rrm.params import read_section
 from rrm.train import FEATURE_LOSSES, METHODS, PRECISIONS, SCHEDULES, TrainConfig, get_method
 
-# MLflow retries an unreachable server 7 times with exponential backoff (minutes) and waits 120 s per request;
-# the command line fails in seconds instead. Values the user exported win.
+# MLflow retries an unreachable server 7 times with exponential backoff (minutes) and waits up to 120 s for each
+# answer; the command line gives up in seconds instead (under a minute for a server that accepts but never answers).
+# Values the user exported win.
 _FAIL_FAST_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 # Params-file keys and flags spelled differently from the field they set (the paper's name, not Python's).
 _KEY_ALIASES = {"lambda": "lam"}
 _SPELLED = {field: key for key, field in _KEY_ALIASES.items()}

@@ -372,8 +372,8 @@ def _search_runs(client: MlflowClient, filter_string: str) -> list[Run]:
 
 
 def _model_run(client: MlflowClient, sha256: str) -> Run | None:
-    """The run that produced (or imported) the model file with this content."""
-    runs = _search_runs(client, f"tags.`rrm.model_sha256` = '{sha256}'")
+    """The finished run that produced (or imported) the model file with this content."""
+    runs = _search_runs(client, f"tags.`rrm.model_sha256` = '{sha256}' and attributes.status = 'FINISHED'")
     return runs[0] if runs else None
 
 
