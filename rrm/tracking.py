@@ -461,6 +461,10 @@ def _summarize_evaluation(values: Mapping) -> dict | None:
         return None
     attack = min(per_attack, key=per_attack.get)
     sanity = values.get("sanity_passed")  # a bool in the JSON, "true"/"false" once logged as a run param
+    checks = values.get("sanity")
+    enabled = checks.get("enabled") if isinstance(checks, Mapping) else values.get("sanity/enabled")
+    if str(enabled).lower() == "false":  # `rrm evaluate --no-sanity` reports passed for checks it never ran
+        sanity = None
     examples = values.get("n_examples")  # logged runs give every number back as a float
     return {
         "natural_accuracy": float(natural), "adversarial_accuracy": per_attack[attack], "attack": attack,
@@ -639,8 +643,8 @@ def _card(meta: dict, spec: dict, feature_dim: int, evaluation: dict | None, run
         details = [f"worst attack {evaluation['attack']}"]
         details += [f"{evaluation['norm']} eps {evaluation['eps']}"] if evaluation.get("norm") else []
         details += [f"{evaluation['n_examples']} examples"] if evaluation.get("n_examples") else []
-        if evaluation.get("sanity_passed") is not None:
-            details.append("sanity checks " + ("passed" if evaluation["sanity_passed"] else "FAILED"))
+        checked = evaluation.get("sanity_passed")
+        details.append("sanity checks " + ("not run" if checked is None else "passed" if checked else "FAILED"))
         attack = f"{pct(evaluation['adversarial_accuracy'])} ({', '.join(details)})"
     natural = evaluation["natural_accuracy"] if evaluation else summary.get("test_accuracy")
     rows = [

@@ -145,7 +145,7 @@ def test_register_promote_pull_then_train_student(teacher_run, store):
     assert tags["attack"] == worst, "the worst attack is the one that counts"
     assert float(tags["natural_accuracy"]) == metrics["natural_accuracy"]
     assert tags["source_run"] == tracker.run_id and tags["evaluation_run"] == evaluation_run
-    assert f"worst attack {worst}, linf eps 0.1, 100 examples, sanity checks passed" in version.description
+    assert f"worst attack {worst}, linf eps 0.1, 100 examples, sanity checks not run" in version.description
     assert tracker.run_id in version.description
 
     assert tracking.promote("rrm-teacher", 1, "champion").aliases == ["champion"]
@@ -328,6 +328,7 @@ def test_register_and_pull_through_a_server(server, sat_file, tmp_path):
                                       "norm": "linf", "sanity_passed": True}))
     version = tracking.register_teacher(sat_file, evaluation=evaluation)
     assert version.uri == "models:/rrm-teacher/1" and version.tags["adversarial_accuracy"] == "0.5"
+    assert "sanity checks passed" in version.description
     tracking.promote("rrm-teacher", 1, "champion")
     path, meta = tracking.pull_teacher("models:/rrm-teacher@champion", tmp_path / "pulled.pt")
     assert sha256_file(path) == sha256_file(sat_file) and meta["method"] == "sat"
