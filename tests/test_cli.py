@@ -1,0 +1,173 @@
+"""The `rrm` command line through click's runner: help everywhere, params files, one-line errors, a teacher flow."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import click
+import pytest
+import torch
+from click.testing import CliRunner
+
+from rrm import cli as rrm_cli
+from rrm.data import read_dataset
+from rrm.models import load_model
+
+DIGITS = ["--dataset", "digits", "--model", "cnn", "--epochs", "1", "--monitor-examples", "0", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def project(tmp_path, monkeypatch):
+    """A project dir with its own SQLite store; env the CLI sets is undone after each test."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    for key in (*rrm_cli._FAIL_FAST_ENV, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+        monkeypatch.setenv(key, "")  # recorded, so the value the CLI sets is removed again
+        monkeypatch.delenv(key)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared CPU: a second thread made epochs up to 50x slower
+    yield tmp_path
+    torch.set_num_threads(threads)
+
+
+def rrm(*args: str):
+    return CliRunner().invoke(rrm_cli.cli, [str(a) for a in args])
+
+
+def assert_one_line_error(result, fragment: str, code: int = 1) -> None:
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert fragment in lines[0], lines[0]
+
+
+def _commands(group: click.Group, path: tuple[str, ...] = ()):
+    for name, command in group.commands.items():
+        yield (*path, name)
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+
+
+@pytest.mark.parametrize("path", [(), *_commands(rrm_cli.cli)], ids=lambda p: " ".join(p) or "rrm")
+def test_every_command_has_help_with_an_example(path):
+    result = rrm(*path, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output or "Commands:" in result.output
+
+
+def test_command_list():
+    assert sorted(map(" ".join, _commands(rrm_cli.cli))) == [
+        "data", "data prepare", "evaluate", "robustify", "teacher", "teacher list", "teacher promote", "teacher pull",
+        "teacher register", "teacher show", "train"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["train", "--method", "bogus", "--no-track"], "unknown method 'bogus'"),
+    (["train", "--dataset", "nowhere", "--no-track"], "unknown dataset 'nowhere'"),
+    (["train", "--model", "bogus", "--no-track"], "unknown model 'bogus'"),
+    (["train", "--lambda", "0", "--no-track"], "lambda must be > 0"),
+    (["train", "--lambda", "-1e-3", "--no-track"], "lambda must be > 0"),
+    (["train", "--method", "rrm", "--teacher", "missing.pt", *DIGITS, "--no-track"], "does not exist"),
+    (["train", "--method", "rrm", "--teacher", "models:/rrm-teacher@champion", *DIGITS, "--no-track"],
+     "no registered model 'rrm-teacher'"),
+    (["robustify", "--teacher", "missing.pt", "--dataset", "digits", "--out", "r.safetensors"], "does not exist"),
+    (["teacher", "register", "missing.pt"], "neither a model file nor an MLflow run id"),
+    (["teacher", "pull", "models:/rrm-teacher@champion"], "missing --out"),
+    (["train", "--params", "missing.yaml"], "does not exist"),
+    (["data", "prepare", "--dataset", "digits"], "missing --out"),
+    (["evaluate", "missing.pt"], "does not exist"),
+    (["evaluate", "models:/rrm-teacher@champion"], "pass --out"),
+    (["evaluate", "x.pt", "--attacks", "apgd,bogus"], "unknown attack 'bogus'"),
+    (["evaluate", "x.pt", "--eps", "-0.1"], "eps must be >= 0"),
+])
+def test_bad_input_is_one_line_and_non_zero(args, message):
+    assert_one_line_error(rrm(*args), message)
+
+
+def test_usage_errors_are_one_line_too():
+    assert_one_line_error(rrm("train", "--bogus"), "No such option", code=2)
+    assert_one_line_error(rrm("train", "--epochs", "many"), "'many' is not a valid integer", code=2)
+
+
+def test_params_section_gives_defaults_and_flags_override(project):
+    (project / "params.yaml").write_text(
+        "train_teacher:\n"
+        "  dataset: digits\n  model: cnn\n  method: natural\n  epochs: 3\n  lambda: 5e-3\n  milestones: [1, 2]\n"
+        "  monitor_examples: 0\n  out_dir: runs/from-params\n  no_track: true\n"
+        "other:\n  epochs: 1\n")
+    result = rrm("train", "--params", "params.yaml", "--section", "train_teacher", "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    _, meta = load_model(project / "runs" / "from-params" / "model.pt")
+    assert meta["config"]["epochs"] == 1 and meta["config"]["lam"] == 0.005
+    assert list(meta["config"]["milestones"]) == [1, 2]
+    assert not (project / "mlflow.db").exists(), "no_track from the file turned tracking off"
+
+    assert_one_line_error(rrm("train", "--params", "params.yaml", "--section", "nope"), "choose one of: other")
+    (project / "bad.yaml").write_text("train:\n  epoch: 3\n")
+    assert_one_line_error(rrm("train", "--params", "bad.yaml"), "unknown key")
+
+
+def test_data_prepare_writes_a_dataset(project):
+    result = rrm("data", "prepare", "--dataset", "digits", "--out", "data/digits.safetensors", "-o", "test_size=300")
+    assert result.exit_code == 0, result.output
+    assert len(read_dataset(project / "data" / "digits.safetensors").test_y) == 300
+
+
+def test_teacher_flow_through_the_command_line(project):
+    result = rrm("train", "--method", "sat", "--eps", "0.1", *DIGITS[:-3], "--epochs", "2", "--monitor-examples", "0",
+                 "--out-dir", "runs/teacher", "--experiment", "cli")
+    assert result.exit_code == 0, result.output
+    train_run = re.search(r"MLflow run ([0-9a-f]{32})", result.output).group(1)
+    assert_one_line_error(rrm("teacher", "register", train_run), "has no evaluation")
+
+    result = rrm("evaluate", "runs/teacher/model.pt", "--eps", "0.1", "--attacks", "apgd,fgsm", "--n-examples", "100",
+                 "--steps", "10", "--restarts", "1", "--no-sanity")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((project / "runs" / "teacher" / "eval_metrics.json").read_text())
+    assert set(metrics["adversarial_accuracy"]) == {"apgd", "fgsm"}
+
+    result = rrm("teacher", "register", train_run)  # finds the evaluation run linked to the training run
+    assert result.exit_code == 0, result.output
+    assert "registered models:/rrm-teacher/1" in result.output
+    assert rrm("teacher", "promote", "1", "champion").exit_code == 0
+    listed = rrm("teacher", "list")
+    assert "models:/rrm-teacher/1" in listed.output and "champion" in listed.output
+    shown = rrm("teacher", "show", "models:/rrm-teacher@champion")
+    assert f"| adversarial accuracy | {100 * min(metrics['adversarial_accuracy'].values()):.2f}%" in shown.output
+    assert rrm("teacher", "pull", "models:/rrm-teacher@champion", "--out", "t.pt").exit_code == 0
+    teacher, meta = load_model(project / "t.pt")
+    assert meta["method"] == "sat" and teacher.features(torch.rand(2, 1, 8, 8)).shape == (2, 128)
+    assert_one_line_error(rrm("teacher", "show", "models:/rrm-teacher@nope"), "has no alias 'nope'")
+    assert_one_line_error(rrm("teacher", "promote", "7", "champion"), "has no version 7")
+
+    result = rrm("evaluate", "models:/rrm-teacher@champion", "--eps", "0.1", "--n-examples", "50", "--steps", "5",
+                 "--restarts", "1", "--no-sanity", "--out", "champion.json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((project / "champion.json").read_text())["n_examples"] == 50
+
+
+def test_server_down_fails_in_seconds_with_one_line(monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    assert_one_line_error(rrm("teacher", "list"), "cannot reach the MLflow tracking server")
+    assert time.monotonic() - started < 30
+
+
+def test_untracked_training_runs_as_a_process_without_importing_mlflow(project):
+    script = ("import sys\nfrom rrm.cli import main\nsys.argv = ['rrm', *sys.argv[1:]]\ntry:\n    main()\n"
+              "finally:\n    assert 'mlflow' not in sys.modules, 'mlflow was imported'\n")
+    done = subprocess.run([sys.executable, "-c", script, "train", "--no-track", *DIGITS, "--out-dir", "out"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "wrote out/model.pt" in done.stdout and not (project / "mlflow.db").exists()

@@ -1,0 +1,352 @@
+"""MLflow tracking and the teacher registry, on a SQLite store in a temp dir and on a server started on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from rrm.errors import RRMError
+from rrm.evaluate import EvalConfig, evaluate
+from rrm.io import sha256_file
+from rrm.models import load_model
+from rrm.train import Callback, TrainConfig, train
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from rrm import tracking
+
+DIGITS = dict(dataset="digits", model="cnn", epochs=1, monitor_examples=0, progress=False)
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared CPU: a second intra-op thread made epochs up to 50x slower under load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A project directory (a git repo run by a DVC stage) with its own SQLite store."""
+    root = tmp_path_factory.mktemp("project")
+    _git(root, "init", "-q")
+    _git(root, "commit", "-q", "--allow-empty", "-m", "start")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        mp.setenv("DVC_STAGE", "train_teacher")
+        yield root
+
+
+@pytest.fixture(scope="module")
+def teacher_run(store):
+    """A tracked SAT teacher on digits (Linf eps 0.1, 2 epochs)."""
+    cfg = TrainConfig(**{**DIGITS, "epochs": 2, "monitor_examples": 100}, method="sat", eps=0.1,
+                      out_dir=str(store / "teacher"))
+    with tracking.MlflowCallback(experiment="tests") as tracker:
+        result = train(cfg, callbacks=[tracker])
+    return tracker, result
+
+
+@pytest.fixture(scope="module")
+def sat_file(store):
+    """An untracked SAT model file: no run and no evaluation anywhere."""
+    cfg = TrainConfig(**DIGITS, method="sat", eps=0.1, out_dir=str(store / "untracked"))
+    return train(cfg).model_path
+
+
+def _evaluate(result) -> dict:
+    """`rrm evaluate` at a small budget: APGD and PGD on 100 test images (sanity checks have their own tests)."""
+    config = EvalConfig(norm="linf", eps=0.1, attacks=("apgd", "pgd"), n_examples=100, steps=10, restarts=1,
+                        pgd_steps=10, sanity=False)
+    return evaluate(result.model.cpu().float().eval(), result.data, config)
+
+
+def test_training_run_reads_back(teacher_run, store):
+    tracker, result = teacher_run
+    client = MlflowClient()
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+
+    params = run.data.params
+    assert (params["method"], params["eps"], params["lambda"], params["epochs"]) == ("sat", "0.1", "0.005", "2")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [1, 2]
+    for key in ("loss", "train_accuracy", "monitor_robust_accuracy", "epoch_seconds", "lr"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == 2, key
+    metrics = run.data.metrics
+    assert metrics["monitor_robust_accuracy"] == pytest.approx(result.summary["monitor_robust_accuracy"])
+    assert {"epoch_seconds_mean", "epoch_seconds_ci95", "total_seconds"} <= set(metrics)
+
+    tags = run.data.tags
+    assert tags["mlflow.source.git.commit"] == _git(store, "rev-parse", "HEAD")
+    assert tags["dvc.stage"] == "train_teacher"
+    assert {"rrm.version.torch", "rrm.version.art", "rrm.version.mlflow", "rrm.version.rrm"} <= set(tags)
+    assert tags["rrm.model_sha256"] == sha256_file(result.model_path)
+    assert tags["rrm.dataset_digest"] == result.data.digest
+
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.name == "digits"
+    assert result.data.digest.startswith(dataset_input.dataset.digest)
+    assert {t.key: t.value for t in dataset_input.tags}["rrm.digest"] == result.data.digest
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"checkpoint.pt", "train_metrics.json", "curves.png"} <= artifacts
+
+    # The logged model: MLflow consumers get forward (pt2), rrm gets the whole feature protocol from its file.
+    (output,) = run.outputs.model_outputs
+    assert output.model_id == tracker.model_id
+    import mlflow.pytorch
+
+    served = mlflow.pytorch.load_model(f"models:/{tracker.model_id}")
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.allclose(served(x), result.model.cpu()(x), atol=1e-5)
+    same = tracking.load_registered_model(f"runs:/{tracker.run_id}/model")
+    assert torch.allclose(same.features(x), result.model.features(x), atol=1e-6)
+
+
+def test_register_promote_pull_then_train_student(teacher_run, store):
+    tracker, result = teacher_run
+    client = MlflowClient()
+    with pytest.raises(RRMError, match="no evaluation"):
+        tracking.register_teacher(tracker.run_id)
+    metrics = _evaluate(result)
+    evaluation_run = tracking.log_evaluation(metrics, model_path=result.model_path)
+    linked = client.get_run(evaluation_run).data.tags
+    assert linked["rrm.train_run_id"] == linked["mlflow.parentRunId"] == tracker.run_id
+
+    version = tracking.register_teacher(tracker.run_id)
+    assert version.uri == "models:/rrm-teacher/1"
+    tags = version.tags
+    assert (tags["architecture"], tags["feature_dim"], tags["method"], tags["norm"], tags["eps"]) == (
+        "cnn", "128", "sat", "linf", "0.1")
+    assert (tags["dataset"], tags["dataset_digest"]) == ("digits", result.data.digest)
+    worst = min(metrics["adversarial_accuracy"], key=metrics["adversarial_accuracy"].get)
+    assert float(tags["adversarial_accuracy"]) == metrics["adversarial_accuracy"][worst]
+    assert tags["attack"] == worst, "the worst attack is the one that counts"
+    assert float(tags["natural_accuracy"]) == metrics["natural_accuracy"]
+    assert tags["source_run"] == tracker.run_id and tags["evaluation_run"] == evaluation_run
+    assert f"worst attack {worst}, linf eps 0.1, 100 examples, sanity checks not run" in version.description
+    assert tracker.run_id in version.description
+
+    assert tracking.promote("rrm-teacher", 1, "champion").aliases == ["champion"]
+    assert tracking.show_teacher("models:/rrm-teacher@champion").version == "1"
+    assert [t.uri for t in tracking.list_teachers()] == ["models:/rrm-teacher/1"]
+
+    path, meta = tracking.pull_teacher("models:/rrm-teacher@champion", store / "pulled" / "teacher.pt")
+    pulled, pulled_meta = load_model(path)
+    assert pulled_meta["method"] == meta["method"] == "sat"
+    assert sha256_file(path) == sha256_file(result.model_path)
+    registered = tracking.load_registered_model("models:/rrm-teacher@champion")
+    assert not registered.training
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.equal(registered.features(x), pulled.features(x))
+    assert torch.allclose(registered.head(registered.features(x)), registered(x))
+
+    student_cfg = TrainConfig(**DIGITS, method="rrm", lam=0.5, teacher="models:/rrm-teacher@champion",
+                              out_dir=str(store / "student"))
+    with tracking.MlflowCallback(experiment="tests") as student:
+        trained = train(student_cfg, callbacks=[student])
+    run = client.get_run(student.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["rrm.teacher_uri"] == "models:/rrm-teacher@champion"
+    assert (run.data.tags["rrm.teacher_version"], run.data.tags["rrm.teacher_run_id"]) == ("1", tracker.run_id)
+    assert [m.model_id for m in run.inputs.model_inputs] == [tracker.model_id]
+    assert {"ce", "representation"} <= set(run.data.metrics)
+    assert trained.model.feature_dim == registered.feature_dim
+
+
+def test_register_refuses_unevaluated_or_natural_models_and_writes_nothing(sat_file, store):
+    client = MlflowClient()
+    runs_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+    with pytest.raises(RRMError, match="no evaluation"):
+        tracking.register_teacher(sat_file, "refused")
+    natural = train(TrainConfig(**DIGITS, method="natural", out_dir=str(store / "natural"))).model_path
+    with pytest.raises(RRMError, match="adversarially trained"):
+        tracking.register_teacher(natural, "refused", evaluation={"natural_accuracy": 0.9, "adversarial_accuracy": 0})
+    masked = {"natural_accuracy": 0.9, "adversarial_accuracy": {"apgd": 0.8}, "sanity_passed": False}
+    with pytest.raises(RRMError, match="sanity checks"):
+        tracking.register_teacher(sat_file, "refused", evaluation=masked)
+    with pytest.raises(RRMError, match="has no natural_accuracy"):
+        tracking.register_teacher(sat_file, "refused", evaluation={"accuracy": 0.9})
+    assert client.search_registered_models("name = 'refused'") == []
+    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs_before
+
+
+def test_forced_registration_of_an_untracked_file_imports_it(sat_file):
+    version = tracking.register_teacher(sat_file, "forced", force=True)
+    assert (version.tags["evaluated"], version.tags["adversarial_accuracy"]) == ("false", "not evaluated")
+    run = MlflowClient().get_run(version.run_id)
+    assert run.data.tags["rrm.kind"] == "import" and run.info.status == "FINISHED"
+    assert tracking.load_registered_model("models:/forced/1").features(torch.rand(2, 1, 8, 8)).shape == (2, 128)
+
+
+def test_failed_registration_leaves_no_version(sat_file, monkeypatch):
+    create = MlflowClient.create_model_version
+
+    def create_then_fail(self, *args, **kwargs):
+        create(self, *args, **kwargs)
+        raise MlflowException("the store went away")
+
+    monkeypatch.setattr(MlflowClient, "create_model_version", create_then_fail)
+    with pytest.raises(RRMError, match="the store went away"):
+        tracking.register_teacher(sat_file, "half", evaluation={"natural_accuracy": 0.9, "adversarial_accuracy": 0.5})
+    client = MlflowClient()
+    assert client.search_model_versions("name = 'half'") == []
+    assert client.search_registered_models("name = 'half'") == []
+
+
+def test_bad_references_are_one_line_errors(teacher_run):
+    tracker, _ = teacher_run
+    tracking.register_teacher(tracker.run_id, "refs", force=True)
+    cases = {
+        "models:/refs@nope": "has no alias 'nope'",
+        "models:/refs/9": "has no version 9",
+        "models:/nobody@champion": "no registered model 'nobody'",
+        "models:/refs": "names no version",
+        "runs:/0123456789abcdef0123456789abcdef/model": "no MLflow run",
+    }
+    for uri, message in cases.items():
+        with pytest.raises(RRMError, match=message) as caught:
+            tracking.load_registered_model(uri)
+        assert "\n" not in str(caught.value)
+    with pytest.raises(RRMError, match="invalid alias"):
+        tracking.promote("refs", 1, "v3")
+    with pytest.raises(RRMError, match="must be a number"):
+        tracking.promote("refs", "latest", "champion")
+    # A version registered by plain MLflow is no rrm teacher: loading and promoting it are refused.
+    client = MlflowClient()
+    client.create_registered_model("plain")
+    client.create_model_version("plain", source=f"models:/{tracker.model_id}", run_id=tracker.run_id,
+                                model_id=tracker.model_id)
+    with pytest.raises(RRMError, match="not an rrm teacher"):
+        tracking.load_registered_model("models:/plain/1")
+    with pytest.raises(RRMError, match="not an rrm teacher"):
+        tracking.promote("plain", 1, "champion")
+
+
+class _Raise(Callback):
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    def on_epoch_end(self, epoch: int, metrics: dict) -> None:
+        raise self.error
+
+
+@pytest.mark.parametrize(("error", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_a_run_that_raises_is_not_left_running(store, error, status):
+    import mlflow
+
+    cfg = TrainConfig(**DIGITS, method="natural", out_dir=str(store / f"raises-{status}"))
+    with pytest.raises(type(error)), tracking.MlflowCallback(experiment="tests") as tracker:
+        train(cfg, callbacks=[tracker, _Raise(error)])
+    run = MlflowClient().get_run(tracker.run_id)
+    assert run.info.status == status
+    assert run.data.tags["rrm.error"].startswith(type(error).__name__)
+    assert mlflow.active_run() is None
+
+
+def test_the_callback_must_wrap_training(store):
+    cfg = TrainConfig(**DIGITS, method="natural", out_dir=str(store / "unwrapped"))
+    with pytest.raises(RRMError, match="context manager"):
+        train(cfg, callbacks=[tracking.MlflowCallback(experiment="tests")])
+
+
+def test_resumed_run_logs_every_epoch(store):
+    cfg = TrainConfig(**DIGITS, method="natural", out_dir=str(store / "resumed"))
+    train(cfg)
+    with tracking.MlflowCallback(experiment="tests") as tracker:
+        train(cfg.replace(epochs=2, resume=True), callbacks=[tracker])
+    history = MlflowClient().get_metric_history(tracker.run_id, "test_accuracy")
+    assert sorted(m.step for m in history) == [1, 2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """`mlflow server` on loopback with a SQLite backend and proxied artifacts, all in tmp; always stopped."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art")],
+        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def test_register_and_pull_through_a_server(server, sat_file, tmp_path):
+    evaluation = tmp_path / "eval_metrics.json"
+    evaluation.write_text(json.dumps({"natural_accuracy": 0.8, "adversarial_accuracy": {"apgd": 0.5}, "eps": 0.1,
+                                      "norm": "linf", "sanity_passed": True}))
+    version = tracking.register_teacher(sat_file, evaluation=evaluation)
+    assert version.uri == "models:/rrm-teacher/1" and version.tags["adversarial_accuracy"] == "0.5"
+    assert "sanity checks passed" in version.description
+    tracking.promote("rrm-teacher", 1, "champion")
+    path, meta = tracking.pull_teacher("models:/rrm-teacher@champion", tmp_path / "pulled.pt")
+    assert sha256_file(path) == sha256_file(sat_file) and meta["method"] == "sat"
+    teacher = tracking.load_registered_model("models:/rrm-teacher@champion")
+    assert teacher.features(torch.rand(2, 1, 8, 8)).shape == (2, 128)
+    client = MlflowClient()
+    evaluations = client.search_runs([client.get_run(version.run_id).info.experiment_id],
+                                     "tags.`rrm.kind` = 'evaluate'")
+    assert [r.data.tags["rrm.train_run_id"] for r in evaluations] == [version.run_id]
+    assert list((tmp_path / "art").rglob("MLmodel")), "artifacts go through the server to its destination"
+
+
+def test_server_down_is_a_quick_one_line_error(sat_file, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    started = time.monotonic()
+    with pytest.raises(RRMError, match="cannot reach the MLflow tracking server") as caught:
+        tracking.register_teacher(sat_file, force=True)
+    assert time.monotonic() - started < 30
+    assert "\n" not in str(caught.value)
