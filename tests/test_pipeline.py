@@ -89,9 +89,9 @@ def test_dvc_repro_smoke(tmp_path: Path) -> None:
     subprocess.run(["git", "clone", "-q", str(ROOT), str(work)], check=True)
     text = (work / "params.yaml").read_text().replace("dataset: mnist5k\n", "dataset: digits\n")
     text = text.replace("data/mnist5k", "data/digits").replace("test_size: 1000", "test_size: 300")
-    for old, new in (("epochs: 4", "epochs: 1"), ("epochs: 3", "epochs: 1"), ("milestones: [3]", "milestones: []"),
+    for old, new in (("epochs: 6", "epochs: 1"), ("epochs: 3", "epochs: 1"), ("milestones: [4]", "milestones: []"),
                      ("milestones: [2]", "milestones: []"), ("replays: 3", "replays: 1"),
-                     ("n_examples: 500", "n_examples: 100"), ("steps: 60", "steps: 10")):
+                     ("n_examples: 500", "n_examples: 100"), ("steps: 50", "steps: 10")):
         text = text.replace(old, new)
     (work / "params.yaml").write_text(text)
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(work),
