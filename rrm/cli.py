@@ -579,8 +579,9 @@ def report(root: Path, out_dir: Path, track: bool, experiment: str) -> None:
         import mlflow
 
         _tracking()
-        mlflow.set_experiment(experiment)
-        with mlflow.start_run(run_name="report"):
+        if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run` the project's run is used as is
+            mlflow.set_experiment(experiment)
+        with mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else "report"):
             for name in result["files"]:
                 mlflow.log_artifact(str(out_dir / name))
     click.echo((out_dir / "table1.md").read_text().rstrip())
