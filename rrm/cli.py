@@ -554,6 +554,40 @@ def teacher_promote(version: str | None, alias: str | None, name: str) -> None:
     click.echo(f"models:/{name}@{alias} -> version {found.version}")
 
 
+# ---------------------------------------------------------------------------------------------------------- report
+
+@cli.command()
+@from_params("report")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
+              help="Directory holding runs/students/<method>/train_metrics.json, metrics/students/<method>.json "
+                   "and optionally runs/teacher/train_metrics.json, metrics/teacher.json.")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"),
+              show_default=True, help="Directory for table1/table2 (.md, .csv), report.json and the plot.")
+@click.option("--track/--no-track", default=False, show_default=True, help="Log the report files to MLflow.")
+@click.option("--experiment", default="rrm", show_default=True, help="MLflow experiment of the report run.")
+def report(root: Path, out_dir: Path, track: bool, experiment: str) -> None:
+    """The paper's Table 1 and Table 2 and an accuracy-against-training-time plot from a pipeline's metrics.
+
+    \b
+    Example:
+      rrm report --root . --out-dir reports        # after `dvc repro`; prints Table 1
+    """
+    from rrm.report import write_report
+
+    result = write_report(root, out_dir)
+    if track:
+        import mlflow
+
+        _tracking()
+        if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run` the project's run is used as is
+            mlflow.set_experiment(experiment)
+        with mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else "report"):
+            for name in result["files"]:
+                mlflow.log_artifact(str(out_dir / name))
+    click.echo((out_dir / "table1.md").read_text().rstrip())
+    click.echo(f"wrote {', '.join(str(out_dir / n) for n in result['files'])}")
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="rrm")

@@ -64,7 +64,7 @@ def test_every_command_has_help_with_an_example(path):
 
 def test_command_list():
     assert sorted(map(" ".join, _commands(rrm_cli.cli))) == [
-        "data", "data prepare", "evaluate", "robustify", "teacher", "teacher list", "teacher promote", "teacher pull",
+        "data", "data prepare", "evaluate", "report", "robustify", "teacher", "teacher list", "teacher promote", "teacher pull",
         "teacher register", "teacher show", "train"]
 
 

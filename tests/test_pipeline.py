@@ -1,0 +1,103 @@
+"""params.yaml and dvc.yaml agree with the rrm command line; the pipeline never caches the MLflow store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rrm.cli import cli
+from rrm.evaluate import EvalConfig
+from rrm.params import read_section
+from rrm.train import METHODS, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params.yaml"
+STUDENTS = ("natural", "sat", "fast", "pgd-fast", "free", "rrm", "kd", "kdiga", "rdt")
+# section -> the command that reads it
+SECTIONS = {"prepare": ("data", "prepare"), "train_teacher": ("train",), "evaluate": ("evaluate",),
+            "evaluate_transfer": ("evaluate",), "register": ("teacher", "register"), "robustify": ("robustify",),
+            "report": ("report",), **{f"students.{m}": ("train",) for m in STUDENTS}}
+
+
+def _command(path: tuple[str, ...]):
+    command = cli
+    for name in path:
+        command = command.commands[name]
+    return command
+
+
+@pytest.mark.parametrize("section", sorted(SECTIONS))
+def test_section_keys_are_options(section: str) -> None:
+    names = {p.name for p in _command(SECTIONS[section]).params}
+    for key in read_section(PARAMS, section):
+        assert {"lambda": "lam"}.get(key, key.replace("-", "_")) in names, f"{section}: unknown key {key!r}"
+
+
+@pytest.mark.parametrize("section", ["train_teacher", *(f"students.{m}" for m in STUDENTS)])
+def test_train_sections_validate(section: str) -> None:
+    values = {("lam" if k == "lambda" else k): v for k, v in read_section(PARAMS, section).items()}
+    values["milestones"] = tuple(values.get("milestones", ()))
+    cfg = TrainConfig.from_dict(values).validate()
+    assert cfg.method in METHODS
+    if section.startswith("students."):
+        assert cfg.method == section.split(".")[1]
+
+
+@pytest.mark.parametrize("section", ["evaluate", "evaluate_transfer"])
+def test_eval_sections_validate(section: str) -> None:
+    values = {k: v for k, v in read_section(PARAMS, section).items() if k != "progress"}
+    EvalConfig.from_dict(values).validate()
+
+
+def test_dvc_yaml_stages_and_outputs() -> None:
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert {"prepare", "train_teacher", "evaluate_teacher", "register_teacher", "robustify", "train_student",
+            "distill_student", "train_rdt", "evaluate_student", "evaluate_distilled", "report"} <= set(stages)
+    trained = (set(stages["train_student"]["foreach"]) | set(stages["distill_student"]["foreach"]) | {"rdt"})
+    evaluated = set(stages["evaluate_student"]["foreach"]) | set(stages["evaluate_distilled"]["foreach"])
+    assert trained == evaluated == set(STUDENTS)
+    text = (ROOT / "dvc.yaml").read_text()
+    for stage in stages.values():
+        body = stage.get("do", stage)
+        assert body["cmd"].startswith("rrm ")
+        for kind in ("outs", "metrics", "plots"):
+            for out in body.get(kind, []):
+                path = out if isinstance(out, str) else next(iter(out))
+                assert not any(s in path for s in ("mlflow.db", "mlruns", "mlartifacts", "optuna")), path
+    assert "transfer-from" in stages["evaluate_distilled"]["do"]["cmd"]
+    assert "mlflow.db" not in text.split("stages:")[1].replace("(mlflow.db", "")
+
+
+def test_mlproject_entry_points() -> None:
+    project = yaml.safe_load((ROOT / "MLproject").read_text())
+    assert {"prepare", "train", "evaluate", "robustify", "report"} <= set(project["entry_points"])
+    assert "students.{method}" in project["entry_points"]["train"]["command"]
+    assert (ROOT / project["python_env"]).is_file()
+
+
+@pytest.mark.slow
+def test_dvc_repro_smoke(tmp_path: Path) -> None:
+    """The whole pipeline on the 8x8 digits data with one epoch each; a second repro does nothing."""
+    dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
+    work = tmp_path / "repo"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(work)], check=True)
+    text = (work / "params.yaml").read_text().replace("dataset: mnist5k\n", "dataset: digits\n")
+    text = text.replace("data/mnist5k", "data/digits").replace("test_size: 1000", "test_size: 300")
+    for old, new in (("epochs: 6", "epochs: 1"), ("epochs: 3", "epochs: 1"), ("milestones: [4]", "milestones: []"),
+                     ("milestones: [2]", "milestones: []"), ("replays: 3", "replays: 1"),
+                     ("n_examples: 500", "n_examples: 100"), ("steps: 50", "steps: 10")):
+        text = text.replace(old, new)
+    (work / "params.yaml").write_text(text)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(work),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    subprocess.run([dvc, "repro"], cwd=work, env=env, check=True)
+    assert (work / "reports" / "table1.md").is_file() and (work / "reports" / "accuracy_vs_time.png").is_file()
+    second = subprocess.run([dvc, "repro"], cwd=work, env=env, check=True, capture_output=True, text=True)
+    assert "Running stage" not in second.stdout
