@@ -36,7 +36,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 from mlflow.data.code_dataset_source import CodeDatasetSource
-from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import LoggedModel, LoggedModelInput, Metric, Param, Run
 from mlflow.entities.model_registry import ModelVersion
@@ -232,7 +232,7 @@ def _log_model(model_path: Path) -> str:
 def _dataset_input(data: ImageData, ref: str) -> MetaDataset:
     """Name, source and digest only: cheap for any dataset size."""
     path = Path(ref)
-    source = (FileSystemDatasetSource(str(path.resolve())) if path.is_file()
+    source = (resolve_dataset_source(str(path.resolve())) if path.is_file()
               else CodeDatasetSource({"rrm.dataset": ref, **{k: str(v) for k, v in data.source.items()}}))
     # MLflow stores at most 36 characters of a digest; the full sha256 goes into the input's tags.
     return MetaDataset(source, name=data.name, digest=data.digest[:36])

@@ -280,6 +280,19 @@ def test_resumed_run_logs_every_epoch(store):
     assert sorted(m.step for m in history) == [1, 2]
 
 
+def test_training_on_a_prepared_file_records_the_file_as_input(store):
+    from rrm.data import prepare_dataset
+
+    path = store / "digits.safetensors"
+    data, digest = prepare_dataset("digits", path)
+    cfg = TrainConfig(**{**DIGITS, "dataset": str(path)}, method="natural", out_dir=str(store / "from-file"))
+    with tracking.MlflowCallback(experiment="tests") as tracker:
+        train(cfg, callbacks=[tracker])
+    inputs = MlflowClient().get_run(tracker.run_id).inputs.dataset_inputs
+    assert [i.dataset.digest for i in inputs] == [digest[:36]]
+    assert str(path.resolve()) in inputs[0].dataset.source
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
