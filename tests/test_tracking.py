@@ -286,7 +286,8 @@ def test_training_on_a_prepared_file_records_the_file_as_input(store):
     path = store / "digits.safetensors"
     data, digest = prepare_dataset("digits", path)
     cfg = TrainConfig(**{**DIGITS, "dataset": str(path)}, method="natural", out_dir=str(store / "from-file"))
-    with tracking.MlflowCallback(experiment="tests") as tracker:
+    # An experiment of its own: MLflow keeps one dataset record per (name, digest) and experiment.
+    with tracking.MlflowCallback(experiment="tests-file") as tracker:
         train(cfg, callbacks=[tracker])
     inputs = MlflowClient().get_run(tracker.run_id).inputs.dataset_inputs
     assert [i.dataset.digest for i in inputs] == [digest[:36]]
