@@ -576,14 +576,7 @@ def report(root: Path, out_dir: Path, track: bool, experiment: str) -> None:
 
     result = write_report(root, out_dir)
     if track:
-        import mlflow
-
-        _tracking()
-        if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run` the project's run is used as is
-            mlflow.set_experiment(experiment)
-        with mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else "report"):
-            for name in result["files"]:
-                mlflow.log_artifact(str(out_dir / name))
+        _tracking().log_report([out_dir / name for name in result["files"]], experiment)
     click.echo((out_dir / "table1.md").read_text().rstrip())
     click.echo(f"wrote {', '.join(str(out_dir / n) for n in result['files'])}")
 

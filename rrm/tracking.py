@@ -173,16 +173,22 @@ def _params(config: Mapping) -> dict[str, str]:
     return out
 
 
-def _numbers(values: Mapping, prefix: str = "") -> dict[str, float]:
-    """The numeric leaves of a nested mapping, keyed by their ``/``-joined path."""
-    out: dict[str, float] = {}
+def _leaves(values: Mapping, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """The leaves of a nested mapping, keyed by their ``/``-joined path."""
     for key, value in values.items():
-        name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            out.update(_numbers(value, f"{name}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[name] = float(value)
-    return out
+            yield from _leaves(value, f"{prefix}{key}/")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numbers(values: Mapping) -> dict[str, float]:
+    """The numeric leaves of a nested mapping."""
+    return {k: float(v) for k, v in _leaves(values) if _is_number(v)}
 
 
 def _status(exc_type: type[BaseException] | None) -> str:
@@ -431,16 +437,10 @@ def log_evaluation(
     return run_id
 
 
-def _flat_text(values: Mapping, prefix: str = "") -> dict[str, str]:
-    """The non-numeric leaves (text, flags, lists) of a nested mapping, keyed by their ``/``-joined path."""
-    out: dict[str, str] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_flat_text(value, f"{name}/"))
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            out[name] = json.dumps(value) if isinstance(value, (list, tuple, bool)) or value is None else str(value)
-    return out
+def _flat_text(values: Mapping) -> dict[str, str]:
+    """The non-numeric leaves (text, flags, lists) of a nested mapping."""
+    return {k: json.dumps(v) if isinstance(v, (list, tuple, bool)) or v is None else str(v)
+            for k, v in _leaves(values) if not _is_number(v)}
 
 
 def _summarize_evaluation(values: Mapping) -> dict | None:
@@ -833,3 +833,14 @@ def list_teachers(name: str | None = None) -> list[TeacherVersion]:
     for teacher in teachers:
         teacher.aliases = sorted(a for a, v in aliases[teacher.name].items() if str(v) == teacher.version)
     return sorted(teachers, key=lambda t: (t.name, -int(t.version)))
+
+
+def log_report(files: list[Path], experiment: str = DEFAULT_EXPERIMENT) -> None:
+    """Log report files as artifacts; under `mlflow run` into the project's run, otherwise into a new "report" run."""
+    inside_project_run = bool(os.environ.get("MLFLOW_RUN_ID"))
+    with _mlflow_errors("log the report"):
+        if not inside_project_run:
+            mlflow.set_experiment(experiment)
+        with mlflow.start_run(run_name=None if inside_project_run else "report"):
+            for path in files:
+                mlflow.log_artifact(str(path))
