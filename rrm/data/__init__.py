@@ -8,16 +8,28 @@ from pathlib import Path
 
 from rrm.data.core import AUGMENTATIONS, ImageData, augment_batch, batches, read_dataset, save_dataset, to_float
 from rrm.data.embedded import digits, mnist5k
-from rrm.data.folders import cifar10, imagefolder, restricted_imagenet
 from rrm.errors import RRMError, unknown
+
+
+def _folder_loader(name: str) -> Callable[..., ImageData]:
+    """A loader from rrm.data.folders, imported on first use: torchvision's datasets cost every command ~1.5 s."""
+
+    def load(**options) -> ImageData:
+        from rrm.data import folders
+
+        return getattr(folders, name)(**options)
+
+    load.__name__ = load.__qualname__ = name
+    return load
+
 
 # name -> loader(**options) -> ImageData
 DATASETS: dict[str, Callable[..., ImageData]] = {
     "mnist5k": mnist5k,
     "digits": digits,
-    "cifar10": cifar10,
-    "imagefolder": imagefolder,
-    "restricted-imagenet": restricted_imagenet,
+    "cifar10": _folder_loader("cifar10"),
+    "imagefolder": _folder_loader("imagefolder"),
+    "restricted-imagenet": _folder_loader("restricted_imagenet"),
 }
 
 __all__ = [

@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torchvision import models as tvm
 
 # The boundary between CIFAR-style and ImageNet-style layouts.
 LARGE_INPUT = 64
@@ -83,8 +82,10 @@ def _vgg(layout: list, in_channels: int, image_size: int, width: float) -> tuple
     return nn.Sequential(*layers), prev
 
 
-def _torchvision_resnet(factory: Callable[..., tvm.ResNet], in_channels: int, image_size: int) -> tuple[nn.Module, int]:
-    net = factory(weights=None)
+def _torchvision_resnet(name: str, in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+    from torchvision import models as tvm  # imported when used: ~1.5 s that every `rrm` command would pay
+
+    net = getattr(tvm, name)(weights=None)
     if image_size < LARGE_INPUT:
         net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
@@ -132,6 +133,8 @@ def _thin_resnet(blocks_per_stage: int, in_channels: int, width: float) -> tuple
 def alexnet(in_channels: int, image_size: int, width: float) -> tuple[nn.Module, int]:
     """torchvision's AlexNet for large inputs (penultimate 4096); a 3x3-stem variant for small ones."""
     if image_size >= LARGE_INPUT:
+        from torchvision import models as tvm
+
         net = tvm.alexnet(weights=None)
         if in_channels != 3:
             net.features[0] = nn.Conv2d(in_channels, 64, 11, stride=4, padding=2)
@@ -162,8 +165,8 @@ ARCHITECTURES: dict[str, Callable[[int, int, float], tuple[nn.Module, int]]] = {
     "vgg11": lambda c, s, w: _vgg(_VGG["vgg11"], c, s, w),
     "vgg16": lambda c, s, w: _vgg(_VGG["vgg16"], c, s, w),
     "vgg19": lambda c, s, w: _vgg(_VGG["vgg19"], c, s, w),
-    "resnet18": lambda c, s, w: _torchvision_resnet(tvm.resnet18, c, s),
-    "resnet50": lambda c, s, w: _torchvision_resnet(tvm.resnet50, c, s),
+    "resnet18": lambda c, s, w: _torchvision_resnet("resnet18", c, s),
+    "resnet50": lambda c, s, w: _torchvision_resnet("resnet50", c, s),
     "alexnet": alexnet,
 }
 # Models whose ``width`` option is honoured; the torchvision ResNets keep their published widths.
