@@ -31,6 +31,12 @@ TRANSFER_METHODS = ("rdt", "kd", "kdiga", "rrm")
 USES_TEACHER = frozenset(TRANSFER_METHODS)
 ATTACK_PREFERENCE = ("art-apgd", "apgd")
 METHOD_ORDER = ("natural", "sat", "pgd-fast", "fast", "free", "rdt", "kd", "kdiga", "rrm")
+# The paper's claim for RRM, as checkable targets: robustness close to a SAT student of the same architecture,
+# far above the students that get no robustness signal, at a fraction of SAT's training time.
+CLAIM_OF_SAT_PCT = 80.0
+CLAIM_MARGIN_POINTS = 20.0
+CLAIM_BASELINES = ("natural", "kd", "rdt")
+CLAIM_TIME_FRACTION = 0.25
 
 TABLE1_COLUMNS = ("method", "model", "epochs", "epoch_seconds_mean", "epoch_seconds_ci95", "total_minutes",
                   "natural_pct", "adversarial_pct", "attack", "speedup_vs_sat", "speedup_vs_sat_with_teacher")
@@ -102,7 +108,38 @@ def collect(root: str | os.PathLike) -> dict:
     if (root / "runs" / "teacher" / "train_metrics.json").is_file():
         teacher = _row("teacher", root / "runs" / "teacher" / "train_metrics.json", root / "metrics" / "teacher.json")
     _add_speedups(students, teacher)
-    return {"teacher": teacher, "students": students}
+    return {"teacher": teacher, "students": students, "claims": claims(students)}
+
+
+def claims(students: list[dict], method: str = "rrm") -> list[dict]:
+    """The paper's claim for ``method`` checked against these rows: one entry per target, with what was measured.
+
+    Targets: adversarial accuracy at least 80% of the SAT student's; at least 20 points above the natural, KD and
+    RDT students; student training time at most a quarter of SAT's. Targets whose rows are missing are left out.
+    """
+    rows = {r["method"]: r for r in students}
+    subject, sat = rows.get(method), rows.get("sat")
+    if subject is None or subject["adversarial_pct"] is None:
+        return []
+    out = []
+    if sat and sat["adversarial_pct"]:
+        share = subject["adversarial_of_sat_pct"]
+        out.append({"claim": f"{method} adversarial >= {CLAIM_OF_SAT_PCT:.0f}% of sat's", "measured": share,
+                    "text": f"{share:.1f}% ({subject['adversarial_pct']:.1f} vs {sat['adversarial_pct']:.1f})",
+                    "met": share >= CLAIM_OF_SAT_PCT})
+    for name in CLAIM_BASELINES:
+        base = rows.get(name)
+        if base is None or base["adversarial_pct"] is None:
+            continue
+        margin = subject["adversarial_pct"] - base["adversarial_pct"]
+        out.append({"claim": f"{method} adversarial >= {name}'s + {CLAIM_MARGIN_POINTS:.0f} points",
+                    "measured": margin, "text": f"{margin:+.1f} points", "met": margin >= CLAIM_MARGIN_POINTS})
+    if sat:
+        fraction = subject["total_seconds"] / sat["total_seconds"]
+        out.append({"claim": f"{method} training time <= {CLAIM_TIME_FRACTION:g} x sat's", "measured": fraction,
+                    "text": f"{fraction:.2f} x ({subject['total_minutes']:.2f} vs {sat['total_minutes']:.2f} min)",
+                    "met": fraction <= CLAIM_TIME_FRACTION})
+    return out
 
 
 def _add_speedups(students: list[dict], teacher: dict | None) -> None:
@@ -171,7 +208,11 @@ def table2(report: dict) -> str:
              _fmt(r["speedup_vs_sat"]), _fmt(r["speedup_vs_sat_with_teacher"])] for r in chosen]
     header = ["method", "model", "natural %", "adversarial %", "attack", "adversarial / SAT's %", "total (min)",
               "total incl. teacher (min)", "speedup vs SAT", "speedup vs SAT incl. teacher"]
-    return _markdown("Table 2: robustness transfer (rdt, kd, kdiga, rrm) against SAT", header, rows, [])
+    notes = [f"- {'met' if c['met'] else '**not met**'}: {c['claim']} — measured {c['text']}"
+             for c in report.get("claims", [])]
+    if notes:
+        notes.insert(0, "The paper's claim for RRM on this data:\n")
+    return _markdown("Table 2: robustness transfer (rdt, kd, kdiga, rrm) against SAT", header, rows, notes)
 
 
 def plot(report: dict, path: Path) -> None:
@@ -210,7 +251,9 @@ def write_report(root: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
         "table1.csv": _csv(TABLE1_COLUMNS, rows),
         "table2.csv": _csv(TABLE2_COLUMNS, [r for r in report["students"]
                                             if r["method"] in ("sat", *TRANSFER_METHODS)]),
-        "report.json": json.dumps({r["method"]: {k: v for k, v in r.items() if k != "method"} for r in rows},
+        "report.json": json.dumps({**{r["method"]: {k: v for k, v in r.items() if k != "method"} for r in rows},
+                                   "claims": {c["claim"]: {"measured": c["measured"], "met": c["met"]}
+                                              for c in report["claims"]}},
                                   indent=2, sort_keys=True) + "\n",
     }
     for name, text in files.items():

@@ -238,8 +238,12 @@ def _log_model(model_path: Path) -> str:
 def _dataset_input(data: ImageData, ref: str) -> MetaDataset:
     """Name, source and digest only: cheap for any dataset size."""
     path = Path(ref)
-    source = (resolve_dataset_source(str(path.resolve())) if path.is_file()
-              else CodeDatasetSource({"rrm.dataset": ref, **{k: str(v) for k, v in data.source.items()}}))
+    if path.is_file():
+        with warnings.catch_warnings():  # MLflow warns that a local path "can be interpreted in multiple ways"
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(str(path.resolve()))
+    else:
+        source = CodeDatasetSource({"rrm.dataset": ref, **{k: str(v) for k, v in data.source.items()}})
     # MLflow stores at most 36 characters of a digest; the full sha256 goes into the input's tags.
     return MetaDataset(source, name=data.name, digest=data.digest[:36])
 

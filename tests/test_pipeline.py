@@ -81,22 +81,63 @@ def test_mlproject_entry_points() -> None:
     assert (ROOT / project["python_env"]).is_file()
 
 
-@pytest.mark.slow
-def test_dvc_repro_smoke(tmp_path: Path) -> None:
-    """The whole pipeline on the 8x8 digits data with one epoch each; a second repro does nothing."""
+def _digits_pipeline(tmp_path: Path) -> tuple[Path, dict, str]:
+    """This checkout's dvc.yaml and params.yaml in a fresh repository, shrunk to the 8x8 digits and one epoch each."""
     dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
     work = tmp_path / "repo"
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(work)], check=True)
-    text = (work / "params.yaml").read_text().replace("dataset: mnist5k\n", "dataset: digits\n")
+    work.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", work)
+    text = PARAMS.read_text().replace("dataset: mnist5k\n", "dataset: digits\n")
     text = text.replace("data/mnist5k", "data/digits").replace("test_size: 1000", "test_size: 300")
     for old, new in (("epochs: 6", "epochs: 1"), ("epochs: 3", "epochs: 1"), ("milestones: [4]", "milestones: []"),
                      ("milestones: [2]", "milestones: []"), ("replays: 3", "replays: 1"),
                      ("n_examples: 500", "n_examples: 100"), ("steps: 50", "steps: 10")):
         text = text.replace(old, new)
     (work / "params.yaml").write_text(text)
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(work),
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(ROOT),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    subprocess.run([dvc, "init", "-q"], cwd=work, env=env, check=True)
+    return work, env, dvc
+
+
+def _set(work: Path, section: str, **values) -> None:
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["students"][section].update(values)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_dvc_repro_stops_on_bad_params_and_keeps_earlier_outputs(tmp_path: Path) -> None:
+    """Each bad student setting stops `dvc repro` at that stage with the CLI's one-line error; upstream stays intact."""
+    work, env, dvc = _digits_pipeline(tmp_path)
+    upstream = ["data/digits.safetensors", "runs/teacher/model.pt", "metrics/teacher.json"]
+    cases = [({"lambda": -0.5}, "lambda must be > 0"),
+             ({"method": "rmm"}, "unknown method 'rmm'"),
+             ({"teacher": "runs/teacher/missing.pt"}, "model file 'runs/teacher/missing.pt' does not exist")]
+    digests = None
+    for values, message in cases:
+        _set(work, "rrm", **values)
+        run = subprocess.run([dvc, "repro", "distill_student@rrm"], cwd=work, env=env, capture_output=True,
+                             text=True)
+        output = run.stdout + run.stderr
+        assert run.returncode != 0, output
+        errors = [line for line in output.splitlines() if line.startswith("Error: ")]
+        assert len(errors) == 1 and message in errors[0], output
+        assert "failed to reproduce 'distill_student@rrm'" in output
+        assert not (work / "runs" / "students" / "rrm").exists()  # nothing half-written
+        now = {path: (work / path).read_bytes() for path in upstream}
+        assert digests in (None, now)  # upstream outputs untouched by the failing stage
+        digests = now
+        _set(work, "rrm", **{"lambda": 0.05, "method": "rrm", "teacher": "runs/teacher/model.pt"})
+    status = subprocess.run([dvc, "status", "register_teacher"], cwd=work, env=env, capture_output=True, text=True)
+    assert "up to date" in status.stdout, status.stdout  # prepare -> register stayed reproduced
+
+
+@pytest.mark.slow
+def test_dvc_repro_smoke(tmp_path: Path) -> None:
+    """The whole pipeline on the 8x8 digits data with one epoch each; a second repro does nothing."""
+    work, env, dvc = _digits_pipeline(tmp_path)
     subprocess.run([dvc, "repro"], cwd=work, env=env, check=True)
     assert (work / "reports" / "table1.md").is_file() and (work / "reports" / "accuracy_vs_time.png").is_file()
     second = subprocess.run([dvc, "repro"], cwd=work, env=env, check=True, capture_output=True, text=True)

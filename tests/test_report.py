@@ -108,3 +108,24 @@ def test_cli_error_is_one_line(tmp_path: Path) -> None:
                                 standalone_mode=True)
     assert result.exit_code != 0
     assert "no student runs" in result.output
+
+
+def test_paper_claims_checked_against_the_rows(layout: Path, tmp_path: Path) -> None:
+    report = write_report(layout, tmp_path / "reports")
+    found = {c["claim"]: c for c in report["claims"]}
+    assert found["rrm adversarial >= 80% of sat's"]["measured"] == pytest.approx(100 * 70 / 78)
+    assert found["rrm adversarial >= natural's + 20 points"]["measured"] == pytest.approx(70.0)
+    assert found["rrm adversarial >= kd's + 20 points"]["measured"] == pytest.approx(65.0)
+    assert found["rrm training time <= 0.25 x sat's"]["measured"] == pytest.approx(24 / 120)
+    assert "rrm adversarial >= rdt's + 20 points" not in found  # no rdt student: no claim about it
+    assert all(c["met"] for c in report["claims"])
+    assert json.loads((tmp_path / "reports" / "report.json").read_text())["claims"][
+        "rrm training time <= 0.25 x sat's"]["met"] is True
+
+    _write(layout, "rrm", (4, 10.0, 0.5, 40.0, 0.98, {"apgd": 0.10}), "cnn-bn")  # robustness did not transfer
+    report = write_report(layout, tmp_path / "reports")
+    met = {c["claim"]: c["met"] for c in report["claims"]}
+    assert met == {"rrm adversarial >= 80% of sat's": False, "rrm adversarial >= natural's + 20 points": False,
+                   "rrm adversarial >= kd's + 20 points": False, "rrm training time <= 0.25 x sat's": False}
+    table = (tmp_path / "reports" / "table2.md").read_text()
+    assert "**not met**: rrm adversarial >= 80% of sat's — measured 12.8% (10.0 vs 78.0)" in table
