@@ -19,17 +19,19 @@ rate and the epochs) and is the only place in rrm that imports optuna.
   finished trials (complete, pruned, or failed by its own error) plus trials running in live workers. Restarting a
   study continues it; several workers on one storage share the target. Workers that start their last trials at
   the same instant can overshoot it by one trial each.
-- Crashes: a trial left RUNNING by a dead worker on this host (its pid is gone) is marked FAIL when a worker
-  starts; on database storages a heartbeat fails it after a grace period wherever its worker ran. Such trials do not
+- Crashes: a trial left RUNNING by a dead worker on this host (its pid is gone), or never claimed by a worker for
+  ``ORPHAN_SECONDS``, is marked FAIL before each trial; on database storages a heartbeat fails it after a grace period wherever its worker ran. Such trials do not
   count as finished, so the restart runs a replacement.
-- Sampler: TPE (Optuna 5's default, multi-objective too) reseeded before each trial from (seed, number of trials
-  in the study), so a single worker is reproducible and a resumed study draws new points, not the first ones again.
+- Sampler: TPE (Optuna 5's default, multi-objective too; 5 random trials first) reseeded before each trial from
+  (seed, trial number), so a single worker is reproducible, parallel workers draw different points and a resumed
+  study does not repeat its first draws.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
 import hashlib
 import json
 import math
@@ -59,6 +61,8 @@ PRUNERS = ("median", "hyperband", "threshold", "none")
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 STARTUP_TRIALS = 5  # random trials before TPE models the results
 HEARTBEAT_SECONDS, GRACE_SECONDS = 60, 180
+# A live worker names itself on a trial milliseconds after creating it; an unnamed trial this old was orphaned.
+ORPHAN_SECONDS = 30
 
 
 @dataclass(frozen=True)
@@ -272,9 +276,9 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                        "(PostgreSQL: pip install psycopg2-binary, or psycopg with postgresql+psycopg://)") from None
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many types for a bad URL or a server that is down
         text = " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]
-        if "No module named" in text or "Can't load plugin" in text:
-            raise RRMError(f"storage {label} needs a database driver that is not installed ({text}); install it "
-                           "(PostgreSQL: pip install psycopg2-binary)") from None
+        if "Can't load plugin" in text:
+            raise RRMError(f"storage {label}: unknown database kind {url.split(':')[0]!r}; use sqlite:///FILE.db, "
+                           "journal:FILE.log or postgresql://USER:PASSWORD@HOST:PORT/DB") from None
         raise RRMError(f"cannot open the Optuna storage {label}: {text}; check the URL and that the database "
                        "server is running") from None
 
@@ -368,10 +372,14 @@ def _finished(trial: FrozenTrial) -> bool:
 
 
 def _abandon_dead_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Mark FAIL the trials left RUNNING by workers of this host that died; returns them."""
+    """Mark FAIL the trials left RUNNING by workers of this host that died, and trials that never got an owner
+    (their worker died between creating and starting them); returns them."""
     dead = []
+    now = datetime.datetime.now()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not _alive(trial.user_attrs.get("rrm.worker")) and "rrm.worker" in trial.user_attrs:
+        owner = trial.user_attrs.get("rrm.worker")
+        orphan = owner is None and (now - trial.datetime_start).total_seconds() > ORPHAN_SECONDS
+        if orphan or (owner is not None and not _alive(owner)):
             with contextlib.suppress(RuntimeError, ValueError):  # another worker got there first
                 study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
                 dead.append(trial)
@@ -396,10 +404,37 @@ def _pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def _sampler(seed: int, n_trials_so_far: int) -> optuna.samplers.BaseSampler:
-    # Hashed: numpy's first draws for consecutive seeds are close (0.55, 0.42, 0.44, 0.55 for seeds 0-3).
-    digest = hashlib.sha256(f"{seed}:{n_trials_so_far}".encode()).digest()
-    return optuna.samplers.TPESampler(seed=int.from_bytes(digest[:4], "little"), n_startup_trials=STARTUP_TRIALS)
+class TrialSeededTPE(optuna.samplers.BaseSampler):
+    """Optuna's TPE, reseeded before each trial from (seed, trial number).
+
+    Trial numbers are unique across workers and restarts, so one worker is reproducible, workers that start
+    together draw different points, and a resumed study does not repeat its first draws. The seed is hashed:
+    numpy's first draws for consecutive seeds are close (0.55, 0.42, 0.44, 0.55 for seeds 0-3).
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._tpe = self._for(0)
+
+    def _for(self, number: int) -> optuna.samplers.TPESampler:
+        digest = hashlib.sha256(f"{self.seed}:{number}".encode()).digest()
+        return optuna.samplers.TPESampler(seed=int.from_bytes(digest[:4], "little"), n_startup_trials=STARTUP_TRIALS)
+
+    def before_trial(self, study, trial) -> None:
+        self._tpe = self._for(trial.number)
+        self._tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._tpe.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._tpe.after_trial(study, trial, state, values)
 
 
 def open_study(cfg: TuneConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
@@ -407,7 +442,7 @@ def open_study(cfg: TuneConfig, storage: optuna.storages.BaseStorage) -> optuna.
     directions = ["maximize", "maximize"] if cfg.mode == "pareto" else ["maximize"]
     try:
         study = optuna.create_study(storage=storage, study_name=cfg.name, directions=directions,
-                                    load_if_exists=True, sampler=_sampler(cfg.seed, 0), pruner=_pruner(cfg))
+                                    load_if_exists=True, sampler=TrialSeededTPE(cfg.seed), pruner=_pruner(cfg))
     except Exception as exc:  # noqa: BLE001 - a database that fails only now (read-only file, lost server)
         raise RRMError(f"cannot create or load study {cfg.name!r} in {storage_label(cfg.storage)}: "
                        f"{' '.join(str(exc).split())[:300]}") from None
@@ -573,7 +608,6 @@ def tune(cfg: TuneConfig, *, track: bool = True, experiment: str = "rrm",
             finished, running = _counts(study)
             if finished + running >= cfg.n_trials:
                 break
-            study.sampler = _sampler(cfg.seed, len(study.get_trials(deepcopy=False)))
             before = len(ran)
             study.optimize(objective, n_trials=1, catch=(RRMError,), gc_after_trial=False)
             if len(ran) > before:
