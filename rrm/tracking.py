@@ -868,11 +868,20 @@ def open_study_run(study: str, storage: str, *, params: Mapping[str, object],
 
     A study keeps one parent run across restarts and workers: found by a tag, created when missing. Workers that
     start together may each create one; each then keeps the oldest and deletes its own if that is not it, so all
-    trials end up under one parent. ``params`` are logged when the run is created.
+    trials end up under one parent. ``params`` are logged when the run is created. Under ``mlflow run`` the
+    project's run is the parent, and ``MLFLOW_RUN_ID`` is removed so that trial runs do not resume it.
     """
     key = hashlib.sha256(f"{storage}\n{study}".encode()).hexdigest()[:32]
+    tags = {**_context_tags(), "rrm.kind": "study", "rrm.study": study, "rrm.study_storage": storage,
+            "rrm.study_key": key}
+    project_run = os.environ.pop("MLFLOW_RUN_ID", None)
     with _mlflow_errors("opening the study's MLflow run"):
         client = _client()
+        if project_run:
+            client.log_batch(project_run, params=[Param(k, _one_line(v, 6000)) for k, v in params.items()])
+            for name, value in tags.items():
+                client.set_tag(project_run, name, value)
+            return project_run
         experiment_id = _experiment_id(client, experiment)
 
         def existing() -> list[Run]:
@@ -881,8 +890,6 @@ def open_study_run(study: str, storage: str, *, params: Mapping[str, object],
 
         runs = existing()
         if not runs:
-            tags = {**_context_tags(), "rrm.kind": "study", "rrm.study": study, "rrm.study_storage": storage,
-                    "rrm.study_key": key}
             mine = client.create_run(experiment_id, run_name=f"study {study}", tags=tags).info.run_id
             client.log_batch(mine, params=[Param(k, _one_line(v, 6000)) for k, v in params.items()])
             runs = existing()
