@@ -554,6 +554,115 @@ def teacher_promote(version: str | None, alias: str | None, name: str) -> None:
     click.echo(f"models:/{name}@{alias} -> version {found.version}")
 
 
+# ------------------------------------------------------------------------------------------------------------ tune
+
+# Training options `rrm tune` takes as flags (any other TrainConfig field goes through --train-option).
+_TUNE_TRAIN = ("dataset", "model", "teacher", "norm", "eps", "epochs", "lr", "batch_size", "feature_loss",
+               "feature_dim", "width", "device")
+
+
+@cli.command()
+@from_params("tune")
+@click.option("--method", help="Method whose knobs are tuned: rrm (lambda), kd (temperature, alpha), kdiga (gamma, "
+                               "temperature). [default: rrm]")
+@click.option("--mode", help="pareto: maximise natural and APGD accuracy, the Pareto front is the answer; "
+                             "constrained: maximise APGD accuracy with a natural-accuracy floor, with pruning. "
+                             "[default: pareto]")
+@click.option("--n-trials", type=int, help="Finished trials the study should have (a restart continues up to it; "
+                                           "workers share it). [default: 20]")
+@click.option("--knobs", type=_ListOf(str), help="Knobs to tune, comma-separated: lambda, temperature, alpha, gamma, "
+                                                 "lr, epochs. [default: the method's]")
+@click.option("--range", "ranges", multiple=True, metavar="NAME=LOW,HIGH",
+              help="Search range of a knob, repeatable; a knob given a range is tuned (params file: `ranges:` "
+                   "mapping). [default: lambda 1e-5,1 (log); temperature 1,50 (log); alpha 0,1; gamma 0.5,100 "
+                   "(log); lr 1e-3,0.5 (log); epochs 1,20]")
+@click.option("--min-natural-accuracy", type=float,
+              help="Validation natural-accuracy floor, a constraint in either mode. [default: 0, none]")
+@click.option("--pruner", help="median, hyperband, threshold or none (constrained mode only). "
+                               "[default: median when constrained, none for pareto]")
+@click.option("--prune-below", type=float, help="Threshold pruner: stop a trial whose APGD accuracy falls below this.")
+@click.option("--storage", help="Optuna storage: sqlite:///FILE.db (one process), journal:FILE.log (several "
+                                "processes on one host), postgresql://USER:PASSWORD@HOST:PORT/DB (many hosts). "
+                                "[default: sqlite:///optuna.db]")
+@click.option("--study-name", help="Study to create or resume. [default: METHOD-MODEL-DATASET]")
+@click.option("--seed", type=int, help="Sampler seed, also every trial's training seed. [default: 0]")
+@click.option("--validation-size", type=float,
+              help="Fraction of the training split held out to score trials. [default: 0.2]")
+@click.option("--attack-examples", type=int,
+              help="Validation images attacked by APGD after each epoch. [default: 256]")
+@click.option("--attack-steps", type=int, help="APGD iterations of the per-epoch score. [default: 20]")
+@click.option("--best-trials", type=int, help="Best trials evaluated on the test split. [default: 3]")
+@click.option("--test-examples", type=int, help="Test images attacked in that evaluation. [default: all]")
+@click.option("--test-steps", type=int, help="APGD iterations of that evaluation. [default: 50]")
+@click.option("--test-restarts", type=int, help="APGD restarts of that evaluation. [default: 1]")
+@click.option("--out-dir", help="Directory for trials.csv, results.json, the plots and trials/N/model.pt. "
+                                "[default: runs/tune/STUDY]")
+@click.option("--dataset", help="Registered dataset name or a prepared file. [default: mnist5k]")
+@click.option("--model", help=f"Student architecture: {', '.join(ARCHITECTURES)}. [default: cnn]")
+@click.option("--teacher", help="Teacher: a model file or a registry URI such as models:/rrm-teacher@champion.")
+@click.option("--norm", help="Threat model norm: linf or l2. [default: linf]")
+@click.option("--eps", type=float, help="Threat model radius of the APGD scores. [default: 0.3]")
+@click.option("--epochs", type=int, help="Epochs per trial (unless tuned). [default: 10]")
+@click.option("--lr", type=float, help="Learning rate (unless tuned). [default: 0.1]")
+@click.option("--batch-size", type=int, help="Batch size. [default: 128]")
+@click.option("--feature-loss", help="RRM's feature loss: cosine or l2. [default: cosine]")
+@click.option("--feature-dim", type=int, help="Add a linear layer so the student's features match the teacher's.")
+@click.option("--width", type=float, help="Channel width multiplier. [default: 1]")
+@click.option("--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]")
+@click.option("--train-option", "-o", "train_options", multiple=True, metavar="KEY=VALUE",
+              help="Any other training option, repeatable (e.g. -o weight_decay=5e-5 -o schedule=step); fixed for "
+                   "every trial.")
+@click.option("--no-track", is_flag=True, help="Do not record the study in MLflow.")
+@click.option("--experiment", default="rrm", show_default=True, help="MLflow experiment of the study and its trials.")
+def tune(ranges: tuple[str, ...], train_options: tuple[str, ...], no_track: bool, experiment: str,
+         **options) -> None:
+    """Tune a transfer method's knobs with Optuna on a validation split; evaluate the best trials on the test split.
+
+    Each trial trains a student on the training split minus a validation split and is scored there (natural
+    accuracy, native APGD accuracy); the test split is used only for the best trials at the end. Writes
+    trials.csv, results.json and three plots (Pareto front, accuracy against the knob, optimisation history) to
+    --out-dir; in MLflow the study is one parent run with one child run per trial.
+
+    \b
+    Examples:
+      rrm tune --method rrm --teacher runs/teacher/model.pt --n-trials 12 --epochs 3 --eps 0.2
+      rrm tune --method kd --teacher t.pt --mode constrained --min-natural-accuracy 0.9 --pruner hyperband
+      rrm tune --method rrm --teacher t.pt --range lambda=1e-4,1e-1 --range lr=0.01,0.2 --n-trials 30
+      rrm tune --params params.yaml --section tune             # the DVC stage's settings
+      # two workers on one study (same host), each continuing until the study has 20 finished trials:
+      rrm tune --teacher t.pt --storage journal:runs/tune/study.log --study-name s1 --n-trials 20 &
+      rrm tune --teacher t.pt --storage journal:runs/tune/study.log --study-name s1 --n-trials 20
+    """
+    from rrm.tune import TuneConfig, parse_range
+    from rrm.tune import tune as run_tuning
+
+    base = {k: options.pop(k) for k in _TUNE_TRAIN if options.get(k) is not None}
+    for k in _TUNE_TRAIN:
+        options.pop(k, None)
+    base.update(_key_values(train_options, "--train-option"))
+    base.setdefault("monitor_examples", 0)
+    values = {k: v for k, v in options.items() if v is not None and v != ()}
+    if ranges:
+        values["ranges"] = {name: parse_range(bounds) for name, bounds in _key_values(ranges, "--range").items()}
+    cfg = TuneConfig(**values, train=TrainConfig.from_dict({**base, "method": values.get("method", "rrm")}))
+    tracking = None if no_track else _tracking()
+    if tracking is None and _from_registry(cfg.train.teacher):
+        _tracking()
+    result = run_tuning(cfg, track=not no_track, experiment=experiment, log=lambda line: click.echo(line, err=True))
+    click.echo(f"study {result.study_name} in {result.storage}: {result.finished}/{cfg.n_trials} finished trials "
+               f"({len(result.ran)} run now, {result.seconds:.0f} s)")
+    for best in result.best:
+        params = ", ".join(f"{k} {v:.4g}" for k, v in best["params"].items())
+        test = best["test"]
+        tested = (f"; test natural {test['natural_accuracy']:.4f}, APGD {test['adversarial_accuracy']:.4f}"
+                  if test else "; model file not on this host, not tested")
+        click.echo(f"  trial {best['number']}: {params}: validation natural {best['natural_accuracy']:.4f}, "
+                   f"APGD {best['adversarial_accuracy']:.4f}{tested}")
+    click.echo(f"wrote {', '.join(str(p) for p in result.files.values())}")
+    if result.parent_run_id:
+        click.echo(f"MLflow run {result.parent_run_id} in experiment {experiment!r} ({tracking.tracking_uri()})")
+
+
 # ---------------------------------------------------------------------------------------------------------- report
 
 @cli.command()

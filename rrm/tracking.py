@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -65,8 +66,8 @@ _NOT_LOSSES = {"epoch", "paper_epochs", "lr", "epoch_seconds", "train_accuracy",
 
 __all__ = [
     "ADVERSARIAL_METHODS", "DEFAULT_EXPERIMENT", "DEFAULT_TEACHER_NAME", "DEFAULT_TRACKING_URI",
-    "MlflowCallback", "TeacherVersion", "list_teachers", "load_registered_model", "log_evaluation", "promote",
-    "pull_teacher", "register_teacher", "show_teacher", "tracking_uri",
+    "MlflowCallback", "TeacherVersion", "list_teachers", "load_registered_model", "log_evaluation", "open_study_run",
+    "promote", "pull_teacher", "register_teacher", "show_teacher", "tracking_uri", "update_run",
 ]
 
 
@@ -261,14 +262,17 @@ class MlflowCallback(Callback):
         print(tracker.run_id)
 
     The run starts when training starts (after data, model and teacher loaded) and ends FINISHED when it ends.
-    An active run of the caller (a tuning study, say) becomes the parent.
+    An active run of the caller becomes the parent; so does the run named by a ``mlflow.parentRunId`` tag.
+    ``log_model=False`` (tuning trials) skips the checkpoint and the MLflow model, the costly artifacts, and tags
+    only the model file's path. :meth:`stop` ends a run that was stopped on purpose (a pruned trial).
     """
 
     def __init__(self, experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
-                 tags: Mapping[str, str] | None = None):
+                 tags: Mapping[str, str] | None = None, log_model: bool = True):
         self.experiment = experiment
         self.run_name = run_name
         self.tags = dict(tags or {})
+        self.log_model = log_model
         self.run_id: str | None = None
         self.model_id: str | None = None
         self._entered = False
@@ -284,6 +288,14 @@ class MlflowCallback(Callback):
         if self._active:
             self._active = False
             _end_active_run(exc)
+
+    def stop(self, reason: str) -> None:
+        """End the run now as KILLED with tag ``rrm.stopped`` = ``reason``: stopped on purpose, not failed."""
+        if self._active:
+            self._active = False
+            with _mlflow_errors("ending the MLflow run"):
+                mlflow.set_tag("rrm.stopped", _one_line(reason))
+                mlflow.end_run("KILLED")
 
     def on_train_start(self, cfg: TrainConfig, data: ImageData, model: Classifier) -> None:
         if not self._entered:  # outside a `with`, a failing run would be marked FINISHED at interpreter exit
@@ -334,16 +346,18 @@ class MlflowCallback(Callback):
             epoch_keys = set(result.history[-1])
             mlflow.log_metrics({k: v for k, v in _numbers(result.summary).items() if k not in epoch_keys})
             mlflow.set_tags({"rrm.precision": result.summary["precision"], "rrm.schedule": result.summary["schedule"],
-                             "rrm.device": result.summary["device"],
-                             "rrm.model_sha256": sha256_file(result.model_path)})
-            mlflow.log_artifact(str(result.checkpoint_path))
+                             "rrm.device": result.summary["device"], "rrm.model_path": str(result.model_path)})
+            if self.log_model:  # the sha256 tag says "this run logged that model file" (the registry looks it up)
+                mlflow.set_tag("rrm.model_sha256", sha256_file(result.model_path))
+                mlflow.log_artifact(str(result.checkpoint_path))
             mlflow.log_artifact(str(result.metrics_path))
             cfg = result.config
             with tempfile.TemporaryDirectory() as tmp:
                 plot = Path(tmp) / "curves.png"
                 _plot_history(result.history, plot, title=f"{cfg.method} {cfg.model} on {result.data.name}")
                 mlflow.log_artifact(str(plot))
-            self.model_id = _log_model(result.model_path)
+            if self.log_model:
+                self.model_id = _log_model(result.model_path)
             self._active = False
             _end_active_run(None)
 
@@ -848,3 +862,59 @@ def log_report(files: list[Path], experiment: str = DEFAULT_EXPERIMENT) -> None:
         with mlflow.start_run(run_name=None if inside_project_run else "report"):
             for path in files:
                 mlflow.log_artifact(str(path))
+
+
+# --------------------------------------------------------------------------------------------------------- tuning
+
+def open_study_run(study: str, storage: str, *, params: Mapping[str, object],
+                   experiment: str = DEFAULT_EXPERIMENT) -> str:
+    """The parent run of tuning study ``study`` in ``storage`` (a label without secrets), set RUNNING; its id.
+
+    A study keeps one parent run across restarts and workers: found by a tag, created when missing. Workers that
+    start together may each create one; each then keeps the oldest and deletes its own if that is not it, so all
+    trials end up under one parent. ``params`` are logged when the run is created. Under ``mlflow run`` the
+    project's run is the parent, and ``MLFLOW_RUN_ID`` is removed so that trial runs do not resume it.
+    """
+    key = hashlib.sha256(f"{storage}\n{study}".encode()).hexdigest()[:32]
+    tags = {**_context_tags(), "rrm.kind": "study", "rrm.study": study, "rrm.study_storage": storage,
+            "rrm.study_key": key}
+    project_run = os.environ.pop("MLFLOW_RUN_ID", None)
+    with _mlflow_errors("opening the study's MLflow run"):
+        client = _client()
+        if project_run:
+            client.log_batch(project_run, params=[Param(k, _one_line(v, 6000)) for k, v in params.items()])
+            for name, value in tags.items():
+                client.set_tag(project_run, name, value)
+            return project_run
+        experiment_id = _experiment_id(client, experiment)
+
+        def existing() -> list[Run]:
+            runs = client.search_runs([experiment_id], f"tags.`rrm.study_key` = '{key}'", max_results=100)
+            return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+        runs = existing()
+        if not runs:
+            mine = client.create_run(experiment_id, run_name=f"study {study}", tags=tags).info.run_id
+            client.log_batch(mine, params=[Param(k, _one_line(v, 6000)) for k, v in params.items()])
+            runs = existing()
+            if runs[0].info.run_id != mine:
+                client.delete_run(mine)
+        run_id = runs[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    return run_id
+
+
+def update_run(run_id: str, *, tags: Mapping[str, object] | None = None, metrics: Mapping[str, float] | None = None,
+               artifacts: tuple[Path, ...] | list[Path] = (), status: str | None = None) -> None:
+    """Add tags, metrics and artifact files to a finished or running run; ``status`` (FINISHED, FAILED, KILLED)
+    ends it. Used for a study's parent run and for the final state of its trial runs."""
+    with _mlflow_errors("updating an MLflow run"):
+        client = _client()
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()])
+        for key, value in (tags or {}).items():
+            client.set_tag(run_id, key, _one_line(value, 5000))
+        for path in artifacts:
+            client.log_artifact(run_id, str(path))
+        if status is not None:
+            client.set_terminated(run_id, status)

@@ -65,7 +65,7 @@ def test_every_command_has_help_with_an_example(path):
 def test_command_list():
     assert sorted(map(" ".join, _commands(rrm_cli.cli))) == [
         "data", "data prepare", "evaluate", "report", "robustify", "teacher", "teacher list", "teacher promote", "teacher pull",
-        "teacher register", "teacher show", "train"]
+        "teacher register", "teacher show", "train", "tune"]
 
 
 @pytest.mark.parametrize(("args", "message"), [

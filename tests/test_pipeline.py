@@ -23,7 +23,7 @@ STUDENTS = ("natural", "sat", "fast", "pgd-fast", "free", "rrm", "kd", "kdiga", 
 # section -> the command that reads it
 SECTIONS = {"prepare": ("data", "prepare"), "train_teacher": ("train",), "evaluate": ("evaluate",),
             "evaluate_transfer": ("evaluate",), "register": ("teacher", "register"), "robustify": ("robustify",),
-            "report": ("report",), **{f"students.{m}": ("train",) for m in STUDENTS}}
+            "report": ("report",), "tune": ("tune",), **{f"students.{m}": ("train",) for m in STUDENTS}}
 
 
 def _command(path: tuple[str, ...]):
@@ -75,9 +75,30 @@ def test_dvc_yaml_stages_and_outputs() -> None:
     assert "mlflow.db" not in text.split("stages:")[1].replace("(mlflow.db", "")
 
 
+def test_tune_section_and_optional_stage() -> None:
+    from rrm.tune import TuneConfig, parse_range
+
+    values = read_section(PARAMS, "tune")
+    train_keys = {"dataset", "teacher", "model", "eps", "epochs", "lr"}
+    cfg = TuneConfig(**{k: v for k, v in values.items() if k not in train_keys | {"ranges"}},
+                     ranges={k: parse_range(v) for k, v in values["ranges"].items()},
+                     train=TrainConfig.from_dict({k: values[k] for k in train_keys} | {"method": values["method"]}))
+    cfg.validate()
+    assert cfg.tuned == ("lambda",)
+    main = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert not any("tune" in name for name in main), "plain `dvc repro` must not tune"
+    stage = yaml.safe_load((ROOT / "pipelines" / "tune" / "dvc.yaml").read_text())["stages"]["tune"]
+    assert stage["wdir"] == "../.." and stage["cmd"] == "rrm tune --params params.yaml --section tune"
+    declared = [next(iter(o)) if isinstance(o, dict) else o
+                for kind in ("outs", "metrics", "plots") for o in stage.get(kind, [])]
+    assert all(path.startswith(f"{cfg.out_dir}/") for path in declared)
+    assert not any(s in path for path in declared for s in ("optuna", ".db", ".log", "/trials/", "mlflow"))
+    assert {"data/mnist5k.safetensors", values["teacher"], values["dataset"]} >= set(stage["deps"])
+
+
 def test_mlproject_entry_points() -> None:
     project = yaml.safe_load((ROOT / "MLproject").read_text())
-    assert {"prepare", "train", "evaluate", "robustify", "report"} <= set(project["entry_points"])
+    assert {"prepare", "train", "evaluate", "robustify", "report", "tune"} <= set(project["entry_points"])
     assert "students.{method}" in project["entry_points"]["train"]["command"]
     assert (ROOT / project["python_env"]).is_file()
 

@@ -1,0 +1,294 @@
+"""`rrm tune` on digits: a tracked study with plots, pruning, bad input, two workers on a journal file, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib.image
+import optuna
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from rrm import cli as rrm_cli
+from rrm.errors import RRMError
+from rrm.tune import TuneConfig, parse_range, storage_label
+
+ROOT = Path(__file__).resolve().parents[1]
+# One epoch of a BatchNorm CNN student on digits, scored by APGD on 64 validation images: about a second a trial.
+SMALL = ["--dataset", "digits", "--model", "cnn-bn", "--eps", "0.1", "--epochs", "1", "--lr", "0.05",
+         "--attack-examples", "64", "--attack-steps", "5", "--test-examples", "64", "--test-steps", "5",
+         "--best-trials", "2"]
+
+
+@pytest.fixture(autouse=True)
+def project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    for key in (*rrm_cli._FAIL_FAST_ENV, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tmp_path
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> str:
+    """A small SAT teacher on digits (2 epochs; robustness is not what these tests check)."""
+    from rrm.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("tune-teacher")
+    cfg = TrainConfig(dataset="digits", model="cnn", method="sat", epochs=2, lr=0.05, eps=0.1, monitor_examples=0,
+                      progress=False, out_dir=str(out))
+    return str(train(cfg).model_path)
+
+
+def rrm(*args: str):
+    return CliRunner().invoke(rrm_cli.cli, [str(a) for a in args])
+
+
+def _runs(project: Path, experiment: str = "rrm"):
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id]) if found else []
+    parents = [r for r in runs if r.data.tags.get("rrm.kind") == "study"]
+    children = [r for r in runs if r.data.tags.get("rrm.kind") == "trial"]
+    return client, parents, children
+
+
+def _png(path: Path) -> None:
+    assert path.is_file() and path.stat().st_size > 1000, path
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def _worker_env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+
+
+def test_small_study_records_every_trial_as_a_child_run_and_writes_the_plots(project, teacher):
+    result = rrm("tune", "--method", "rrm", "--teacher", teacher, *SMALL, "--n-trials", "3", "--study-name", "s")
+    assert result.exit_code == 0, result.output
+    assert len(re.findall(r"^trial \d+ complete: lambda=", result.stderr, re.M)) == 3, result.stderr
+
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{project}/optuna.db")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert all(1e-5 <= t.params["lambda"] <= 1 for t in study.trials)
+
+    client, parents, children = _runs(project)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert len(children) == 3
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert sorted(int(c.data.tags["optuna.trial"]) for c in children) == [0, 1, 2]
+    by_number = {t.number: t for t in study.trials}
+    for child in children:
+        trial = by_number[int(child.data.tags["optuna.trial"])]
+        assert child.info.status == "FINISHED" and child.data.tags["optuna.state"] == "COMPLETE"
+        assert float(child.data.params["lambda"]) == pytest.approx(trial.params["lambda"])
+        history = client.get_metric_history(child.info.run_id, "val_apgd_accuracy")
+        assert [m.step for m in history] == [1]
+        assert child.data.metrics["val_natural_accuracy"] == pytest.approx(trial.values[0])
+
+    out = project / "runs" / "tune" / "s"
+    for name in ("pareto_front.png", "lambda_vs_accuracy.png", "optimization_history.png"):
+        _png(out / name)
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"pareto_front.png", "lambda_vs_accuracy.png", "optimization_history.png", "results.json",
+            "trials.csv"} <= logged
+    results = json.loads((out / "results.json").read_text())
+    assert results["trials"]["complete"] == 3 and results["finished_trials"] == 3
+    assert results["best"], "the Pareto front is never empty"
+    for best in results["best"].values():
+        assert 0 <= best["test"]["adversarial_accuracy"] <= best["test"]["natural_accuracy"] <= 1
+    assert json.loads(parent.data.tags["rrm.best_trials"]) == [int(k.split("_")[1]) for k in results["best"]]
+    assert len((out / "trials.csv").read_text().strip().splitlines()) == 4
+
+    # Run again with the same target: nothing to do, nothing new recorded, the parent run reused.
+    again = rrm("tune", "--method", "rrm", "--teacher", teacher, *SMALL, "--n-trials", "3", "--study-name", "s")
+    assert again.exit_code == 0, again.output
+    assert "3/3 finished trials (0 run now" in again.output
+    _, parents, children = _runs(project)
+    assert len(parents) == 1 and len(children) == 3
+
+
+def test_pruned_trials_are_recorded_as_pruned(project, teacher):
+    # Threshold 1.0: any APGD accuracy below 100% after an epoch stops the trial, so every trial is pruned.
+    result = rrm("tune", "--method", "kd", "--teacher", teacher, *SMALL, "--epochs", "3", "--n-trials", "2",
+                 "--mode", "constrained", "--pruner", "threshold", "--prune-below", "1.0", "--study-name", "p")
+    assert result.exit_code == 0, result.output
+    study = optuna.load_study(study_name="p", storage=f"sqlite:///{project}/optuna.db")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
+    assert all(t.last_step == 1 and set(t.params) == {"temperature", "alpha"} for t in study.trials)
+    client, parents, children = _runs(project)
+    assert len(children) == 2
+    for child in children:
+        assert child.info.status == "KILLED" and child.data.tags["optuna.state"] == "PRUNED"
+        assert "pruned" in child.data.tags["rrm.stopped"]
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_apgd_accuracy")] == [1]
+    results = json.loads((project / "runs" / "tune" / "p" / "results.json").read_text())
+    assert results["trials"]["pruned"] == 2 and results["best"] == {}
+    assert "trial 0 pruned" in result.stderr
+    _png(project / "runs" / "tune" / "p" / "temperature_vs_accuracy.png")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--method", "bogus"], "unknown tuning method 'bogus'"),
+    (["--mode", "both"], "unknown tuning mode 'both'"),
+    (["--range", "lambda=1,1e-5"], "range of lambda [1, 1e-05] is inverted"),
+    (["--range", "lambda=0.1,0.1"], "range of lambda [0.1, 0.1] is empty"),
+    (["--range", "lambda=0,1"], "log scale and must be > 0"),
+    (["--range", "lambda=1e-3"], "a range is LOW,HIGH"),
+    (["--range", "temperature=1,50"], "unknown parameter to tune for 'rrm' 'temperature'"),
+    (["--method", "kd", "--range", "alpha=0,2"], "alpha must be in [0, 1]"),
+    (["--knobs", "momentum"], "unknown parameter to tune"),
+    (["--pruner", "median"], "needs --mode constrained"),
+    (["--mode", "constrained", "--pruner", "sometimes"], "unknown pruner 'sometimes'"),
+    (["--n-trials", "0"], "n_trials must be >= 1"),
+    (["--storage", "somewhere"], "is not a URL"),
+    (["--storage", "notadb://x"], "unknown database kind 'notadb'"),
+])
+def test_bad_input_fails_before_any_trial(project, teacher, args, message):
+    result = rrm("tune", "--teacher", teacher, *SMALL, "--n-trials", "2", *args)
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.stderr
+    assert not (project / "optuna.db").exists() and not (project / "runs").exists()
+    assert not (project / "mlflow.db").exists()
+
+
+def test_missing_teacher_and_unreachable_postgres_fail_fast(project, teacher):
+    result = rrm("tune", *SMALL)
+    assert result.exit_code == 1 and "needs a teacher" in result.stderr
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    result = rrm("tune", "--teacher", teacher, *SMALL, "--storage", f"postgresql://u:secret@127.0.0.1:{port}/db")
+    assert time.monotonic() - started < 30
+    assert result.exit_code == 1, result.output
+    line = result.stderr.strip()
+    # Without a PostgreSQL driver installed the fix is to install one; with one, the server is down.
+    assert ("pip install psycopg" in line or "cannot open the Optuna storage" in line), line
+    assert "secret" not in line and line.count("\n") == 0
+    assert not (project / "mlflow.db").exists() and not (project / "runs").exists()
+
+
+def test_a_study_made_with_other_settings_is_refused(project, teacher):
+    common = ["tune", "--teacher", teacher, *SMALL, "--n-trials", "1", "--no-track", "--study-name", "x"]
+    assert rrm(*common).exit_code == 0
+    result = rrm(*common, "--range", "lambda=1e-3,1e-1")
+    assert result.exit_code == 1 and "made with other settings (ranges)" in result.stderr, result.output
+    study = optuna.load_study(study_name="x", storage=f"sqlite:///{project}/optuna.db")
+    assert len(study.trials) == 1
+
+
+def test_two_workers_share_one_journal_study(project, teacher):
+    journal = project / "study.log"
+    command = [sys.executable, "-m", "rrm.cli", "tune", "--teacher", teacher, *SMALL, "--n-trials", "6",
+               "--storage", f"journal:{journal}", "--study-name", "shared", "--no-track", "--best-trials", "1"]
+    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=_worker_env()) for _ in range(2)]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    for worker, (out, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err
+    ran = [int(re.search(r"\((\d+) run now", out).group(1)) for out, _ in outputs]
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    trials = optuna.load_study(study_name="shared", storage=storage).trials
+    numbers = [t.number for t in trials]
+    assert sorted(numbers) == list(range(len(trials))), "no trial lost or duplicated"
+    assert sum(ran) == len(trials), (ran, len(trials))
+    # Both may start their last trial at the same instant: at most one trial past the target.
+    assert 6 <= len(trials) <= 7 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    logged = [line for _, err in outputs for line in err.splitlines() if line.startswith("trial ")]
+    assert sorted(int(line.split()[1]) for line in logged) == numbers
+    assert len({json.dumps(t.params) for t in trials}) == len(trials), "the workers sampled different points"
+
+
+def test_an_interrupted_study_resumes_instead_of_starting_over(project, teacher):
+    url = f"sqlite:///{project}/optuna.db"
+    command = [sys.executable, "-m", "rrm.cli", "tune", "--teacher", teacher, *SMALL, "--epochs", "2",
+               "--n-trials", "50", "--study-name", "r", "--no-track"]
+    worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_worker_env())
+    deadline = time.monotonic() + 240
+    complete, training = [], []
+    try:  # kill it while it trains its third (or later) trial
+        while time.monotonic() < deadline and (len(complete) < 2 or not training):
+            time.sleep(0.5)
+            if not (project / "optuna.db").exists():
+                continue
+            try:
+                trials = optuna.load_study(study_name="r", storage=url).trials
+            except Exception:  # noqa: BLE001 - not created yet, or its tables are being made
+                continue
+            complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+            training = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and t.params]
+    finally:
+        worker.kill()
+        worker.wait()
+    assert len(complete) >= 2 and training, "the first worker never got to its third trial"
+    before = {t.number: t for t in optuna.load_study(study_name="r", storage=url).trials}
+    kept = {n: t.params for n, t in before.items() if t.state == optuna.trial.TrialState.COMPLETE}
+    zombies = [n for n, t in before.items() if t.state == optuna.trial.TrialState.RUNNING]
+    assert zombies
+
+    target = len(kept) + 2
+    result = rrm("tune", "--teacher", teacher, *SMALL, "--epochs", "2", "--n-trials", str(target),
+                 "--study-name", "r", "--no-track")
+    assert result.exit_code == 0, result.output
+    assert f"{target}/{target} finished trials (2 run now" in result.output
+    after = optuna.load_study(study_name="r", storage=url).trials
+    for number, params in kept.items():  # the earlier trials are kept as they were
+        assert after[number].state == optuna.trial.TrialState.COMPLETE and after[number].params == params
+    for number in zombies:  # the trial the kill interrupted is failed, not counted and not resumed
+        assert after[number].state == optuna.trial.TrialState.FAIL
+        assert f"trial {number} was left running by a worker that died" in result.stderr
+    assert len(after) == len(before) + 2
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in after) == target
+
+
+def test_ranges_labels_and_settings():
+    assert parse_range("1e-5,1") == (1e-5, 1.0) and parse_range([1, 50]) == (1.0, 50.0)
+    with pytest.raises(RRMError, match="LOW,HIGH"):
+        parse_range("1,2,3")
+    assert storage_label("postgresql://me:pw@db:5432/optuna") == "postgresql://me:***@db:5432/optuna"
+    cfg = TuneConfig(method="kdiga", ranges={"lr": (0.01, 0.1)})
+    assert cfg.tuned == ("gamma", "temperature", "lr")
+    assert cfg.name == "kdiga-cnn-mnist5k" and cfg.pruner_name == "none"
+    assert TuneConfig(mode="constrained").pruner_name == "median"
+
+
+def test_only_rrm_tune_imports_optuna_and_the_training_core_imports_neither():
+    importers = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "rrm").rglob("*.py")
+                       if re.search(r"^\s*(import|from) optuna", p.read_text(), re.M))
+    assert importers == ["rrm/tune.py"]
+    script = "import sys, rrm.train, rrm.cli; assert not {'optuna', 'mlflow'} & set(sys.modules), sys.modules.keys()"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_worker_env(),
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_trials_of_dead_or_missing_workers_are_failed(monkeypatch):
+    from rrm import tune
+
+    study = optuna.create_study()
+    mine, dead, orphan = study.ask(), study.ask(), study.ask()
+    mine.set_user_attr("rrm.worker", tune._worker())
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead.set_user_attr("rrm.worker", {"host": socket.gethostname(), "pid": int(gone.stdout)})
+    assert [t.number for t in tune._abandon_dead_trials(study)] == [dead.number]  # the orphan is still young
+    monkeypatch.setattr(tune, "ORPHAN_SECONDS", 0)
+    assert [t.number for t in tune._abandon_dead_trials(study)] == [orphan.number]
+    assert [t.state.name for t in study.trials] == ["RUNNING", "FAIL", "FAIL"]
+    assert tune._counts(study) == (0, 1)
