@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -216,28 +218,38 @@ def test_two_workers_share_one_journal_study(project, teacher):
     assert len({json.dumps(t.params) for t in trials}) == len(trials), "the workers sampled different points"
 
 
+def _trial_states(db: Path) -> list[tuple[str, int]]:
+    """(state, number of parameters) per trial, read-only: optuna.load_study would create the tables the worker is
+    creating at that moment, and the two may collide."""
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+        return con.execute("SELECT t.state, COUNT(p.param_id) FROM trials t "
+                           "LEFT JOIN trial_params p ON p.trial_id = t.trial_id GROUP BY t.trial_id").fetchall()
+
+
 def test_an_interrupted_study_resumes_instead_of_starting_over(project, teacher):
     url = f"sqlite:///{project}/optuna.db"
     command = [sys.executable, "-m", "rrm.cli", "tune", "--teacher", teacher, *SMALL, "--epochs", "2",
                "--n-trials", "50", "--study-name", "r", "--no-track"]
-    worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_worker_env())
+    log = project / "worker.log"
+    with log.open("w") as err:
+        worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env=_worker_env())
     deadline = time.monotonic() + 240
-    complete, training = [], []
+    states: list[tuple[str, int]] = []
     try:  # kill it while it trains its third (or later) trial
-        while time.monotonic() < deadline and (len(complete) < 2 or not training):
+        while time.monotonic() < deadline and worker.poll() is None:
             time.sleep(0.5)
-            if not (project / "optuna.db").exists():
-                continue
             try:
-                trials = optuna.load_study(study_name="r", storage=url).trials
-            except Exception:  # noqa: BLE001 - not created yet, or its tables are being made
+                states = _trial_states(project / "optuna.db")
+            except sqlite3.Error:  # not created yet, its tables are being made, or it is writing
                 continue
-            complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-            training = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and t.params]
+            if sum(s == "COMPLETE" for s, _ in states) >= 2 and any(s == "RUNNING" and n for s, n in states):
+                break
     finally:
         worker.kill()
         worker.wait()
-    assert len(complete) >= 2 and training, "the first worker never got to its third trial"
+    reached = sum(s == "COMPLETE" for s, _ in states) >= 2 and any(s == "RUNNING" for s, _ in states)
+    assert reached, f"the worker never got to its third trial: {states}\n" \
+        + log.read_text()[-3000:]
     before = {t.number: t for t in optuna.load_study(study_name="r", storage=url).trials}
     kept = {n: t.params for n, t in before.items() if t.state == optuna.trial.TrialState.COMPLETE}
     zombies = [n for n, t in before.items() if t.state == optuna.trial.TrialState.RUNNING]
