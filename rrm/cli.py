@@ -28,7 +28,7 @@ from rrm.errors import RRMError, unknown
 from rrm.evaluate import ATTACKS, TRANSFER_ATTACKS, EvalConfig
 from rrm.models import ARCHITECTURES
 from rrm.params import read_section
-from rrm.train import FEATURE_LOSSES, METHODS, PRECISIONS, SCHEDULES, TrainConfig, get_method
+from rrm.train import FEATURE_LOSSES, MATCH_INPUTS, METHODS, PRECISIONS, SCHEDULES, TrainConfig, get_method
 
 # MLflow retries an unreachable server 7 times with exponential backoff (minutes) and waits up to 120 s for each
 # answer; the command line gives up in seconds instead (under a minute for a server that accepts but never answers).
@@ -232,6 +232,10 @@ _TRAIN_HELP = {
     "teacher": "Teacher of rrm/kd/kdiga: a model file or a registry URI such as models:/rrm-teacher@champion.",
     "lam": "RRM's lambda, the weight of the cross-entropy term (> 0; the paper's plateau is 5e-5 to 1e-2).",
     "feature_loss": f"RRM's feature loss: {', '.join(FEATURE_LOSSES)}.",
+    "match_inputs": f"RRM: where features are matched: {', '.join(MATCH_INPUTS)} (the last three add a perturbed "
+                    "copy of each batch; teacher-* attack the teacher only).",
+    "kd_weight": "RRM: weight of a KD term on the teacher's logits at --temperature (0: off).",
+    "iga_weight": "RRM: weight of KDIGA's input-gradient alignment (0: off).",
     "temperature": "KD / KDIGA temperature.",
     "alpha": "KD / KDIGA weight of the distillation term.",
     "gamma": "KDIGA weight of input-gradient alignment.",
@@ -605,7 +609,7 @@ _TUNE_TRAIN = ("dataset", "model", "teacher", "norm", "eps", "epochs", "lr", "ba
 @click.option("--epochs", type=int, help="Epochs per trial (unless tuned). [default: 10]")
 @click.option("--lr", type=float, help="Learning rate (unless tuned). [default: 0.1]")
 @click.option("--batch-size", type=int, help="Batch size. [default: 128]")
-@click.option("--feature-loss", help="RRM's feature loss: cosine or l2. [default: cosine]")
+@click.option("--feature-loss", help=f"RRM's feature loss: {', '.join(FEATURE_LOSSES)}. [default: cosine]")
 @click.option("--feature-dim", type=int, help="Add a linear layer so the student's features match the teacher's.")
 @click.option("--width", type=float, help="Channel width multiplier. [default: 1]")
 @click.option("--device", help="auto, cpu, cuda, cuda:N or mps. [default: auto]")

@@ -448,6 +448,10 @@ def open_study(cfg: TuneConfig, storage: optuna.storages.BaseStorage) -> optuna.
                        f"{' '.join(str(exc).split())[:300]}") from None
     settings = cfg.settings()
     saved = study.user_attrs.get("rrm.settings")
+    if saved is not None and isinstance(saved.get("train"), dict):
+        # A study made before a training option existed ran with that option's default.
+        defaults = json.loads(json.dumps(TrainConfig().to_dict()))
+        saved = {**saved, "train": {**{k: defaults[k] for k in settings["train"] if k in defaults}, **saved["train"]}}
     if saved is None:
         study.set_user_attr("rrm.settings", settings)
     elif saved != settings:

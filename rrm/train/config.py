@@ -10,7 +10,10 @@ from rrm.errors import RRMError, unknown
 
 SCHEDULES = ("constant", "cosine", "step", "cyclic")
 PRECISIONS = ("fp32", "bf16", "fp16")
-FEATURE_LOSSES = ("cosine", "l2")
+FEATURE_LOSSES = ("cosine", "l2", "direction-norm")
+MATCH_INPUTS = ("clean", "noise", "teacher-fgsm", "teacher-pgd")
+# RRM's matching-variant options and the values that give the paper's method.
+RRM_VARIANT_DEFAULTS = {"match_inputs": "clean", "kd_weight": 0.0, "iga_weight": 0.0}
 
 
 @dataclass
@@ -43,7 +46,12 @@ class TrainConfig:
     # transfer methods
     teacher: str | None = None  # a model file, or a registry URI such as models:/rrm-teacher@champion
     lam: float = 5e-3  # RRM's lambda: weight of the cross-entropy term
-    feature_loss: str = "cosine"  # cosine | l2
+    feature_loss: str = "cosine"  # cosine | l2 | direction-norm
+    # RRM's matching variants: where features are matched (clean, noise: clean plus one random point of the eps-ball,
+    # teacher-fgsm / teacher-pgd: clean plus an attack crafted on the teacher), and optional KD / KDIGA terms
+    match_inputs: str = "clean"
+    kd_weight: float = 0.0  # rrm: weight of the teacher-logit KD term (at `temperature`)
+    iga_weight: float = 0.0  # rrm: weight of KDIGA's input-gradient alignment
     temperature: float = 30.0  # KD / KDIGA
     alpha: float = 1.0  # KD / KDIGA: weight of the distillation term
     gamma: float = 1.0  # KDIGA: weight of input-gradient alignment
@@ -105,6 +113,15 @@ class TrainConfig:
                            "the paper's plateau is 5e-5 to 1e-2")
         if self.feature_loss not in FEATURE_LOSSES:
             raise unknown("feature loss", self.feature_loss, FEATURE_LOSSES)
+        if self.match_inputs not in MATCH_INPUTS:
+            raise unknown("match inputs", self.match_inputs, MATCH_INPUTS)
+        for name in ("kd_weight", "iga_weight"):
+            value = getattr(self, name)
+            need(value >= 0 and math.isfinite(value), f"{name} must be a number >= 0 (0 turns the term off), got {value}")
+        changed = [name for name, default in RRM_VARIANT_DEFAULTS.items() if getattr(self, name) != default]
+        need(self.method == "rrm" or not changed,
+             f"{', '.join(changed)} {'is an option' if len(changed) == 1 else 'are options'} of method 'rrm', not "
+             f"{self.method!r}; use --method rrm, or leave {'it' if len(changed) == 1 else 'them'} at the default")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         need(0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha}")
         need(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")

@@ -161,7 +161,19 @@ class TeacherMethod(Method):
 
 
 class RRM(TeacherMethod):
-    """Robust Representation Matching: ``lambda * CE(S(x), y) + L_R(g_S(x), g_T(x))`` on clean inputs."""
+    """Robust Representation Matching: ``lambda * CE(S(x), y) + L_R(g_S(x), g_T(x))`` on clean inputs.
+
+    The matching variants (none attacks the student) change only what the loss sees:
+
+    - ``match_inputs``: ``clean`` (the paper); ``noise`` adds one uniform random point of the eps-ball; ``teacher-fgsm``
+      (random start, step 1.25 * eps) and ``teacher-pgd`` (``attack_steps`` of PGD) add an attack crafted on the
+      frozen teacher with the true labels. Clean and perturbed images go through each model as one batch;
+      ``L_R`` (and the KD term) average over both halves, the cross-entropy and the returned logits are the clean
+      half's, so ``lambda`` keeps its meaning.
+    - ``feature_loss``: ``cosine``, ``l2`` or ``direction-norm``.
+    - ``kd_weight * KD(S, T)`` on the teacher's logits at ``temperature``, and ``iga_weight`` times KDIGA's
+      input-gradient alignment (the student's gradient by double backpropagation, the teacher's a constant).
+    """
 
     name = "rrm"
 
@@ -171,15 +183,67 @@ class RRM(TeacherMethod):
             raise RRMError(f"student {model.spec['name']!r} has {model.feature_dim}-d features but the teacher has "
                            f"{self.teacher.feature_dim}-d; pass --feature-dim {self.teacher.feature_dim}")
 
+    @property
+    def step_size(self) -> float:
+        c = self.cfg
+        if c.step_size is None and c.match_inputs == "teacher-fgsm":
+            return 1.25 * c.eps  # Wong et al.'s FGSM step, as in `fast`
+        return super().step_size
+
+    def matched_inputs(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The images whose features are matched: ``x`` alone, or ``x`` followed by its perturbed copy."""
+        c = self.cfg
+        if c.match_inputs == "clean":
+            return x
+        if c.match_inputs == "noise":
+            perturbed = x + random_perturbation(x, c.norm, c.eps)
+        elif c.match_inputs == "teacher-fgsm":  # attacks differentiate the input only: no gradient reaches the teacher
+            perturbed = fgsm(self.teacher, x, y, norm=c.norm, eps=c.eps, step_size=self.step_size, random_start=True)
+        else:
+            perturbed = pgd(self.teacher, x, y, norm=c.norm, eps=c.eps, step_size=self.step_size,
+                            steps=c.attack_steps, random_start=c.random_start)
+        return torch.cat([x, perturbed.detach()])
+
     def loss(self, model, x, y):
+        c = self.cfg
+        inputs = self.matched_inputs(x, y)
+        labels = y.repeat(len(inputs) // len(y))
+        terms: Terms = {}
+        if c.iga_weight:
+            features, logits, student_grad = _features_and_input_gradient(model, inputs, labels, create_graph=True)
+            target, teacher_logits, teacher_grad = _features_and_input_gradient(self.teacher, inputs, labels,
+                                                                                create_graph=False)
+            target, teacher_logits = target.detach(), teacher_logits.detach()
+            terms["alignment"] = input_gradient_alignment(student_grad, teacher_grad)
+        else:
+            features = model.features(inputs)
+            logits = model.head(features)
+            with torch.no_grad():
+                target = self.teacher.features(inputs)
+                teacher_logits = self.teacher.head(target) if c.kd_weight else None
+        clean_logits = logits[: len(y)]
+        ce = F.cross_entropy(clean_logits.float(), y)
+        representation = FEATURE_LOSSES[c.feature_loss](features, target)
+        loss = c.lam * ce + representation
+        if c.kd_weight:
+            terms["kd"] = kd_loss(logits, teacher_logits, c.temperature)
+            loss = loss + c.kd_weight * terms["kd"]
+        if c.iga_weight:
+            loss = loss + c.iga_weight * terms["alignment"]
+        return {"loss": loss, "logits": clean_logits, "ce": ce, "representation": representation, **terms}
+
+
+def _features_and_input_gradient(
+    model: Classifier, x: torch.Tensor, y: torch.Tensor, create_graph: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Penultimate features, logits and per-example ``grad_x CE`` from one forward pass (see ``input_gradient``)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
         features = model.features(x)
         logits = model.head(features)
-        with torch.no_grad():
-            target = self.teacher.features(x)
-        ce = F.cross_entropy(logits.float(), y)
-        representation = FEATURE_LOSSES[self.cfg.feature_loss](features, target)
-        return {"loss": self.cfg.lam * ce + representation, "logits": logits, "ce": ce,
-                "representation": representation}
+        loss = F.cross_entropy(logits.float(), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x, create_graph=create_graph)
+    return features, logits, grad
 
 
 class KD(TeacherMethod):
