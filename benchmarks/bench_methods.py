@@ -3,10 +3,12 @@
 Each method's ``train_batch`` runs on the same batches of real data through the same optimiser step the trainer
 uses. Methods take turns in rounds (natural, rrm, ..., natural, rrm, ...) and the median step time per method is
 reported, so drifts in machine load hit every method alike. Free AT replays each batch m times and counts each
-replay as an epoch, so its cost is reported per replay.
+replay as an epoch, so its cost is reported per replay. RRM's matching variants (``rrm:...``) are timed beside the
+methods, teacher passes and teacher attacks included, and every row is given as a ratio to natural and to SAT.
 
     python benchmarks/bench_methods.py                      # mnist5k, cnn-bn student, cnn teacher
     python benchmarks/bench_methods.py --student resnet8 --teacher resnet8 --dataset digits
+    python benchmarks/bench_methods.py --only natural,sat,rrm,rrm:teacher-pgd
 """
 
 from __future__ import annotations
@@ -22,6 +24,16 @@ from rrm.models import build_model
 from rrm.train import METHODS, TrainConfig
 
 ORDER = ["natural", "rrm", "kd", "kdiga", "sat", "pgd-fast", "free", "fast"]
+# RRM's matching variants: the options each adds to the paper's RRM (method rrm, clean inputs, cosine).
+VARIANTS = {
+    "rrm:direction-norm": dict(feature_loss="direction-norm"),
+    "rrm:kd": dict(kd_weight=1.0),
+    "rrm:iga": dict(iga_weight=1.0),
+    "rrm:noise": dict(match_inputs="noise"),
+    "rrm:teacher-fgsm": dict(match_inputs="teacher-fgsm"),
+    "rrm:teacher-pgd": dict(match_inputs="teacher-pgd"),
+    "rrm:teacher-pgd+dn+kd": dict(match_inputs="teacher-pgd", feature_loss="direction-norm", kd_weight=1.0),
+}
 
 
 def main() -> None:
@@ -33,7 +45,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per method per round")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--only", help="comma-separated rows to time (natural and sat are always timed), "
+                                       f"from: {', '.join([*ORDER, *VARIANTS])}")
     args = parser.parse_args()
+    names = [*ORDER, *VARIANTS]
+    if args.only:
+        asked = args.only.split(",")
+        unknown = sorted(set(asked) - set(names))
+        if unknown:
+            parser.error(f"unknown rows {unknown}; choose from: {', '.join(names)}")
+        names = [n for n in names if n in {"natural", "sat", *asked}]
 
     torch.manual_seed(0)
     data = load_dataset(args.dataset)
@@ -46,8 +67,9 @@ def main() -> None:
     batch_list = [(x.contiguous(memory_format=memory), y) for x, y in batch_list]
 
     runners = {}
-    for name in ORDER:
-        cfg = TrainConfig(method=name, eps=0.3, attack_steps=7, replays=8, lam=0.5)
+    for name in names:
+        method_name = name.split(":")[0]
+        cfg = TrainConfig(method=method_name, eps=0.3, attack_steps=7, replays=8, lam=0.5, **VARIANTS.get(name, {}))
         student = build_model(args.student, **kw, feature_dim=feature_dim).to(memory_format=memory).train()
         optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
 
@@ -56,12 +78,12 @@ def main() -> None:
             loss.backward()
             optimizer.step()
 
-        method = METHODS[name](cfg, teacher if METHODS[name].needs_teacher else None)
+        method = METHODS[method_name](cfg, teacher if METHODS[method_name].needs_teacher else None)
         runners[name] = (method, student, step)
 
-    times: dict[str, list[float]] = {name: [] for name in ORDER}
+    times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(args.rounds + 1):  # round 0 warms up allocators and kernels and is discarded
-        for name in ORDER:
+        for name in names:
             method, student, step = runners[name]
             started = time.perf_counter()
             for x, y in batch_list[: args.steps]:
@@ -70,13 +92,13 @@ def main() -> None:
             if r:
                 times[name].append(per_step)
 
-    natural = statistics.median(times["natural"])
+    natural, sat = statistics.median(times["natural"]), statistics.median(times["sat"])
     print(f"dataset={args.dataset} student={args.student} teacher={args.teacher} batch={args.batch_size} "
           f"threads={torch.get_num_threads()} channels_last={args.channels_last} rounds={args.rounds}")
-    print(f"{'method':<10}{'ms/step':>10}{'x natural':>11}")
-    for name in ORDER:
+    print(f"{'method':<24}{'ms/step':>10}{'x natural':>11}{'x sat':>8}")
+    for name in names:
         med = statistics.median(times[name])
-        print(f"{name:<10}{med * 1000:>10.1f}{med / natural:>11.2f}")
+        print(f"{name:<24}{med * 1000:>10.1f}{med / natural:>11.2f}{med / sat:>8.2f}")
 
 
 if __name__ == "__main__":
