@@ -244,6 +244,9 @@ _TRAIN_HELP = {
     "seed": "Random seed.",
     "deterministic": "Use deterministic algorithms (slower).",
     "channels_last": "Channels-last memory format (faster for conv nets).",
+    "compile": "torch.compile the model's features (and the teacher's): faster on GPUs after a compile pause.",
+    "data_on_device": "Keep the whole training set on the device and batch there (data that fits in its memory).",
+    "sync_batchnorm": "Under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm).",
     "monitor_examples": "Test images attacked after each epoch (0 turns the monitor off).",
     "monitor_steps": "PGD steps of the per-epoch monitor.",
     "out_dir": "Directory for checkpoint.pt, model.pt and train_metrics.json.",
@@ -295,9 +298,11 @@ def train(no_track: bool, experiment: str, run_name: str | None, **options) -> N
       rrm train --method sat --dataset mnist5k --eps 0.3 --epochs 15 --out-dir runs/teacher
       rrm train --method rrm --model cnn-bn --teacher models:/rrm-teacher@champion --lambda 0.5 --out-dir runs/rrm
       rrm train --params params.yaml --section train_teacher --epochs 2    # file values, one flag overridden
+      torchrun --nproc-per-node 2 -m rrm.cli train --method rrm ...       # data-parallel; --batch-size is global
     """
     from rrm.data import load_dataset
     from rrm.train import train as run_training
+    from rrm.train.distributed import is_main
 
     options["extra"] = _key_values(options["extra"], "--extra")
     cfg = TrainConfig.from_dict(options).validate()
@@ -305,7 +310,7 @@ def train(no_track: bool, experiment: str, run_name: str | None, **options) -> N
     if cfg.model not in ARCHITECTURES:
         raise unknown("model", cfg.model, ARCHITECTURES)
     dataset = load_dataset(cfg.dataset)
-    if no_track:
+    if no_track or not is_main():  # under torchrun only rank 0 records the run
         if _from_registry(cfg.teacher):
             _tracking()  # the teacher still comes from the registry
         result = run_training(cfg, data=dataset)
@@ -315,6 +320,8 @@ def train(no_track: bool, experiment: str, run_name: str | None, **options) -> N
         with tracking.MlflowCallback(experiment=experiment, run_name=run_name) as tracker:
             result = run_training(cfg, data=dataset, callbacks=[tracker])
         run_line = f"\nMLflow run {tracker.run_id} in experiment {experiment!r} ({tracking.tracking_uri()})"
+    if not is_main():
+        return
     s = result.summary
     robust = f", monitored robust accuracy {s['monitor_robust_accuracy']:.4f}" if "monitor_robust_accuracy" in s else ""
     click.echo(f"{cfg.method} {cfg.model} on {s['dataset']}: test accuracy {s['test_accuracy']:.4f}{robust}; "

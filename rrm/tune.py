@@ -147,7 +147,8 @@ class TuneConfig:
     def settings(self) -> dict:
         """What a study's trials depend on; a restart must match them (n_trials and the test budget may change)."""
         base = {k: v for k, v in self.train.to_dict().items()
-                if k not in ("out_dir", "resume", "progress", "device", "monitor_examples", "monitor_steps")}
+                if k not in ("out_dir", "resume", "progress", "device", "monitor_examples", "monitor_steps", "compile",
+                             "data_on_device")}
         return json.loads(json.dumps({
             "method": self.method, "mode": self.mode, "ranges": {k: list(self.range_of(k)) for k in self.tuned},
             "min_natural_accuracy": self.min_natural_accuracy, "pruner": self.pruner_name,
@@ -243,7 +244,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     """The storage behind ``url``, opened now so that a bad or unreachable one fails before any trial.
 
     ``sqlite:///FILE`` (one process at a time), ``journal:FILE`` or ``FILE.log`` (several processes on one host),
-    any SQLAlchemy URL such as ``postgresql://USER:PASSWORD@HOST:PORT/DB`` (many hosts; needs a driver).
+    any SQLAlchemy URL such as ``postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB`` (many hosts; psycopg is a
+    dependency of rrm).
     """
     label = storage_label(url)
     journal = _journal_path(url)
@@ -273,7 +275,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     except ImportError as exc:
         driver = getattr(exc, "name", None) or str(exc)
         raise RRMError(f"storage {label} needs the database driver {driver!r}, which is not installed; install it "
-                       "(PostgreSQL: pip install psycopg2-binary, or psycopg with postgresql+psycopg://)") from None
+                       "(PostgreSQL: pip install 'psycopg[binary]' for postgresql+psycopg://)") from None
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many types for a bad URL or a server that is down
         text = " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]
         if "Can't load plugin" in text:

@@ -30,3 +30,22 @@ def digits_teacher(tmp_path_factory, digits):
     cfg = TrainConfig(dataset="digits", model="cnn", method="sat", epochs=8, lr=0.05, eps=0.1, monitor_examples=0,
                       progress=False, out_dir=str(tmp_path_factory.mktemp("teacher")))
     return train(cfg, data=digits)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server on loopback with databases `mlflow` and `optuna` (see tests/_postgres.py).
+
+    Skips when PostgreSQL cannot be started here, with the reason; under CI=true that is a failure instead, since
+    CI installs the package and a skip there would hide a broken team set-up.
+    """
+    import _postgres
+
+    try:
+        with _postgres.running(("mlflow", "optuna")) as server:
+            yield server
+            return
+    except _postgres.Unavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL is required under CI=true but cannot be started: {exc}")
+        pytest.skip(f"PostgreSQL cannot be started here: {exc}")

@@ -154,28 +154,39 @@ def read_dataset(path: str | os.PathLike, verify: bool = True) -> ImageData:
     return data
 
 
-def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator | None = None) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator | None = None,
+                  within: tuple[int, int] | None = None) -> torch.Tensor:
     """Per-dataset training augmentation on a float batch: random crop (zero padding 1/8 of the side) and flip.
 
     Vectorised on the batch's device, so every method sees the same augmentation at no per-image Python cost.
+    ``within=(offset, total)``: ``x`` is rows ``offset:offset + len(x)`` of a batch of ``total``; the random draws
+    are made for the whole batch, so a data-parallel rank augments its share exactly as one process would.
     """
     if kind == "none":
         return x
     n, _, h, w = x.shape
+    offset, total = within or (0, n)
     pad = max(1, h // 8)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     gen_device = generator.device if generator is not None else "cpu"
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gen_device).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gen_device).to(x.device)
+    dy = torch.randint(0, 2 * pad + 1, (total,), generator=generator, device=gen_device)[offset:offset + n].to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (total,), generator=generator, device=gen_device)[offset:offset + n].to(x.device)
     rows = (torch.arange(h, device=x.device)[None, :] + dy[:, None])[:, None, :, None]
     cols = (torch.arange(w, device=x.device)[None, :] + dx[:, None])[:, None, None, :]
     batch = torch.arange(n, device=x.device)[:, None, None, None]
     chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
     out = padded[batch, chans, rows, cols]
     if kind == "crop-flip":
-        flip = (torch.rand(n, generator=generator, device=gen_device) < 0.5).to(x.device)
+        flip = (torch.rand(total, generator=generator, device=gen_device)[offset:offset + n] < 0.5).to(x.device)
         out = torch.where(flip[:, None, None, None], out.flip(3), out)
     return out
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(start, stop) of rank ``rank``'s contiguous share of a batch of ``n``; shares differ by at most one."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
 
 
 def batches(
@@ -189,13 +200,26 @@ def batches(
     device: torch.device | str = "cpu",
     drop_last: bool = False,
     indices: torch.Tensor | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Float batches in [0, 1] on ``device``, optionally shuffled and augmented; ``indices`` restricts to a shard."""
+    """Float batches in [0, 1] on ``device``, optionally shuffled and augmented; ``indices`` restricts to a subset.
+
+    ``shard=(rank, world_size)``: only that rank's share (:func:`shard_bounds`) of each batch, augmented as in the
+    whole batch. A rank whose share of a short last batch is empty gets the batch's first example instead (its
+    weight in the global batch is zero: see :mod:`rrm.train.distributed`). ``x`` may already be on ``device``.
+    """
     order = indices if indices is not None else torch.arange(len(y))
     if shuffle:
         order = order[torch.randperm(len(order), generator=generator)]
     stop = len(order) - (len(order) % batch_size if drop_last else 0)
     for start in range(0, stop, batch_size):
         idx = order[start : start + batch_size]
+        within = None
+        if shard is not None:
+            first, last = shard_bounds(len(idx), *shard)
+            within = (first, len(idx)) if last > first else (0, len(idx))
+            idx = idx[first:last] if last > first else idx[:1]
+        if x.device != idx.device:
+            idx = idx.to(x.device, non_blocking=True)
         xb = to_float(x[idx].to(device, non_blocking=True))
-        yield augment_batch(xb, augment, generator), y[idx].to(device)
+        yield augment_batch(xb, augment, generator, within), y[idx].to(device, non_blocking=True)

@@ -61,6 +61,9 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     channels_last: bool = True
+    compile: bool = False  # torch.compile the model's features (and the teacher's); pays off on GPUs and big models
+    data_on_device: bool = False  # move the training tensors to the device once (datasets that fit in its memory)
+    sync_batchnorm: bool = False  # torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm)
     monitor_examples: int = 256  # test examples attacked after each epoch (0 turns the monitor off)
     monitor_steps: int = 10  # PGD steps of the per-epoch monitor
     out_dir: str = "runs/train"

@@ -1,6 +1,7 @@
 """The one trainer every method runs in: same data pipeline, augmentation, optimiser, precision and timing.
 
-Nothing here imports MLflow, DVC or Optuna: tracking and tuning attach through :class:`Callback`.
+Nothing here imports MLflow, DVC or Optuna: tracking and tuning attach through :class:`Callback`. Under
+``torchrun`` the same function trains data-parallel (see :mod:`rrm.train.distributed`); callbacks run on rank 0 only.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from rrm.errors import RRMError
 from rrm.io import atomic_path, write_json
 from rrm.models import Classifier, build_model, load_model, save_model
 from rrm.stats import epoch_time_stats
+from rrm.train import distributed
 from rrm.train.config import TrainConfig
 from rrm.train.methods import Method, get_method
 
@@ -178,7 +180,8 @@ def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
         raise RRMError(f"checkpoint {str(path)!r} is corrupt ({type(exc).__name__}); delete it to start over") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise RRMError(f"{str(path)!r} is not an rrm training checkpoint; delete it to start over")
-    saved = {k: v for k, v in state["config"].items() if k not in ("resume", "progress", "device", "epochs")}
+    same_result = ("resume", "progress", "device", "epochs", "compile", "data_on_device")  # may change on resume
+    saved = {k: v for k, v in state["config"].items() if k not in same_result}
     now = {k: v for k, v in cfg.to_dict().items() if k in saved}
     changed = sorted(k for k in saved if saved[k] != now[k] and not (isinstance(saved[k], (list, tuple))
                                                                       and list(saved[k]) == list(now[k] or [])))
@@ -198,12 +201,27 @@ def train(
     """Train ``cfg.model`` with ``cfg.method``; writes checkpoint, model and metrics under ``cfg.out_dir``.
 
     ``data`` and ``teacher`` may be passed in already loaded (tests, tuning); otherwise they are loaded from
-    ``cfg.dataset`` and ``cfg.teacher``.
+    ``cfg.dataset`` and ``cfg.teacher``. Started by ``torchrun`` with several processes, every process calls this
+    and they train data-parallel with ``cfg.batch_size`` as the global batch; only rank 0 writes files and runs
+    ``callbacks``, and every rank returns the same result.
     """
     cfg.validate()
+    get_method(cfg.method)
+    ctx, device = distributed.setup(resolve_device(cfg.device), cfg.batch_size)
+    try:
+        return _train(cfg, ctx, device, callbacks, data, teacher)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(cfg: TrainConfig, ctx: distributed.Context, device: torch.device, callbacks, data: ImageData | None,
+           teacher: Classifier | None) -> TrainResult:
     method_cls = get_method(cfg.method)
-    device = resolve_device(cfg.device)
+    if cfg.sync_batchnorm and not (ctx.enabled and device.type == "cuda"):
+        raise RRMError("--sync-batchnorm needs torchrun with several processes on CUDA; without it each rank "
+                       "normalises with its own share of the batch (drop the flag)")
     seed_everything(cfg.seed, cfg.deterministic)
+    callbacks = callbacks if ctx.is_main else ()
     data = data if data is not None else load_dataset(cfg.dataset)
     if method_cls.needs_teacher:
         if teacher is None:
@@ -219,6 +237,17 @@ def train(
         model = model.to(memory_format=torch.channels_last)
         if teacher is not None:
             teacher = teacher.to(memory_format=torch.channels_last)
+    if ctx.enabled:
+        distributed.broadcast_parameters(model)
+        if cfg.sync_batchnorm:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.compile:  # features, not __call__: the methods call features/head directly; state_dict keys unchanged
+        model.features = torch.compile(model.features)
+        if teacher is not None:
+            teacher.features = torch.compile(teacher.features)
+    train_x, train_y = data.train_x, data.train_y
+    if cfg.data_on_device:  # batches are then gathered on the device: no host-to-device copy per step
+        train_x, train_y = train_x.to(device), train_y.to(device)
 
     passes = math.ceil(cfg.epochs / method.epochs_per_pass)
     steps_per_pass = math.ceil(len(data.train_y) / cfg.batch_size) * method.epochs_per_pass
@@ -252,9 +281,14 @@ def train(
         np.random.set_state(("MT19937", state["rng"]["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
         random.setstate((3, tuple(state["rng"]["python"]), None))
 
+    params = list(model.parameters())
+    shard_weight = 1.0  # this rank's share of the current global batch
+
     def step(loss: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if ctx.enabled:
+            distributed.reduce_gradients(params, shard_weight)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -265,32 +299,43 @@ def train(
     for epoch in range(start, passes):
         model.train()
         generator = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
+        if ctx.enabled:  # attack starts differ between ranks and do not depend on where a run was resumed
+            torch.manual_seed((_epoch_seed(cfg.seed, epoch) + 7919 * (ctx.rank + 1)) % 2**63)
         sums: dict[str, torch.Tensor] = {}
         seen = 0
         _sync(device)
         started = time.perf_counter()
         bar = tqdm(
-            batches(data.train_x, data.train_y, cfg.batch_size, shuffle=True, generator=generator,
-                    augment=data.augment, device=device),
-            total=math.ceil(len(data.train_y) / cfg.batch_size), desc=f"{cfg.method} {epoch + 1}/{passes}",
-            disable=None if cfg.progress is None else not cfg.progress, leave=False,
+            batches(train_x, train_y, cfg.batch_size, shuffle=True, generator=generator, augment=data.augment,
+                    device=device, shard=(ctx.rank, ctx.world_size) if ctx.enabled else None),
+            total=math.ceil(len(train_y) / cfg.batch_size), desc=f"{cfg.method} {epoch + 1}/{passes}",
+            disable=True if not ctx.is_main else None if cfg.progress is None else not cfg.progress, leave=False,
         )
         for i, (xb, yb) in enumerate(bar):
             if cfg.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
+            n = len(yb)
+            if ctx.enabled:  # weight by the share of the global batch: 0 for a stand-in example (see batches)
+                n_global = min(cfg.batch_size, len(train_y) - i * cfg.batch_size)
+                n = distributed.share(n_global, ctx)
+                shard_weight = n / n_global
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 terms = method.train_batch(model, xb, yb, step)
-            n = len(yb)
             seen += n
+            # Sums stay on the device (no host sync in the step); read once per epoch.
             for key, value in terms.items():
                 if key != "logits":
                     sums[key] = sums.get(key, 0) + value.detach().float() * n
-            sums["correct"] = sums.get("correct", 0) + (terms["logits"].detach().argmax(1) == yb).sum()
+            sums["correct"] = sums.get("correct", 0) + (terms["logits"].detach().argmax(1) == yb).sum() * (n > 0)
             if i % 20 == 0 and not bar.disable:
                 bar.set_postfix(loss=f"{terms['loss'].item():.3f}")
         _sync(device)
         epoch_seconds = time.perf_counter() - started
-        metrics = {key: float(value) / seen for key, value in sums.items()}
+        if ctx.enabled:  # the global batch's loss terms and accuracy, as one process would report them
+            sums = distributed.sum_tensors({**sums, "seen": torch.tensor(float(seen), device=device)})
+            seen = sums.pop("seen")
+            distributed.average_batchnorm_stats(model, ctx)
+        metrics = {key: float(value) / float(seen) for key, value in sums.items()}
         if not math.isfinite(metrics["loss"]):
             raise RRMError(f"the training loss became {metrics['loss']} in epoch {epoch + 1} of {cfg.method!r}; "
                            "lower --lr, or use --precision fp32; the last good checkpoint is kept")
@@ -301,26 +346,35 @@ def train(
             "epoch_seconds": epoch_seconds,
             "train_accuracy": metrics.pop("correct"),
             **metrics,
-            "test_accuracy": accuracy(model, data.test_x, data.test_y, device),
         }
-        if cfg.monitor_examples:
-            metrics["monitor_robust_accuracy"] = monitored_robust_accuracy(model, data, cfg, device)
+        if ctx.is_main:
+            metrics["test_accuracy"] = accuracy(model, data.test_x, data.test_y, device)
+            if cfg.monitor_examples:
+                metrics["monitor_robust_accuracy"] = monitored_robust_accuracy(model, data, cfg, device)
+        if ctx.enabled:  # rank 0 evaluated; every rank keeps the same history
+            metrics = distributed.broadcast(metrics)
         history.append(metrics)
-        _save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, epoch + 1, history, cfg)
+        if ctx.is_main:
+            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, epoch + 1, history, cfg)
         for cb in callbacks:
             cb.on_epoch_end(epoch + 1, metrics)
 
     model.eval()
+    if cfg.compile:  # drop the compiled wrappers: the returned model and the caller's teacher are plain again
+        for net in (model, teacher):
+            if net is not None:
+                net.__dict__.pop("features", None)
     summary = summarize(history, method.epochs_per_pass)
     summary.update(method=cfg.method, model=cfg.model, dataset=data.name, dataset_digest=data.digest,
-                   precision=precision, schedule=schedule, device=str(device))
+                   precision=precision, schedule=schedule, device=str(device), processes=ctx.world_size)
     meta = {
         "method": cfg.method, "model": cfg.model, "dataset": data.name, "dataset_digest": data.digest,
         "norm": cfg.norm, "eps": cfg.eps, "teacher": cfg.teacher, "feature_dim": model.feature_dim,
         "config": cfg.to_dict(), "summary": summary,
     }
-    save_model(model, out_dir / MODEL, meta)
-    write_json(out_dir / METRICS, summary)
+    if ctx.is_main:
+        save_model(model, out_dir / MODEL, meta)
+        write_json(out_dir / METRICS, summary)
     result = TrainResult(model=model, config=cfg, history=history, summary=summary, out_dir=out_dir, data=data)
     for cb in callbacks:
         cb.on_train_end(result)
