@@ -187,15 +187,16 @@ def over_seeds(per_seed: list[list[dict]]) -> list[dict]:
 
 def target(students: list[dict]) -> dict:
     """Issue 8's target on rows averaged over seeds: which students that use the teacher reach at least 80% of the
-    SAT student's mean AutoPGD accuracy in at most a third of its mean student training time, with every
-    evaluation passing the gradient-masking checks. Each candidate comes with what was measured."""
+    SAT student's (the row named sat) mean AutoPGD accuracy in at most a third of its mean student training time,
+    with every evaluation passing the gradient-masking checks. Each candidate comes with what was measured."""
     sat = next((r for r in students if r["name"] == "sat"), None)
     rule = (f"a student using the teacher with mean adversarial accuracy >= {TARGET_OF_SAT_PCT:.0f}% of sat's and "
             f"mean student training time <= 1/{1 / TARGET_TIME_FRACTION:.0f} of sat's, every evaluation passing "
             f"the gradient-masking checks")
     if sat is None or sat["adversarial_pct"] is None:
         return {"rule": rule, "sat": None, "candidates": {}, "met_by": [], "met": False}
-    need_pct, max_minutes = TARGET_OF_SAT_PCT / 100 * sat["adversarial_pct"], TARGET_TIME_FRACTION * sat["total_minutes"]
+    need_pct = TARGET_OF_SAT_PCT / 100 * sat["adversarial_pct"]
+    max_minutes = TARGET_TIME_FRACTION * sat["total_minutes"]
     candidates = {}
     for r in students:
         if r["method"] not in USES_TEACHER or r["adversarial_pct"] is None:

@@ -199,8 +199,8 @@ def test_seeds_are_averaged_with_their_ci(seeded: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["frontier.png", "report.json", "table.csv", "table.md"]
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "table.md").read_text()
-    assert (f"| rrm-teacher-pgd | rrm | cnn-bn | 2 | 96.0 ± {T_975_1:.1f} | 64.0 ± {T_975_1 * 2:.1f} | apgd | "
-            f"85.0 ± 0.0 | 2.75 ± {T_975_1 * 0.25:.2f} | 17.75 ± {T_975_1 * 0.25:.2f} | 82.1 | 0.31 | passed |") in md
+    assert (f"| rrm-teacher-pgd | rrm | cnn-bn | 2 | 96.0 ± {T_975_1:.1f} | 64.0 ± {T_975_1 * 2:.1f} | apgd | 85.0 ± "
+            f"0.0 | 2.75 ± {T_975_1 * 0.25:.2f} | 17.75 ± {T_975_1 * 0.25:.2f} | 82.1 | 0.31 | passed |") in md
     with (out / "table.csv").open() as f:
         table = {r["name"]: r for r in csv.DictReader(f)}
     assert float(table["sat"]["total_minutes_ci95"]) == pytest.approx(T_975_1)
