@@ -679,25 +679,41 @@ def tune(ranges: tuple[str, ...], train_options: tuple[str, ...], no_track: bool
 @cli.command()
 @from_params("report")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
-              help="Directory holding runs/students/<method>/train_metrics.json, metrics/students/<method>.json "
-                   "and optionally runs/teacher/train_metrics.json, metrics/teacher.json.")
+              help="Directory the paths below are relative to.")
+@click.option("--students-dir", default="runs/students", show_default=True,
+              help="Student runs: <name>/train_metrics.json, or seed<N>/<name>/train_metrics.json to average over "
+                   "seeds.")
+@click.option("--evaluations-dir", default="metrics/students", show_default=True,
+              help="Their evaluations: <name>.json, or seed<N>/<name>.json.")
+@click.option("--teacher-dir", default="runs/teacher", show_default=True,
+              help="The teacher's run (train_metrics.json; optional).")
+@click.option("--teacher-evaluation", default="metrics/teacher.json", show_default=True,
+              help="The teacher's evaluation.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"),
-              show_default=True, help="Directory for table1/table2 (.md, .csv), report.json and the plot.")
+              show_default=True, help="Directory for the tables (.md, .csv), report.json and the plot.")
 @click.option("--track/--no-track", default=False, show_default=True, help="Log the report files to MLflow.")
 @click.option("--experiment", default="rrm", show_default=True, help="MLflow experiment of the report run.")
-def report(root: Path, out_dir: Path, track: bool, experiment: str) -> None:
+def report(root: Path, students_dir: str, evaluations_dir: str, teacher_dir: str, teacher_evaluation: str,
+           out_dir: Path, track: bool, experiment: str) -> None:
     """The paper's Table 1 and Table 2 and an accuracy-against-training-time plot from a pipeline's metrics.
 
+    With seed<N> directories: one table of means +- 95% CI over the seeds, the cost/robustness frontier plot and
+    issue 8's target check (table.md, table.csv, frontier.png, report.json).
+
     \b
-    Example:
+    Examples:
       rrm report --root . --out-dir reports        # after `dvc repro`; prints Table 1
+      rrm report --students-dir runs/variants/eps0.3 --evaluations-dir metrics/variants/eps0.3 \\
+                 --teacher-dir runs/variants/eps0.3/teacher --teacher-evaluation metrics/variants/eps0.3/teacher.json \\
+                 --out-dir reports/variants/eps0.3
     """
     from rrm.report import write_report
 
-    result = write_report(root, out_dir)
+    result = write_report(root, out_dir, students_dir=students_dir, evaluations_dir=evaluations_dir,
+                          teacher_dir=teacher_dir, teacher_evaluation=teacher_evaluation)
     if track:
         _tracking().log_report([out_dir / name for name in result["files"]], experiment)
-    click.echo((out_dir / "table1.md").read_text().rstrip())
+    click.echo((out_dir / result["table"]).read_text().rstrip())
     click.echo(f"wrote {', '.join(str(out_dir / n) for n in result['files'])}")
 
 

@@ -1,15 +1,20 @@
 """The paper's Tables 1 and 2 and its accuracy-against-training-time figure, recomputed from a pipeline's metrics.
 
-Layout read (what ``dvc.yaml`` writes; every path is relative to ``root``)::
+Layout read (what ``dvc.yaml`` writes; every path is relative to ``root``, and each directory can be moved)::
 
-    runs/teacher/train_metrics.json           # the teacher's training (optional: speedups with its time)
-    metrics/teacher.json                      # its evaluation (optional)
-    runs/students/<method>/train_metrics.json # one directory per student method
-    metrics/students/<method>.json            # `rrm evaluate` of that student
+    runs/teacher/train_metrics.json            # the teacher's training (optional: times with its share)
+    metrics/teacher.json                       # its evaluation (optional)
+    runs/students/<name>/train_metrics.json    # one directory per student; its method is read from this file
+    metrics/students/<name>.json               # `rrm evaluate` of that student
 
-Written to ``out_dir``: ``table1.md``/``table1.csv`` (every method), ``table2.md``/``table2.csv`` (the transfer
+Written to ``out_dir``: ``table1.md``/``table1.csv`` (every student), ``table2.md``/``table2.csv`` (the transfer
 methods rdt, kd, kdiga and rrm against sat), ``report.json`` (the rows, for ``dvc metrics``) and
 ``accuracy_vs_time.png``.
+
+With seed directories (``runs/students/seed<N>/<name>/``, ``metrics/students/seed<N>/<name>.json``: what
+``pipelines/variants/dvc.yaml`` writes) every number is a mean +- 95% CI over the seeds instead, written as
+``table.md``/``table.csv``, ``report.json`` (with issue 8's target check) and ``frontier.png`` (AutoPGD accuracy
+against training time).
 
 The adversarial column is IBM ART's AutoPGD (``art-apgd``, the paper's reference) where the evaluation ran it,
 else the native APGD-CE (``apgd``); the ``attack`` column says which.
@@ -18,6 +23,7 @@ else the native APGD-CE (``apgd``); the ``attack`` column says which.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -25,6 +31,7 @@ import os
 from pathlib import Path
 
 from rrm.errors import RRMError
+from rrm.stats import mean_ci
 
 TRANSFER_METHODS = ("rdt", "kd", "kdiga", "rrm")
 # Methods that need the teacher: their cost "with the teacher" adds the teacher's training time.
@@ -37,11 +44,19 @@ CLAIM_OF_SAT_PCT = 80.0
 CLAIM_MARGIN_POINTS = 20.0
 CLAIM_BASELINES = ("natural", "kd", "rdt")
 CLAIM_TIME_FRACTION = 0.25
+# Issue 8's target for a cheap variant: a student that uses the teacher, at least 80% of the SAT student's mean
+# AutoPGD accuracy in at most a third of SAT's mean student training time, its evaluations passing the checks.
+TARGET_OF_SAT_PCT = 80.0
+TARGET_TIME_FRACTION = 1 / 3
+# Numbers averaged over seeds, each reported as mean and 95% CI half-width (``<key>_ci95``).
+SEED_MEANS = ("natural_pct", "adversarial_pct", "transfer_pct", "total_minutes", "total_minutes_with_teacher")
 
-TABLE1_COLUMNS = ("method", "model", "epochs", "epoch_seconds_mean", "epoch_seconds_ci95", "total_minutes",
+TABLE1_COLUMNS = ("name", "method", "model", "epochs", "epoch_seconds_mean", "epoch_seconds_ci95", "total_minutes",
                   "natural_pct", "adversarial_pct", "attack", "speedup_vs_sat", "speedup_vs_sat_with_teacher")
-TABLE2_COLUMNS = ("method", "model", "natural_pct", "adversarial_pct", "attack", "adversarial_of_sat_pct",
+TABLE2_COLUMNS = ("name", "method", "model", "natural_pct", "adversarial_pct", "attack", "adversarial_of_sat_pct",
                   "total_minutes", "total_minutes_with_teacher", "speedup_vs_sat", "speedup_vs_sat_with_teacher")
+SEEDS_COLUMNS = ("name", "method", "model", "seeds", *(f"{k}{s}" for k in SEED_MEANS for s in ("", "_ci95")),
+                 "attack", "adversarial_of_sat_pct", "time_of_sat", "sanity_passed")
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -74,12 +89,18 @@ def _adversarial(evaluation: dict, path: Path) -> tuple[float | None, str]:
     return None, "-"
 
 
-def _row(method: str, train_path: Path, eval_path: Path) -> dict:
+def _pct(value: object) -> float | None:
+    return 100 * float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _row(name: str, train_path: Path, eval_path: Path) -> dict:
+    """One run: ``name`` is its directory (``rrm-teacher-pgd``), ``method`` what it trained with (``rrm``)."""
     train = _read_json(train_path, "training metrics")
     evaluation = _read_json(eval_path, "evaluation metrics")
     adversarial, attack = _adversarial(evaluation, eval_path)
     return {
-        "method": method,
+        "name": name,
+        "method": train.get("method", name),
         "model": train.get("model", "?"),
         "epochs": _number(train, "epochs", train_path),
         "epoch_seconds_mean": _number(train, "epoch_seconds_mean", train_path),
@@ -89,26 +110,106 @@ def _row(method: str, train_path: Path, eval_path: Path) -> dict:
         "natural_pct": 100 * float(evaluation["natural_accuracy"]),
         "adversarial_pct": None if adversarial is None else 100 * adversarial,
         "attack": attack,
+        "transfer_pct": _pct(evaluation["adversarial_accuracy"].get("transfer")),
+        "sanity_passed": evaluation.get("sanity_passed"),
     }
 
 
-def collect(root: str | os.PathLike) -> dict:
-    """Read the layout under ``root``: ``{"teacher": row or None, "students": [rows in the paper's order]}``."""
-    root = Path(root)
-    students_dir = root / "runs" / "students"
-    found = sorted(p.parent.name for p in students_dir.glob("*/train_metrics.json")) if students_dir.is_dir() else []
-    if not found:
-        raise RRMError(f"no student runs under {str(students_dir)!r} (expected <method>/train_metrics.json); "
-                       f"train the students first (dvc repro)")
+def _students(students_dir: Path, evaluations_dir: Path, teacher: dict | None) -> list[dict]:
+    """The rows of every ``<name>/train_metrics.json`` under ``students_dir``, in the paper's order of methods."""
+    found = sorted(p.parent.name for p in students_dir.glob("*/train_metrics.json"))
+    rows = [_row(n, students_dir / n / "train_metrics.json", evaluations_dir / f"{n}.json") for n in found]
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    found.sort(key=lambda m: (order.get(m, len(order)), m))
-    students = [_row(m, students_dir / m / "train_metrics.json", root / "metrics" / "students" / f"{m}.json")
-                for m in found]
+    rows.sort(key=lambda r: (order.get(r["method"], len(order)), r["name"] != r["method"], r["name"]))
+    _add_speedups(rows, teacher)
+    return rows
+
+
+def _seed_dirs(students_dir: Path) -> list[tuple[int, str]]:
+    return sorted((int(p.name[4:]), p.name) for p in students_dir.glob("seed*")
+                  if p.name[4:].isdigit() and any(p.glob("*/train_metrics.json")))
+
+
+def collect(root: str | os.PathLike, students_dir: str | os.PathLike = "runs/students",
+            evaluations_dir: str | os.PathLike = "metrics/students", teacher_dir: str | os.PathLike = "runs/teacher",
+            teacher_evaluation: str | os.PathLike = "metrics/teacher.json") -> dict:
+    """Read the layout under ``root``: ``{"teacher": row or None, "students": [rows in the paper's order]}``.
+
+    With ``seed<N>`` directories under ``students_dir`` the rows are means over the seeds (:func:`over_seeds`),
+    ``"seeds"`` lists them and ``"target"`` holds issue 8's check; otherwise ``"claims"`` holds the paper's.
+    """
+    root = Path(root)
+    students_dir, evaluations_dir, teacher_dir = root / students_dir, root / evaluations_dir, root / teacher_dir
     teacher = None
-    if (root / "runs" / "teacher" / "train_metrics.json").is_file():
-        teacher = _row("teacher", root / "runs" / "teacher" / "train_metrics.json", root / "metrics" / "teacher.json")
-    _add_speedups(students, teacher)
+    if (teacher_dir / "train_metrics.json").is_file():
+        teacher = _row("teacher", teacher_dir / "train_metrics.json", root / teacher_evaluation)
+    seeds = _seed_dirs(students_dir) if students_dir.is_dir() else []
+    if seeds:
+        per_seed = [_students(students_dir / d, evaluations_dir / d, teacher) for _, d in seeds]
+        students = over_seeds(per_seed)
+        return {"teacher": teacher, "students": students, "seeds": [s for s, _ in seeds], "target": target(students)}
+    students = _students(students_dir, evaluations_dir, teacher) if students_dir.is_dir() else []
+    if not students:
+        raise RRMError(f"no student runs under {str(students_dir)!r} (expected <name>/train_metrics.json or "
+                       f"seed<N>/<name>/train_metrics.json); train the students first (dvc repro)")
     return {"teacher": teacher, "students": students, "claims": claims(students)}
+
+
+def over_seeds(per_seed: list[list[dict]]) -> list[dict]:
+    """One row per student name: mean and 95% CI half-width (``<key>_ci95``) of :data:`SEED_MEANS` over the seeds.
+
+    A number missing from any seed (no transfer attack, no teacher's time) is None. ``sanity_passed`` holds only
+    when every seed's evaluation passed; the ratios to SAT are ratios of the means.
+    """
+    by_name: dict[str, list[dict]] = {}
+    for rows in per_seed:
+        for row in rows:
+            by_name.setdefault(row["name"], []).append(row)
+    out = []
+    for runs in by_name.values():
+        first = runs[0]
+        row = {"name": first["name"], "method": first["method"], "model": first["model"], "seeds": len(runs),
+               "attack": ",".join(sorted({r["attack"] for r in runs})),
+               "sanity_passed": all(r["sanity_passed"] is True for r in runs)}
+        for key in SEED_MEANS:
+            values = [r[key] for r in runs]
+            mean, ci = mean_ci(values) if None not in values else (None, None)
+            row[key], row[f"{key}_ci95"] = mean, ci
+        out.append(row)
+    sat = next((r for r in out if r["name"] == "sat"), None)
+    for row in out:
+        row["adversarial_of_sat_pct"] = (100 * row["adversarial_pct"] / sat["adversarial_pct"]
+                                         if sat and sat["adversarial_pct"] and row["adversarial_pct"] is not None
+                                         else None)
+        row["time_of_sat"] = _ratio(row["total_minutes"], sat and sat["total_minutes"])
+    return out
+
+
+def target(students: list[dict]) -> dict:
+    """Issue 8's target on rows averaged over seeds: which students that use the teacher reach at least 80% of the
+    SAT student's (the row named sat) mean AutoPGD accuracy in at most a third of its mean student training time,
+    with every evaluation passing the gradient-masking checks. Each candidate comes with what was measured."""
+    sat = next((r for r in students if r["name"] == "sat"), None)
+    rule = (f"a student using the teacher with mean adversarial accuracy >= {TARGET_OF_SAT_PCT:.0f}% of sat's and "
+            f"mean student training time <= 1/{1 / TARGET_TIME_FRACTION:.0f} of sat's, every evaluation passing "
+            f"the gradient-masking checks")
+    if sat is None or sat["adversarial_pct"] is None:
+        return {"rule": rule, "sat": None, "candidates": {}, "met_by": [], "met": False}
+    need_pct = TARGET_OF_SAT_PCT / 100 * sat["adversarial_pct"]
+    max_minutes = TARGET_TIME_FRACTION * sat["total_minutes"]
+    candidates = {}
+    for r in students:
+        if r["method"] not in USES_TEACHER or r["adversarial_pct"] is None:
+            continue
+        candidates[r["name"]] = {
+            "adversarial_pct": r["adversarial_pct"], "adversarial_of_sat_pct": r["adversarial_of_sat_pct"],
+            "total_minutes": r["total_minutes"], "time_of_sat": r["time_of_sat"], "sanity_passed": r["sanity_passed"],
+            "met": r["adversarial_pct"] >= need_pct and r["total_minutes"] <= max_minutes and r["sanity_passed"]}
+    met_by = [name for name, c in candidates.items() if c["met"]]
+    return {"rule": rule, "candidates": candidates, "met_by": met_by, "met": bool(met_by),
+            "sat": {"adversarial_pct": sat["adversarial_pct"], "total_minutes": sat["total_minutes"],
+                    "sanity_passed": sat["sanity_passed"]},
+            "thresholds": {"adversarial_pct": need_pct, "total_minutes": max_minutes}}
 
 
 def claims(students: list[dict], method: str = "rrm") -> list[dict]:
@@ -117,7 +218,7 @@ def claims(students: list[dict], method: str = "rrm") -> list[dict]:
     Targets: adversarial accuracy at least 80% of the SAT student's; at least 20 points above the natural, KD and
     RDT students; student training time at most a quarter of SAT's. Targets whose rows are missing are left out.
     """
-    rows = {r["method"]: r for r in students}
+    rows = {r["name"]: r for r in students}
     subject, sat = rows.get(method), rows.get("sat")
     if subject is None or subject["adversarial_pct"] is None:
         return []
@@ -143,7 +244,7 @@ def claims(students: list[dict], method: str = "rrm") -> list[dict]:
 
 
 def _add_speedups(students: list[dict], teacher: dict | None) -> None:
-    sat = next((r for r in students if r["method"] == "sat"), None)
+    sat = next((r for r in students if r["name"] == "sat"), None)
     teacher_seconds = teacher["total_seconds"] if teacher else None
     for row in students:
         with_teacher = row["total_seconds"]
@@ -188,7 +289,7 @@ def table1(report: dict) -> str:
     """Markdown Table 1 analogue: every method's training cost, accuracy and speedup over SAT."""
     rows = []
     for r in ([report["teacher"]] if report["teacher"] else []) + report["students"]:
-        rows.append([r["method"], r["model"], _fmt(r["epochs"], 0),
+        rows.append([r["name"], r["model"], _fmt(r["epochs"], 0),
                      f"{r['epoch_seconds_mean']:.2f} ± {r['epoch_seconds_ci95']:.2f}", _fmt(r["total_minutes"]),
                      _fmt(r["natural_pct"], 1), _fmt(r["adversarial_pct"], 1), r["attack"],
                      _fmt(r.get("speedup_vs_sat")), _fmt(r.get("speedup_vs_sat_with_teacher"))])
@@ -203,7 +304,7 @@ def table1(report: dict) -> str:
 def table2(report: dict) -> str:
     """Markdown Table 2 analogue: the transfer methods against SAT."""
     chosen = [r for r in report["students"] if r["method"] in ("sat", *TRANSFER_METHODS)]
-    rows = [[r["method"], r["model"], _fmt(r["natural_pct"], 1), _fmt(r["adversarial_pct"], 1), r["attack"],
+    rows = [[r["name"], r["model"], _fmt(r["natural_pct"], 1), _fmt(r["adversarial_pct"], 1), r["attack"],
              _fmt(r["adversarial_of_sat_pct"], 1), _fmt(r["total_minutes"]), _fmt(r["total_minutes_with_teacher"]),
              _fmt(r["speedup_vs_sat"]), _fmt(r["speedup_vs_sat_with_teacher"])] for r in chosen]
     header = ["method", "model", "natural %", "adversarial %", "attack", "adversarial / SAT's %", "total (min)",
@@ -215,51 +316,127 @@ def table2(report: dict) -> str:
     return _markdown("Table 2: robustness transfer (rdt, kd, kdiga, rrm) against SAT", header, rows, notes)
 
 
-def plot(report: dict, path: Path) -> None:
-    """Natural and adversarial accuracy against total training time, one point per method (Figures 2 and 3)."""
+def seeds_table(report: dict) -> str:
+    """Markdown: every student's means +- 95% CI over the seeds, against SAT, and issue 8's target check."""
+
+    def ci(r: dict, key: str, digits: int) -> str:
+        return "-" if r[key] is None else f"{r[key]:.{digits}f} ± {r[key + '_ci95']:.{digits}f}"
+
+    rows = [[r["name"], r["method"], r["model"], str(r["seeds"]), ci(r, "natural_pct", 1), ci(r, "adversarial_pct", 1),
+             r["attack"], ci(r, "transfer_pct", 1), ci(r, "total_minutes", 2), ci(r, "total_minutes_with_teacher", 2),
+             _fmt(r["adversarial_of_sat_pct"], 1), _fmt(r["time_of_sat"]), "passed" if r["sanity_passed"] else
+             "**FAILED**"] for r in report["students"]]
+    header = ["student", "method", "model", "seeds", "natural %", "adversarial %", "attack", "transfer %",
+              "student (min)", "incl. teacher (min)", "adversarial / SAT's %", "time / SAT's", "checks"]
+    t = report["teacher"]
+    notes = [f"Mean ± 95% CI (Student's t) over seeds {', '.join(map(str, report['seeds']))}. adversarial %: ART "
+             "AutoPGD (`art-apgd`) where evaluated, else native APGD-CE (`apgd`); transfer %: APGD crafted on the "
+             "teacher. incl. teacher adds the teacher's whole training time to every student that uses it.", "",
+             f"Teacher: {t['method']} {t['model']}, natural {t['natural_pct']:.1f}%, adversarial "
+             f"{_fmt(t['adversarial_pct'], 1)}% ({t['attack']}), {t['total_minutes']:.2f} min, checks "
+             f"{'passed' if t['sanity_passed'] else '**FAILED**'}." if t else "No teacher run found.", ""]
+    goal = report["target"]
+    notes += [f"Issue 8's target: {goal['rule']}.", ""]
+    if goal["sat"] is None:
+        notes.append("Not checked: no sat student with an adversarial accuracy.")
+        return _markdown("Students: accuracy and training cost over seeds", header, rows, notes)
+    need = goal["thresholds"]
+    notes += [f"sat: {goal['sat']['adversarial_pct']:.1f}% in {goal['sat']['total_minutes']:.2f} min, so the target "
+              f"is >= {need['adversarial_pct']:.1f}% in <= {need['total_minutes']:.2f} min.", ""]
+    notes += [f"- {'met' if c['met'] else '**not met**'}: {name} — {c['adversarial_pct']:.1f}% "
+              f"({_fmt(c['adversarial_of_sat_pct'], 1)}% of sat's) in {c['total_minutes']:.2f} min "
+              f"({_fmt(c['time_of_sat'])} x sat's){'' if c['sanity_passed'] else ', checks FAILED'}"
+              for name, c in goal["candidates"].items()]
+    notes += ["", f"Met by: {', '.join(goal['met_by'])}." if goal["met"] else "Met by no student."]
+    return _markdown("Students: accuracy and training cost over seeds", header, rows, notes)
+
+
+ACCURACY_PANELS = (("total_minutes", "training time (min)", "adversarial_pct", "adversarial accuracy (%)"),
+                   ("total_minutes", "training time (min)", "natural_pct", "natural accuracy (%)"))
+FRONTIER_PANELS = (("total_minutes", "student training time (min)", "adversarial_pct", "adversarial accuracy (%)"),
+                   ("total_minutes_with_teacher", "training time incl. the teacher's (min)", "adversarial_pct",
+                    "adversarial accuracy (%)"))
+
+
+def plot(rows: list[dict], path: Path, panels=ACCURACY_PANELS, target_box: tuple[float, float] | None = None,
+         frontier: bool = False) -> None:
+    """One panel per ``(x key, x label, y key, y label)``, a labelled point per row (Figures 2 and 3 by default).
+
+    Rows holding ``<key>_ci95`` (means over seeds) get 95% CI error bars; rows whose evaluation failed the
+    gradient-masking checks are crosses. ``frontier`` joins the points that passed them and that no other such
+    point beats on both time and accuracy; ``target_box`` ``(max x, min y)`` shades issue 8's target region on the
+    first panel.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
-    for ax, key, title in ((axes[0], "adversarial_pct", "adversarial accuracy"),
-                           (axes[1], "natural_pct", "natural accuracy")):
-        for r in report["students"]:
-            if r[key] is None:
-                continue
-            ax.scatter(r["total_minutes"], r[key], s=40)
-            ax.annotate(r["method"], (r["total_minutes"], r[key]), textcoords="offset points", xytext=(4, 4))
-        ax.set_xlabel("training time (min)")
-        ax.set_ylabel(f"{title} (%)")
-        ax.set_title(title)
+    colors = {r["name"]: f"C{k % 10}" for k, r in enumerate(rows)}  # one colour per student in every panel
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for i, (ax, (x, x_label, y, y_label)) in enumerate(zip(axes[0], panels)):
+        shown = sorted((r for r in rows if r.get(x) is not None and r.get(y) is not None),
+                       key=lambda r: (r[x], -r[y]))
+        for r in shown:
+            ax.errorbar(r[x], r[y], xerr=r.get(f"{x}_ci95"), yerr=r.get(f"{y}_ci95"), capsize=3,
+                        fmt="x" if r.get("sanity_passed") is False else "o", color=colors[r["name"]])
+            ax.annotate(r["name"], (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if frontier:
+            best, front = -math.inf, []
+            for r in shown:
+                if r.get("sanity_passed") is not False and r[y] > best:
+                    best = r[y]
+                    front.append((r[x], r[y]))
+            if front:
+                ax.plot(*zip(*front), drawstyle="steps-post", color="grey", alpha=0.6, label="frontier")
+        if target_box is not None and i == 0:
+            ax.fill_between([0, target_box[0]], target_box[1], 100, color="tab:green", alpha=0.12,
+                            label="target: >= 80% of sat's accuracy, <= 1/3 of its time")
+        if frontier or target_box is not None:
+            ax.legend(loc="best", fontsize=8)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        ax.set_title(y_label.replace(" (%)", "") + " against " + x_label.replace(" (min)", ""), fontsize=10)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_report(root: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
-    """Collect the metrics under ``root`` and write the tables, ``report.json`` and the plot to ``out_dir``."""
-    report = collect(root)
+def write_report(root: str | os.PathLike, out_dir: str | os.PathLike, **layout: str | os.PathLike) -> dict:
+    """Collect the metrics under ``root`` (``layout``: :func:`collect`'s directories) and write the tables,
+    ``report.json`` and the plot to ``out_dir``; ``report["table"]`` names the main table."""
+    report = collect(root, **layout)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = ([report["teacher"]] if report["teacher"] else []) + report["students"]
-    files = {
-        "table1.md": table1(report),
-        "table2.md": table2(report),
-        "table1.csv": _csv(TABLE1_COLUMNS, rows),
-        "table2.csv": _csv(TABLE2_COLUMNS, [r for r in report["students"]
-                                            if r["method"] in ("sat", *TRANSFER_METHODS)]),
-        "report.json": json.dumps({**{r["method"]: {k: v for k, v in r.items() if k != "method"} for r in rows},
-                                   "claims": {c["claim"]: {"measured": c["measured"], "met": c["met"]}
-                                              for c in report["claims"]}},
-                                  indent=2, sort_keys=True) + "\n",
-    }
+    by_name = {r["name"]: {k: v for k, v in r.items() if k != "name"} for r in rows}
+    if "seeds" in report:
+        goal = report["target"]
+        files = {"table.md": seeds_table(report), "table.csv": _csv(SEEDS_COLUMNS, report["students"]),
+                 "report.json": json.dumps({**by_name, "seeds": report["seeds"], "target": goal}, indent=2,
+                                           sort_keys=True) + "\n"}
+        figure = "frontier.png"
+        box = goal["sat"] and (goal["thresholds"]["total_minutes"], goal["thresholds"]["adversarial_pct"])
+        draw = functools.partial(plot, report["students"], panels=FRONTIER_PANELS, target_box=box, frontier=True)
+    else:
+        files = {
+            "table1.md": table1(report),
+            "table2.md": table2(report),
+            "table1.csv": _csv(TABLE1_COLUMNS, rows),
+            "table2.csv": _csv(TABLE2_COLUMNS, [r for r in report["students"]
+                                                if r["method"] in ("sat", *TRANSFER_METHODS)]),
+            "report.json": json.dumps({**by_name, "claims": {c["claim"]: {"measured": c["measured"], "met": c["met"]}
+                                                             for c in report["claims"]}},
+                                      indent=2, sort_keys=True) + "\n",
+        }
+        figure = "accuracy_vs_time.png"
+        draw = functools.partial(plot, report["students"])
     for name, text in files.items():
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, out / name)
-    plot(report, out / "accuracy_vs_time.png")
-    report["files"] = sorted([*files, "accuracy_vs_time.png"])
+    draw(out / figure)
+    report["files"] = sorted([*files, figure])
+    report["table"] = next(iter(files))
     return report

@@ -15,15 +15,21 @@ import yaml
 from rrm.cli import cli
 from rrm.evaluate import EvalConfig
 from rrm.params import read_section
+from rrm.report import USES_TEACHER
 from rrm.train import METHODS, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
 STUDENTS = ("natural", "sat", "fast", "pgd-fast", "free", "rrm", "kd", "kdiga", "rdt")
+VARIANTS = read_section(PARAMS, "variants")
+VARIANT_STUDENTS = (*VARIANTS["without_teacher"], *VARIANTS["with_teacher"])
 # section -> the command that reads it
 SECTIONS = {"prepare": ("data", "prepare"), "train_teacher": ("train",), "evaluate": ("evaluate",),
             "evaluate_transfer": ("evaluate",), "register": ("teacher", "register"), "robustify": ("robustify",),
-            "report": ("report",), "tune": ("tune",), **{f"students.{m}": ("train",) for m in STUDENTS}}
+            "report": ("report",), "tune": ("tune",), **{f"students.{m}": ("train",) for m in STUDENTS},
+            "variants.teacher": ("train",), "variants.evaluate_teacher": ("evaluate",),
+            "variants.evaluate": ("evaluate",), "variants.register": ("teacher", "register"),
+            **{f"variants.students.{m}": ("train",) for m in VARIANT_STUDENTS}}
 
 
 def _command(path: tuple[str, ...]):
@@ -50,7 +56,19 @@ def test_train_sections_validate(section: str) -> None:
         assert cfg.method == section.split(".")[1]
 
 
-@pytest.mark.parametrize("section", ["evaluate", "evaluate_transfer"])
+@pytest.mark.parametrize("name", VARIANT_STUDENTS)
+def test_variant_sections_validate(name: str) -> None:
+    """Each named student of issue 8's study is a valid run of the method its name starts with, at every eps, and
+    sits in the list (with or without the teacher) that its method needs."""
+    values = {("lam" if k == "lambda" else k): v for k, v in read_section(PARAMS, f"variants.students.{name}").items()}
+    assert "eps" not in values and "seed" not in values, "eps and seed come from the variants lists"
+    for eps in VARIANTS["eps"]:
+        cfg = TrainConfig.from_dict({**values, "eps": eps}).validate()
+        assert cfg.method == name.split("-")[0]
+    assert (cfg.method in USES_TEACHER) == (name in VARIANTS["with_teacher"])
+
+
+@pytest.mark.parametrize("section", ["evaluate", "evaluate_transfer", "variants.evaluate_teacher", "variants.evaluate"])
 def test_eval_sections_validate(section: str) -> None:
     values = {k: v for k, v in read_section(PARAMS, section).items() if k != "progress"}
     EvalConfig.from_dict(values).validate()
@@ -96,6 +114,51 @@ def test_tune_section_and_optional_stage() -> None:
     assert {"data/mnist5k.safetensors", values["teacher"], values["dataset"]} >= set(stage["deps"])
 
 
+def test_variants_pipeline_stages(tmp_path: Path) -> None:
+    """Issue 8's optional pipeline: thin `rrm` stages from the root, each student evaluated against its eps's
+    teacher, outputs where the report reads them, no MLflow store among them; `dvc status` accepts it."""
+    text = (ROOT / "pipelines" / "variants" / "dvc.yaml").read_text()
+    stages = yaml.safe_load(text)["stages"]
+    assert set(stages) == {"teacher", "evaluate_teacher", "register_teacher", "train", "distill", "evaluate",
+                           "evaluate_distilled", "report"}
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        assert body["wdir"] == "../.." and body["cmd"].startswith("rrm "), name
+        for kind in ("outs", "metrics", "plots"):
+            for out in body.get(kind, []):
+                path = out if isinstance(out, str) else next(iter(out))
+                assert path.startswith(("runs/variants/eps${item", "metrics/variants/eps${item",
+                                        "reports/variants/eps${item}/")), path
+                assert not any(s in path for s in ("mlflow", "mlruns", "mlartifacts", "optuna")), path
+    for name in ("evaluate", "evaluate_distilled"):
+        assert "--transfer-from runs/variants/eps${item.eps}/teacher/model.pt" in stages[name]["cmd"]
+    assert stages["evaluate"]["matrix"]["student"] == stages["train"]["matrix"]["student"] == \
+        "${variants.without_teacher}"
+    assert stages["evaluate_distilled"]["matrix"]["student"] == stages["distill"]["matrix"]["student"] == \
+        "${variants.with_teacher}"
+    assert "--teacher " not in stages["train"]["cmd"] and "--teacher " in stages["distill"]["cmd"]
+    TrainConfig.from_dict(read_section(PARAMS, "variants.teacher")).validate()
+    work, env, dvc = _pipeline(tmp_path, shrink=False)
+    status = subprocess.run([dvc, "status", "pipelines/variants/dvc.yaml"], cwd=work, env=env, capture_output=True,
+                            text=True)
+    assert status.returncode == 0, status.stderr
+    n_runs = len(VARIANTS["eps"]) * len(VARIANTS["seeds"]) * len(VARIANT_STUDENTS)
+    assert status.stdout.count("pipelines/variants/dvc.yaml:") == 4 * len(VARIANTS["eps"]) + 2 * n_runs
+
+
+def _shrink_variants(work: Path, students: tuple[str, ...]) -> None:
+    """One eps, one seed, ``students``, one epoch each, a short evaluation (on top of ``_pipeline``'s shrink)."""
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    variants = params["variants"]
+    variants.update(eps=[0.1], seeds=[0], without_teacher=[s for s in students if s in variants["without_teacher"]],
+                    with_teacher=[s for s in students if s in variants["with_teacher"]])
+    for section in [variants["teacher"], *variants["students"].values()]:
+        section.update(epochs=1, milestones=[])
+    for section in (variants["evaluate_teacher"], variants["evaluate"]):
+        section.update(steps=5, sanity_examples=50, sanity_steps=5)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def test_mlproject_entry_points() -> None:
     project = yaml.safe_load((ROOT / "MLproject").read_text())
     assert {"prepare", "train", "evaluate", "robustify", "report", "tune"} <= set(project["entry_points"])
@@ -104,11 +167,13 @@ def test_mlproject_entry_points() -> None:
 
 
 def _pipeline(tmp_path: Path, shrink: bool = True) -> tuple[Path, dict, str]:
-    """This checkout's dvc.yaml and params.yaml in a fresh repository; ``shrink``: the 8x8 digits, one epoch each."""
+    """This checkout's dvc.yaml, pipelines/ and params.yaml in a fresh repository; ``shrink``: the 8x8 digits, one
+    epoch each."""
     dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
     work = tmp_path / "repo"
     work.mkdir()
     shutil.copy(ROOT / "dvc.yaml", work)
+    shutil.copytree(ROOT / "pipelines", work / "pipelines")
     text = PARAMS.read_text()
     if shrink:
         text = text.replace("dataset: mnist5k\n", "dataset: digits\n")
@@ -179,3 +244,23 @@ def test_default_pipeline_shows_the_papers_ordering(tmp_path: Path) -> None:
     assert len(claims) == 5, claims
     failed = {name: round(claim["measured"], 2) for name, claim in claims.items() if not claim["met"]}
     assert not failed, f"not met on this data: {failed}; table: {(work / 'reports' / 'table2.md').read_text()}"
+
+
+@pytest.mark.slow
+def test_variants_pipeline_smoke(tmp_path: Path) -> None:
+    """Issue 8's pipeline on the digits with one eps, one seed and three students (a variant among them): the report
+    per eps (tables, frontier plot, report.json with the target check) appears; a second repro does nothing."""
+    work, env, dvc = _pipeline(tmp_path)
+    _shrink_variants(work, ("sat", "rrm", "rrm-teacher-pgd"))
+    subprocess.run([dvc, "repro", "pipelines/variants/dvc.yaml"], cwd=work, env=env, check=True)
+    out = work / "reports" / "variants" / "eps0.1"
+    assert sorted(p.name for p in out.iterdir()) == ["frontier.png", "report.json", "table.csv", "table.md"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["seeds"] == [0] and set(report["target"]["candidates"]) == {"rrm", "rrm-teacher-pgd"}
+    assert report["rrm-teacher-pgd"]["method"] == "rrm" and report["rrm-teacher-pgd"]["transfer_pct"] is not None
+    assert report["rrm"]["total_minutes_with_teacher"] > report["rrm"]["total_minutes"]  # the teacher's share
+    assert "| rrm-teacher-pgd | rrm | cnn-bn | 1 |" in (out / "table.md").read_text()
+    assert (work / "metrics" / "variants" / "eps0.1" / "seed0" / "sat.json").is_file()
+    second = subprocess.run([dvc, "repro", "pipelines/variants/dvc.yaml"], cwd=work, env=env, check=True,
+                            capture_output=True, text=True)
+    assert "Running stage" not in second.stdout

@@ -129,3 +129,115 @@ def test_paper_claims_checked_against_the_rows(layout: Path, tmp_path: Path) -> 
                    "rrm adversarial >= kd's + 20 points": False, "rrm training time <= 0.25 x sat's": False}
     table = (tmp_path / "reports" / "table2.md").read_text()
     assert "**not met**: rrm adversarial >= 80% of sat's — measured 12.8% (10.0 vs 78.0)" in table
+
+
+# Issue 8's layout: runs/variants/eps0.3/seed<N>/<name>/, metrics/variants/eps0.3/seed<N>/<name>.json.
+# name: (method, {seed: (total seconds, natural, {attack: accuracy}, sanity passed)})
+SEEDED = {
+    "natural": ("natural", {0: (60, 0.99, {"apgd": 0.0, "transfer": 0.5}, True),
+                            1: (60, 0.97, {"apgd": 0.0, "transfer": 0.5}, True)}),
+    "sat": ("sat", {0: (600, 0.96, {"apgd": 0.80, "transfer": 0.9}, True),
+                    1: (480, 0.94, {"apgd": 0.76, "transfer": 0.9}, True)}),
+    "rrm": ("rrm", {0: (120, 0.98, {"apgd": 0.10, "transfer": 0.7}, True), 1: (120, 0.98, {"apgd": 0.12}, True)}),
+    "rrm-teacher-pgd": ("rrm", {0: (150, 0.97, {"apgd": 0.66, "transfer": 0.85}, True),
+                                1: (180, 0.95, {"apgd": 0.62, "transfer": 0.85}, True)}),
+    "kd": ("kd", {0: (60, 0.98, {"apgd": 0.70, "transfer": 0.8}, False),  # robust-looking, but masked gradients
+                  1: (60, 0.98, {"apgd": 0.70, "transfer": 0.8}, True)}),
+}
+T_975_1 = 12.706204736174694  # Student's t, 97.5% quantile, 1 degree of freedom (two seeds)
+LAYOUT = {"students_dir": "runs/variants/eps0.3", "evaluations_dir": "metrics/variants/eps0.3",
+          "teacher_dir": "runs/variants/eps0.3/teacher", "teacher_evaluation": "metrics/variants/eps0.3/teacher.json"}
+
+
+def _write_run(train_dir: Path, eval_path: Path, method: str, total: float, natural: float, attacks: dict,
+               sanity: bool) -> None:
+    train_dir.mkdir(parents=True, exist_ok=True)
+    (train_dir / "train_metrics.json").write_text(json.dumps({
+        "epochs": 5, "epoch_seconds_mean": total / 5, "epoch_seconds_ci95": 0.0, "total_seconds": total,
+        "method": method, "model": "cnn-bn"}))
+    eval_path.parent.mkdir(parents=True, exist_ok=True)
+    eval_path.write_text(json.dumps({"natural_accuracy": natural, "adversarial_accuracy": attacks,
+                                     "sanity_passed": sanity}))
+
+
+@pytest.fixture
+def seeded(tmp_path: Path) -> Path:
+    root = tmp_path / "study"
+    for name, (method, seeds) in SEEDED.items():
+        for seed, values in seeds.items():
+            _write_run(root / LAYOUT["students_dir"] / f"seed{seed}" / name,
+                       root / LAYOUT["evaluations_dir"] / f"seed{seed}" / f"{name}.json", method, *values)
+    _write_run(root / LAYOUT["teacher_dir"], root / LAYOUT["teacher_evaluation"], "sat", 900, 0.97,
+               {"apgd": 0.85}, True)
+    return root
+
+
+def test_seeds_are_averaged_with_their_ci(seeded: Path, tmp_path: Path) -> None:
+    report = write_report(seeded, tmp_path / "out", **LAYOUT)
+    assert report["seeds"] == [0, 1] and report["table"] == "table.md"
+    rows = {r["name"]: r for r in report["students"]}
+    assert list(rows) == ["natural", "sat", "kd", "rrm", "rrm-teacher-pgd"]  # variants after their method
+    sat, pgd = rows["sat"], rows["rrm-teacher-pgd"]
+    assert pgd["method"] == "rrm" and pgd["seeds"] == 2
+    # two seeds: mean (a + b) / 2, 95% CI half-width t(0.975, 1) * |a - b| / 2
+    assert sat["adversarial_pct"] == pytest.approx(78.0)
+    assert sat["adversarial_pct_ci95"] == pytest.approx(T_975_1 * 2.0)
+    assert sat["natural_pct"] == pytest.approx(95.0) and sat["natural_pct_ci95"] == pytest.approx(T_975_1 * 1.0)
+    assert sat["total_minutes"] == pytest.approx(9.0) and sat["total_minutes_ci95"] == pytest.approx(T_975_1 * 1.0)
+    assert sat["total_minutes_with_teacher"] == pytest.approx(9.0)  # sat needs no teacher
+    assert pgd["adversarial_pct"] == pytest.approx(64.0) and pgd["transfer_pct"] == pytest.approx(85.0)
+    assert pgd["transfer_pct_ci95"] == pytest.approx(0.0)
+    assert pgd["total_minutes"] == pytest.approx(2.75) and pgd["total_minutes_ci95"] == pytest.approx(T_975_1 * 0.25)
+    # the teacher's 15 minutes follow the method (rrm), not the directory name
+    assert pgd["total_minutes_with_teacher"] == pytest.approx(17.75)
+    assert pgd["total_minutes_with_teacher_ci95"] == pytest.approx(T_975_1 * 0.25)
+    assert pgd["adversarial_of_sat_pct"] == pytest.approx(100 * 64 / 78)
+    assert pgd["time_of_sat"] == pytest.approx(2.75 / 9)
+    assert rows["rrm"]["transfer_pct"] is None  # seed 1 did not run the transfer attack
+    assert rows["kd"]["sanity_passed"] is False and rows["natural"]["sanity_passed"] is True
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["frontier.png", "report.json", "table.csv", "table.md"]
+    assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "table.md").read_text()
+    assert (f"| rrm-teacher-pgd | rrm | cnn-bn | 2 | 96.0 ± {T_975_1:.1f} | 64.0 ± {T_975_1 * 2:.1f} | apgd | 85.0 ± "
+            f"0.0 | 2.75 ± {T_975_1 * 0.25:.2f} | 17.75 ± {T_975_1 * 0.25:.2f} | 82.1 | 0.31 | passed |") in md
+    with (out / "table.csv").open() as f:
+        table = {r["name"]: r for r in csv.DictReader(f)}
+    assert float(table["sat"]["total_minutes_ci95"]) == pytest.approx(T_975_1)
+    assert table["rrm"]["transfer_pct"] == ""
+
+
+def test_target_check_over_seeds(seeded: Path, tmp_path: Path) -> None:
+    goal = write_report(seeded, tmp_path / "out", **LAYOUT)["target"]
+    # sat: 78% in 9 min -> a cheap variant needs >= 62.4% in <= 3 min
+    assert goal["sat"] == {"adversarial_pct": pytest.approx(78.0), "total_minutes": pytest.approx(9.0),
+                           "sanity_passed": True}
+    assert goal["thresholds"] == {"adversarial_pct": pytest.approx(62.4), "total_minutes": pytest.approx(3.0)}
+    assert set(goal["candidates"]) == {"kd", "rrm", "rrm-teacher-pgd"}  # the students that use the teacher
+    assert goal["candidates"]["rrm"]["met"] is False  # 11% is too little
+    assert goal["candidates"]["kd"]["met"] is False  # fast and robust-looking, but a seed failed the checks
+    assert goal["met_by"] == ["rrm-teacher-pgd"] and goal["met"] is True
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["target"]["met_by"] == ["rrm-teacher-pgd"] and saved["seeds"] == [0, 1]
+    assert saved["teacher"]["total_minutes"] == pytest.approx(15.0)
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert "- met: rrm-teacher-pgd — 64.0% (82.1% of sat's) in 2.75 min (0.31 x sat's)" in md
+    assert "- **not met**: kd — 70.0% (89.7% of sat's) in 1.00 min (0.11 x sat's), checks FAILED" in md
+    assert "Met by: rrm-teacher-pgd." in md
+
+    _write_run(seeded / LAYOUT["students_dir"] / "seed1" / "rrm-teacher-pgd",  # slower on seed 1: 4 min
+               seeded / LAYOUT["evaluations_dir"] / "seed1" / "rrm-teacher-pgd.json", "rrm", 240, 0.95,
+               {"apgd": 0.62, "transfer": 0.85}, True)
+    goal = write_report(seeded, tmp_path / "out", **LAYOUT)["target"]
+    assert goal["candidates"]["rrm-teacher-pgd"]["total_minutes"] == pytest.approx(3.25)
+    assert goal["met_by"] == [] and goal["met"] is False
+    assert "Met by no student." in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_cli_report_over_seeds(seeded: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in LAYOUT.items()]
+    result = CliRunner().invoke(cli, ["report", "--root", str(seeded), *flags, "--out-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "over seeds" in result.output and "Met by: rrm-teacher-pgd." in result.output
+    assert (out / "frontier.png").is_file()
