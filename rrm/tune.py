@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import re
 import socket
 import time
@@ -61,6 +62,7 @@ PRUNERS = ("median", "hyperband", "threshold", "none")
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 STARTUP_TRIALS = 5  # random trials before TPE models the results
 HEARTBEAT_SECONDS, GRACE_SECONDS = 60, 180
+SCHEMA_RACE_RETRIES = 5
 # A live worker names itself on a trial milliseconds after creating it; an unnamed trial this old was orphaned.
 ORPHAN_SECONDS = 30
 
@@ -268,10 +270,19 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     elif url.startswith(("postgresql", "mysql")):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails in seconds
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the heartbeat options are marked experimental
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
-                                              grace_period=GRACE_SECONDS)
+        for attempt in range(SCHEMA_RACE_RETRIES + 1):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the heartbeat options are marked experimental
+                    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                                      heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
+            except Exception as exc:  # noqa: BLE001 - narrowed below
+                # Workers started together on an empty database race to create Optuna's tables; the losers see
+                # "already exists" or a duplicate key. The winner's schema is there a moment later: open again.
+                text = str(getattr(exc, "orig", None) or exc)
+                if attempt == SCHEMA_RACE_RETRIES or not any(m in text for m in ("already exists", "duplicate key")):
+                    raise
+                time.sleep(0.5 + random.random())
     except ImportError as exc:
         driver = getattr(exc, "name", None) or str(exc)
         raise RRMError(f"storage {label} needs the database driver {driver!r}, which is not installed; install it "

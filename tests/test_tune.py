@@ -304,3 +304,30 @@ def test_trials_of_dead_or_missing_workers_are_failed(monkeypatch):
     assert [t.number for t in tune._abandon_dead_trials(study)] == [orphan.number]
     assert [t.state.name for t in study.trials] == ["RUNNING", "FAIL", "FAIL"]
     assert tune._counts(study) == (0, 1)
+
+
+def test_workers_that_race_to_create_the_schema_open_the_storage_again(monkeypatch, tmp_path):
+    """Two workers starting on an empty PostgreSQL both create Optuna's tables; the loser retries, others fail."""
+    from rrm import tune
+
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(url, **kwargs):
+        calls.append(url)
+        if len(calls) == 1:
+            raise RuntimeError('type "studydirection" already exists')
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(tune.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    assert isinstance(tune.open_storage(f"sqlite:///{tmp_path}/o.db"), real) and len(calls) == 2
+
+    def broken(url, **kwargs):
+        calls.append(url)
+        raise RuntimeError("password authentication failed")
+
+    calls.clear()
+    monkeypatch.setattr(optuna.storages, "RDBStorage", broken)
+    with pytest.raises(RRMError, match="password authentication failed"):
+        tune.open_storage(f"sqlite:///{tmp_path}/o.db")
+    assert len(calls) == 1
