@@ -234,6 +234,11 @@ def test_dvc_repro_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "measured 2026-11-27 on the default pipeline (mnist5k, Linf eps 0.2, cnn-bn students, 3 epochs): the RRM student "
+    "reached 1.8% APGD against SAT's 83.8% (natural 14.4%, KD 19.8%, RDT 0.0%) while matching the teacher's "
+    "features (transfer attack 75.6%); plain RRM does not transfer robustness on this data (README, issue 8). "
+    "strict: if it ever passes, the README's statement is out of date"))
 def test_default_pipeline_shows_the_papers_ordering(tmp_path: Path) -> None:
     """Issue 5's targets on the default (mnist5k) pipeline, as `rrm report` checks them: the RRM student reaches at
     least 80% of the SAT student's adversarial accuracy, 20 points above the natural, KD and RDT students, in at most
