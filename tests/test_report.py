@@ -221,8 +221,16 @@ def test_target_check_over_seeds(seeded: Path, tmp_path: Path) -> None:
     assert saved["target"]["met_by"] == ["rrm-teacher-pgd"] and saved["seeds"] == [0, 1]
     assert saved["teacher"]["total_minutes"] == pytest.approx(15.0)
     md = (tmp_path / "out" / "table.md").read_text()
-    assert "- met: rrm-teacher-pgd — 64.0% (82.1% of sat's) in 2.75 min (0.31 x sat's)" in md
-    assert "- **not met**: kd — 70.0% (89.7% of sat's) in 1.00 min (0.11 x sat's), checks FAILED" in md
+    assert goal["discriminating"] is True and "does not discriminate" not in (tmp_path / "out" / "table.md").read_text()
+    natural = goal["natural_adversarial_pct"]
+    assert natural == pytest.approx(0.0)  # both seeds of the natural student: 0% APGD
+    assert goal["candidates"]["rrm"]["over_natural_points"] == pytest.approx(goal["candidates"]["rrm"]["adversarial_pct"]
+                                                                            - natural)
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert (f"- met: rrm-teacher-pgd — 64.0% (82.1% of sat's, {64.0 - natural:+.1f} points over natural) in 2.75 min "
+            "(0.31 x sat's)") in md
+    assert (f"- **not met**: kd — 70.0% (89.7% of sat's, {70.0 - natural:+.1f} points over natural) in 1.00 min "
+            "(0.11 x sat's), checks FAILED") in md
     assert "Met by: rrm-teacher-pgd." in md
 
     _write_run(seeded / LAYOUT["students_dir"] / "seed1" / "rrm-teacher-pgd",  # slower on seed 1: 4 min
@@ -232,6 +240,20 @@ def test_target_check_over_seeds(seeded: Path, tmp_path: Path) -> None:
     assert goal["candidates"]["rrm-teacher-pgd"]["total_minutes"] == pytest.approx(3.25)
     assert goal["met_by"] == [] and goal["met"] is False
     assert "Met by no student." in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_a_natural_student_that_clears_the_bar_makes_the_target_say_so(seeded: Path, tmp_path: Path) -> None:
+    """MNIST at eps 0.1: natural training alone reached 88% of SAT's APGD accuracy, so "met" would mislead."""
+    for seed in (0, 1):
+        _write_run(seeded / LAYOUT["students_dir"] / f"seed{seed}" / "natural",
+                   seeded / LAYOUT["evaluations_dir"] / f"seed{seed}" / "natural.json", "natural", 60, 0.99,
+                   {"apgd": 0.70, "transfer": 0.8}, True)
+    goal = write_report(seeded, tmp_path / "out", **LAYOUT)["target"]
+    assert goal["natural_adversarial_pct"] == pytest.approx(70.0) and goal["discriminating"] is False
+    assert goal["candidates"]["rrm-teacher-pgd"]["over_natural_points"] == pytest.approx(-6.0)
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert "**The target does not discriminate here**: the natural student, with no teacher and no attack, reaches " \
+           "70.0% >= 62.4%" in md
 
 
 def test_cli_report_over_seeds(seeded: Path, tmp_path: Path) -> None:
