@@ -15,6 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from _helpers import one_torch_thread, undo_cli_settings
 from rrm import cli as rrm_cli
 from rrm.data import read_dataset
 from rrm.models import load_model
@@ -28,13 +29,9 @@ def project(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    for key in (*rrm_cli._FAIL_FAST_ENV, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
-        monkeypatch.setenv(key, "")  # recorded, so the value the CLI sets is removed again
-        monkeypatch.delenv(key)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared CPU: a second thread made epochs up to 50x slower
-    yield tmp_path
-    torch.set_num_threads(threads)
+    undo_cli_settings(monkeypatch)
+    with one_torch_thread():
+        yield tmp_path
 
 
 def rrm(*args: str):

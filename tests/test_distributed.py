@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _helpers import one_torch_thread
 from rrm.data import batches, load_dataset
 from rrm.data.core import shard_bounds
 from rrm.errors import RRMError
@@ -33,10 +34,8 @@ COMMON = dict(dataset="digits", model="cnn", epochs=2, lr=0.05, batch_size=256, 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """The single-process run uses one thread like each torchrun worker, so both sum in the same kernels."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def _flags(values: dict) -> list[str]:

@@ -7,22 +7,16 @@ Without PostgreSQL the first two skip with the reason (they fail under CI=true, 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import optuna
 import pytest
-import torch
 from click.testing import CliRunner
 
+from _helpers import mlflow_server, one_torch_thread, undo_cli_settings, worker_env
 from rrm import cli as rrm_cli
 from rrm.io import sha256_file
 
@@ -33,62 +27,20 @@ TINY_TRAIN = ["--dataset", "digits", "--model", "cnn", "--epochs", "1", "--lr", 
               "--no-progress", "--experiment", "team"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1",
-            "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
-
-
 @pytest.fixture(autouse=True)
 def project(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for key in (*rrm_cli._FAIL_FAST_ENV, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):  # the CLI sets them; undo after
-        monkeypatch.setenv(key, "")
-        monkeypatch.delenv(key)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tmp_path
-    torch.set_num_threads(threads)
+    undo_cli_settings(monkeypatch)
+    with one_torch_thread():
+        yield tmp_path
 
 
 @pytest.fixture(scope="module")
 def team_server(postgres, tmp_path_factory):
     """`mlflow server` on loopback: backend store in PostgreSQL, artifacts proxied to a local folder."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres.url("mlflow"),
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=_env())
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server on PostgreSQL did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    with mlflow_server(postgres.url("mlflow"), root) as url:
         yield url, root / "artifacts"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def rrm(*args: str):
@@ -132,7 +84,7 @@ def test_two_tune_workers_share_one_study_on_postgres(postgres, digits_teacher, 
     storage = postgres.url("optuna")
     command = [sys.executable, "-m", "rrm.cli", "tune", "--teacher", str(digits_teacher.model_path), *SMALL,
                "--n-trials", "4", "--storage", storage, "--study-name", "team", "--no-track", "--best-trials", "1"]
-    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env())
                for _ in range(2)]
     outputs = [w.communicate(timeout=300) for w in workers]
     for worker, (_, err) in zip(workers, outputs):
@@ -148,7 +100,7 @@ def test_two_tune_workers_share_one_study_on_postgres(postgres, digits_teacher, 
 
 def test_dvc_remote_push_then_pull_restores_the_data(tmp_path):
     def run(*args: str) -> None:
-        done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, env=_env(), timeout=120)
+        done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, env=worker_env(), timeout=120)
         assert done.returncode == 0, (args, done.stdout, done.stderr)
 
     dvc = (sys.executable, "-m", "dvc")

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,6 +19,7 @@ from rrm.train import Callback, TrainConfig, train
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from _helpers import free_port, mlflow_server, one_torch_thread
 from rrm import tracking
 
 DIGITS = dict(dataset="digits", model="cnn", epochs=1, monitor_examples=0, progress=False)
@@ -36,11 +32,8 @@ def _git(cwd: Path, *args: str) -> str:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny models on a shared CPU: a second intra-op thread made epochs up to 50x slower under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -294,46 +287,12 @@ def test_training_on_a_prepared_file_records_the_file_as_input(store):
     assert str(path.resolve()) in inputs[0].dataset.source
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(tmp_path, monkeypatch):
     """`mlflow server` on loopback with a SQLite backend and proxied artifacts, all in tmp; always stopped."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art")],
-        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-    )
-    try:
-        deadline = time.monotonic() + 150
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    with mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path) as url:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def test_register_and_pull_through_a_server(server, sat_file, tmp_path):
@@ -352,11 +311,11 @@ def test_register_and_pull_through_a_server(server, sat_file, tmp_path):
     evaluations = client.search_runs([client.get_run(version.run_id).info.experiment_id],
                                      "tags.`rrm.kind` = 'evaluate'")
     assert [r.data.tags["rrm.train_run_id"] for r in evaluations] == [version.run_id]
-    assert list((tmp_path / "art").rglob("MLmodel")), "artifacts go through the server to its destination"
+    assert list((tmp_path / "artifacts").rglob("MLmodel")), "artifacts go through the server to its destination"
 
 
 def test_server_down_is_a_quick_one_line_error(sat_file, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     started = time.monotonic()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import socket
 import sqlite3
@@ -16,10 +15,10 @@ from pathlib import Path
 import matplotlib.image
 import optuna
 import pytest
-import torch
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
+from _helpers import one_torch_thread, undo_cli_settings, worker_env
 from rrm import cli as rrm_cli
 from rrm.errors import RRMError
 from rrm.tune import TuneConfig, parse_range, storage_label
@@ -36,13 +35,9 @@ def project(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    for key in (*rrm_cli._FAIL_FAST_ENV, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
-        monkeypatch.setenv(key, "")
-        monkeypatch.delenv(key)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tmp_path
-    torch.set_num_threads(threads)
+    undo_cli_settings(monkeypatch)
+    with one_torch_thread():
+        yield tmp_path
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +68,6 @@ def _png(path: Path) -> None:
     assert path.is_file() and path.stat().st_size > 1000, path
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
-
-
-def _worker_env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
 
 
 def test_small_study_records_every_trial_as_a_child_run_and_writes_the_plots(project, teacher):
@@ -201,7 +192,7 @@ def test_two_workers_share_one_journal_study(project, teacher):
     command = [sys.executable, "-m", "rrm.cli", "tune", "--teacher", teacher, *SMALL, "--n-trials", "6",
                "--storage", f"journal:{journal}", "--study-name", "shared", "--no-track", "--best-trials", "1"]
     workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=_worker_env()) for _ in range(2)]
+                                env=worker_env()) for _ in range(2)]
     outputs = [w.communicate(timeout=300) for w in workers]
     for worker, (out, err) in zip(workers, outputs):
         assert worker.returncode == 0, err
@@ -232,7 +223,7 @@ def test_an_interrupted_study_resumes_instead_of_starting_over(project, teacher)
                "--n-trials", "50", "--study-name", "r", "--no-track"]
     log = project / "worker.log"
     with log.open("w") as err:
-        worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env=_worker_env())
+        worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env=worker_env())
     deadline = time.monotonic() + 240
     states: list[tuple[str, int]] = []
     try:  # kill it while it trains its third (or later) trial
@@ -286,7 +277,7 @@ def test_only_rrm_tune_imports_optuna_and_the_training_core_imports_neither():
                        if re.search(r"^\s*(import|from) optuna", p.read_text(), re.M))
     assert importers == ["rrm/tune.py"]
     script = "import sys, rrm.train, rrm.cli; assert not {'optuna', 'mlflow'} & set(sys.modules), sys.modules.keys()"
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_worker_env(),
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=worker_env(),
                           timeout=120)
     assert done.returncode == 0, done.stderr
 

@@ -1,0 +1,85 @@
+"""What several test modules share: a free loopback port, an `mlflow server` started on it, a worker process's
+environment, one torch thread, and a project directory where the CLI's process-wide settings are undone."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from rrm import cli as rrm_cli
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env(**extra: str) -> dict:
+    """The environment of a subprocess that must import this checkout's rrm, on one thread."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1",
+            "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", **extra}
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models on a shared CPU: a second intra-op thread made epochs up to 50x slower under load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def undo_cli_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI sets a few process-wide environment variables; record them so they are removed after the test."""
+    for key in (*rrm_cli._FAIL_FAST_ENV, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_store_uri: str, root: Path, timeout: float = 180) -> Iterator[str]:
+    """`mlflow server` on loopback with ``backend_store_uri`` and artifacts proxied to ``root/artifacts``; yields its
+    URL once /health answers, and always stops it (its whole process group)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(root / "server.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
+             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=worker_env())
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+                        if reply.status == 200:
+                            break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server on {backend_store_uri.split(':')[0]} did not start: "
+                                f"{(root / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
