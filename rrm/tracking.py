@@ -867,8 +867,9 @@ def log_report(files: list[Path], experiment: str = DEFAULT_EXPERIMENT) -> None:
 # --------------------------------------------------------------------------------------------------------- tuning
 
 def open_study_run(study: str, storage: str, *, params: Mapping[str, object],
-                   experiment: str = DEFAULT_EXPERIMENT) -> str:
-    """The parent run of tuning study ``study`` in ``storage`` (a label without secrets), set RUNNING; its id.
+                   experiment: str = DEFAULT_EXPERIMENT) -> tuple[str, str]:
+    """The parent run of tuning study ``study`` in ``storage`` (a label without secrets), set RUNNING: its id and
+    the name of its experiment, where the trial runs belong (``mlflow ui`` nests runs within one experiment).
 
     A study keeps one parent run across restarts and workers: found by a tag, created when missing. Workers that
     start together may each create one; each then keeps the oldest and deletes its own if that is not it, so all
@@ -885,7 +886,7 @@ def open_study_run(study: str, storage: str, *, params: Mapping[str, object],
             client.log_batch(project_run, params=[Param(k, _one_line(v, 6000)) for k, v in params.items()])
             for name, value in tags.items():
                 client.set_tag(project_run, name, value)
-            return project_run
+            return project_run, client.get_experiment(client.get_run(project_run).info.experiment_id).name
         experiment_id = _experiment_id(client, experiment)
 
         def existing() -> list[Run]:
@@ -901,7 +902,7 @@ def open_study_run(study: str, storage: str, *, params: Mapping[str, object],
                 client.delete_run(mine)
         run_id = runs[0].info.run_id
         client.update_run(run_id, status="RUNNING")
-    return run_id
+    return run_id, experiment
 
 
 def update_run(run_id: str, *, tags: Mapping[str, object] | None = None, metrics: Mapping[str, float] | None = None,

@@ -556,7 +556,7 @@ def tune(cfg: TuneConfig, *, track: bool = True, experiment: str = "rrm",
                   if k != "train"}
         params.update({f"train.{k}": json.dumps(v) if isinstance(v, (dict, list)) else v
                        for k, v in cfg.settings()["train"].items()})
-        parent = tracking.open_study_run(cfg.name, label, params=params, experiment=experiment)
+        parent, experiment = tracking.open_study_run(cfg.name, label, params=params, experiment=experiment)
         study.set_user_attr("mlflow_parent_run_id", parent)
 
     x_attack = validation.test_x[: cfg.attack_examples]

@@ -116,6 +116,20 @@ def test_small_study_records_every_trial_as_a_child_run_and_writes_the_plots(pro
     assert len(parents) == 1 and len(children) == 3
 
 
+def test_under_mlflow_run_the_projects_run_is_the_parent_and_trials_join_its_experiment(project, teacher,
+                                                                                          monkeypatch):
+    """`mlflow run . -e tune` starts the project's run (in the Default experiment unless told otherwise) and passes
+    MLFLOW_RUN_ID; the trials must sit in that run's experiment, or `mlflow ui` cannot nest them under it."""
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    project_run = client.create_run("0").info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", project_run)
+    result = rrm("tune", "--method", "rrm", "--teacher", teacher, *SMALL, "--n-trials", "1", "--study-name", "m")
+    assert result.exit_code == 0, result.output
+    children = client.search_runs(["0"], "tags.`rrm.kind` = 'trial'")
+    assert [c.data.tags["mlflow.parentRunId"] for c in children] == [project_run]
+    assert client.get_run(project_run).data.tags["rrm.kind"] == "study"
+
+
 def test_pruned_trials_are_recorded_as_pruned(project, teacher):
     # Threshold 1.0: any APGD accuracy below 100% after an epoch stops the trial, so every trial is pruned.
     result = rrm("tune", "--method", "kd", "--teacher", teacher, *SMALL, "--epochs", "3", "--n-trials", "2",
