@@ -7,6 +7,7 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
+from _helpers import one_torch_thread, undo_cli_settings  # noqa: E402
 from rrm.data import load_dataset  # noqa: E402
 from rrm.train import TrainConfig, train  # noqa: E402
 
@@ -49,3 +50,15 @@ def postgres():
         if os.environ.get("CI") == "true":
             pytest.fail(f"PostgreSQL is required under CI=true but cannot be started: {exc}")
         pytest.skip(f"PostgreSQL cannot be started here: {exc}")
+
+
+@pytest.fixture
+def cli_project(tmp_path, monkeypatch):
+    """A project directory as cwd with its own SQLite MLflow store, on one torch thread; the CLI's process-wide
+    settings are undone after the test."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    undo_cli_settings(monkeypatch)
+    with one_torch_thread():
+        yield tmp_path

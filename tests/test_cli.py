@@ -15,7 +15,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from _helpers import one_torch_thread, undo_cli_settings
 from rrm import cli as rrm_cli
 from rrm.data import read_dataset
 from rrm.models import load_model
@@ -24,14 +23,8 @@ DIGITS = ["--dataset", "digits", "--model", "cnn", "--epochs", "1", "--monitor-e
 
 
 @pytest.fixture(autouse=True)
-def project(tmp_path, monkeypatch):
-    """A project dir with its own SQLite store; env the CLI sets is undone after each test."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    undo_cli_settings(monkeypatch)
-    with one_torch_thread():
-        yield tmp_path
+def project(cli_project):
+    return cli_project
 
 
 def rrm(*args: str):

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from _helpers import one_torch_thread, undo_cli_settings, worker_env
+from _helpers import worker_env
 from rrm import cli as rrm_cli
 from rrm.errors import RRMError
 from rrm.tune import TuneConfig, parse_range, storage_label
@@ -31,13 +31,8 @@ SMALL = ["--dataset", "digits", "--model", "cnn-bn", "--eps", "0.1", "--epochs",
 
 
 @pytest.fixture(autouse=True)
-def project(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    undo_cli_settings(monkeypatch)
-    with one_torch_thread():
-        yield tmp_path
+def project(cli_project):
+    return cli_project
 
 
 @pytest.fixture(scope="module")
