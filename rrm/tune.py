@@ -56,6 +56,7 @@ from rrm.evaluate import EvalConfig, evaluate
 from rrm.io import write_json
 from rrm.models import load_model
 from rrm.train import Callback, TrainConfig, load_teacher, resolve_device, train
+from rrm.train.config import RUNTIME_OPTIONS
 
 MODES = ("pareto", "constrained")
 PRUNERS = ("median", "hyperband", "threshold", "none")
@@ -149,8 +150,7 @@ class TuneConfig:
     def settings(self) -> dict:
         """What a study's trials depend on; a restart must match them (n_trials and the test budget may change)."""
         base = {k: v for k, v in self.train.to_dict().items()
-                if k not in ("out_dir", "resume", "progress", "device", "monitor_examples", "monitor_steps", "compile",
-                             "data_on_device")}
+                if k not in (*RUNTIME_OPTIONS, "out_dir", "monitor_examples", "monitor_steps")}
         return json.loads(json.dumps({
             "method": self.method, "mode": self.mode, "ranges": {k: list(self.range_of(k)) for k in self.tuned},
             "min_natural_accuracy": self.min_natural_accuracy, "pruner": self.pruner_name,

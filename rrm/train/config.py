@@ -14,6 +14,8 @@ FEATURE_LOSSES = ("cosine", "l2", "direction-norm")
 MATCH_INPUTS = ("clean", "noise", "teacher-fgsm", "teacher-pgd")
 # RRM's matching-variant options and the values that give the paper's method.
 RRM_VARIANT_DEFAULTS = {"match_inputs": "clean", "kd_weight": 0.0, "iga_weight": 0.0}
+# Options that change how a run executes, not what it computes: a resumed run or a tuning study may differ in them.
+RUNTIME_OPTIONS = ("resume", "progress", "device", "compile", "data_on_device")
 
 
 @dataclass

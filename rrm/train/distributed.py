@@ -110,18 +110,21 @@ def share(n: int, ctx: Context) -> int:
     return stop - start
 
 
-def reduce_gradients(params: list[torch.nn.Parameter], weight: float) -> None:
-    """Replace every gradient by the weighted sum over ranks: one all-reduce of one flat buffer."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+def _sum_over_ranks(tensors: list[torch.Tensor], scale: float) -> None:
+    """Replace each tensor by the sum over ranks of ``scale`` times it: one all-reduce of one flat float buffer."""
+    if not tensors:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    flat.mul_(weight)
+    flat = torch.cat([t.reshape(-1).float() for t in tensors]).mul_(scale)
     dist.all_reduce(flat)
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for t in tensors:
+        t.copy_(flat[offset: offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def reduce_gradients(params: list[torch.nn.Parameter], weight: float) -> None:
+    """Replace every gradient by the sum over ranks of ``weight`` times it (``weight``: the rank's batch share)."""
+    _sum_over_ranks([p.grad for p in params if p.grad is not None], weight)
 
 
 def sum_tensors(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -134,17 +137,8 @@ def sum_tensors(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def average_batchnorm_stats(model: torch.nn.Module, ctx: Context) -> None:
     """Average BatchNorm running means and variances over ranks (they saw different shards)."""
-    buffers = [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-               for b in (m.running_mean, m.running_var) if b is not None]
-    if not buffers:
-        return
-    flat = torch.cat([b.reshape(-1).float() for b in buffers])
-    dist.all_reduce(flat)
-    flat.div_(ctx.world_size)
-    offset = 0
-    for b in buffers:
-        b.copy_(flat[offset: offset + b.numel()].view_as(b))
-        offset += b.numel()
+    _sum_over_ranks([b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                     for b in (m.running_mean, m.running_var) if b is not None], 1 / ctx.world_size)
 
 
 def broadcast_parameters(model: torch.nn.Module) -> None:

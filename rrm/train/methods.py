@@ -207,9 +207,9 @@ class RRM(TeacherMethod):
     def loss(self, model, x, y):
         c = self.cfg
         inputs = self.matched_inputs(x, y)
-        labels = y.repeat(len(inputs) // len(y))
         terms: Terms = {}
         if c.iga_weight:
+            labels = y.repeat(len(inputs) // len(y))
             features, logits, student_grad = _features_and_input_gradient(model, inputs, labels, create_graph=True)
             target, teacher_logits, teacher_grad = _features_and_input_gradient(self.teacher, inputs, labels,
                                                                                 create_graph=False)

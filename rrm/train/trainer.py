@@ -25,7 +25,7 @@ from rrm.io import atomic_path, write_json
 from rrm.models import Classifier, build_model, load_model, save_model
 from rrm.stats import epoch_time_stats
 from rrm.train import distributed
-from rrm.train.config import TrainConfig
+from rrm.train.config import RUNTIME_OPTIONS, TrainConfig
 from rrm.train.methods import Method, get_method
 
 CHECKPOINT_FORMAT = "rrm-checkpoint/1"
@@ -180,8 +180,7 @@ def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
         raise RRMError(f"checkpoint {str(path)!r} is corrupt ({type(exc).__name__}); delete it to start over") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise RRMError(f"{str(path)!r} is not an rrm training checkpoint; delete it to start over")
-    same_result = ("resume", "progress", "device", "epochs", "compile", "data_on_device")  # may change on resume
-    saved = {k: v for k, v in state["config"].items() if k not in same_result}
+    saved = {k: v for k, v in state["config"].items() if k not in (*RUNTIME_OPTIONS, "epochs")}
     now = {k: v for k, v in cfg.to_dict().items() if k in saved}
     changed = sorted(k for k in saved if saved[k] != now[k] and not (isinstance(saved[k], (list, tuple))
                                                                       and list(saved[k]) == list(now[k] or [])))
@@ -206,17 +205,16 @@ def train(
     ``callbacks``, and every rank returns the same result.
     """
     cfg.validate()
-    get_method(cfg.method)
+    method_cls = get_method(cfg.method)  # an unknown method fails before any process group is joined
     ctx, device = distributed.setup(resolve_device(cfg.device), cfg.batch_size)
     try:
-        return _train(cfg, ctx, device, callbacks, data, teacher)
+        return _train(cfg, method_cls, ctx, device, callbacks, data, teacher)
     finally:
         distributed.teardown(ctx)
 
 
-def _train(cfg: TrainConfig, ctx: distributed.Context, device: torch.device, callbacks, data: ImageData | None,
-           teacher: Classifier | None) -> TrainResult:
-    method_cls = get_method(cfg.method)
+def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context, device: torch.device, callbacks,
+           data: ImageData | None, teacher: Classifier | None) -> TrainResult:
     if cfg.sync_batchnorm and not (ctx.enabled and device.type == "cuda"):
         raise RRMError("--sync-batchnorm needs torchrun with several processes on CUDA; without it each rank "
                        "normalises with its own share of the batch (drop the flag)")
