@@ -188,7 +188,9 @@ def over_seeds(per_seed: list[list[dict]]) -> list[dict]:
 def target(students: list[dict]) -> dict:
     """Issue 8's target on rows averaged over seeds: which students that use the teacher reach at least 80% of the
     SAT student's (the row named sat) mean AutoPGD accuracy in at most a third of its mean student training time,
-    with every evaluation passing the gradient-masking checks. Each candidate comes with what was measured."""
+    with every evaluation passing the gradient-masking checks. Each candidate comes with what was measured, and so
+    does every student that needs no teacher (``without_teacher``; SAT itself excepted), checked against the same bar:
+    where the teacher's students fail, those are what to use instead."""
     sat = next((r for r in students if r["name"] == "sat"), None)
     rule = (f"a student using the teacher with mean adversarial accuracy >= {TARGET_OF_SAT_PCT:.0f}% of sat's and "
             f"mean student training time <= 1/{1 / TARGET_TIME_FRACTION:.0f} of sat's, every evaluation passing "
@@ -197,11 +199,12 @@ def target(students: list[dict]) -> dict:
         return {"rule": rule, "sat": None, "candidates": {}, "met_by": [], "met": False}
     need_pct = TARGET_OF_SAT_PCT / 100 * sat["adversarial_pct"]
     max_minutes = TARGET_TIME_FRACTION * sat["total_minutes"]
-    candidates = {}
+    candidates, others = {}, {}
     for r in students:
-        if r["method"] not in USES_TEACHER or r["adversarial_pct"] is None:
+        if r["name"] == "sat" or r["adversarial_pct"] is None:
             continue
-        candidates[r["name"]] = {
+        group = candidates if r["method"] in USES_TEACHER else others
+        group[r["name"]] = {
             "adversarial_pct": r["adversarial_pct"], "adversarial_of_sat_pct": r["adversarial_of_sat_pct"],
             "total_minutes": r["total_minutes"], "time_of_sat": r["time_of_sat"], "sanity_passed": r["sanity_passed"],
             "met": r["adversarial_pct"] >= need_pct and r["total_minutes"] <= max_minutes and r["sanity_passed"]}
@@ -211,7 +214,9 @@ def target(students: list[dict]) -> dict:
     natural = next((r for r in students if r["name"] == "natural" and r["adversarial_pct"] is not None), None)
     for name, c in candidates.items():
         c["over_natural_points"] = c["adversarial_pct"] - natural["adversarial_pct"] if natural else None
+    # What the user can do instead: the students that need no teacher and clear the same bar (Fast AT at eps 0.1).
     return {"rule": rule, "candidates": candidates, "met_by": met_by, "met": bool(met_by),
+            "without_teacher": others, "met_without_teacher": [name for name, c in others.items() if c["met"]],
             "sat": {"adversarial_pct": sat["adversarial_pct"], "total_minutes": sat["total_minutes"],
                     "sanity_passed": sat["sanity_passed"]},
             "thresholds": {"adversarial_pct": need_pct, "total_minutes": max_minutes},
@@ -356,6 +361,10 @@ def seeds_table(report: dict) -> str:
               + f") in {c['total_minutes']:.2f} min ({_fmt(c['time_of_sat'])} x sat's)"
               + ("" if c["sanity_passed"] else ", checks FAILED") for name, c in goal["candidates"].items()]
     notes += ["", f"Met by: {', '.join(goal['met_by'])}." if goal["met"] else "Met by no student."]
+    alternatives = [f"{name} ({c['adversarial_pct']:.1f}% in {c['total_minutes']:.2f} min, {_fmt(c['time_of_sat'])} x "
+                    f"sat's)" for name, c in goal["without_teacher"].items() if c["met"]]
+    notes.append(f"Without the teacher, the same bar is cleared by: {', '.join(alternatives)}." if alternatives else
+                 "No student without the teacher clears the same bar either.")
     if not goal["discriminating"]:
         notes.append(f"**The target does not discriminate here**: the natural student, with no teacher and no "
                      f"attack, reaches {goal['natural_adversarial_pct']:.1f}% >= {need['adversarial_pct']:.1f}%, so "

@@ -232,6 +232,10 @@ def test_target_check_over_seeds(seeded: Path, tmp_path: Path) -> None:
     assert (f"- **not met**: kd — 70.0% (89.7% of sat's, {70.0 - natural:+.1f} points over natural) in 1.00 min "
             "(0.11 x sat's), checks FAILED") in md
     assert "Met by: rrm-teacher-pgd." in md
+    # students without the teacher (sat excepted) are checked against the same bar: what to use instead
+    assert set(goal["without_teacher"]) == {"natural"} and goal["met_without_teacher"] == []
+    assert goal["without_teacher"]["natural"]["met"] is False
+    assert "No student without the teacher clears the same bar either." in md
 
     _write_run(seeded / LAYOUT["students_dir"] / "seed1" / "rrm-teacher-pgd",  # slower on seed 1: 4 min
                seeded / LAYOUT["evaluations_dir"] / "seed1" / "rrm-teacher-pgd.json", "rrm", 240, 0.95,
@@ -254,6 +258,8 @@ def test_a_natural_student_that_clears_the_bar_makes_the_target_say_so(seeded: P
     md = (tmp_path / "out" / "table.md").read_text()
     assert "**The target does not discriminate here**: the natural student, with no teacher and no attack, reaches " \
            "70.0% >= 62.4%" in md
+    assert goal["met_without_teacher"] == ["natural"]
+    assert "Without the teacher, the same bar is cleared by: natural (70.0% in 1.00 min, 0.11 x sat's)." in md
 
 
 def test_cli_report_over_seeds(seeded: Path, tmp_path: Path) -> None:
