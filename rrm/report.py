@@ -374,6 +374,8 @@ def seeds_table(report: dict) -> str:
 
 ACCURACY_PANELS = (("total_minutes", "training time (min)", "adversarial_pct", "adversarial accuracy (%)"),
                    ("total_minutes", "training time (min)", "natural_pct", "natural accuracy (%)"))
+MARKERS = "osD^vP*<>"
+LABELLED_POINTS = 10  # up to this many students, each point is also labelled with its name
 FRONTIER_PANELS = (("total_minutes", "student training time (min)", "adversarial_pct", "adversarial accuracy (%)"),
                    ("total_minutes_with_teacher", "training time incl. the teacher's (min)", "adversarial_pct",
                     "adversarial accuracy (%)"))
@@ -393,15 +395,21 @@ def plot(rows: list[dict], path: Path, panels=ACCURACY_PANELS, target_box: tuple
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {r["name"]: f"C{k % 10}" for k, r in enumerate(rows)}  # one colour per student in every panel
+    # One colour and marker per student in every panel, named in a legend beside the panels; with many students
+    # (issue 8's thirteen, most at 0% at eps 0.3) labels next to the points would overlap, so only few get them.
+    style = {r["name"]: (f"C{k % 10}", "x" if r.get("sanity_passed") is False else MARKERS[k % len(MARKERS)])
+             for k, r in enumerate(rows)}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    handles = {}
     for i, (ax, (x, x_label, y, y_label)) in enumerate(zip(axes[0], panels)):
         shown = sorted((r for r in rows if r.get(x) is not None and r.get(y) is not None),
                        key=lambda r: (r[x], -r[y]))
         for r in shown:
-            ax.errorbar(r[x], r[y], xerr=r.get(f"{x}_ci95"), yerr=r.get(f"{y}_ci95"), capsize=3,
-                        fmt="x" if r.get("sanity_passed") is False else "o", color=colors[r["name"]])
-            ax.annotate(r["name"], (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            color, marker = style[r["name"]]
+            handles[r["name"]] = ax.errorbar(r[x], r[y], xerr=r.get(f"{x}_ci95"), yerr=r.get(f"{y}_ci95"),
+                                             capsize=3, fmt=marker, color=color)
+            if len(rows) <= LABELLED_POINTS:
+                ax.annotate(r["name"], (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         if frontier:
             best, front = -math.inf, []
             for r in shown:
@@ -419,8 +427,11 @@ def plot(rows: list[dict], path: Path, panels=ACCURACY_PANELS, target_box: tuple
         ax.set_ylabel(y_label)
         ax.set_title(y_label.replace(" (%)", "") + " against " + x_label.replace(" (min)", ""), fontsize=10)
         ax.grid(alpha=0.3)
+    names = [r["name"] for r in rows if r["name"] in handles]
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.legend([handles[n] for n in names], [n + (" (checks failed)" if style[n][1] == "x" else "") for n in names],
+               loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title="student", title_fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
