@@ -212,7 +212,7 @@ def target(students: list[dict]) -> dict:
     # Where a naturally trained student already clears the accuracy bar (MNIST at small eps), meeting the target
     # says nothing about transfer: the report says so and gives each candidate's margin over natural training.
     natural = next((r for r in students if r["name"] == "natural" and r["adversarial_pct"] is not None), None)
-    for name, c in candidates.items():
+    for c in candidates.values():
         c["over_natural_points"] = c["adversarial_pct"] - natural["adversarial_pct"] if natural else None
     # What the user can do instead: the students that need no teacher and clear the same bar (Fast AT at eps 0.1).
     return {"rule": rule, "candidates": candidates, "met_by": met_by, "met": bool(met_by),
@@ -361,8 +361,9 @@ def seeds_table(report: dict) -> str:
               + f") in {c['total_minutes']:.2f} min ({_fmt(c['time_of_sat'])} x sat's)"
               + ("" if c["sanity_passed"] else ", checks FAILED") for name, c in goal["candidates"].items()]
     notes += ["", f"Met by: {', '.join(goal['met_by'])}." if goal["met"] else "Met by no student."]
-    alternatives = [f"{name} ({c['adversarial_pct']:.1f}% in {c['total_minutes']:.2f} min, {_fmt(c['time_of_sat'])} x "
-                    f"sat's)" for name, c in goal["without_teacher"].items() if c["met"]]
+    others = goal["without_teacher"]
+    alternatives = [f"{name} ({others[name]['adversarial_pct']:.1f}% in {others[name]['total_minutes']:.2f} min, "
+                    f"{_fmt(others[name]['time_of_sat'])} x sat's)" for name in goal["met_without_teacher"]]
     notes.append(f"Without the teacher, the same bar is cleared by: {', '.join(alternatives)}." if alternatives else
                  "No student without the teacher clears the same bar either.")
     if not goal["discriminating"]:
@@ -397,7 +398,8 @@ def plot(rows: list[dict], path: Path, panels=ACCURACY_PANELS, target_box: tuple
 
     # One colour and marker per student in every panel, named in a legend beside the panels; with many students
     # (issue 8's thirteen, most at 0% at eps 0.3) labels next to the points would overlap, so only few get them.
-    style = {r["name"]: (f"C{k % 10}", "x" if r.get("sanity_passed") is False else MARKERS[k % len(MARKERS)])
+    failed = {r["name"] for r in rows if r.get("sanity_passed") is False}
+    style = {r["name"]: (f"C{k % 10}", "x" if r["name"] in failed else MARKERS[k % len(MARKERS)])
              for k, r in enumerate(rows)}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     handles = {}
@@ -429,7 +431,7 @@ def plot(rows: list[dict], path: Path, panels=ACCURACY_PANELS, target_box: tuple
         ax.grid(alpha=0.3)
     names = [r["name"] for r in rows if r["name"] in handles]
     fig.tight_layout()
-    fig.legend([handles[n] for n in names], [n + (" (checks failed)" if style[n][1] == "x" else "") for n in names],
+    fig.legend([handles[n] for n in names], [n + (" (checks failed)" if n in failed else "") for n in names],
                loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title="student", title_fontsize=8)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

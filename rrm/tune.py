@@ -279,7 +279,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             except Exception as exc:  # noqa: BLE001 - narrowed below
                 # Workers started together on an empty database race to create Optuna's tables; the losers see
                 # "already exists" or a duplicate key. The winner's schema is there a moment later: open again.
-                text = str(getattr(exc, "orig", None) or exc)
+                text = _database_message(exc)
                 if attempt == SCHEMA_RACE_RETRIES or not any(m in text for m in ("already exists", "duplicate key")):
                     raise
                 time.sleep(0.5 + random.random())
@@ -288,12 +288,17 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         raise RRMError(f"storage {label} needs the database driver {driver!r}, which is not installed; install it "
                        "(PostgreSQL: pip install 'psycopg[binary]' for postgresql+psycopg://)") from None
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many types for a bad URL or a server that is down
-        text = " ".join(str(getattr(exc, "orig", None) or exc).split())[:300]
+        text = " ".join(_database_message(exc).split())[:300]
         if "Can't load plugin" in text:
             raise RRMError(f"storage {label}: unknown database kind {url.split(':')[0]!r}; use sqlite:///FILE.db, "
                            "journal:FILE.log or postgresql://USER:PASSWORD@HOST:PORT/DB") from None
         raise RRMError(f"cannot open the Optuna storage {label}: {text}; check the URL and that the database "
                        "server is running") from None
+
+
+def _database_message(exc: BaseException) -> str:
+    """The database driver's own message where SQLAlchemy wrapped it (``exc.orig``), else the exception's."""
+    return str(getattr(exc, "orig", None) or exc)
 
 
 # ------------------------------------------------------------------------------------------------------ scoring

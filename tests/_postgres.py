@@ -14,12 +14,13 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from _helpers import free_port
 
 USER = "rrm"
 
@@ -50,12 +51,6 @@ def find_binaries() -> Path:
         return Path(on_path).resolve().parent
     raise Unavailable("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/pg_ctl and no pg_ctl on PATH); "
                       "install Debian's package: apt-get install -y postgresql")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _as_server_user() -> tuple[list[str], str | None]:
@@ -99,7 +94,7 @@ def running(databases: tuple[str, ...]) -> Iterator[Server]:
     try:
         if owner:
             shutil.chown(root, owner)
-        port = _free_port()
+        port = free_port()
         _run([*prefix, str(binaries / "initdb"), "-D", str(data), "-U", USER, "--auth=trust", "-E", "UTF8",
               "--no-sync"], "initdb")
         options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off -c full_page_writes=off"

@@ -10,7 +10,6 @@ averaged, a rank that skipped the checkpoint on resume) moves the loss by 1e-3 o
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import one_torch_thread
+from _helpers import one_torch_thread, worker_env
 from rrm.data import batches, load_dataset
 from rrm.data.core import shard_bounds
 from rrm.errors import RRMError
@@ -50,9 +49,8 @@ def torchrun(cwd: Path, *args: str, env: dict | None = None, timeout: float = 24
     """``torchrun --standalone --nproc-per-node 2 -m rrm.cli ARGS`` (a free rendezvous port; one thread each)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "rrm.cli", *args]
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1",
-                "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
-    return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=cwd, env=worker_env(**(env or {})), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def _history(out_dir: Path) -> list[dict]:

@@ -217,8 +217,10 @@ def batches(
         within = None
         if shard is not None:
             first, last = shard_bounds(len(idx), *shard)
-            within = (first, len(idx)) if last > first else (0, len(idx))
-            idx = idx[first:last] if last > first else idx[:1]
+            if last == first:  # an empty share of a short last batch: the batch's first example stands in
+                first, last = 0, 1
+            within = (first, len(idx))
+            idx = idx[first:last]
         if x.device != idx.device:
             idx = idx.to(x.device, non_blocking=True)
         xb = to_float(x[idx].to(device, non_blocking=True))
