@@ -32,12 +32,13 @@ from pathlib import Path
 
 from rrm.errors import RRMError
 from rrm.stats import mean_ci
+from rrm.train.methods import METHODS
 
-TRANSFER_METHODS = ("rdt", "kd", "kdiga", "rrm")
+TRANSFER_METHODS = tuple(name for name, m in METHODS.items() if m.learns_from_teacher)
 # Methods that need the teacher: their cost "with the teacher" adds the teacher's training time.
 USES_TEACHER = frozenset(TRANSFER_METHODS)
 ATTACK_PREFERENCE = ("art-apgd", "apgd")
-METHOD_ORDER = ("natural", "sat", "pgd-fast", "fast", "free", "rdt", "kd", "kdiga", "rrm")
+METHOD_ORDER = tuple(METHODS)
 # The paper's claim for RRM, as checkable targets: robustness close to a SAT student of the same architecture,
 # far above the students that get no robustness signal, at a fraction of SAT's training time.
 CLAIM_OF_SAT_PCT = 80.0

@@ -48,13 +48,12 @@ from rrm.data import ImageData
 from rrm.errors import RRMError
 from rrm.io import atomic_path, sha256_file
 from rrm.models import MODEL_FORMAT, Classifier, load_model
-from rrm.train import Callback, TrainConfig, TrainResult
+from rrm.train import Callback, TrainConfig, TrainResult, may_teach, teacher_methods
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "rrm"
 DEFAULT_TEACHER_NAME = "rrm-teacher"
 # Methods that train on attacks against the model itself; only these make teachers.
-ADVERSARIAL_METHODS = frozenset({"sat", "pgd-fast", "fast", "free"})
 LOGGED_MODEL_NAME = "model"
 TEACHER_TAG = "rrm.teacher"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -65,7 +64,7 @@ _NOT_LOSSES = {"epoch", "paper_epochs", "lr", "epoch_seconds", "train_accuracy",
                "monitor_robust_accuracy"}
 
 __all__ = [
-    "ADVERSARIAL_METHODS", "DEFAULT_EXPERIMENT", "DEFAULT_TEACHER_NAME", "DEFAULT_TRACKING_URI",
+    "DEFAULT_EXPERIMENT", "DEFAULT_TEACHER_NAME", "DEFAULT_TRACKING_URI",
     "MlflowCallback", "TeacherVersion", "list_teachers", "load_registered_model", "log_evaluation", "open_study_run",
     "promote", "pull_teacher", "register_teacher", "show_teacher", "tracking_uri", "update_run",
 ]
@@ -699,7 +698,7 @@ def register_teacher(
     training run is in the store (found by content) registers that run's model, otherwise the file is logged in an
     import run first. The evaluation is ``evaluation`` (a metrics JSON from ``rrm evaluate``, or a dict) or the
     newest evaluation run linked to the training run. Without ``force``, a model with no evaluation or not trained
-    adversarially (:data:`ADVERSARIAL_METHODS`) is refused before anything is written.
+    adversarially (:func:`rrm.train.may_teach`) is refused before anything is written.
     """
     with _mlflow_errors(f"registering {str(source)!r} as {name!r}"), tempfile.TemporaryDirectory() as tmp:
         client = _client()
@@ -719,10 +718,10 @@ def register_teacher(
         model, meta = load_model(local)
         sha256 = sha256_file(local)
         method = meta.get("method")
-        if method not in ADVERSARIAL_METHODS and not force:
+        if not may_teach(method) and not force:
             what = f"trained with {method!r}" if method else "without training metadata (a checkpoint?)"
             raise RRMError(f"{str(source)!r} was {what}; a teacher must be adversarially trained "
-                           f"({', '.join(sorted(ADVERSARIAL_METHODS))}); pass the model.pt of such a run, or --force")
+                           f"({', '.join(sorted(teacher_methods()))}); pass the model.pt of such a run, or --force")
         metrics = _read_evaluation(evaluation) if evaluation is not None else None
         if metrics is not None:
             found = _summarize_evaluation(metrics)

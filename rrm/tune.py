@@ -55,7 +55,8 @@ from rrm.errors import RRMError, unknown
 from rrm.evaluate import EvalConfig, evaluate
 from rrm.io import write_json
 from rrm.models import load_model
-from rrm.train import Callback, TrainConfig, load_teacher, resolve_device, train
+from rrm.train import Callback, TrainConfig, knobs_of, load_teacher, resolve_device, train, tunable_methods
+from rrm.train.methods import get_method
 from rrm.train.config import RUNTIME_OPTIONS
 
 MODES = ("pareto", "constrained")
@@ -68,30 +69,6 @@ SCHEMA_RACE_RETRIES = 5
 ORPHAN_SECONDS = 30
 
 
-@dataclass(frozen=True)
-class Knob:
-    """A tunable training option: the TrainConfig field it sets and its default search range."""
-
-    field: str
-    low: float
-    high: float
-    log: bool
-    integer: bool = False
-
-
-KNOBS = {
-    "lambda": Knob("lam", 1e-5, 1.0, log=True),
-    "temperature": Knob("temperature", 1.0, 50.0, log=True),
-    "alpha": Knob("alpha", 0.0, 1.0, log=False),
-    "gamma": Knob("gamma", 0.5, 100.0, log=True),
-    "lr": Knob("lr", 1e-3, 0.5, log=True),
-    "epochs": Knob("epochs", 1, 20, log=False, integer=True),
-}
-# What each method tunes by default; the first knob is the x axis of the accuracy-against-knob plot.
-METHOD_KNOBS = {"rrm": ("lambda",), "kd": ("temperature", "alpha"), "kdiga": ("gamma", "temperature")}
-# Knobs that mean something for a method (the training-loop ones for every method).
-_APPLIES = {"rrm": {"lambda", "lr", "epochs"}, "kd": {"temperature", "alpha", "lr", "epochs"},
-            "kdiga": {"gamma", "temperature", "alpha", "lr", "epochs"}}
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -102,8 +79,8 @@ class TuneConfig:
     method: str = "rrm"
     mode: str = "pareto"  # pareto | constrained
     n_trials: int = 20  # the study's target number of finished trials (see the module docstring)
-    knobs: tuple[str, ...] = ()  # knobs to tune; empty: the method's (METHOD_KNOBS)
-    ranges: dict = field(default_factory=dict)  # knob -> (low, high); missing knobs use KNOBS' defaults
+    knobs: tuple[str, ...] = ()  # knobs to tune; empty: the method's (Method.tuned_by_default)
+    ranges: dict = field(default_factory=dict)  # knob -> (low, high); missing knobs use the knob's default range
     min_natural_accuracy: float = 0.0  # validation natural-accuracy floor (a constraint; 0 turns it off)
     pruner: str | None = None  # median | hyperband | threshold | none; None: median (constrained), none (pareto)
     prune_below: float = 0.0  # threshold pruner: stop a trial whose APGD accuracy falls below this
@@ -123,11 +100,11 @@ class TuneConfig:
     @property
     def tuned(self) -> tuple[str, ...]:
         """The tuned knobs: ``knobs`` (or the method's) plus any knob given a range, in a stable order."""
-        named = self.knobs or METHOD_KNOBS.get(self.method, ())
+        named = self.knobs or get_method(self.method).tuned_by_default
         return tuple(dict.fromkeys([*named, *self.ranges]))
 
     def range_of(self, name: str) -> tuple[float, float]:
-        knob = KNOBS[name]
+        knob = knobs_of(self.method)[name]
         return tuple(self.ranges.get(name, (knob.low, knob.high)))
 
     @property
@@ -143,7 +120,8 @@ class TuneConfig:
         return self.pruner or ("median" if self.mode == "constrained" else "none")
 
     def trial_config(self, params: dict, number: int) -> TrainConfig:
-        values = {KNOBS[name].field: value for name, value in params.items()}
+        knobs = knobs_of(self.method)
+        values = {knobs[name].field: value for name, value in params.items()}
         return self.train.replace(method=self.method, **values, out_dir=str(self.directory / "trials" / f"{number:04d}"),
                                   resume=False, progress=False, monitor_examples=0)
 
@@ -164,16 +142,16 @@ class TuneConfig:
             if not ok:
                 raise RRMError(message)
 
-        if self.method not in METHOD_KNOBS:
-            raise unknown("tuning method", self.method, METHOD_KNOBS)
+        if self.method not in tunable_methods():
+            raise unknown("tuning method", self.method, tunable_methods())
         if self.mode not in MODES:
             raise unknown("tuning mode", self.mode, MODES)
         if self.pruner is not None and self.pruner not in PRUNERS:
             raise unknown("pruner", self.pruner, PRUNERS)
         need(self.n_trials >= 1, f"n_trials must be >= 1, got {self.n_trials}")
         for name in (*self.knobs, *self.ranges):
-            if name not in _APPLIES[self.method]:
-                raise unknown(f"parameter to tune for {self.method!r}", name, _APPLIES[self.method])
+            if name not in knobs_of(self.method):
+                raise unknown(f"parameter to tune for {self.method!r}", name, knobs_of(self.method))
         for name in self.tuned:
             self._check_range(name)
         need(0 <= self.min_natural_accuracy < 1,
@@ -196,7 +174,7 @@ class TuneConfig:
         return self
 
     def _check_range(self, name: str) -> None:
-        knob = KNOBS[name]
+        knob = knobs_of(self.method)[name]
         bounds = self.range_of(name)
         try:
             low, high = (float(b) for b in bounds)
@@ -573,7 +551,7 @@ def tune(cfg: TuneConfig, *, track: bool = True, experiment: str = "rrm",
         params = {}
         for name in cfg.tuned:
             low, high = cfg.range_of(name)
-            knob = KNOBS[name]
+            knob = knobs_of(cfg.method)[name]
             params[name] = (trial.suggest_int(name, int(low), int(high)) if knob.integer
                             else trial.suggest_float(name, low, high, log=knob.log))
         ran.append(trial.number)
@@ -695,7 +673,7 @@ def _summarise(study: optuna.Study, cfg: TuneConfig, data: ImageData, label: str
     knob = cfg.tuned[0]
     files["pareto"] = plot_pareto(trials, out / "pareto_front.png", floor=cfg.min_natural_accuracy,
                                   title=f"{cfg.name}: validation accuracy of each trial")
-    files["knob"] = plot_knob(trials, knob, KNOBS[knob].log, out / f"{knob}_vs_accuracy.png",
+    files["knob"] = plot_knob(trials, knob, knobs_of(cfg.method)[knob].log, out / f"{knob}_vs_accuracy.png",
                               title=f"{cfg.name}: accuracy against {knob}")
     files["history"] = plot_history(trials, cfg.mode, out / "optimization_history.png",
                                     title=f"{cfg.name}: optimisation history")

@@ -1,10 +1,13 @@
 """One trainer, every method as a small strategy."""
 
 from rrm.train.config import FEATURE_LOSSES, MATCH_INPUTS, PRECISIONS, SCHEDULES, TrainConfig
-from rrm.train.methods import METHODS, Method, get_method
+from rrm.train.methods import (
+    METHODS, TRAINING_KNOBS, Knob, Method, get_method, knobs_of, may_teach, teacher_methods, tunable_methods,
+)
 from rrm.train.trainer import Callback, TrainResult, accuracy, load_teacher, resolve_device, train
 
 __all__ = [
-    "FEATURE_LOSSES", "MATCH_INPUTS", "METHODS", "PRECISIONS", "SCHEDULES", "Callback", "Method", "TrainConfig",
-    "TrainResult", "accuracy", "get_method", "load_teacher", "resolve_device", "train",
+    "FEATURE_LOSSES", "MATCH_INPUTS", "METHODS", "PRECISIONS", "SCHEDULES", "TRAINING_KNOBS", "Callback", "Knob",
+    "Method", "TrainConfig", "TrainResult", "accuracy", "get_method", "knobs_of", "load_teacher", "may_teach",
+    "resolve_device", "teacher_methods", "train", "tunable_methods",
 ]

@@ -13,6 +13,7 @@ comes from the same forward/backward pass as the update.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -25,6 +26,27 @@ from rrm.models import Classifier
 from rrm.train.config import TrainConfig
 from rrm.train.losses import FEATURE_LOSSES, input_gradient, input_gradient_alignment, kd_loss
 
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A tunable training option: the TrainConfig field it sets and its default search range."""
+
+    field: str
+    low: float
+    high: float
+    log: bool
+    integer: bool = False
+
+
+# Knobs of the training loop, tunable for every method.
+TRAINING_KNOBS = {
+    "lr": Knob("lr", 1e-3, 0.5, log=True),
+    "epochs": Knob("epochs", 1, 20, log=False, integer=True),
+}
+_TEMPERATURE = Knob("temperature", 1.0, 50.0, log=True)
+_ALPHA = Knob("alpha", 0.0, 1.0, log=False)
+
 # ``step(loss)`` back-propagates ``loss`` and takes one optimiser and scheduler step.
 StepFn = Callable[[torch.Tensor], None]
 # A batch's results: "loss" and "logits" plus named loss terms, all tensors (detached by the trainer).
@@ -35,7 +57,18 @@ class Method:
     """Natural training; the base of every strategy."""
 
     name: ClassVar[str] = "natural"
+    # Trains on attacks crafted against itself: robust in its own right, so it may serve as a teacher.
+    adversarial: ClassVar[bool] = False
+    # The trainer loads a teacher and hands it to the method.
     needs_teacher: ClassVar[bool] = False
+    # Its robustness comes from a teacher, directly or through data the teacher made (rdt).
+    learns_from_teacher: ClassVar[bool] = False
+    # The TrainConfig fields only this method (and its subclasses) reads, beyond data, model, schedule and runtime.
+    options: ClassVar[tuple[str, ...]] = ()
+    # Method knobs that tuning may search (the training-loop knobs apply to every method); the first ones listed
+    # in ``tuned_by_default`` are searched when the user names none.
+    knobs: ClassVar[dict[str, Knob]] = {}
+    tuned_by_default: ClassVar[tuple[str, ...]] = ()
     default_schedule: ClassVar[str] = "cosine"
     # Whether the method defaults to fp16 autocast on CUDA (the paper's Fast AT); fp32 everywhere else.
     mixed_precision_on_gpu: ClassVar[bool] = False
@@ -67,6 +100,9 @@ class Method:
 
 class AdversarialMethod(Method):
     """Train on attacks crafted against the model itself, with BatchNorm in eval mode while crafting."""
+
+    adversarial = True
+    options = ("step_size", "attack_steps", "random_start")
 
     def craft(self, model: Classifier, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -103,6 +139,7 @@ class Fast(AdversarialMethod):
 
     name = "fast"
     default_schedule = "cyclic"
+    options = ("step_size",)
 
     @property
     def step_size(self) -> float:
@@ -121,6 +158,8 @@ class Free(Method):
 
     name = "free"
     default_schedule = "cyclic"
+    adversarial = True
+    options = ("step_size", "replays")
 
     def __init__(self, cfg: TrainConfig, teacher: Classifier | None = None):
         super().__init__(cfg, teacher)
@@ -149,6 +188,7 @@ class TeacherMethod(Method):
     """A method that learns from a frozen teacher (eval mode, no gradients into it)."""
 
     needs_teacher = True
+    learns_from_teacher = True
 
     def check(self, data: ImageData, model: Classifier) -> None:
         assert self.teacher is not None
@@ -176,6 +216,10 @@ class RRM(TeacherMethod):
     """
 
     name = "rrm"
+    options = ("lam", "feature_loss", "match_inputs", "kd_weight", "iga_weight", "temperature", "step_size",
+               "attack_steps", "random_start")
+    knobs = {"lambda": Knob("lam", 1e-5, 1.0, log=True)}
+    tuned_by_default = ("lambda",)
 
     def check(self, data: ImageData, model: Classifier) -> None:
         super().check(data, model)
@@ -251,6 +295,9 @@ class KD(TeacherMethod):
 
     name = "kd"
     default_schedule = "step"
+    options = ("temperature", "alpha")
+    knobs = {"temperature": _TEMPERATURE, "alpha": _ALPHA}
+    tuned_by_default = ("temperature", "alpha")
 
     def loss(self, model, x, y):
         logits = model(x)
@@ -272,6 +319,9 @@ class KDIGA(KD):
     """
 
     name = "kdiga"
+    options = ("temperature", "alpha", "gamma")
+    knobs = {"gamma": Knob("gamma", 0.5, 100.0, log=True), "temperature": _TEMPERATURE, "alpha": _ALPHA}
+    tuned_by_default = ("gamma", "temperature")
 
     def loss(self, model, x, y):
         student_grad, logits = input_gradient(model, x, y, create_graph=True)
@@ -288,6 +338,7 @@ class RDT(Method):
 
     name = "rdt"
     default_schedule = "step"
+    learns_from_teacher = True
 
     def check(self, data: ImageData, model: Classifier) -> None:
         if data.source.get("kind") != "robustified":
@@ -295,8 +346,9 @@ class RDT(Method):
                            "run `rrm robustify` and pass its output file as the dataset")
 
 
+# In the order the reports list them: no teacher first, then those that learn from one.
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (Method, SAT, PGDFast, Fast, Free, RRM, KD, KDIGA, RDT)
+    m.name: m for m in (Method, SAT, PGDFast, Fast, Free, RDT, KD, KDIGA, RRM)
 }
 
 
@@ -304,3 +356,23 @@ def get_method(name: str) -> type[Method]:
     if name not in METHODS:
         raise unknown("method", name, METHODS)
     return METHODS[name]
+
+
+def may_teach(method: str) -> bool:
+    """Whether a model trained with ``method`` may be registered as a teacher: only adversarially trained ones."""
+    return method in METHODS and METHODS[method].adversarial
+
+
+def teacher_methods() -> tuple[str, ...]:
+    """The methods whose models may teach (see :func:`may_teach`)."""
+    return tuple(name for name in METHODS if may_teach(name))
+
+
+def tunable_methods() -> tuple[str, ...]:
+    """The methods with knobs of their own to tune."""
+    return tuple(name for name, m in METHODS.items() if m.knobs)
+
+
+def knobs_of(method: str) -> dict[str, Knob]:
+    """Every knob tuning may search for ``method``: its own, then the training loop's."""
+    return {**get_method(method).knobs, **TRAINING_KNOBS}
