@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from rrm.errors import RRMError, unknown
 
@@ -71,7 +71,6 @@ class TrainConfig:
     out_dir: str = "runs/train"
     resume: bool = False
     progress: bool | None = None  # None: progress bars only when stderr is a terminal
-    extra: dict = field(default_factory=dict)  # method options added by later methods (documented per method)
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

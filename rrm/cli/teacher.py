@@ -1,0 +1,125 @@
+"""``rrm teacher``: the model registry of robust teachers (register, list, show, pull, promote)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import cloup
+
+from rrm import jobs
+from rrm.cli import cli
+from rrm.cli.options import from_params
+
+
+@cli.group()
+def teacher() -> None:
+    """Robust teachers in the MLflow model registry: register, list, show, pull, promote."""
+
+
+@teacher.command("register")
+@from_params("register")
+@cloup.argument("source", required=False, help="A training run id or a model file (required; or `source:` in the params section).")
+@click.option("--name", default="rrm-teacher", show_default=True, help="Registered model name.")
+@click.option("--evaluation", type=click.Path(dir_okay=False, path_type=Path),
+              help="Metrics JSON from `rrm evaluate`. [default: the newest evaluation run of the training run]")
+@click.option("--force", is_flag=True, help="Register even without an evaluation or adversarial training.")
+@click.option("--experiment", default="rrm", show_default=True,
+              help="Experiment for the import run of a model file that no tracked run produced.")
+def teacher_register(source: str | None, name: str, evaluation: Path | None, force: bool, experiment: str) -> None:
+    """Register SOURCE (a training run id or a model.pt) as a new teacher version with a model card.
+
+    \b
+    Examples:
+      rrm teacher register 3f2a9c...                      # a tracked run, evaluated by `rrm evaluate`
+      rrm teacher register runs/teacher/model.pt --evaluation runs/teacher/eval_metrics.json
+    """
+    jobs.require(source, "SOURCE (a run id or a model file)")
+    version = jobs.tracking().register_teacher(source, name, evaluation=evaluation, force=force, experiment=experiment)
+    click.echo(f"registered {version.uri} (natural {version.tags['natural_accuracy']}, adversarial "
+               f"{version.tags['adversarial_accuracy']}); promote it with `rrm teacher promote {version.version} "
+               f"champion --name {name}`")
+
+
+@teacher.command("list")
+@from_params("list")
+@click.option("--name", help="Only versions of this registered model. [default: all teachers]")
+def teacher_list(name: str | None) -> None:
+    """List registered teachers, newest version first.
+
+    \b
+    Example:
+      rrm teacher list --name rrm-teacher
+    """
+    found = jobs.tracking().list_teachers(name)
+    if not found:
+        click.echo("no teachers registered; add one with `rrm teacher register`")
+        return
+    columns = ("uri", "aliases", "method", "architecture", "norm", "eps", "natural_accuracy", "adversarial_accuracy",
+               "dataset")
+    rows = [[t.uri, ",".join(t.aliases) or "-", *(_short(t.tags.get(c, "?")) for c in columns[2:])] for t in found]
+    widths = [max(len(str(r[i])) for r in [list(columns), *rows]) for i in range(len(columns))]
+    for row in [list(columns), *rows]:
+        click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def _short(value: str) -> str:
+    try:
+        return f"{float(value):.4g}"
+    except ValueError:
+        return value
+
+
+@teacher.command("show")
+@from_params("show")
+@cloup.argument("uri", required=False, help="models:/NAME@ALIAS or models:/NAME/VERSION (required).")
+def teacher_show(uri: str | None) -> None:
+    """Show the model card, aliases and tags of a registered teacher.
+
+    \b
+    Example:
+      rrm teacher show models:/rrm-teacher@champion
+    """
+    jobs.require(uri, "URI (models:/NAME@ALIAS or models:/NAME/VERSION)")
+    found = jobs.tracking().show_teacher(uri)
+    click.echo(f"{found.uri}  aliases: {', '.join(found.aliases) or '-'}\n")
+    click.echo(found.description.rstrip() or "(no model card)")
+    click.echo("\ntags:")
+    for key, value in sorted(found.tags.items()):
+        click.echo(f"  {key}: {value}")
+
+
+@teacher.command("pull")
+@from_params("pull")
+@cloup.argument("uri", required=False, help="models:/NAME@ALIAS or models:/NAME/VERSION (required).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Model file to write.")
+def teacher_pull(uri: str | None, out: Path | None) -> None:
+    """Download a registered teacher to a model file (features and head intact).
+
+    \b
+    Example:
+      rrm teacher pull models:/rrm-teacher@champion --out teachers/champion.pt
+    """
+    jobs.require(uri, "URI (models:/NAME@ALIAS or models:/NAME/VERSION)")
+    jobs.require(out, "--out")
+    path, meta = jobs.tracking().pull_teacher(uri, out)
+    click.echo(f"wrote {path}: {meta.get('model')} trained with {meta.get('method')} on {meta.get('dataset')} "
+               f"({meta.get('norm')}, eps {meta.get('eps')})")
+
+
+@teacher.command("promote")
+@from_params("promote")
+@cloup.argument("version", required=False, help="The version to point ALIAS at (required).")
+@cloup.argument("alias", required=False, help="The alias, e.g. champion (required).")
+@click.option("--name", default="rrm-teacher", show_default=True, help="Registered model name.")
+def teacher_promote(version: str | None, alias: str | None, name: str) -> None:
+    """Point ALIAS (champion, candidate, ...) at VERSION; students use models:/NAME@ALIAS.
+
+    \b
+    Example:
+      rrm teacher promote 3 champion
+    """
+    jobs.require(version, "VERSION")
+    jobs.require(alias, "ALIAS")
+    found = jobs.tracking().promote(name, version, alias)
+    click.echo(f"models:/{name}@{alias} -> version {found.version}")

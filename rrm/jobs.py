@@ -1,0 +1,219 @@
+"""Jobs: what each command does, as plain functions over typed configs.
+
+A job resolves registry URIs, loads data and models, runs the library function and records the result. The command
+line, the DVC stages (through the command line) and the MLproject entry points only parse their input and call a job,
+so all three behave the same. MLflow is imported only by jobs that track or read the registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+from rrm.errors import RRMError, unknown
+from rrm.evaluate import EvalConfig
+
+# MLflow retries an unreachable server 7 times with exponential backoff (minutes) and waits up to 120 s for each
+# answer; jobs give up in seconds instead (under a minute for a server that accepts but never answers). Values the
+# user exported win.
+FAIL_FAST_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+REGISTRY_SCHEMES = ("models:/", "runs:/")
+
+
+@dataclass
+class Tracking:
+    """Whether and where a job records its run in MLflow."""
+
+    enabled: bool = True
+    experiment: str | None = "rrm"  # None: the job's default (an evaluation joins its training run's experiment)
+    run_name: str | None = None  # None: the job's default name
+
+
+def tracking() -> ModuleType:
+    """:mod:`rrm.tracking` (and with it MLflow, seconds to import), loaded only by jobs that need it."""
+    for key, value in FAIL_FAST_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", str(sys.stderr.isatty()).lower())
+    from rrm import tracking as module
+
+    if "MLFLOW_LOGGING_LEVEL" not in os.environ:  # MLflow's INFO lines (store creation) would bury our output
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+    return module
+
+
+def is_registry_uri(ref: str | os.PathLike | None) -> bool:
+    """Whether a model reference is a registry URI (loading it talks to MLflow) rather than a file."""
+    return isinstance(ref, str) and ref.startswith(REGISTRY_SCHEMES)
+
+
+def load_model_ref(ref: str | os.PathLike, device):
+    """A frozen model (teacher, transfer source) from a model file or a registry URI."""
+    from rrm.train import load_teacher
+
+    if is_registry_uri(ref):
+        return tracking().load_registered_model(str(ref)).to(device).eval().requires_grad_(False)
+    return load_teacher(ref, device)
+
+
+def prepare_job(dataset: str, out: str | os.PathLike, options: dict):
+    """Load a registered dataset and write it to one file; returns the data and its digest."""
+    from rrm.data import prepare_dataset
+
+    return prepare_dataset(dataset, out, **options)
+
+
+def train_job(cfg, track: Tracking = Tracking()):
+    """Train ``cfg`` (a :class:`rrm.train.TrainConfig`), teacher resolved from the registry where it is a URI.
+
+    Returns the :class:`rrm.train.TrainResult` and the MLflow run id (None when not tracked, and on ranks other than
+    the first under torchrun: only rank 0 records the run).
+    """
+    from rrm.data import load_dataset
+    from rrm.models import ARCHITECTURES
+    from rrm.train import get_method, resolve_device, train
+    from rrm.train.distributed import is_main
+
+    cfg.validate()
+    method = get_method(cfg.method)
+    if cfg.model not in ARCHITECTURES:
+        raise unknown("model", cfg.model, ARCHITECTURES)
+    data = load_dataset(cfg.dataset)
+    teacher = None
+    if method.needs_teacher and cfg.teacher:
+        teacher = load_model_ref(cfg.teacher, resolve_device(cfg.device))
+    if not track.enabled or not is_main():
+        return train(cfg, data=data, teacher=teacher), None
+    with tracking().MlflowCallback(experiment=track.experiment, run_name=track.run_name) as tracker:
+        result = train(cfg, data=data, teacher=teacher, callbacks=[tracker])
+    return result, tracker.run_id
+
+
+@dataclass
+class RobustifyConfig:
+    """Ilyas et al.'s robustified dataset: a teacher, the data and the feature-matching budget."""
+
+    teacher: str | None = None  # a model file or a registry URI such as models:/rrm-teacher@champion
+    dataset: str | None = None
+    out: str | None = None
+    steps: int = 1000
+    step_size: float = 0.1
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"
+    progress: bool | None = None
+
+
+def robustify_job(cfg: RobustifyConfig):
+    """Write the robustified dataset of ``cfg``; returns it."""
+    from rrm.data import load_dataset
+    from rrm.robustify import robustify
+    from rrm.train import resolve_device
+
+    require(cfg.teacher, "--teacher")
+    require(cfg.dataset, "--dataset")
+    require(cfg.out, "--out")
+    data = load_dataset(cfg.dataset)
+    device = resolve_device(cfg.device)
+    model = load_model_ref(cfg.teacher, device)
+    return robustify(model, data, cfg.out, steps=cfg.steps, step_size=cfg.step_size, batch_size=cfg.batch_size,
+                     seed=cfg.seed, device=device, teacher_ref=cfg.teacher, progress=cfg.progress)
+
+
+@dataclass
+class EvaluateJob:
+    """One evaluation: the model, its data, where to write and what to attack (``attack``)."""
+
+    model: str | None = None  # a model file or a registry URI
+    dataset: str | None = None  # None: the dataset the model was trained on
+    transfer_from: str | None = None  # the model that crafts the transfer attack: for a student, its teacher
+    out: str | None = None  # None: eval_metrics.json beside a model file
+    device: str = "auto"
+    progress: bool | None = None
+    train_run_id: str | None = None  # None: the run that logged this model file
+    attack: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class Evaluation:
+    result: object  # rrm.evaluate.EvalResult
+    out: Path
+    run_id: str | None
+
+
+def evaluate_job(job: EvaluateJob, track: Tracking = Tracking(experiment=None)) -> Evaluation:
+    """Attack ``job.model``, write its metrics JSON and record the evaluation, linked to the training run."""
+    from rrm.data import load_dataset
+    from rrm.evaluate import evaluate, load_for_evaluation, write_metrics
+    from rrm.train import resolve_device
+
+    require(job.model, "MODEL (a model file or models:/NAME@ALIAS)")
+    if job.out is None and is_registry_uri(job.model):
+        raise RRMError(f"pass --out for the metrics of {job.model} (it has no directory to write them beside)")
+    attack = job.attack.validate()
+    device = resolve_device(job.device)
+    store = tracking() if track.enabled or is_registry_uri(job.model) or is_registry_uri(job.transfer_from) else None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = store.pull_teacher(job.model, Path(tmp) / "model.pt")[0] if is_registry_uri(job.model) else Path(
+            job.model)
+        net, meta = load_for_evaluation(path, map_location=device)
+        dataset = job.dataset or (meta.get("config") or {}).get("dataset")
+        require(dataset, "--dataset (the model file does not say what it was trained on)")
+        data = load_dataset(dataset)
+        source = load_model_ref(job.transfer_from, device) if job.transfer_from else None
+        result = evaluate(net, data, attack, transfer_from=source, progress=job.progress)
+        out = Path(job.out) if job.out else path.with_name("eval_metrics.json")
+        write_metrics(out, result)
+        run_id = store.log_evaluation(result, model_path=path, train_run_id=job.train_run_id,
+                                      experiment=track.experiment, metrics_path=out) if track.enabled else None
+    return Evaluation(result, out, run_id)
+
+
+def tune_job(cfg, track: Tracking = Tracking(), log=print):
+    """Run the Optuna study ``cfg`` (a :class:`rrm.tune.TuneConfig`); returns its :class:`rrm.tune.TuneResult`."""
+    from rrm.tune import tune
+
+    teacher = None
+    if is_registry_uri(cfg.train.teacher):
+        from rrm.train import resolve_device
+
+        teacher = load_model_ref(cfg.train.teacher, resolve_device(cfg.train.device))
+    if track.enabled:
+        tracking()
+    return tune(cfg, track=track.enabled, experiment=track.experiment, log=log,
+                **({"teacher": teacher} if teacher is not None else {}))
+
+
+@dataclass
+class ReportConfig:
+    """Where a pipeline's metrics are and where the report goes; paths are relative to ``root``."""
+
+    root: str = "."
+    students_dir: str = "runs/students"
+    evaluations_dir: str = "metrics/students"
+    teacher_dir: str = "runs/teacher"
+    teacher_evaluation: str = "metrics/teacher.json"
+    out_dir: str = "reports"
+
+
+def report_job(cfg: ReportConfig, track: Tracking = Tracking(enabled=False)) -> dict:
+    """Write the tables, plots and report.json of a pipeline's metrics; log them to MLflow when tracked."""
+    from rrm.report import write_report
+
+    out_dir = Path(cfg.out_dir)
+    result = write_report(cfg.root, out_dir, students_dir=cfg.students_dir, evaluations_dir=cfg.evaluations_dir,
+                          teacher_dir=cfg.teacher_dir, teacher_evaluation=cfg.teacher_evaluation)
+    if track.enabled:
+        tracking().log_report([out_dir / name for name in result["files"]], track.experiment or "rrm")
+    return result
+
+
+def require(value: object, what: str) -> None:
+    """A missing input: one line naming the flag."""
+    if value is None or value == () or value == "":
+        raise RRMError(f"missing {what}; pass it, or set it in the --params section")
