@@ -107,3 +107,28 @@ def fgsm(
     """Fast gradient sign method (one PGD step); Wong et al.'s variant uses ``random_start`` and step 1.25 * eps."""
     return pgd(model, x, y, norm=norm, eps=eps, step_size=eps if step_size is None else step_size, steps=1,
                random_start=random_start, loss_fn=loss_fn)
+
+
+def n_fgsm(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    norm: str,
+    eps: float,
+    noise_magnitude: float,
+    step_size: float,
+    project_to_eps: bool = False,
+    loss_fn: LossFn = _cross_entropy_sum,
+) -> torch.Tensor:
+    """de Jorge et al.'s (2022) N-FGSM: noise from the ``noise_magnitude`` ball (2 * eps in the paper), then one
+    ascent step of ``step_size`` (eps), *not* projected back to the eps-ball unless ``project_to_eps``; pixels are
+    kept in [0, 1] after the noise and after the step."""
+    check_threat(norm, eps)
+    x = x.detach()
+    noisy = (x + random_perturbation(x, norm, noise_magnitude)).requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_fn(model(noisy), y), noisy)
+    delta = noisy.detach() + ascent_step(grad, norm, step_size) - x
+    if project_to_eps:
+        delta = project(delta, norm, eps)
+    return (x + delta).clamp(0, 1).detach()

@@ -70,6 +70,12 @@ TRAIN = {
     "alpha": Spec("method", "kd, kdiga: weight of the distillation term."),
     "gamma": Spec("method", "kdiga: weight of input-gradient alignment."),
     "replays": Spec("method", "free: minibatch replays m."),
+    "noise_magnitude": Spec("method", "n-fgsm: radius of the uniform noise. [default: 2 * eps]"),
+    "project_to_eps": Spec("method", "n-fgsm: project the perturbation back to the eps-ball (de Jorge et al. do not)."),
+    "grad_align_weight": Spec("method", "fast: weight of GradAlign's gradient-alignment term (0: off; about 3x the "
+                                        "cost)."),
+    "early_stop_on_co": Spec("method", "fast, n-fgsm, free: stop at catastrophic overfitting (PGD monitor accuracy "
+                                       "collapses while single-step accuracy holds) and keep the weights before it."),
     **THREAT,
     "step_size": Spec("attack", "Attack step. [default: the method's]"),
     "attack_steps": Spec("attack", "PGD steps of adversarial training (and of rrm's teacher-pgd)."),

@@ -12,8 +12,10 @@ SCHEDULES = ("constant", "cosine", "step", "cyclic")
 PRECISIONS = ("fp32", "bf16", "fp16")
 FEATURE_LOSSES = ("cosine", "l2", "direction-norm")
 MATCH_INPUTS = ("clean", "noise", "teacher-fgsm", "teacher-pgd")
-# RRM's matching-variant options and the values that give the paper's method.
-RRM_VARIANT_DEFAULTS = {"match_inputs": "clean", "kd_weight": 0.0, "iga_weight": 0.0}
+# Options that only some methods read (Method.options), with the value that leaves them off: setting one for
+# another method is refused rather than silently ignored.
+SWITCHED_OFF = {"match_inputs": "clean", "kd_weight": 0.0, "iga_weight": 0.0, "noise_magnitude": None,
+                "project_to_eps": False, "grad_align_weight": 0.0}
 # Options that change how a run executes, not what it computes: a resumed run or a tuning study may differ in them.
 RUNTIME_OPTIONS = ("resume", "progress", "device", "compile", "data_on_device")
 
@@ -41,10 +43,14 @@ class TrainConfig:
     # threat model of adversarial training and of the per-epoch monitor
     norm: str = "linf"
     eps: float = 0.3
-    step_size: float | None = None  # None: sat/pgd-fast 2.5 * eps / steps, fast 1.25 * eps, free eps
+    step_size: float | None = None  # None: sat/pgd-fast 2.5 * eps / steps, fast 1.25 * eps, free and n-fgsm eps
     attack_steps: int = 7
     random_start: bool = True
     replays: int = 8  # Free AT's minibatch replays m
+    noise_magnitude: float | None = None  # n-fgsm: radius of the uniform noise; None: 2 * eps (de Jorge et al.)
+    project_to_eps: bool = False  # n-fgsm: project the perturbation back to the eps-ball (the paper does not)
+    grad_align_weight: float = 0.0  # fast: weight of GradAlign's gradient-alignment term (0: off)
+    early_stop_on_co: bool = False  # single-step methods: stop at catastrophic overfitting, keep the weights before it
     # transfer methods
     teacher: str | None = None  # a model file, or a registry URI such as models:/rrm-teacher@champion
     lam: float = 5e-3  # RRM's lambda: weight of the cross-entropy term
@@ -122,10 +128,11 @@ class TrainConfig:
         for name in ("kd_weight", "iga_weight"):
             value = getattr(self, name)
             need(value >= 0 and math.isfinite(value), f"{name} must be a number >= 0 (0 turns the term off), got {value}")
-        changed = [name for name, default in RRM_VARIANT_DEFAULTS.items() if getattr(self, name) != default]
-        need(self.method == "rrm" or not changed,
-             f"{', '.join(changed)} {'is an option' if len(changed) == 1 else 'are options'} of method 'rrm', not "
-             f"{self.method!r}; use --method rrm, or leave {'it' if len(changed) == 1 else 'them'} at the default")
+        self._check_method_options()
+        need(self.noise_magnitude is None or (self.noise_magnitude >= 0 and math.isfinite(self.noise_magnitude)),
+             f"noise_magnitude must be a number >= 0 (or unset for 2 * eps), got {self.noise_magnitude}")
+        need(self.grad_align_weight >= 0 and math.isfinite(self.grad_align_weight),
+             f"grad_align_weight must be a number >= 0 (0 turns GradAlign off), got {self.grad_align_weight}")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         need(0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha}")
         need(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")
@@ -134,4 +141,27 @@ class TrainConfig:
         need(self.monitor_examples >= 0, f"monitor_examples must be >= 0, got {self.monitor_examples}")
         need(self.monitor_steps >= 1, f"monitor_steps must be >= 1, got {self.monitor_steps}")
         need(self.feature_dim is None or self.feature_dim >= 1, f"feature_dim must be >= 1, got {self.feature_dim}")
+        need(not self.early_stop_on_co or self.monitor_examples > 0,
+             "early_stop_on_co watches the per-epoch PGD monitor; set monitor_examples > 0")
         return self
+
+    def _check_method_options(self) -> None:
+        """Refuse an option switched on for a method that does not read it (see ``Method.options``)."""
+        from rrm.train.methods import METHODS, get_method  # the methods import this module
+
+        if self.method not in METHODS:
+            return  # the trainer names the unknown method
+        method = get_method(self.method)
+        changed = [name for name, off in SWITCHED_OFF.items()
+                   if getattr(self, name) != off and name not in method.options]
+        if self.early_stop_on_co and not method.single_step:
+            changed.append("early_stop_on_co")
+        if not changed:
+            return
+        owners = sorted({m for name in changed for m, cls in METHODS.items()
+                         if name in cls.options or (name == "early_stop_on_co" and cls.single_step)},
+                        key=list(METHODS).index)
+        one = len(changed) == 1
+        raise RRMError(f"{', '.join(changed)} {'is an option' if one else 'are options'} of method "
+                       f"{' or '.join(repr(m) for m in owners)}, not {self.method!r}; use --method {owners[0]}, or "
+                       f"leave {'it' if one else 'them'} at the default")

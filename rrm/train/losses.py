@@ -60,3 +60,10 @@ def input_gradient(
 def input_gradient_alignment(student_grad: torch.Tensor, teacher_grad: torch.Tensor) -> torch.Tensor:
     """KDIGA's ``||grad_x CE_S - grad_x CE_T||_2`` per example, averaged over the batch (independent of batch size)."""
     return (student_grad - teacher_grad.detach()).flatten(1).norm(dim=1).mean()
+
+
+def gradient_alignment(clean_grad: torch.Tensor, noisy_grad: torch.Tensor) -> torch.Tensor:
+    """GradAlign's regulariser (Andriushchenko & Flammarion 2020): mean over the batch of ``1 - cos`` between the
+    input gradient at the clean point (a constant) and at a random point of the eps-ball (differentiated again)."""
+    cos = F.cosine_similarity(clean_grad.detach().flatten(1).float(), noisy_grad.flatten(1).float(), dim=1, eps=1e-12)
+    return (1 - cos).mean()

@@ -19,12 +19,12 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from rrm.attacks import ascent_step, fgsm, pgd, project, random_perturbation
+from rrm.attacks import ascent_step, fgsm, n_fgsm, pgd, project, random_perturbation
 from rrm.data import ImageData
 from rrm.errors import RRMError, unknown
 from rrm.models import Classifier
 from rrm.train.config import TrainConfig
-from rrm.train.losses import FEATURE_LOSSES, input_gradient, input_gradient_alignment, kd_loss
+from rrm.train.losses import FEATURE_LOSSES, gradient_alignment, input_gradient, input_gradient_alignment, kd_loss
 
 
 
@@ -63,6 +63,8 @@ class Method:
     needs_teacher: ClassVar[bool] = False
     # Its robustness comes from a teacher, directly or through data the teacher made (rdt).
     learns_from_teacher: ClassVar[bool] = False
+    # One attack step per update: prone to catastrophic overfitting, so the trainer can watch for it.
+    single_step: ClassVar[bool] = False
     # The TrainConfig fields only this method (and its subclasses) reads, beyond data, model, schedule and runtime.
     options: ClassVar[tuple[str, ...]] = ()
     # Method knobs that tuning may search (the training-loop knobs apply to every method); the first ones listed
@@ -135,11 +137,16 @@ class PGDFast(SAT):
 
 
 class Fast(AdversarialMethod):
-    """Wong et al. (2020) "Fast is better than free": FGSM from a random start, step 1.25 * eps, cyclic rate."""
+    """Wong et al. (2020) "Fast is better than free": FGSM from a random start, step 1.25 * eps, cyclic rate.
+
+    ``grad_align_weight`` > 0 adds Andriushchenko & Flammarion's (2020) GradAlign regulariser, which keeps the input
+    gradients at the clean point and at a random point of the eps-ball aligned (about 3x the cost: double backprop).
+    """
 
     name = "fast"
     default_schedule = "cyclic"
-    options = ("step_size",)
+    single_step = True
+    options = ("step_size", "grad_align_weight")
 
     @property
     def step_size(self) -> float:
@@ -147,6 +154,40 @@ class Fast(AdversarialMethod):
 
     def craft(self, model, x, y):
         return fgsm(model, x, y, norm=self.cfg.norm, eps=self.cfg.eps, step_size=self.step_size, random_start=True)
+
+    def loss(self, model, x, y):
+        terms = super().loss(model, x, y)
+        if self.cfg.grad_align_weight:
+            c = self.cfg
+            clean_grad, _ = input_gradient(model, x, y, create_graph=False)
+            noisy = x + random_perturbation(x, c.norm, c.eps)
+            noisy_grad, _ = input_gradient(model, noisy, y, create_graph=True)
+            terms["grad_align"] = gradient_alignment(clean_grad, noisy_grad)
+            terms["loss"] = terms["loss"] + c.grad_align_weight * terms["grad_align"]
+        return terms
+
+
+class NFGSM(AdversarialMethod):
+    """de Jorge et al. (2022) N-FGSM: noise from twice the eps-ball, one signed step of eps, no projection back to
+    the eps-ball; the cost of ``fast`` without its catastrophic overfitting at large eps."""
+
+    name = "n-fgsm"
+    default_schedule = "cyclic"
+    single_step = True
+    options = ("step_size", "noise_magnitude", "project_to_eps")
+
+    @property
+    def step_size(self) -> float:
+        return self.cfg.step_size if self.cfg.step_size is not None else self.cfg.eps
+
+    @property
+    def noise_magnitude(self) -> float:
+        return self.cfg.noise_magnitude if self.cfg.noise_magnitude is not None else 2 * self.cfg.eps
+
+    def craft(self, model, x, y):
+        c = self.cfg
+        return n_fgsm(model, x, y, norm=c.norm, eps=c.eps, noise_magnitude=self.noise_magnitude,
+                      step_size=self.step_size, project_to_eps=c.project_to_eps)
 
 
 class Free(Method):
@@ -159,6 +200,7 @@ class Free(Method):
     name = "free"
     default_schedule = "cyclic"
     adversarial = True
+    single_step = True
     options = ("step_size", "replays")
 
     def __init__(self, cfg: TrainConfig, teacher: Classifier | None = None):
@@ -348,7 +390,7 @@ class RDT(Method):
 
 # In the order the reports list them: no teacher first, then those that learn from one.
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (Method, SAT, PGDFast, Fast, Free, RDT, KD, KDIGA, RRM)
+    m.name: m for m in (Method, SAT, PGDFast, Fast, NFGSM, Free, RDT, KD, KDIGA, RRM)
 }
 
 
