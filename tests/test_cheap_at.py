@@ -8,7 +8,8 @@ from torch import nn
 
 from rrm.attacks import n_fgsm
 from rrm.errors import RRMError
-from rrm.train import TrainConfig, train
+from rrm.models import load_model
+from rrm.train import Callback, TrainConfig, train
 from rrm.train.losses import gradient_alignment
 from rrm.train.methods import NFGSM
 from rrm.train.overfitting import collapse_epoch
@@ -107,3 +108,39 @@ def test_a_short_digits_run(tmp_path, digits, kw):
     assert 0 <= result.summary["monitor_robust_accuracy"] <= 1
     if kw.get("grad_align_weight"):
         assert all(h["grad_align"] >= 0 for h in result.history)
+
+
+class _Weights(Callback):
+    """Copies of the model's weights at the end of every epoch."""
+
+    def on_train_start(self, cfg, data, model):
+        self.model, self.by_epoch = model, {}
+
+    def on_epoch_end(self, epoch, metrics):
+        self.by_epoch[epoch] = {k: v.clone() for k, v in self.model.state_dict().items()}
+
+
+def test_early_stopping_on_a_collapse_keeps_the_weights_from_before_it(tmp_path, digits, monkeypatch):
+    import rrm.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "collapse_epoch", lambda history: 2)  # a collapse in the second epoch
+    weights = _Weights()
+    cfg = TrainConfig(dataset="digits", model="cnn", method="n-fgsm", epochs=4, lr=0.05, eps=0.1, monitor_examples=32,
+                      progress=False, out_dir=str(tmp_path), early_stop_on_co=True)
+    result = train(cfg, data=digits, callbacks=[weights])
+    assert len(result.history) == 2 and result.history[-1]["early_stopped"]
+    assert result.summary["catastrophic_overfitting_epoch"] == 2 and result.summary["early_stopped_at_epoch"] == 2
+    assert result.summary["test_accuracy"] == result.history[0]["test_accuracy"]
+    saved, _ = load_model(tmp_path / "model.pt")
+    for key, value in saved.state_dict().items():
+        assert torch.equal(value, weights.by_epoch[1][key]), key  # bit-identical to the end of epoch 1
+    resumed = train(cfg.replace(resume=True), data=digits)  # an early-stopped run is finished
+    assert len(resumed.history) == 2
+
+
+def test_the_detector_watches_single_step_methods_only(tmp_path, digits):
+    common = dict(dataset="digits", model="cnn", epochs=1, lr=0.05, eps=0.1, monitor_examples=32, progress=False)
+    fast = train(TrainConfig(method="fast", out_dir=str(tmp_path / "fast"), **common), data=digits)
+    sat = train(TrainConfig(method="sat", attack_steps=2, out_dir=str(tmp_path / "sat"), **common), data=digits)
+    assert 0 <= fast.history[0]["monitor_fgsm_accuracy"] <= 1
+    assert "monitor_fgsm_accuracy" not in sat.history[0]

@@ -27,6 +27,7 @@ from rrm.stats import epoch_time_stats
 from rrm.train import distributed
 from rrm.train.config import RUNTIME_OPTIONS, TrainConfig
 from rrm.train.methods import Method, get_method
+from rrm.train.overfitting import collapse_epoch
 
 CHECKPOINT_FORMAT = "rrm-checkpoint/1"
 CHECKPOINT, MODEL, METRICS = "checkpoint.pt", "model.pt", "train_metrics.json"
@@ -138,14 +139,20 @@ def accuracy(model: Classifier, x: torch.Tensor, y: torch.Tensor, device: torch.
     return float(correct.item()) / max(1, len(y))
 
 
-def monitored_robust_accuracy(model: Classifier, data: ImageData, cfg: TrainConfig, device: torch.device) -> float:
-    """PGD accuracy on the first ``monitor_examples`` test images: a cheap per-epoch robustness signal."""
+def monitored_robust_accuracy(model: Classifier, data: ImageData, cfg: TrainConfig, device: torch.device,
+                              steps: int | None = None) -> float:
+    """PGD accuracy on the first ``monitor_examples`` test images: a cheap per-epoch robustness signal.
+
+    ``steps=1`` gives the single-step (FGSM, step eps, no random start) accuracy that the catastrophic-overfitting
+    detector compares it with.
+    """
     model.eval()
+    steps = steps or cfg.monitor_steps
     n = min(cfg.monitor_examples, len(data.test_y))
     correct = 0
     for xb, yb in batches(data.test_x[:n], data.test_y[:n], 256, device=device):
-        x_adv = pgd(model, xb, yb, norm=cfg.norm, eps=cfg.eps, step_size=2.5 * cfg.eps / cfg.monitor_steps,
-                    steps=cfg.monitor_steps, random_start=True)
+        x_adv = pgd(model, xb, yb, norm=cfg.norm, eps=cfg.eps, step_size=cfg.eps if steps == 1 else 2.5 * cfg.eps / steps,
+                    steps=steps, random_start=steps > 1)
         with torch.no_grad():
             correct += int((model(x_adv).argmax(1) == yb).sum())
     return correct / max(1, n)
@@ -294,7 +301,13 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
     for cb in callbacks:
         cb.on_train_start(cfg, data, model)
 
+    watch_co = method.single_step and cfg.monitor_examples > 0
+    before = None  # the weights at the end of the previous epoch, kept to undo a catastrophic overfit
+    if history and history[-1].get("early_stopped"):
+        start = passes  # an early-stopped run is finished
     for epoch in range(start, passes):
+        if cfg.early_stop_on_co:
+            before = {k: v.detach().clone() for k, v in model.state_dict().items()}
         model.train()
         generator = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
         if ctx.enabled:  # attack starts differ between ranks and do not depend on where a run was resumed
@@ -349,13 +362,23 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
             metrics["test_accuracy"] = accuracy(model, data.test_x, data.test_y, device)
             if cfg.monitor_examples:
                 metrics["monitor_robust_accuracy"] = monitored_robust_accuracy(model, data, cfg, device)
+            if watch_co:
+                metrics["monitor_fgsm_accuracy"] = monitored_robust_accuracy(model, data, cfg, device, steps=1)
         if ctx.enabled:  # rank 0 evaluated; every rank keeps the same history
             metrics = distributed.broadcast(metrics)
         history.append(metrics)
+        collapsed = watch_co and collapse_epoch(history) == epoch + 1
+        if collapsed:
+            metrics["catastrophic_overfitting"] = True
+        if collapsed and cfg.early_stop_on_co:  # Wong et al.: keep the model from before the collapse
+            model.load_state_dict(before)
+            metrics["early_stopped"] = True
         if ctx.is_main:
             _save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, epoch + 1, history, cfg)
         for cb in callbacks:
             cb.on_epoch_end(epoch + 1, metrics)
+        if metrics.get("early_stopped"):
+            break
 
     model.eval()
     if cfg.compile:  # drop the compiled wrappers: the returned model and the caller's teacher are plain again
@@ -382,12 +405,18 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
 def summarize(history: list[dict], epochs_per_pass: int = 1) -> dict:
     """Final metrics and the paper's epoch-time statistics (Free AT's passes counted as its replays)."""
     last = history[-1]
+    kept = history[-2] if last.get("early_stopped") else last  # the weights kept are those of the epoch before
     summary = {
         **epoch_time_stats([h["epoch_seconds"] for h in history], epochs_per_pass),
-        "test_accuracy": last["test_accuracy"],
-        "train_loss": last["loss"],
+        "test_accuracy": kept["test_accuracy"],
+        "train_loss": kept["loss"],
     }
-    if "monitor_robust_accuracy" in last:
-        summary["monitor_robust_accuracy"] = last["monitor_robust_accuracy"]
+    if "monitor_robust_accuracy" in kept:
+        summary["monitor_robust_accuracy"] = kept["monitor_robust_accuracy"]
+    collapsed = [h["epoch"] for h in history if h.get("catastrophic_overfitting")]
+    if collapsed:
+        summary["catastrophic_overfitting_epoch"] = collapsed[0]
+    if last.get("early_stopped"):
+        summary["early_stopped_at_epoch"] = last["epoch"]
     return summary
 
