@@ -6,6 +6,7 @@ Nothing here imports MLflow, DVC or Optuna: tracking and tuning attach through :
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -27,6 +28,7 @@ from rrm.stats import epoch_time_stats
 from rrm.train import distributed
 from rrm.train.config import RUNTIME_OPTIONS, TrainConfig
 from rrm.train.methods import Method, get_method
+from rrm.train.flops import FlopCounter
 from rrm.train.overfitting import collapse_epoch
 
 CHECKPOINT_FORMAT = "rrm-checkpoint/1"
@@ -302,6 +304,7 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
         cb.on_train_start(cfg, data, model)
 
     watch_co = method.single_step and cfg.monitor_examples > 0
+    flops_per_image = None
     before = None  # the weights at the end of the previous epoch, kept to undo a catastrophic overfit
     if history and history[-1].get("early_stopped"):
         start = passes  # an early-stopped run is finished
@@ -330,8 +333,12 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
                 n_global = min(cfg.batch_size, len(train_y) - i * cfg.batch_size)
                 n = distributed.share(n_global, ctx)
                 shard_weight = n / n_global
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            counting = flops_per_image is None and len(yb) > 0  # count one real step, then multiply
+            with (torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
+                  FlopCounter() if counting else contextlib.nullcontext() as counter):
                 terms = method.train_batch(model, xb, yb, step)
+            if counting:
+                flops_per_image = counter.get_total_flops() / len(yb)
             seen += n
             # Sums stay on the device (no host sync in the step); read once per epoch.
             for key, value in terms.items():
@@ -355,6 +362,8 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
             "paper_epochs": (epoch + 1) * method.epochs_per_pass,
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_seconds": epoch_seconds,
+            # a pass over the data; this rank's count stands for every rank's (they run the same steps)
+            "epoch_flops": flops_per_image * len(train_y),
             "train_accuracy": metrics.pop("correct"),
             **metrics,
         }
@@ -411,6 +420,8 @@ def summarize(history: list[dict], epochs_per_pass: int = 1) -> dict:
         "test_accuracy": kept["test_accuracy"],
         "train_loss": kept["loss"],
     }
+    summary["total_flops"] = sum(h["epoch_flops"] for h in history if "epoch_flops" in h)
+    summary["flops_per_epoch"] = summary["total_flops"] / summary["epochs"]  # paper epochs, as epoch_seconds
     if "monitor_robust_accuracy" in kept:
         summary["monitor_robust_accuracy"] = kept["monitor_robust_accuracy"]
     collapsed = [h["epoch"] for h in history if h.get("catastrophic_overfitting")]
