@@ -668,7 +668,7 @@ def _summarise(study: optuna.Study, cfg: TuneConfig, data: ImageData, label: str
                                                           "adversarial_accuracy": b["adversarial_accuracy"]},
                                            "test": b["test"]} for b in best},
     })
-    from rrm.tune_plots import plot_history, plot_knob, plot_pareto  # matplotlib only when writing
+    from rrm.plots import plot_history, plot_knob, plot_pareto  # matplotlib only when writing
 
     knob = cfg.tuned[0]
     files["pareto"] = plot_pareto(trials, out / "pareto_front.png", floor=cfg.min_natural_accuracy,
