@@ -374,73 +374,11 @@ def seeds_table(report: dict) -> str:
     return _markdown("Students: accuracy and training cost over seeds", header, rows, notes)
 
 
-ACCURACY_PANELS = (("total_minutes", "training time (min)", "adversarial_pct", "adversarial accuracy (%)"),
-                   ("total_minutes", "training time (min)", "natural_pct", "natural accuracy (%)"))
-MARKERS = "osD^vP*<>"
-LABELLED_POINTS = 10  # up to this many students, each point is also labelled with its name
-FRONTIER_PANELS = (("total_minutes", "student training time (min)", "adversarial_pct", "adversarial accuracy (%)"),
-                   ("total_minutes_with_teacher", "training time incl. the teacher's (min)", "adversarial_pct",
-                    "adversarial accuracy (%)"))
-
-
-def plot(rows: list[dict], path: Path, panels=ACCURACY_PANELS, target_box: tuple[float, float] | None = None,
-         frontier: bool = False) -> None:
-    """One panel per ``(x key, x label, y key, y label)``, a labelled point per row (Figures 2 and 3 by default).
-
-    Rows holding ``<key>_ci95`` (means over seeds) get 95% CI error bars; rows whose evaluation failed the
-    gradient-masking checks are crosses. ``frontier`` joins the points that passed them and that no other such
-    point beats on both time and accuracy; ``target_box`` ``(max x, min y)`` shades issue 8's target region on the
-    first panel.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    # One colour and marker per student in every panel, named in a legend beside the panels; with many students
-    # (issue 8's thirteen, most at 0% at eps 0.3) labels next to the points would overlap, so only few get them.
-    failed = {r["name"] for r in rows if r.get("sanity_passed") is False}
-    style = {r["name"]: (f"C{k % 10}", "x" if r["name"] in failed else MARKERS[k % len(MARKERS)])
-             for k, r in enumerate(rows)}
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    handles = {}
-    for i, (ax, (x, x_label, y, y_label)) in enumerate(zip(axes[0], panels)):
-        shown = sorted((r for r in rows if r.get(x) is not None and r.get(y) is not None),
-                       key=lambda r: (r[x], -r[y]))
-        for r in shown:
-            color, marker = style[r["name"]]
-            handles[r["name"]] = ax.errorbar(r[x], r[y], xerr=r.get(f"{x}_ci95"), yerr=r.get(f"{y}_ci95"),
-                                             capsize=3, fmt=marker, color=color)
-            if len(rows) <= LABELLED_POINTS:
-                ax.annotate(r["name"], (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        if frontier:
-            best, front = -math.inf, []
-            for r in shown:
-                if r.get("sanity_passed") is not False and r[y] > best:
-                    best = r[y]
-                    front.append((r[x], r[y]))
-            if front:
-                ax.plot(*zip(*front), drawstyle="steps-post", color="grey", alpha=0.6, label="frontier")
-        if target_box is not None and i == 0:
-            ax.fill_between([0, target_box[0]], target_box[1], 100, color="tab:green", alpha=0.12,
-                            label="target: >= 80% of sat's accuracy, <= 1/3 of its time")
-        if frontier or target_box is not None:
-            ax.legend(loc="best", fontsize=8)
-        ax.set_xlabel(x_label)
-        ax.set_ylabel(y_label)
-        ax.set_title(y_label.replace(" (%)", "") + " against " + x_label.replace(" (min)", ""), fontsize=10)
-        ax.grid(alpha=0.3)
-    names = [r["name"] for r in rows if r["name"] in handles]
-    fig.tight_layout()
-    fig.legend([handles[n] for n in names], [n + (" (checks failed)" if n in failed else "") for n in names],
-               loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title="student", title_fontsize=8)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
 def write_report(root: str | os.PathLike, out_dir: str | os.PathLike, **layout: str | os.PathLike) -> dict:
     """Collect the metrics under ``root`` (``layout``: :func:`collect`'s directories) and write the tables,
     ``report.json`` and the plot to ``out_dir``; ``report["table"]`` names the main table."""
+    from rrm.plots import FRONTIER_PANELS, plot_students  # matplotlib only when a report is written
+
     report = collect(root, **layout)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -453,7 +391,8 @@ def write_report(root: str | os.PathLike, out_dir: str | os.PathLike, **layout: 
                                            sort_keys=True) + "\n"}
         figure = "frontier.png"
         box = goal["sat"] and (goal["thresholds"]["total_minutes"], goal["thresholds"]["adversarial_pct"])
-        draw = functools.partial(plot, report["students"], panels=FRONTIER_PANELS, target_box=box, frontier=True)
+        draw = functools.partial(plot_students, report["students"], panels=FRONTIER_PANELS, target_box=box,
+                                 frontier=True)
     else:
         files = {
             "table1.md": table1(report),
@@ -466,7 +405,7 @@ def write_report(root: str | os.PathLike, out_dir: str | os.PathLike, **layout: 
                                       indent=2, sort_keys=True) + "\n",
         }
         figure = "accuracy_vs_time.png"
-        draw = functools.partial(plot, report["students"])
+        draw = functools.partial(plot_students, report["students"])
     for name, text in files.items():
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)

@@ -54,7 +54,7 @@ from rrm.data import ImageData, batches, load_dataset
 from rrm.errors import RRMError, unknown
 from rrm.evaluate import EvalConfig, evaluate
 from rrm.io import write_json
-from rrm.models import load_model
+from rrm.models import Classifier, load_model
 from rrm.train import Callback, TrainConfig, knobs_of, load_teacher, resolve_device, train, tunable_methods
 from rrm.train.methods import get_method
 from rrm.train.config import RUNTIME_OPTIONS
@@ -511,9 +511,11 @@ def _fmt(value: float) -> str:
 
 
 def tune(cfg: TuneConfig, *, track: bool = True, experiment: str = "rrm",
-         log: Callable[[str], None] | None = None) -> TuneResult:
+         log: Callable[[str], None] | None = None, teacher: Classifier | None = None) -> TuneResult:
     """Run the study until it has ``cfg.n_trials`` finished trials; evaluate its best trials on the test split;
     write ``trials.csv``, ``results.json`` and the plots to ``cfg.directory``; record it all in MLflow.
+
+    ``teacher`` is the loaded teacher (``rrm.jobs`` resolves a registry URI); by default the file ``cfg.train.teacher``.
 
     Everything that can be wrong with the input (ranges, names, data, teacher, storage, a study made with other
     settings) raises :class:`RRMError` before the first trial.
@@ -526,7 +528,7 @@ def tune(cfg: TuneConfig, *, track: bool = True, experiment: str = "rrm",
     device = resolve_device(cfg.train.device)
     data = load_dataset(cfg.train.dataset)
     validation = data.validation_split(cfg.validation_size, cfg.seed)
-    teacher = load_teacher(cfg.train.teacher, device)
+    teacher = teacher if teacher is not None else load_teacher(cfg.train.teacher, device)
     storage = open_storage(cfg.storage)
     study = open_study(cfg, storage)
     label = storage_label(cfg.storage)
@@ -668,7 +670,7 @@ def _summarise(study: optuna.Study, cfg: TuneConfig, data: ImageData, label: str
                                                           "adversarial_accuracy": b["adversarial_accuracy"]},
                                            "test": b["test"]} for b in best},
     })
-    from rrm.tune_plots import plot_history, plot_knob, plot_pareto  # matplotlib only when writing
+    from rrm.plots import plot_history, plot_knob, plot_pareto  # matplotlib only when writing
 
     knob = cfg.tuned[0]
     files["pareto"] = plot_pareto(trials, out / "pareto_front.png", floor=cfg.min_natural_accuracy,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from rrm.errors import RRMError
 from rrm.evaluate import EvalConfig, evaluate
@@ -19,7 +20,8 @@ from rrm.train import Callback, TrainConfig, train
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from _helpers import free_port, mlflow_server, one_torch_thread
+from _helpers import free_port, mlflow_server, one_torch_thread, undo_cli_settings
+from rrm import cli as rrm_cli
 from rrm import tracking
 
 DIGITS = dict(dataset="digits", model="cnn", epochs=1, monitor_examples=0, progress=False)
@@ -117,7 +119,7 @@ def test_training_run_reads_back(teacher_run, store):
     assert torch.allclose(same.features(x), result.model.features(x), atol=1e-6)
 
 
-def test_register_promote_pull_then_train_student(teacher_run, store):
+def test_register_promote_pull_then_train_student(teacher_run, store, monkeypatch):
     tracker, result = teacher_run
     client = MlflowClient()
     with pytest.raises(RRMError, match="no evaluation"):
@@ -155,10 +157,11 @@ def test_register_promote_pull_then_train_student(teacher_run, store):
     assert torch.equal(registered.features(x), pulled.features(x))
     assert torch.allclose(registered.head(registered.features(x)), registered(x))
 
+    # The trainer takes the loaded teacher; the URI in the config is what the run records.
     student_cfg = TrainConfig(**DIGITS, method="rrm", lam=0.5, teacher="models:/rrm-teacher@champion",
                               out_dir=str(store / "student"))
     with tracking.MlflowCallback(experiment="tests") as student:
-        trained = train(student_cfg, callbacks=[student])
+        trained = train(student_cfg, teacher=tracking.load_registered_model(student_cfg.teacher), callbacks=[student])
     run = client.get_run(student.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["rrm.teacher_uri"] == "models:/rrm-teacher@champion"
@@ -166,6 +169,24 @@ def test_register_promote_pull_then_train_student(teacher_run, store):
     assert [m.model_id for m in run.inputs.model_inputs] == [tracker.model_id]
     assert {"ce", "representation"} <= set(run.data.metrics)
     assert trained.model.feature_dim == registered.feature_dim
+
+    # The command line resolves the URI before training, tracked or not.
+    undo_cli_settings(monkeypatch)
+    result = CliRunner().invoke(rrm_cli.cli, ["train", "--method", "rrm", "--lambda", "0.5", "--teacher",
+                                              "models:/rrm-teacher@champion", "--dataset", "digits", "--model", "cnn",
+                                              "--epochs", "1", "--monitor-examples", "0", "--no-progress",
+                                              "--no-track", "--out-dir", str(store / "cli-student")])
+    assert result.exit_code == 0, result.output
+    assert load_model(store / "cli-student" / "model.pt")[1]["teacher"] == "models:/rrm-teacher@champion"
+    # So does tuning: one trial of one epoch, scored by APGD on 32 images.
+    result = CliRunner().invoke(rrm_cli.cli, ["tune", "--method", "rrm", "--teacher", "models:/rrm-teacher@champion",
+                                              "--dataset", "digits", "--model", "cnn-bn", "--eps", "0.1", "--epochs",
+                                              "1", "--n-trials", "1", "--attack-examples", "32", "--attack-steps",
+                                              "2", "--best-trials", "1", "--test-examples", "32", "--test-steps", "2",
+                                              "--storage", f"sqlite:///{store}/optuna.db", "--out-dir",
+                                              str(store / "tune"), "--no-track"])
+    assert result.exit_code == 0, result.output
+    assert "1/1 finished trials" in result.output
 
 
 def test_register_refuses_unevaluated_or_natural_models_and_writes_nothing(sat_file, store):

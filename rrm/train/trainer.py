@@ -92,14 +92,16 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
-def load_teacher(ref: str, device: torch.device) -> Classifier:
-    """A frozen teacher from a model file or a registry URI (``models:/name@alias``, ``runs:/id/model``)."""
-    if ref.startswith(("models:/", "runs:/")):
-        from rrm.tracking import load_registered_model  # only registry URIs need MLflow
+def load_teacher(path: str | os.PathLike, device: torch.device) -> Classifier:
+    """A frozen teacher from a model file.
 
-        teacher = load_registered_model(ref)
-    else:
-        teacher, _ = load_model(ref)
+    Registry URIs (``models:/name@alias``, ``runs:/id/model``) are resolved by the caller (``rrm.jobs``), so
+    that training never needs MLflow; pass the loaded model as ``train(..., teacher=)`` or the pulled file here.
+    """
+    if str(path).startswith(("models:/", "runs:/")):
+        raise RRMError(f"registry URI {str(path)!r} must be resolved before training: load it with "
+                       "rrm.jobs.load_model_ref and pass it as teacher=, or pass the file `rrm teacher pull` wrote")
+    teacher, _ = load_model(path)
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
