@@ -129,12 +129,9 @@ def _context_tags() -> dict[str, str]:
 
 
 def _params(config: Mapping) -> dict[str, str]:
-    """Training options as MLflow params; ``lam`` under its paper name ``lambda``, ``extra`` options flattened."""
+    """Training options as MLflow params; ``lam`` under its paper name ``lambda``."""
     out: dict[str, str] = {}
     for key, value in config.items():
-        if key == "extra":
-            out.update({f"extra.{k}": json.dumps(v) for k, v in value.items()})
-            continue
         text = json.dumps(list(value)) if isinstance(value, (list, tuple)) else str(value)
         out["lambda" if key == "lam" else key] = text
     return out
