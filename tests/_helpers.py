@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from rrm import cli as rrm_cli
 
@@ -83,3 +84,39 @@ def mlflow_server(backend_store_uri: str, root: Path, timeout: float = 180) -> I
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def override(params: dict, overrides: dict[str, object]) -> dict:
+    """Set ``overrides`` in ``params`` (a parsed YAML mapping, changed in place and returned): each key is a dotted
+    path of keys that must already exist (``"evaluate.steps"``), or has ``*`` for every key of one mapping
+    (``"students.*.epochs"``: every student, each of which must have ``epochs``). Applied in order, so a later key
+    can undo part of an earlier wildcard. A path that names a missing key raises KeyError naming that path, before
+    anything of that key is set: a shrink that silently missed its key (a renamed option, a typo) would leave the
+    test running full size."""
+    for dotted, value in overrides.items():
+        targets: list[tuple[str, dict, object]] = [("", {None: params}, None)]  # (path, mapping, key in it)
+        for part in dotted.split("."):
+            found = []
+            for where, parent, name in targets:
+                node = parent[name]
+                if not isinstance(node, dict):
+                    raise KeyError(f"override {dotted!r}: {where!r} is a {type(node).__name__}, not a mapping")
+                if part == "*" and not node:
+                    raise KeyError(f"override {dotted!r}: {where or 'the top level'} is empty, '*' matches nothing")
+                for key in list(node) if part == "*" else [part]:
+                    path = f"{where}.{key}" if where else str(key)
+                    if key not in node:
+                        known = ", ".join(map(str, node)) or "nothing"
+                        raise KeyError(f"override {dotted!r}: no key {path!r} (it has {known})")
+                    found.append((path, node, key))
+            targets = found
+        for _, parent, key in targets:  # all of them exist: set them
+            parent[key] = value
+    return params
+
+
+def override_yaml(path: Path, overrides: dict[str, object]) -> None:
+    """Rewrite the YAML file ``path`` with ``overrides`` applied (see :func:`override`); merge keys (``<<:``) come
+    out expanded, comments are dropped."""
+    params = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump(override(params, overrides), sort_keys=False))

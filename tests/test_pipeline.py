@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from _helpers import override, override_yaml
 from rrm.cli import cli
 from rrm.evaluate import EvalConfig
 from rrm.params import read_section
@@ -148,15 +149,15 @@ def test_variants_pipeline_stages(tmp_path: Path) -> None:
 
 def _shrink_variants(work: Path, students: tuple[str, ...]) -> None:
     """One eps, one seed, ``students``, one epoch each, a short evaluation (on top of ``_pipeline``'s shrink)."""
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    variants = params["variants"]
-    variants.update(eps=[0.1], seeds=[0], without_teacher=[s for s in students if s in variants["without_teacher"]],
-                    with_teacher=[s for s in students if s in variants["with_teacher"]])
-    for section in [variants["teacher"], *variants["students"].values()]:
-        section.update(epochs=1, milestones=[])
-    for section in (variants["evaluate_teacher"], variants["evaluate"]):
-        section.update(steps=5, sanity_examples=50, sanity_steps=5)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    variants = yaml.safe_load((work / "params.yaml").read_text())["variants"]
+    override_yaml(work / "params.yaml", {
+        "variants.eps": [0.1], "variants.seeds": [0],
+        "variants.without_teacher": [s for s in students if s in variants["without_teacher"]],
+        "variants.with_teacher": [s for s in students if s in variants["with_teacher"]],
+        "variants.teacher.epochs": 1, "variants.teacher.milestones": [], "variants.students.*.epochs": 1,
+        **{f"variants.students.{m}.milestones": [] for m in ("sat", "kd", "kdiga")},
+        **{f"variants.{section}.{key}": value for section in ("evaluate_teacher", "evaluate")
+           for key, value in (("steps", 5), ("sanity_examples", 50), ("sanity_steps", 5))}})
 
 
 def test_mlproject_entry_points() -> None:
@@ -166,23 +167,35 @@ def test_mlproject_entry_points() -> None:
     assert (ROOT / project["python_env"]).is_file()
 
 
+# ``_pipeline``'s shrink of params.yaml: the 8x8 digits, one epoch each, short evaluations. Every key must exist
+# (``override`` raises otherwise), so a renamed option fails here instead of leaving a stage at full size.
+DIGITS = "data/digits.safetensors"
+SHRINK = {
+    "prepare.dataset": "digits", "prepare.out": DIGITS, "prepare.options.test_size": 300,
+    "train_teacher.dataset": DIGITS, "train_teacher.epochs": 1, "train_teacher.milestones": [],
+    **{f"{section}.{key}": value for section in ("evaluate", "evaluate_transfer")
+       for key, value in (("n_examples", 100), ("steps", 5))},
+    "robustify.dataset": DIGITS, "robustify.out": "data/digits-robust.safetensors", "robustify.steps": 5,
+    "students.*.dataset": DIGITS, "students.*.epochs": 1,
+    **{f"students.{m}.milestones": [] for m in ("sat", "kd", "kdiga", "rdt")},
+    "students.free.replays": 1, "students.rdt.dataset": "data/digits-robust.safetensors",
+    "tune.dataset": DIGITS, "tune.epochs": 1,
+    "variants.teacher.dataset": DIGITS, "variants.students.*.dataset": DIGITS,
+    **{f"variants.students.{m}.milestones": [] for m in ("sat", "kd", "kdiga")},
+    "variants.evaluate_teacher.n_examples": 100, "variants.evaluate.n_examples": 100,
+}
+
+
 def _pipeline(tmp_path: Path, shrink: bool = True) -> tuple[Path, dict, str]:
-    """This checkout's dvc.yaml, pipelines/ and params.yaml in a fresh repository; ``shrink``: the 8x8 digits, one
-    epoch each."""
+    """This checkout's dvc.yaml, pipelines/ and params.yaml in a fresh repository; ``shrink``: :data:`SHRINK`."""
     dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
     work = tmp_path / "repo"
     work.mkdir()
     shutil.copy(ROOT / "dvc.yaml", work)
     shutil.copytree(ROOT / "pipelines", work / "pipelines")
-    text = PARAMS.read_text()
+    shutil.copy(PARAMS, work / "params.yaml")
     if shrink:
-        text = text.replace("dataset: mnist5k\n", "dataset: digits\n")
-        text = text.replace("data/mnist5k", "data/digits").replace("test_size: 1000", "test_size: 300")
-        for old, new in (("epochs: 6", "epochs: 1"), ("epochs: 3", "epochs: 1"), ("milestones: [4]", "milestones: []"),
-                         ("milestones: [2]", "milestones: []"), ("replays: 3", "replays: 1"),
-                         ("n_examples: 500", "n_examples: 100"), ("steps: 20 ", "steps: 5 ")):
-            text = text.replace(old, new)
-    (work / "params.yaml").write_text(text)
+        override_yaml(work / "params.yaml", SHRINK)
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(ROOT),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
@@ -191,10 +204,27 @@ def _pipeline(tmp_path: Path, shrink: bool = True) -> tuple[Path, dict, str]:
     return work, env, dvc
 
 
+def test_override_sets_existing_keys_and_refuses_unknown_ones() -> None:
+    params = {"evaluate": {"steps": 20, "eps": 0.2}, "students": {"a": {"epochs": 3}, "b": {"epochs": 3, "x": 1}}}
+    assert override(params, {"evaluate.steps": 5, "students.*.epochs": 1, "students.b.x": 2}) == \
+        {"evaluate": {"steps": 5, "eps": 0.2}, "students": {"a": {"epochs": 1}, "b": {"epochs": 1, "x": 2}}}
+    for key in ("evaluate.step", "evaluat.steps", "students.c.epochs", "students.*.x", "evaluate.steps.n", "*.eps"):
+        with pytest.raises(KeyError, match="override"):
+            override(params, {key: 0})
+    assert params["evaluate"] == {"steps": 5, "eps": 0.2}
+
+
+def test_shrink_overrides_existing_keys() -> None:
+    """``SHRINK`` names keys of this checkout's params.yaml (``override`` raises otherwise) and shrinks the
+    evaluations too (a text edit once matched only robustify's `steps: 20 `)."""
+    params = override(yaml.safe_load(PARAMS.read_text()), SHRINK)
+    assert params["evaluate"]["steps"] == params["evaluate_transfer"]["steps"] == params["robustify"]["steps"] == 5
+    assert {s["epochs"] for s in params["students"].values()} == {1}
+    assert {s["dataset"] for s in params["students"].values()} == {DIGITS, params["robustify"]["out"]}
+
+
 def _set(work: Path, section: str, **values) -> None:
-    params = yaml.safe_load((work / "params.yaml").read_text())
-    params["students"][section].update(values)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    override_yaml(work / "params.yaml", {f"students.{section}.{key}": value for key, value in values.items()})
 
 
 def test_dvc_repro_stops_on_bad_params_and_keeps_earlier_outputs(tmp_path: Path) -> None:
