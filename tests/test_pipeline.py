@@ -112,7 +112,8 @@ def test_tune_section_and_optional_stage() -> None:
                 for kind in ("outs", "metrics", "plots") for o in stage.get(kind, [])]
     assert all(path.startswith(f"{cfg.out_dir}/") for path in declared)
     assert not any(s in path for path in declared for s in ("optuna", ".db", ".log", "/trials/", "mlflow"))
-    assert {"data/mnist5k.safetensors", values["teacher"], values["dataset"]} >= set(stage["deps"])
+    assert {"data/mnist5k.safetensors", values["teacher"], values["dataset"]} >= \
+        {d for d in stage["deps"] if not d.startswith("rrm/")}
 
 
 def test_variants_pipeline_stages(tmp_path: Path) -> None:
@@ -187,12 +188,14 @@ SHRINK = {
 
 
 def _pipeline(tmp_path: Path, shrink: bool = True) -> tuple[Path, dict, str]:
-    """This checkout's dvc.yaml, pipelines/ and params.yaml in a fresh repository; ``shrink``: :data:`SHRINK`."""
+    """This checkout's dvc.yaml, pipelines/, params.yaml, .dvcignore and rrm/ (the stages' code dependencies) in a
+    fresh repository; ``shrink``: :data:`SHRINK`. The stages run this checkout's rrm (PYTHONPATH), not the copy."""
     dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
     work = tmp_path / "repo"
     work.mkdir()
     shutil.copy(ROOT / "dvc.yaml", work)
     shutil.copytree(ROOT / "pipelines", work / "pipelines")
+    shutil.copytree(ROOT / "rrm", work / "rrm", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(PARAMS, work / "params.yaml")
     if shrink:
         override_yaml(work / "params.yaml", SHRINK)
@@ -201,6 +204,7 @@ def _pipeline(tmp_path: Path, shrink: bool = True) -> tuple[Path, dict, str]:
            "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
     subprocess.run([dvc, "init", "-q"], cwd=work, env=env, check=True)
+    shutil.copy(ROOT / ".dvcignore", work)  # after `dvc init`, which writes its own
     return work, env, dvc
 
 
@@ -221,6 +225,27 @@ def test_shrink_overrides_existing_keys() -> None:
     assert params["evaluate"]["steps"] == params["evaluate_transfer"]["steps"] == params["robustify"]["steps"] == 5
     assert {s["epochs"] for s in params["students"].values()} == {1}
     assert {s["dataset"] for s in params["students"].values()} == {DIGITS, params["robustify"]["out"]}
+
+
+# A stage's package code, by its command (see dvc.yaml's header): what `dvc status` must watch.
+TRAIN_CODE = {"rrm/attacks", "rrm/data", "rrm/models", "rrm/train"}
+CODE = {"rrm data prepare": {"rrm/data"}, "rrm train": TRAIN_CODE, "rrm evaluate": TRAIN_CODE | {"rrm/evaluate.py"},
+        "rrm teacher register": {"rrm/models"}, "rrm robustify": TRAIN_CODE | {"rrm/robustify.py"},
+        "rrm report": {"rrm/report.py", "rrm/stats.py"}, "rrm tune": TRAIN_CODE | {"rrm/evaluate.py"}}
+
+
+@pytest.mark.parametrize("pipeline", ["dvc.yaml", "pipelines/tune/dvc.yaml", "pipelines/variants/dvc.yaml"])
+def test_stages_depend_on_their_code(pipeline: str) -> None:
+    """Every stage lists its command's package code among its deps, each one a path of this checkout (from the
+    repository root, which is every pipelines/ stage's wdir)."""
+    stages = yaml.safe_load((ROOT / pipeline).read_text())["stages"]
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        assert (ROOT / pipeline).parent.joinpath(body.get("wdir", ".")).resolve() == ROOT, name
+        command = next(c for c in sorted(CODE, key=len, reverse=True) if body["cmd"].startswith(c + " "))
+        code = {d for d in body["deps"] if d.startswith("rrm")}
+        assert code == CODE[command], f"{pipeline}: {name}"
+        assert all((ROOT / d).exists() for d in code), f"{pipeline}: {name}: {sorted(code)}"
 
 
 def _set(work: Path, section: str, **values) -> None:
