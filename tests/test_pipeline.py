@@ -248,6 +248,73 @@ def test_stages_depend_on_their_code(pipeline: str) -> None:
         assert all((ROOT / d).exists() for d in code), f"{pipeline}: {name}: {sorted(code)}"
 
 
+def _commit_outputs(work: Path, env: dict, dvc: str, *targets: str) -> set[str]:
+    """Record ``targets`` (dvc.yaml files or ``dvc.yaml:stage``) in dvc.lock as if they had run: a placeholder file
+    for every output, then `dvc commit --force`, which hashes deps and outputs without running anything. Returns the
+    names of the stages recorded."""
+    from dvc.repo import Repo
+
+    names = set()
+    with Repo(str(work)) as repo:
+        for target in targets:
+            for stage in repo.stage.collect(str(work / target)):  # a relative target is read from the cwd
+                names.add(stage.name)
+                for out in stage.outs:
+                    path = Path(out.fs_path)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(f"placeholder of {stage.addressing}\n")
+    subprocess.run([dvc, "commit", "--force", "--quiet", *targets], cwd=work, env=env, check=True)
+    return names
+
+
+def _changed(work: Path, env: dict, dvc: str, target: str = "dvc.yaml") -> dict[str, set[str]]:
+    """`dvc status`: each changed stage with the deps it reports changed."""
+    run = subprocess.run([dvc, "status", "--json", target], cwd=work, env=env, check=True, capture_output=True,
+                         text=True)
+    return {stage: {dep for entry in entries if isinstance(entry, dict) for dep in entry.get("changed deps", {})}
+            for stage, entries in json.loads(run.stdout).items()}
+
+
+def _append(path: Path, text: str) -> str:
+    source = path.read_text()
+    path.write_text(source + text)
+    return source
+
+
+def test_code_edits_change_the_stages_that_run_that_code(tmp_path: Path) -> None:
+    """After an edit to rrm/train/methods.py `dvc status` reports every stage that runs training code as changed
+    (not report, prepare or register_teacher); edits to evaluate.py and report.py only the stages running them."""
+    work, env, dvc = _pipeline(tmp_path)
+    names = _commit_outputs(work, env, dvc, "dvc.yaml")
+    assert _changed(work, env, dvc) == {}
+    trained = {n for n in names if n.startswith(("train_", "distill_student@"))}
+    evaluated = {n for n in names if n.startswith("evaluate_")}
+    assert {"train_teacher", "train_rdt", "train_student@natural", "distill_student@rrm"} <= trained
+    assert {"evaluate_teacher", "evaluate_distilled@rrm"} <= evaluated and "report" in names
+
+    methods = work / "rrm" / "train" / "methods.py"
+    source = _append(methods, "# an edit\n")
+    assert _changed(work, env, dvc) == {name: {"rrm/train"} for name in trained | evaluated | {"robustify"}}
+    methods.write_text(source)  # back to the committed code: only the edits below count
+    _append(work / "rrm" / "evaluate.py", "# an edit\n")
+    _append(work / "rrm" / "report.py", "# an edit\n")
+    assert _changed(work, env, dvc) == {**{name: {"rrm/evaluate.py"} for name in evaluated},
+                                        "report": {"rrm/report.py"}}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    ".dvcignore lacks `__pycache__/`: bytecode that Python writes next to rrm's modules (running a stage, the tests) "
+    "changes the hash of the stages' code directories, so `dvc repro` reruns them; remove this mark once "
+    ".dvcignore has the line"))
+def test_bytecode_does_not_change_code_deps(tmp_path: Path) -> None:
+    work, env, dvc = _pipeline(tmp_path)
+    _commit_outputs(work, env, dvc, "dvc.yaml:prepare")
+    cache = work / "rrm" / "data" / "__pycache__"
+    cache.mkdir()
+    (cache / f"core.{sys.implementation.cache_tag}.pyc").write_bytes(b"bytecode")
+    assert _changed(work, env, dvc, "dvc.yaml:prepare") == {}
+
+
 def _set(work: Path, section: str, **values) -> None:
     override_yaml(work / "params.yaml", {f"students.{section}.{key}": value for key, value in values.items()})
 
