@@ -230,8 +230,8 @@ def test_shrink_overrides_existing_keys() -> None:
 # A stage's package code, by its command (see dvc.yaml's header): what `dvc status` must watch.
 TRAIN_CODE = {"rrm/attacks", "rrm/data", "rrm/models", "rrm/train"}
 CODE = {"rrm data prepare": {"rrm/data"}, "rrm train": TRAIN_CODE, "rrm evaluate": TRAIN_CODE | {"rrm/evaluate.py"},
-        "rrm teacher register": {"rrm/models"}, "rrm robustify": TRAIN_CODE | {"rrm/robustify.py"},
-        "rrm report": {"rrm/report.py", "rrm/stats.py"}, "rrm tune": TRAIN_CODE | {"rrm/evaluate.py"}}
+        "rrm teacher register": {"rrm/models", "rrm/train"}, "rrm robustify": TRAIN_CODE | {"rrm/robustify.py"},
+        "rrm report": {"rrm/report.py", "rrm/stats.py", "rrm/train"}, "rrm tune": TRAIN_CODE | {"rrm/evaluate.py"}}
 
 
 @pytest.mark.parametrize("pipeline", ["dvc.yaml", "pipelines/tune/dvc.yaml", "pipelines/variants/dvc.yaml"])
@@ -282,19 +282,21 @@ def _append(path: Path, text: str) -> str:
 
 
 def test_code_edits_change_the_stages_that_run_that_code(tmp_path: Path) -> None:
-    """After an edit to rrm/train/methods.py `dvc status` reports every stage that runs training code as changed
-    (not report, prepare or register_teacher); edits to evaluate.py and report.py only the stages running them."""
+    """After an edit to rrm/train/methods.py `dvc status` reports every stage that runs it as changed: all but
+    prepare (the report and the registry read the methods' facts there); edits to evaluate.py and report.py only the
+    stages running them."""
     work, env, dvc = _pipeline(tmp_path)
     names = _commit_outputs(work, env, dvc, "dvc.yaml")
     assert _changed(work, env, dvc) == {}
     trained = {n for n in names if n.startswith(("train_", "distill_student@"))}
     evaluated = {n for n in names if n.startswith("evaluate_")}
     assert {"train_teacher", "train_rdt", "train_student@natural", "distill_student@rrm"} <= trained
-    assert {"evaluate_teacher", "evaluate_distilled@rrm"} <= evaluated and "report" in names
+    assert {"evaluate_teacher", "evaluate_distilled@rrm"} <= evaluated
+    assert trained | evaluated | {"robustify", "register_teacher", "report", "prepare"} == names
 
     methods = work / "rrm" / "train" / "methods.py"
     source = _append(methods, "# an edit\n")
-    assert _changed(work, env, dvc) == {name: {"rrm/train"} for name in trained | evaluated | {"robustify"}}
+    assert _changed(work, env, dvc) == {name: {"rrm/train"} for name in names - {"prepare"}}
     methods.write_text(source)  # back to the committed code: only the edits below count
     _append(work / "rrm" / "evaluate.py", "# an edit\n")
     _append(work / "rrm" / "report.py", "# an edit\n")
