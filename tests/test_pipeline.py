@@ -231,7 +231,8 @@ def test_shrink_overrides_existing_keys() -> None:
 TRAIN_CODE = {"rrm/attacks", "rrm/data", "rrm/models", "rrm/train"}
 CODE = {"rrm data prepare": {"rrm/data"}, "rrm train": TRAIN_CODE, "rrm evaluate": TRAIN_CODE | {"rrm/evaluate.py"},
         "rrm teacher register": {"rrm/models", "rrm/train"}, "rrm robustify": TRAIN_CODE | {"rrm/robustify.py"},
-        "rrm report": {"rrm/report.py", "rrm/stats.py", "rrm/train"}, "rrm tune": TRAIN_CODE | {"rrm/evaluate.py"}}
+        "rrm report": {"rrm/report.py", "rrm/stats.py", "rrm/plots.py", "rrm/train"},
+        "rrm tune": TRAIN_CODE | {"rrm/evaluate.py"}}
 
 
 @pytest.mark.parametrize("pipeline", ["dvc.yaml", "pipelines/tune/dvc.yaml", "pipelines/variants/dvc.yaml"])
