@@ -305,10 +305,6 @@ def test_code_edits_change_the_stages_that_run_that_code(tmp_path: Path) -> None
                                         "report": {"rrm/report.py"}}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    ".dvcignore lacks `__pycache__/`: bytecode that Python writes next to rrm's modules (running a stage, the tests) "
-    "changes the hash of the stages' code directories, so `dvc repro` reruns them; remove this mark once "
-    ".dvcignore has the line"))
 def test_bytecode_does_not_change_code_deps(tmp_path: Path) -> None:
     work, env, dvc = _pipeline(tmp_path)
     _commit_outputs(work, env, dvc, "dvc.yaml:prepare")
