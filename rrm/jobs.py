@@ -85,7 +85,7 @@ def train_job(cfg, track: Tracking = Tracking()):
         raise unknown("model", cfg.model, ARCHITECTURES)
     data = load_dataset(cfg.dataset)
     teacher = None
-    if method.needs_teacher and cfg.teacher:
+    if (method.needs_teacher or cfg.transplant) and cfg.teacher:
         teacher = load_model_ref(cfg.teacher, resolve_device(cfg.device))
     if not track.enabled or not is_main():
         return train(cfg, data=data, teacher=teacher), None
@@ -217,3 +217,55 @@ def require(value: object, what: str) -> None:
     """A missing input: one line naming the flag."""
     if value is None or value == () or value == "":
         raise RRMError(f"missing {what}; pass it, or set it in the --params section")
+
+
+@dataclass
+class ProbeConfig:
+    """Where a model's robustness sits: its first layer and, given a teacher, where the two agree."""
+
+    model: str | None = None  # a model file or a registry URI
+    teacher: str | None = None  # optional: compare stage by stage with this model
+    dataset: str | None = None  # None: the dataset the model was trained on
+    norm: str = "linf"
+    eps: float = 0.3
+    n_examples: int = 200  # test images for the agreement (clean and attacked)
+    steps: int = 20  # APGD iterations of the attack against the model
+    seed: int = 0
+    out: str | None = None  # a JSON file for the numbers
+
+
+def probe_job(cfg: ProbeConfig) -> dict:
+    """First-layer threshold statistics of ``cfg.model`` (and of the teacher), and their stage-by-stage agreement."""
+    from rrm.attacks import check_threat
+    from rrm.data import load_dataset
+    from rrm.io import write_json
+    from rrm.probe import layer_agreement, stem_thresholds
+
+    require(cfg.model, "MODEL (a model file or models:/NAME@ALIAS)")
+    check_threat(cfg.norm, cfg.eps)
+    if cfg.n_examples < 1 or cfg.steps < 1:
+        raise RRMError(f"n_examples and steps must be >= 1, got {cfg.n_examples} and {cfg.steps}")
+    model = load_model_ref(cfg.model, "cpu")
+    result = {"model": str(cfg.model), "norm": cfg.norm, "eps": cfg.eps,
+              "stem": {k: v for k, v in stem_thresholds(model, cfg.eps, cfg.norm).items() if k != "per_filter"}}
+    if cfg.teacher:
+        from rrm.models import load_model
+
+        teacher = load_model_ref(cfg.teacher, "cpu")
+        result["teacher"] = str(cfg.teacher)
+        result["teacher_stem"] = {k: v for k, v in stem_thresholds(teacher, cfg.eps, cfg.norm).items()
+                                  if k != "per_filter"}
+        dataset = cfg.dataset
+        if dataset is None and not is_registry_uri(cfg.model):
+            dataset = (load_model(cfg.model)[1].get("config") or {}).get("dataset")
+        require(dataset, "--dataset (the model file does not say what it was trained on)")
+        data = load_dataset(dataset)
+        x, y = data.test_x[: cfg.n_examples], data.test_y[: cfg.n_examples]
+        from rrm.data import to_float
+
+        result["agreement"] = layer_agreement(model, teacher, to_float(x), y, eps=cfg.eps, norm=cfg.norm,
+                                              steps=cfg.steps, seed=cfg.seed)
+        result["agreement"]["n_examples"] = len(y)
+    if cfg.out:
+        write_json(cfg.out, result)
+    return result

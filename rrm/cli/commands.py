@@ -70,6 +70,11 @@ TRAIN = {
     "alpha": Spec("method", "kd, kdiga: weight of the distillation term."),
     "gamma": Spec("method", "kdiga: weight of input-gradient alignment."),
     "replays": Spec("method", "free: minibatch replays m."),
+    "match_layers": Spec("method", "rrm: stages matched, NAME or NAME:WEIGHT, comma-separated (stem, block1.., "
+                                   "penultimate); a student stage of another shape is matched through an adapter."),
+    "transplant": Spec("method", "Copy the teacher's first layer into the student before training (any method; "
+                                 "the stems must have the same shape).", ("stem",), "transplant"),
+    "transplant_frozen": Spec("method", "Keep the transplanted stem frozen (--no-transplant-frozen fine-tunes it)."),
     "noise_magnitude": Spec("method", "n-fgsm: radius of the uniform noise. [default: 2 * eps]"),
     "project_to_eps": Spec("method", "n-fgsm: project the perturbation back to the eps-ball (de Jorge et al. do not)."),
     "grad_align_weight": Spec("method", "fast: weight of GradAlign's gradient-alignment term (0: off; about 3x the "

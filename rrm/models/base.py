@@ -49,9 +49,63 @@ class Classifier(nn.Module):
         # The arguments of ``build_model`` that rebuild this architecture; saved with every checkpoint.
         self.spec = dict(spec or {})
 
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        """The named stages :meth:`stages` returns: ``stem``, ``block1`` ... ``blockN``, ``penultimate``."""
+        return (*(name for name, _ in _stage_points(self.body)), "penultimate")
+
+    def stages(self, x: torch.Tensor, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Intermediate representations by name, in one forward pass.
+
+        ``stem`` and the plain ``blockK`` are pre-activation maps (the input of the layer's ReLU: a convolution's
+        output, after its BatchNorm where there is one); a residual ``blockK`` is the block's output;
+        ``penultimate`` is :meth:`features`. ``names``: the stages wanted (all by default).
+        """
+        points = dict(_stage_points(self.body))
+        wanted = set(self.stage_names if names is None else names)
+        unknown = wanted - set(self.stage_names)
+        if unknown:
+            raise ValueError(f"unknown stage(s) {sorted(unknown)} of {self.spec.get('name', 'this model')}; "
+                             f"its stages: {', '.join(self.stage_names)}")
+        at = {index: name for name, index in points.items() if name in wanted}
+        out: dict[str, torch.Tensor] = {}
+        h = self.normalize(x)
+        for index, layer in enumerate(self.body):
+            # an in-place ReLU would overwrite the pre-activation map just kept
+            h = torch.relu(h) if isinstance(layer, nn.ReLU) and index - 1 in at else layer(h)
+            if index in at:
+                out[at[index]] = h
+        if "penultimate" in wanted:
+            out["penultimate"] = self.projection(h)
+        return out
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The penultimate representation ``g(x)`` that RRM matches, shape ``(N, feature_dim)``."""
         return self.projection(self.body(self.normalize(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+def _is_residual(module: nn.Module) -> bool:
+    """A residual block, or a stage of them (torchvision's layer1..4)."""
+    inner = module[0] if isinstance(module, nn.Sequential) and len(module) else module
+    return hasattr(inner, "shortcut") or hasattr(inner, "downsample")
+
+
+def _stage_points(body: nn.Module) -> list[tuple[str, int]]:
+    """Where each named stage is read in ``body`` (a Sequential): the layer before each top-level ReLU (its
+    pre-activation) and each residual block, named ``stem``, ``block1``, ...; the body's final ReLU is left to
+    ``penultimate``."""
+    if not isinstance(body, nn.Sequential):
+        return []
+    layers = list(body)
+    points = []
+    for index, layer in enumerate(layers):
+        last_relu = index == len(layers) - 1 or not any(isinstance(m, nn.ReLU) or _is_residual(m)
+                                                        for m in layers[index + 1:])
+        if isinstance(layer, nn.ReLU) and index > 0 and not last_relu:
+            points.append(index - 1)
+        elif _is_residual(layer):
+            points.append(index)
+    return [("stem" if i == 0 else f"block{i}", index) for i, index in enumerate(points)]

@@ -14,7 +14,7 @@ FEATURE_LOSSES = ("cosine", "l2", "direction-norm")
 MATCH_INPUTS = ("clean", "noise", "teacher-fgsm", "teacher-pgd")
 # Options that only some methods read (Method.options), with the value that leaves them off: setting one for
 # another method is refused rather than silently ignored.
-SWITCHED_OFF = {"match_inputs": "clean", "kd_weight": 0.0, "iga_weight": 0.0, "noise_magnitude": None,
+SWITCHED_OFF = {"match_inputs": "clean", "match_layers": ("penultimate",), "kd_weight": 0.0, "iga_weight": 0.0, "noise_magnitude": None,
                 "project_to_eps": False, "grad_align_weight": 0.0}
 # Options that change how a run executes, not what it computes: a resumed run or a tuning study may differ in them.
 RUNTIME_OPTIONS = ("resume", "progress", "device", "compile", "data_on_device")
@@ -58,11 +58,16 @@ class TrainConfig:
     # RRM's matching variants: where features are matched (clean, noise: clean plus one random point of the eps-ball,
     # teacher-fgsm / teacher-pgd: clean plus an attack crafted on the teacher), and optional KD / KDIGA terms
     match_inputs: str = "clean"
+    # rrm: the stages whose representations are matched, NAME or NAME:WEIGHT (stem, block1.., penultimate)
+    match_layers: tuple[str, ...] = ("penultimate",)
     kd_weight: float = 0.0  # rrm: weight of the teacher-logit KD term (at `temperature`)
     iga_weight: float = 0.0  # rrm: weight of KDIGA's input-gradient alignment
     temperature: float = 30.0  # KD / KDIGA
     alpha: float = 1.0  # KD / KDIGA: weight of the distillation term
     gamma: float = 1.0  # KDIGA: weight of input-gradient alignment
+    # stem transplant (any method): the teacher's first layer copied into a student whose first layer has its shape
+    transplant: str | None = None  # stem
+    transplant_frozen: bool = True  # keep the transplanted stem as it is (False: fine-tune it with the rest)
     # runtime
     precision: str | None = None  # fp32 | bf16 | fp16 autocast; None: the method's default
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -94,8 +99,10 @@ class TrainConfig:
         bad = sorted(set(values) - names)
         if bad:
             raise RRMError(f"unknown training option(s) {bad}; valid options: {', '.join(sorted(names))}")
-        if "milestones" in values and values["milestones"] is not None:
-            values["milestones"] = tuple(values["milestones"])
+        for name in ("milestones", "match_layers"):
+            if isinstance(values.get(name), (list, str)):
+                value = values[name]
+                values[name] = tuple(value.split(",") if isinstance(value, str) else value)
         return cls(**values)
 
     def validate(self) -> "TrainConfig":
@@ -129,6 +136,12 @@ class TrainConfig:
             value = getattr(self, name)
             need(value >= 0 and math.isfinite(value), f"{name} must be a number >= 0 (0 turns the term off), got {value}")
         self._check_method_options()
+        from rrm.models.transplant import TRANSPLANTS
+        from rrm.train.stages import parse_match_layers
+
+        parse_match_layers(self.match_layers)
+        if self.transplant is not None and self.transplant not in TRANSPLANTS:
+            raise unknown("transplant", self.transplant, TRANSPLANTS)
         need(self.noise_magnitude is None or (self.noise_magnitude >= 0 and math.isfinite(self.noise_magnitude)),
              f"noise_magnitude must be a number >= 0 (or unset for 2 * eps), got {self.noise_magnitude}")
         need(self.grad_align_weight >= 0 and math.isfinite(self.grad_align_weight),
@@ -153,7 +166,7 @@ class TrainConfig:
             return  # the trainer names the unknown method
         method = get_method(self.method)
         changed = [name for name, off in SWITCHED_OFF.items()
-                   if getattr(self, name) != off and name not in method.options]
+                   if _as_tuple(getattr(self, name)) != off and name not in method.options]
         if self.early_stop_on_co and not method.single_step:
             changed.append("early_stop_on_co")
         if not changed:
@@ -165,3 +178,7 @@ class TrainConfig:
         raise RRMError(f"{', '.join(changed)} {'is an option' if one else 'are options'} of method "
                        f"{' or '.join(repr(m) for m in owners)}, not {self.method!r}; use --method {owners[0]}, or "
                        f"leave {'it' if one else 'them'} at the default")
+
+
+def _as_tuple(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value

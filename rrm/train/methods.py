@@ -24,7 +24,10 @@ from rrm.data import ImageData
 from rrm.errors import RRMError, unknown
 from rrm.models import Classifier
 from rrm.train.config import TrainConfig
-from rrm.train.losses import FEATURE_LOSSES, gradient_alignment, input_gradient, input_gradient_alignment, kd_loss
+from rrm.train.losses import (
+    FEATURE_LOSSES, gradient_alignment, input_gradient, input_gradient_alignment, kd_loss, l2_feature_loss,
+)
+from rrm.train.stages import parse_match_layers, stage_adapter
 
 
 
@@ -83,6 +86,17 @@ class Method:
 
     def check(self, data: ImageData, model: Classifier) -> None:
         """Reject data or a student this method cannot use, before any training."""
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters the method trains beside the model's (adapters), dropped from the saved model."""
+        return []
+
+    def state_dict(self) -> dict:
+        """The method's own state, kept in checkpoints so a resumed run continues exactly."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def loss(self, model: Classifier, x: torch.Tensor, y: torch.Tensor) -> Terms:
         logits = model(x)
@@ -259,15 +273,62 @@ class RRM(TeacherMethod):
 
     name = "rrm"
     options = ("lam", "feature_loss", "match_inputs", "kd_weight", "iga_weight", "temperature", "step_size",
-               "attack_steps", "random_start")
+               "attack_steps", "random_start", "match_layers")
     knobs = {"lambda": Knob("lam", 1e-5, 1.0, log=True)}
     tuned_by_default = ("lambda",)
 
+    def __init__(self, cfg: TrainConfig, teacher: Classifier | None = None):
+        super().__init__(cfg, teacher)
+        self.layers = parse_match_layers(cfg.match_layers)
+        self.adapters = torch.nn.ModuleDict()  # student stage -> the teacher's shape, trained with the student
+
     def check(self, data: ImageData, model: Classifier) -> None:
         super().check(data, model)
-        if model.feature_dim != self.teacher.feature_dim:
+        if "penultimate" in self.layers and model.feature_dim != self.teacher.feature_dim:
             raise RRMError(f"student {model.spec['name']!r} has {model.feature_dim}-d features but the teacher has "
                            f"{self.teacher.feature_dim}-d; pass --feature-dim {self.teacher.feature_dim}")
+        for who, net in (("student", model), ("teacher", self.teacher)):
+            missing = [name for name in self.layers if name not in net.stage_names]
+            if missing:
+                raise RRMError(f"--match-layers names {', '.join(missing)}, which the {who} "
+                               f"{net.spec.get('name')!r} lacks; its stages: {', '.join(net.stage_names)}")
+        inner = [name for name in self.layers if name != "penultimate"]
+        if inner:
+            probe = torch.zeros(1, *data.input_shape, device=next(model.parameters()).device)
+            with torch.no_grad():
+                student, teacher = model.stages(probe, inner), self.teacher.stages(probe, inner)
+            for name in inner:
+                adapter = stage_adapter(student[name].shape[1:], teacher[name].shape[1:])
+                if adapter is not None:
+                    self.adapters[name] = adapter.to(probe.device)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.adapters.parameters())
+
+    def state_dict(self) -> dict:
+        return self.adapters.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.adapters.load_state_dict(state)
+
+    def _stages(self, net: Classifier, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        if list(self.layers) == ["penultimate"]:  # the paper's RRM: features alone (and a compiled features works)
+            return {"penultimate": net.features(inputs)}
+        return net.stages(inputs, list(self.layers))
+
+    def matching(self, student: dict, teacher: dict) -> tuple[torch.Tensor, Terms]:
+        """``sum_l w_l * L_l``: the feature loss at ``penultimate``; elsewhere the relative l2 distance of the
+        flattened maps, the student's through its adapter where shapes differ. Returns the sum and each term."""
+        total, terms = 0.0, {}
+        for name, weight in self.layers.items():
+            if name == "penultimate":
+                term = FEATURE_LOSSES[self.cfg.feature_loss](student[name], teacher[name])
+            else:
+                mapped = self.adapters[name](student[name]) if name in self.adapters else student[name]
+                term = l2_feature_loss(mapped.flatten(1), teacher[name].flatten(1))
+            terms[f"match_{name}"] = term
+            total = total + weight * term
+        return total, terms if len(self.layers) > 1 else {}
 
     @property
     def step_size(self) -> float:
@@ -296,40 +357,43 @@ class RRM(TeacherMethod):
         terms: Terms = {}
         if c.iga_weight:
             labels = y.repeat(len(inputs) // len(y))
-            features, logits, student_grad = _features_and_input_gradient(model, inputs, labels, create_graph=True)
-            target, teacher_logits, teacher_grad = _features_and_input_gradient(self.teacher, inputs, labels,
-                                                                                create_graph=False)
-            target, teacher_logits = target.detach(), teacher_logits.detach()
+            student, logits, student_grad = self._stages_and_input_gradient(model, inputs, labels, create_graph=True)
+            target, teacher_logits, teacher_grad = self._stages_and_input_gradient(self.teacher, inputs, labels,
+                                                                                 create_graph=False)
+            target, teacher_logits = {k: v.detach() for k, v in target.items()}, teacher_logits.detach()
             terms["alignment"] = input_gradient_alignment(student_grad, teacher_grad)
         else:
-            features = model.features(inputs)
-            logits = model.head(features)
+            student = self._stages(model, inputs)
+            logits = model.head(student["penultimate"]) if "penultimate" in student else model(inputs)
             with torch.no_grad():
-                target = self.teacher.features(inputs)
-                teacher_logits = self.teacher.head(target) if c.kd_weight else None
+                target = self._stages(self.teacher, inputs)
+                teacher_logits = None
+                if c.kd_weight:
+                    teacher_logits = (self.teacher.head(target["penultimate"]) if "penultimate" in target
+                                      else self.teacher(inputs))
         clean_logits = logits[: len(y)]
         ce = F.cross_entropy(clean_logits.float(), y)
-        representation = FEATURE_LOSSES[c.feature_loss](features, target)
+        representation, layer_terms = self.matching(student, target)
         loss = c.lam * ce + representation
         if c.kd_weight:
             terms["kd"] = kd_loss(logits, teacher_logits, c.temperature)
             loss = loss + c.kd_weight * terms["kd"]
         if c.iga_weight:
             loss = loss + c.iga_weight * terms["alignment"]
-        return {"loss": loss, "logits": clean_logits, "ce": ce, "representation": representation, **terms}
+        return {"loss": loss, "logits": clean_logits, "ce": ce, "representation": representation, **layer_terms,
+                **terms}
 
-
-def _features_and_input_gradient(
-    model: Classifier, x: torch.Tensor, y: torch.Tensor, create_graph: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Penultimate features, logits and per-example ``grad_x CE`` from one forward pass (see ``input_gradient``)."""
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        features = model.features(x)
-        logits = model.head(features)
-        loss = F.cross_entropy(logits.float(), y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x, create_graph=create_graph)
-    return features, logits, grad
+    def _stages_and_input_gradient(
+        self, net: Classifier, x: torch.Tensor, y: torch.Tensor, create_graph: bool
+    ) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """The matched stages, logits and per-example ``grad_x CE`` from one forward pass (see ``input_gradient``)."""
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            stages = net.stages(x, list(dict.fromkeys([*self.layers, "penultimate"])))
+            logits = net.head(stages["penultimate"])
+            loss = F.cross_entropy(logits.float(), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, x, create_graph=create_graph)
+        return {k: stages[k] for k in self.layers}, logits, grad
 
 
 class KD(TeacherMethod):

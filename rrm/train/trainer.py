@@ -24,6 +24,7 @@ from rrm.data import ImageData, batches, load_dataset
 from rrm.errors import RRMError
 from rrm.io import atomic_path, write_json
 from rrm.models import Classifier, build_model, load_model, save_model
+from rrm.models.transplant import transplant_stem
 from rrm.stats import epoch_time_stats
 from rrm.train import distributed
 from rrm.train.config import RUNTIME_OPTIONS, TrainConfig
@@ -162,7 +163,7 @@ def monitored_robust_accuracy(model: Classifier, data: ImageData, cfg: TrainConf
     return correct / max(1, n)
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, scaler, epoch: int, history: list, cfg) -> None:
+def _save_checkpoint(path: Path, model, method, optimizer, scheduler, scaler, epoch: int, history: list, cfg) -> None:
     state = {
         "format": CHECKPOINT_FORMAT,
         "spec": model.spec,
@@ -170,6 +171,7 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, scaler, epoch: int
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
+        "method": method.state_dict(),
         "epoch": epoch,
         "history": history,
         "config": cfg.to_dict(),
@@ -232,15 +234,18 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
     seed_everything(cfg.seed, cfg.deterministic)
     callbacks = callbacks if ctx.is_main else ()
     data = data if data is not None else load_dataset(cfg.dataset)
-    if method_cls.needs_teacher:
+    if method_cls.needs_teacher or cfg.transplant:
         if teacher is None:
             if not cfg.teacher:
-                raise RRMError(f"method {cfg.method!r} needs a teacher; pass --teacher <model file or models:/ URI>")
+                what = f"method {cfg.method!r}" if method_cls.needs_teacher else f"--transplant {cfg.transplant}"
+                raise RRMError(f"{what} needs a teacher; pass --teacher <model file or models:/ URI>")
             teacher = load_teacher(cfg.teacher, device)
         teacher = teacher.to(device).eval()
         teacher.requires_grad_(False)
     method = method_cls(cfg, teacher if method_cls.needs_teacher else None)
     model = build_model(cfg.model, **data.model_kwargs(), feature_dim=cfg.feature_dim, width=cfg.width).to(device)
+    if cfg.transplant:
+        transplant_stem(teacher, model, frozen=cfg.transplant_frozen)
     method.check(data, model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -262,7 +267,9 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
     steps_per_pass = math.ceil(len(data.train_y) / cfg.batch_size) * method.epochs_per_pass
     total_steps = passes * steps_per_pass
     schedule = cfg.schedule or method.default_schedule
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    # the method's own parameters (RRM's adapters) train with the model and are not saved with it
+    params = [*model.parameters(), *method.parameters()]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda it: lr_factor(schedule, it / total_steps, it / steps_per_pass * method.epochs_per_pass,
@@ -283,6 +290,7 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        method.load_state_dict(state.get("method", {}))
         history, start = state["history"], state["epoch"]
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] and torch.cuda.is_available():
@@ -290,7 +298,6 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
         np.random.set_state(("MT19937", state["rng"]["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
         random.setstate((3, tuple(state["rng"]["python"]), None))
 
-    params = list(model.parameters())
     shard_weight = 1.0  # this rank's share of the current global batch
 
     def step(loss: torch.Tensor) -> None:
@@ -385,7 +392,7 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
             model.load_state_dict(before)
             metrics["early_stopped"] = True
         if ctx.is_main:
-            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, epoch + 1, history, cfg)
+            _save_checkpoint(checkpoint_path, model, method, optimizer, scheduler, scaler, epoch + 1, history, cfg)
         for cb in callbacks:
             cb.on_epoch_end(epoch + 1, metrics)
         if metrics.get("early_stopped"):
