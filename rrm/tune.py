@@ -49,10 +49,9 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from rrm.attacks import apgd, frozen
-from rrm.data import ImageData, batches, load_dataset
+from rrm.data import ImageData, load_dataset
 from rrm.errors import RRMError, unknown
-from rrm.evaluate import EvalConfig, evaluate
+from rrm.evaluate import EvalConfig, apgd_accuracy, evaluate
 from rrm.io import write_json
 from rrm.models import Classifier, load_model
 from rrm.train import Callback, TrainConfig, knobs_of, load_teacher, resolve_device, train, tunable_methods
@@ -281,20 +280,6 @@ def _database_message(exc: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------------------------ scoring
 
-def apgd_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float, steps: int,
-                  seed: int = 0, batch_size: int = 256) -> float:
-    """Native APGD-CE accuracy (1 restart) of ``model`` on ``x``; the model's mode and gradients are left alone."""
-    device = next(model.parameters()).device
-    correct = 0
-    with frozen(model):
-        model.eval()
-        for i, (xb, yb) in enumerate(batches(x, y, batch_size, device=device)):
-            x_adv = apgd(model, xb, yb, norm=norm, eps=eps, steps=steps, restarts=1, seed=seed + i)
-            with torch.no_grad():
-                correct += int((model(x_adv).argmax(1) == yb).sum())
-    return correct / max(1, len(y))
-
-
 class EpochScore(Callback):
     """After each epoch: APGD accuracy on fixed validation images, added to the epoch's metrics as
     ``val_apgd_accuracy`` (so the history and a tracking callback after this one record it)."""
@@ -499,9 +484,9 @@ def _test_scores(study: optuna.Study, trial: FrozenTrial, cfg: TuneConfig, data:
                         steps=cfg.test_steps, restarts=cfg.test_restarts, sanity=True,
                         sanity_examples=min(100, n), sanity_steps=10, seed=cfg.seed)
     result = evaluate(model, data, config, progress=False)
-    scores = {"natural_accuracy": result["natural_accuracy"],
-              "adversarial_accuracy": result["adversarial_accuracy"]["apgd"], "n_examples": result["n_examples"],
-              "attack": f"apgd {cfg.test_steps} steps x {cfg.test_restarts}", "sanity_passed": result["sanity_passed"]}
+    scores = {"natural_accuracy": result.natural_accuracy, "adversarial_accuracy": result.adversarial_accuracy["apgd"],
+              "n_examples": result.n_examples, "attack": f"apgd {cfg.test_steps} steps x {cfg.test_restarts}",
+              "sanity_passed": result.sanity_passed}
     study.set_user_attr(key, scores)
     return scores
 
