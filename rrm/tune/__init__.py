@@ -18,12 +18,21 @@ rate and the epochs); this package is the only place in rrm that imports optuna.
   study does not repeat its first draws.
 """
 
-from rrm.tune.config import DEFAULT_STORAGE, MODES, PRUNERS, TuneConfig, parse_range
-from rrm.tune.storage import open_storage, storage_label
-from rrm.tune.study import EpochScore, PruneOnScore, TrialSeededTPE, best_trials, open_study, tune
-from rrm.tune.summary import TuneResult
+import importlib
 
-__all__ = [
-    "DEFAULT_STORAGE", "MODES", "PRUNERS", "EpochScore", "PruneOnScore", "TrialSeededTPE", "TuneConfig",
-    "TuneResult", "best_trials", "open_storage", "open_study", "parse_range", "storage_label", "tune",
-]
+from rrm.tune.config import DEFAULT_STORAGE, MODES, PRUNERS, TuneConfig, parse_range
+
+# The rest loads optuna, so it is imported on first use: the command line reads the configuration above without it.
+_LAZY = {
+    "open_storage": "storage", "storage_label": "storage",
+    "EpochScore": "study", "PruneOnScore": "study", "TrialSeededTPE": "study", "best_trials": "study",
+    "open_study": "study", "tune": "study", "TuneResult": "summary",
+}
+
+__all__ = ["DEFAULT_STORAGE", "MODES", "PRUNERS", "TuneConfig", "parse_range", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"rrm.tune.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'rrm.tune' has no attribute {name!r}")
