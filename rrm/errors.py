@@ -17,3 +17,9 @@ class RRMError(Exception):
 def unknown(kind: str, name: object, known: Iterable[str]) -> RRMError:
     """The error for a name that is not in a registry."""
     return RRMError(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(known))}")
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise :class:`RRMError` with ``message`` (the bad value and the fix) unless ``ok``: a validation rule."""
+    if not ok:
+        raise RRMError(message)

@@ -3,7 +3,7 @@
 :func:`evaluate` attacks the first ``n_examples`` test images with every attack in :class:`EvalConfig` and, by
 default, runs Carlini et al.'s (2019) sanity checks on a subset with the native APGD, because a robustness number is
 worth nothing if the model merely hides its gradients (defensive distillation and high-temperature KD did exactly
-that). The result is a flat dict that :func:`write_metrics` stores as JSON for ``dvc metrics show``.
+that). The result is an :class:`~rrm.results.EvalResult`, stored as JSON for ``dvc metrics show``.
 
 Checks, their thresholds and why (``tol`` is ``EvalConfig.sanity_tolerance``, 2 points by default: on a 200-image
 subset one or two borderline images flip between attack runs that differ only in their random starts):
@@ -28,18 +28,17 @@ import importlib.metadata
 import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from rrm.attacks import apgd, art_apgd, check_threat, fgsm, frozen, pgd, random_perturbation, seeded
-from rrm.data import ImageData, batches
-from rrm.errors import RRMError, unknown
-from rrm.io import write_json
+from rrm.data import ImageData
+from rrm.errors import RRMError, require, unknown
+from rrm.metrics import Attack, accuracy, device_of
 from rrm.models import Classifier, load_model
+from rrm.results import EvalResult
 
 ATTACKS = ("apgd", "art-apgd", "pgd", "fgsm", "transfer")
 TRANSFER_ATTACKS = ("apgd", "pgd")
@@ -47,9 +46,6 @@ EPS_MULTIPLES = (0.5, 1.0, 2.0, 4.0, 8.0)
 # The larger budgets of the monotonicity checks, relative to the sanity attack's.
 MORE_STEPS_FACTOR = 4
 MORE_RESTARTS = 4
-
-# craft(x, y, seed) -> adversarial images
-Craft = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 @dataclass
@@ -99,28 +95,26 @@ class EvalConfig:
 
     def validate(self) -> "EvalConfig":
         """Raise :class:`RRMError` for any value out of range; returns self for chaining."""
-
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise RRMError(message)
-
         check_threat(self.norm, self.eps)
-        need(not isinstance(self.attacks, str), f"attacks must be a list of names, got the string {self.attacks!r}")
+        require(not isinstance(self.attacks, str),
+                f"attacks must be a list of names, got the string {self.attacks!r}")
         for name in self.attacks:
             if name not in ATTACKS:
                 raise unknown("attack", name, ATTACKS)
-        need(len(set(self.attacks)) == len(self.attacks), f"attacks are listed twice in {list(self.attacks)}")
+        require(len(set(self.attacks)) == len(self.attacks),
+                f"attacks are listed twice in {list(self.attacks)}")
         if self.transfer_attack not in TRANSFER_ATTACKS:
             raise unknown("transfer attack", self.transfer_attack, TRANSFER_ATTACKS)
-        need(self.n_examples is None or self.n_examples >= 1,
-             f"n_examples must be >= 1 (or unset for the whole test split), got {self.n_examples}")
+        require(self.n_examples is None or self.n_examples >= 1,
+                f"n_examples must be >= 1 (or unset for the whole test split), got {self.n_examples}")
         for name in ("batch_size", "steps", "restarts", "pgd_steps", "sanity_examples", "sanity_steps"):
-            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        need(self.pgd_step_size is None or self.pgd_step_size > 0,
-             f"pgd_step_size must be > 0, got {self.pgd_step_size}")
-        need(0 <= self.sanity_tolerance < 1, f"sanity_tolerance must be in [0, 1), got {self.sanity_tolerance}")
-        need(0 <= self.sanity_zero_accuracy < 1,
-             f"sanity_zero_accuracy must be in [0, 1), got {self.sanity_zero_accuracy}")
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.pgd_step_size is None or self.pgd_step_size > 0,
+                f"pgd_step_size must be > 0, got {self.pgd_step_size}")
+        require(0 <= self.sanity_tolerance < 1,
+                f"sanity_tolerance must be in [0, 1), got {self.sanity_tolerance}")
+        require(0 <= self.sanity_zero_accuracy < 1,
+                f"sanity_zero_accuracy must be in [0, 1), got {self.sanity_zero_accuracy}")
         return self
 
 
@@ -143,11 +137,6 @@ def load_for_evaluation(path: str | os.PathLike, map_location: str | torch.devic
     """Load a model file or training checkpoint in eval mode and fp32 (ART's wrapper needs both); ``(model, meta)``."""
     model, meta = load_model(path, map_location=map_location)
     return model.float().eval(), meta
-
-
-def write_metrics(path: str | os.PathLike, result: dict) -> None:
-    """Write :func:`evaluate`'s result atomically as JSON; nested dicts of scalars, as ``dvc metrics show`` reads."""
-    write_json(path, result)
 
 
 class _Constraint:
@@ -175,47 +164,37 @@ class _Constraint:
                 "min_pixel": self.min_pixel, "max_pixel": self.max_pixel, "finite": self.finite}
 
 
-def _device(model: nn.Module) -> torch.device:
-    tensor = next(model.parameters(), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
+def _checked(craft: Attack, constraint: _Constraint, eps: float) -> Attack:
+    """``craft``, with every image it makes measured against the eps ball by ``constraint``."""
+
+    def attack(x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+        x_adv = craft(x, y, seed)
+        constraint.update(x, x_adv, eps)
+        return x_adv
+
+    return attack
 
 
-@torch.no_grad()
-def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    return int((model(x).argmax(1) == y).sum())
-
-
-def _bar(iterable, total: int, desc: str, progress: bool | None):
-    # disable=None: bars only when stderr is a terminal, so logs and CI stay clean.
-    return tqdm(iterable, total=total, desc=desc, leave=False, disable=None if progress is None else not progress)
-
-
-def _attack_accuracy(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, craft: Craft, *, eps: float, batch_size: int, seed: int,
-    constraint: _Constraint, desc: str, progress: bool | None,
-) -> float:
-    """Accuracy of ``model`` on ``craft``'s images, batch by batch (batch ``i`` seeded ``seed + i``)."""
-    correct = 0
-    n_batches = math.ceil(len(y) / batch_size)
-    stream = batches(x, y, batch_size, device=_device(model))
-    for i, (xb, yb) in enumerate(_bar(stream, n_batches, desc, progress)):
-        x_adv = craft(xb, yb, seed + i)
-        constraint.update(xb, x_adv, eps)
-        correct += _correct(model, x_adv, yb)
-    return correct / len(y)
-
-
-def _native_apgd(model: nn.Module, norm: str, eps: float, steps: int, restarts: int) -> Craft:
+def _native_apgd(model: nn.Module, norm: str, eps: float, steps: int, restarts: int) -> Attack:
     return lambda x, y, seed: apgd(model, x, y, norm=norm, eps=eps, steps=steps, restarts=restarts, seed=seed)
 
 
-def _crafted_on(source: nn.Module, craft: Craft) -> Craft:
+def apgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float, steps: int,
+                  restarts: int = 1, seed: int = 0, batch_size: int = 256) -> float:
+    """Native APGD-CE accuracy of ``model`` on ``(x, y)`` (batch ``i`` seeded ``seed + i``), as :func:`evaluate`
+    measures it; the model's mode and gradients are left as they were."""
+    with frozen(model):
+        return accuracy(model, x, y, attack=_native_apgd(model, norm, eps, steps, restarts), seed=seed,
+                        batch_size=batch_size)
+
+
+def _crafted_on(source: nn.Module, craft: Attack) -> Attack:
     """Transfer: craft on ``source``'s device, hand the images back on the caller's."""
-    device = _device(source)
+    device = device_of(source)
     return lambda x, y, seed: craft(x.to(device), y.to(device), seed).to(x.device)
 
 
-def _noise(norm: str, eps: float) -> Craft:
+def _noise(norm: str, eps: float) -> Attack:
     def craft(x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
         with seeded(seed):
             return x + random_perturbation(x, norm, eps)
@@ -227,7 +206,7 @@ def _crafts(model: nn.Module, config: EvalConfig, num_classes: int, transfer_fro
     """The full-evaluation attacks by name: ``(craft, settings recorded with the result)``."""
     norm, eps = config.norm, config.eps
 
-    def seeded_pgd(source: nn.Module) -> Craft:
+    def seeded_pgd(source: nn.Module) -> Attack:
         def craft(x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
             with seeded(seed):
                 return pgd(source, x, y, norm=norm, eps=eps, step_size=config.pgd_step, steps=config.pgd_steps)
@@ -265,12 +244,12 @@ def sanity_checks(
     """The gradient-masking checks of the module docstring on ``(x, y)``, each with its measured numbers."""
     norm, eps, tol, steps, seed = config.norm, config.eps, config.sanity_tolerance, config.sanity_steps, config.seed
 
-    def accuracy(craft: Craft, radius: float, desc: str, run_seed: int = seed) -> float:
-        return _attack_accuracy(model, x, y, craft, eps=radius, batch_size=config.batch_size, seed=run_seed,
-                                constraint=constraint, desc=f"sanity: {desc}", progress=progress)
+    def attacked(craft: Attack, radius: float, desc: str, run_seed: int = seed) -> float:
+        return accuracy(model, x, y, attack=_checked(craft, constraint, radius), seed=run_seed,
+                        batch_size=config.batch_size, progress=progress, desc=f"sanity: {desc}")
 
     cap = 1.0 if norm == "linf" else math.inf
-    growth = {f"x{m:g}": accuracy(_native_apgd(model, norm, min(m * eps, cap), steps, 1), min(m * eps, cap),
+    growth = {f"x{m:g}": attacked(_native_apgd(model, norm, min(m * eps, cap), steps, 1), min(m * eps, cap),
                                   f"eps x{m:g}") for m in EPS_MULTIPLES}
     curve = list(growth.values())
     base = growth["x1"]
@@ -281,16 +260,16 @@ def sanity_checks(
             "threshold": config.sanity_zero_accuracy,
         },
     }
-    more_steps = accuracy(_native_apgd(model, norm, eps, MORE_STEPS_FACTOR * steps, 1), eps, "more steps", seed + 1)
+    more_steps = attacked(_native_apgd(model, norm, eps, MORE_STEPS_FACTOR * steps, 1), eps, "more steps", seed + 1)
     checks["more_steps"] = {"passed": more_steps <= base + tol, "accuracy": base, "accuracy_more": more_steps,
                             "steps": steps, "steps_more": MORE_STEPS_FACTOR * steps}
-    more_restarts = accuracy(_native_apgd(model, norm, eps, steps, MORE_RESTARTS), eps, "more restarts", seed + 2)
+    more_restarts = attacked(_native_apgd(model, norm, eps, steps, MORE_RESTARTS), eps, "more restarts", seed + 2)
     checks["more_restarts"] = {"passed": more_restarts <= base + tol, "accuracy": base,
                                "accuracy_more": more_restarts, "restarts_more": MORE_RESTARTS}
-    noise = accuracy(_noise(norm, eps), eps, "noise")
+    noise = attacked(_noise(norm, eps), eps, "noise")
     checks["noise"] = {"passed": noise >= base - tol, "noise_accuracy": noise, "attack_accuracy": base}
     if transfer_from is not None:
-        transfer = accuracy(_crafted_on(transfer_from, _native_apgd(transfer_from, norm, eps, steps, 1)), eps,
+        transfer = attacked(_crafted_on(transfer_from, _native_apgd(transfer_from, norm, eps, steps, 1)), eps,
                             "transfer")
         checks["transfer"] = {"passed": base <= transfer + tol, "whitebox_accuracy": base,
                               "transfer_accuracy": transfer}
@@ -306,8 +285,8 @@ def evaluate(
     *,
     transfer_from: nn.Module | None = None,
     progress: bool | None = None,
-) -> dict:
-    """Natural accuracy, adversarial accuracy per attack and the sanity checks, as a metrics dict.
+) -> EvalResult:
+    """Natural accuracy, adversarial accuracy per attack and the sanity checks.
 
     The models are evaluated in eval mode with frozen parameters; their mode, ``requires_grad`` and ``.grad`` are
     restored afterwards. ``progress=None`` shows bars only on a terminal. ``sanity_passed`` is True when every check
@@ -333,19 +312,16 @@ def evaluate(
                 stack.enter_context(frozen(m))
                 m.eval()
         start = time.perf_counter()
-        device = _device(model)
-        natural = sum(_correct(model, xb, yb) for xb, yb in batches(data.test_x, data.test_y, config.batch_size,
-                                                                       device=device)) / n_test
-        natural_attacked = sum(_correct(model, xb, yb) for xb, yb in batches(x, y, config.batch_size,
-                                                                             device=device)) / n
+        natural = accuracy(model, data.test_x, data.test_y, batch_size=config.batch_size)
+        natural_attacked = accuracy(model, x, y, batch_size=config.batch_size)
         seconds["natural"] = time.perf_counter() - start
         crafts = _crafts(model, config, data.num_classes, transfer_from)
         adversarial, settings = {}, {}
         for name in config.attacks:
             craft, settings[name] = crafts[name]
             start = time.perf_counter()
-            adversarial[name] = _attack_accuracy(model, x, y, craft, eps=config.eps, batch_size=config.batch_size,
-                                                 seed=config.seed, constraint=constraint, desc=name, progress=progress)
+            adversarial[name] = accuracy(model, x, y, attack=_checked(craft, constraint, config.eps), seed=config.seed,
+                                         batch_size=config.batch_size, progress=progress, desc=name)
             seconds[name] = time.perf_counter() - start
         sanity: dict = {"enabled": config.sanity and config.eps > 0}
         if sanity["enabled"]:
@@ -356,11 +332,11 @@ def evaluate(
             seconds["sanity"] = time.perf_counter() - start
     if math.isfinite(constraint.excess):
         sanity["constraint"] = constraint.result()
-    return {
-        "dataset": data.name, "norm": config.norm, "eps": config.eps, "n_examples": n, "n_test": n_test,
-        "natural_accuracy": natural, "natural_accuracy_attacked": natural_attacked,
-        "adversarial_accuracy": adversarial, "attack_settings": settings, "seconds": seconds,
-        "sanity_passed": all(c["passed"] for c in sanity.values() if isinstance(c, dict)), "sanity": sanity,
-        "seed": config.seed, "art_version": importlib.metadata.version("adversarial-robustness-toolbox"),
-        "torch_version": torch.__version__,
-    }
+    return EvalResult(
+        dataset=data.name, norm=config.norm, eps=config.eps, n_examples=n, n_test=n_test,
+        natural_accuracy=natural, natural_accuracy_attacked=natural_attacked,
+        adversarial_accuracy=adversarial, attack_settings=settings, seconds=seconds,
+        sanity_passed=all(c["passed"] for c in sanity.values() if isinstance(c, dict)), sanity=sanity,
+        seed=config.seed, art_version=importlib.metadata.version("adversarial-robustness-toolbox"),
+        torch_version=torch.__version__,
+    )

@@ -17,6 +17,7 @@ from types import ModuleType
 
 from rrm.errors import RRMError, unknown
 from rrm.evaluate import EvalConfig
+from rrm.results import EvalResult
 
 # MLflow retries an unreachable server 7 times with exponential backoff (minutes) and waits up to 120 s for each
 # answer; jobs give up in seconds instead (under a minute for a server that accepts but never answers). Values the
@@ -141,7 +142,7 @@ class EvaluateJob:
 
 @dataclass
 class Evaluation:
-    result: object  # rrm.evaluate.EvalResult
+    result: EvalResult
     out: Path
     run_id: str | None
 
@@ -149,7 +150,7 @@ class Evaluation:
 def evaluate_job(job: EvaluateJob, track: Tracking = Tracking(experiment=None)) -> Evaluation:
     """Attack ``job.model``, write its metrics JSON and record the evaluation, linked to the training run."""
     from rrm.data import load_dataset
-    from rrm.evaluate import evaluate, load_for_evaluation, write_metrics
+    from rrm.evaluate import evaluate, load_for_evaluation
     from rrm.train import resolve_device
 
     require(job.model, "MODEL (a model file or models:/NAME@ALIAS)")
@@ -168,8 +169,8 @@ def evaluate_job(job: EvaluateJob, track: Tracking = Tracking(experiment=None)) 
         source = load_model_ref(job.transfer_from, device) if job.transfer_from else None
         result = evaluate(net, data, attack, transfer_from=source, progress=job.progress)
         out = Path(job.out) if job.out else path.with_name("eval_metrics.json")
-        write_metrics(out, result)
-        run_id = store.log_evaluation(result, model_path=path, train_run_id=job.train_run_id,
+        result.write(out)
+        run_id = store.log_evaluation(result.to_json(), model_path=path, train_run_id=job.train_run_id,
                                       experiment=track.experiment, metrics_path=out) if track.enabled else None
     return Evaluation(result, out, run_id)
 

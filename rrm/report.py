@@ -31,6 +31,7 @@ import os
 from pathlib import Path
 
 from rrm.errors import RRMError
+from rrm.results import EvalResult
 from rrm.stats import mean_ci
 from rrm.train.methods import METHODS
 
@@ -80,25 +81,22 @@ def _number(data: dict, key: str, path: Path) -> float:
     return float(value)
 
 
-def _adversarial(evaluation: dict, path: Path) -> tuple[float | None, str]:
-    attacks = evaluation.get("adversarial_accuracy")
-    if not isinstance(attacks, dict) or not isinstance(evaluation.get("natural_accuracy"), (int, float)):
-        raise RRMError(f"{str(path)!r} has no natural_accuracy / adversarial_accuracy; is it from `rrm evaluate`?")
+def _adversarial(evaluation: EvalResult) -> tuple[float | None, str]:
     for name in ATTACK_PREFERENCE:
-        if isinstance(attacks.get(name), (int, float)):
-            return float(attacks[name]), name
+        if name in evaluation.adversarial_accuracy:
+            return float(evaluation.adversarial_accuracy[name]), name
     return None, "-"
 
 
-def _pct(value: object) -> float | None:
-    return 100 * float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+def _pct(value: float | None) -> float | None:
+    return None if value is None else 100 * float(value)
 
 
 def _row(name: str, train_path: Path, eval_path: Path) -> dict:
     """One run: ``name`` is its directory (``rrm-teacher-pgd``), ``method`` what it trained with (``rrm``)."""
     train = _read_json(train_path, "training metrics")
-    evaluation = _read_json(eval_path, "evaluation metrics")
-    adversarial, attack = _adversarial(evaluation, eval_path)
+    evaluation = EvalResult.read(eval_path)
+    adversarial, attack = _adversarial(evaluation)
     return {
         "name": name,
         "method": train.get("method", name),
@@ -108,11 +106,11 @@ def _row(name: str, train_path: Path, eval_path: Path) -> dict:
         "epoch_seconds_ci95": _number(train, "epoch_seconds_ci95", train_path),
         "total_seconds": _number(train, "total_seconds", train_path),
         "total_minutes": _number(train, "total_seconds", train_path) / 60,
-        "natural_pct": 100 * float(evaluation["natural_accuracy"]),
-        "adversarial_pct": None if adversarial is None else 100 * adversarial,
+        "natural_pct": 100 * float(evaluation.natural_accuracy),
+        "adversarial_pct": _pct(adversarial),
         "attack": attack,
-        "transfer_pct": _pct(evaluation["adversarial_accuracy"].get("transfer")),
-        "sanity_passed": evaluation.get("sanity_passed"),
+        "transfer_pct": _pct(evaluation.adversarial_accuracy.get("transfer")),
+        "sanity_passed": evaluation.sanity_passed,
     }
 
 

@@ -13,9 +13,11 @@ from torch import nn
 from rrm.attacks import apgd, art_apgd, fgsm, pgd
 from rrm.data import ImageData, to_float
 from rrm.errors import RRMError
-from rrm.evaluate import EvalConfig, evaluate, load_for_evaluation, write_metrics
-from rrm.stats import epoch_time_stats
+from rrm.evaluate import EvalConfig, apgd_accuracy, evaluate, load_for_evaluation
+from rrm.metrics import accuracy
 from rrm.models import save_model
+from rrm.results import EvalResult
+from rrm.stats import epoch_time_stats
 
 # Native APGD and ART's AutoPGD are the same algorithm but not the same code: ART keeps only each restart's last
 # iterate where the native one keeps the first that fools, ART's condition 1 counts new maxima rather than loss
@@ -74,8 +76,8 @@ def test_native_apgd_agrees_with_art(trained, digits, norm):
 
 def test_eps_zero_gives_natural_accuracy(trained, digits):
     result = evaluate(trained, digits, EvalConfig(eps=0.0, attacks=("apgd", "art-apgd", "pgd", "fgsm"), **FAST))
-    assert set(result["adversarial_accuracy"].values()) == {result["natural_accuracy_attacked"]}
-    assert result["sanity"]["enabled"] is False and result["sanity_passed"]
+    assert set(result.adversarial_accuracy.values()) == {result.natural_accuracy_attacked}
+    assert result.sanity["enabled"] is False and result.sanity_passed
 
 
 def test_natural_model_falls_to_zero_at_large_eps(trained, digits):
@@ -88,25 +90,25 @@ def test_natural_model_falls_to_zero_at_large_eps(trained, digits):
 def test_trained_model_passes_sanity_checks(trained, digits):
     result = evaluate(trained, digits, EvalConfig(eps=0.1, attacks=("apgd", "pgd", "fgsm"), **FAST),
                       transfer_from=trained)
-    assert result["sanity_passed"], result["sanity"]
-    acc = result["adversarial_accuracy"]
-    assert acc["apgd"] <= acc["fgsm"] and acc["apgd"] < result["natural_accuracy_attacked"]
+    assert result.sanity_passed, result.sanity
+    acc = result.adversarial_accuracy
+    assert acc["apgd"] <= acc["fgsm"] and acc["apgd"] < result.natural_accuracy_attacked
 
 
 def test_robust_model_passes_sanity_checks(digits_teacher, trained, digits):
     teacher = digits_teacher.model.eval()
     result = evaluate(teacher, digits, EvalConfig(eps=0.1, attacks=("apgd", "transfer"), **FAST),
                       transfer_from=trained)
-    assert result["sanity_passed"], result["sanity"]
-    assert result["adversarial_accuracy"]["apgd"] <= result["adversarial_accuracy"]["transfer"]
+    assert result.sanity_passed, result.sanity
+    assert result.adversarial_accuracy["apgd"] <= result.adversarial_accuracy["transfer"]
 
 
 @pytest.mark.parametrize("mask", [SaturatedLogits, QuantisedInput])
 def test_gradient_masking_is_flagged(trained, digits, mask):
     masked = mask(trained)
     result = evaluate(masked, digits, EvalConfig(eps=0.1, attacks=("apgd",), **FAST), transfer_from=trained)
-    sanity = result["sanity"]
-    assert not result["sanity_passed"]
+    sanity = result.sanity
+    assert not result.sanity_passed
     assert not sanity["eps_growth"]["passed"] and sanity["eps_growth"]["accuracy"]["x8"] > 0.05
     # Adversarial examples crafted on the unmasked model still fool the masked one.
     assert not sanity["transfer"]["passed"]
@@ -129,7 +131,7 @@ def test_adversarial_examples_respect_the_constraint(trained, digits, norm, eps)
         assert x_adv.min().item() >= 0 and x_adv.max().item() <= 1, name
     result = evaluate(trained, digits, EvalConfig(norm=norm, eps=eps, attacks=("apgd", "pgd", "fgsm"), sanity=False,
                                                   **FAST))
-    assert result["sanity"]["constraint"]["passed"]
+    assert result.sanity["constraint"]["passed"]
 
 
 def test_attacks_leave_the_model_alone(trained, digits):
@@ -163,7 +165,7 @@ def test_more_restarts_never_raise_accuracy(trained, digits):
 
 def test_metrics_json_is_flat_scalars(trained, digits, tmp_path):
     result = evaluate(trained, digits, EvalConfig(eps=0.1, attacks=("apgd", "fgsm"), **FAST))
-    write_metrics(tmp_path / "metrics.json", result)
+    result.write(tmp_path / "metrics.json")
     loaded = json.loads((tmp_path / "metrics.json").read_text())
 
     def leaves(d: dict):
@@ -175,6 +177,78 @@ def test_metrics_json_is_flat_scalars(trained, digits, tmp_path):
                 "art_version", "seconds", "sanity", "sanity_passed"):
         assert key in loaded
     assert set(loaded["seconds"]) >= {"apgd", "fgsm", "sanity"}
+
+
+def test_metrics_file_reads_back_as_it_was_written(trained, digits, tmp_path):
+    result = evaluate(trained, digits, EvalConfig(eps=0.1, attacks=("apgd", "fgsm"), **FAST))
+    path = tmp_path / "metrics.json"
+    result.write(path)
+    written = path.read_bytes()
+    assert set(json.loads(written)) == {
+        "dataset", "norm", "eps", "n_examples", "n_test", "natural_accuracy", "natural_accuracy_attacked",
+        "adversarial_accuracy", "attack_settings", "seconds", "sanity_passed", "sanity", "seed", "art_version",
+        "torch_version"}
+    again = EvalResult.read(path)
+    assert again == result
+    again.write(path)
+    assert path.read_bytes() == written
+    assert again.worst_attack == "apgd" and again.worst_accuracy == result.adversarial_accuracy["apgd"]
+    assert again.masking_checks_passed is result.sanity_passed is True
+
+
+def test_older_and_partial_metrics_files_read(tmp_path):
+    old = {"natural_accuracy": 0.9, "adversarial_accuracy": {"pgd": 0.6, "apgd": 0.5, "note": "x"}, "eps": 0.2,
+           "sanity_passed": True, "sanity": {"enabled": False}, "from_another_version": {"k": 1}}
+    result = EvalResult.from_json(old)
+    assert result.adversarial_accuracy == {"pgd": 0.6, "apgd": 0.5}  # what is not a number is not an accuracy
+    assert (result.worst_attack, result.worst_accuracy) == ("apgd", 0.5)
+    assert result.masking_checks_passed is None, "checks that never ran did not pass"
+    assert result.to_json() == {**old, "adversarial_accuracy": {"pgd": 0.6, "apgd": 0.5}}
+    single = EvalResult.from_json({"natural_accuracy": 0.9, "adversarial_accuracy": 0.4, "attack": "apgd",
+                                   "n_examples": 100.0})
+    assert single.adversarial_accuracy == {"apgd": 0.4} and single.n_examples == 100
+    none = EvalResult.from_json({"natural_accuracy": 0.9, "adversarial_accuracy": {}})
+    assert none.worst_attack is None and none.worst_accuracy is None and none.masking_checks_passed is None
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "does not exist; run `rrm evaluate`"),
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "must hold a JSON object"),
+    ('{"natural_accuracy": 0.9}', "has no natural_accuracy / adversarial_accuracy"),
+    ('{"natural_accuracy": "high", "adversarial_accuracy": {"apgd": 0.1}}', "has no natural_accuracy"),
+])
+def test_bad_metrics_files_are_one_line_errors(tmp_path, content, match):
+    path = tmp_path / "eval.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(RRMError, match=match) as error:
+        EvalResult.read(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_accuracy_counts_batch_by_batch_with_seeded_attacks(trained, digits):
+    x, y = digits.test_x[:70], digits.test_y[:70]
+
+    def counted(images: torch.Tensor) -> float:
+        with torch.no_grad():
+            return int((trained(images).argmax(1) == y).sum()) / len(y)
+
+    assert accuracy(trained, x, y, batch_size=32) == counted(to_float(x))
+    seeds = []
+
+    def blank(xb: torch.Tensor, yb: torch.Tensor, seed: int) -> torch.Tensor:
+        seeds.append(seed)
+        return torch.zeros_like(xb)
+
+    assert accuracy(trained, x, y, attack=blank, seed=5, batch_size=32) == counted(torch.zeros_like(to_float(x)))
+    assert seeds == [5, 6, 7]
+    trained.train()
+    try:
+        apgd_accuracy(trained, x, y, norm="linf", eps=0.1, steps=2)
+        assert trained.training, "the tuning score leaves the model's mode alone"
+    finally:
+        trained.eval()
 
 
 def test_load_for_evaluation(trained, tmp_path):

@@ -74,7 +74,7 @@ def _evaluate(result) -> dict:
     """`rrm evaluate` at a small budget: APGD and PGD on 100 test images (sanity checks have their own tests)."""
     config = EvalConfig(norm="linf", eps=0.1, attacks=("apgd", "pgd"), n_examples=100, steps=10, restarts=1,
                         pgd_steps=10, sanity=False)
-    return evaluate(result.model.cpu().float().eval(), result.data, config)
+    return evaluate(result.model.cpu().float().eval(), result.data, config).to_json()
 
 
 def test_training_run_reads_back(teacher_run, store):

@@ -284,7 +284,7 @@ def test_ranges_labels_and_settings():
 def test_only_rrm_tune_imports_optuna_and_the_training_core_imports_neither():
     importers = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "rrm").rglob("*.py")
                        if re.search(r"^\s*(import|from) optuna", p.read_text(), re.M))
-    assert importers == ["rrm/tune.py"]
+    assert importers and all(p.startswith("rrm/tune/") for p in importers), importers
     script = "import sys, rrm.train, rrm.cli; assert not {'optuna', 'mlflow'} & set(sys.modules), sys.modules.keys()"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=worker_env(),
                           timeout=120)
@@ -292,23 +292,23 @@ def test_only_rrm_tune_imports_optuna_and_the_training_core_imports_neither():
 
 
 def test_trials_of_dead_or_missing_workers_are_failed(monkeypatch):
-    from rrm import tune
+    from rrm.tune import storage
 
     study = optuna.create_study()
     mine, dead, orphan = study.ask(), study.ask(), study.ask()
-    mine.set_user_attr("rrm.worker", tune._worker())
+    mine.set_user_attr("rrm.worker", storage.this_worker())
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead.set_user_attr("rrm.worker", {"host": socket.gethostname(), "pid": int(gone.stdout)})
-    assert [t.number for t in tune._abandon_dead_trials(study)] == [dead.number]  # the orphan is still young
-    monkeypatch.setattr(tune, "ORPHAN_SECONDS", 0)
-    assert [t.number for t in tune._abandon_dead_trials(study)] == [orphan.number]
+    assert [t.number for t in storage.abandon_dead_trials(study)] == [dead.number]  # the orphan is still young
+    monkeypatch.setattr(storage, "ORPHAN_SECONDS", 0)
+    assert [t.number for t in storage.abandon_dead_trials(study)] == [orphan.number]
     assert [t.state.name for t in study.trials] == ["RUNNING", "FAIL", "FAIL"]
-    assert tune._counts(study) == (0, 1)
+    assert storage.trial_counts(study) == (0, 1)
 
 
 def test_workers_that_race_to_create_the_schema_open_the_storage_again(monkeypatch, tmp_path):
     """Two workers starting on an empty PostgreSQL both create Optuna's tables; the loser retries, others fail."""
-    from rrm import tune
+    from rrm.tune import storage
 
     real, calls = optuna.storages.RDBStorage, []
 
@@ -318,9 +318,9 @@ def test_workers_that_race_to_create_the_schema_open_the_storage_again(monkeypat
             raise RuntimeError('type "studydirection" already exists')
         return real(url, **kwargs)
 
-    monkeypatch.setattr(tune.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(storage.time, "sleep", lambda seconds: None)
     monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
-    assert isinstance(tune.open_storage(f"sqlite:///{tmp_path}/o.db"), real) and len(calls) == 2
+    assert isinstance(storage.open_storage(f"sqlite:///{tmp_path}/o.db"), real) and len(calls) == 2
 
     def broken(url, **kwargs):
         calls.append(url)
@@ -329,5 +329,5 @@ def test_workers_that_race_to_create_the_schema_open_the_storage_again(monkeypat
     calls.clear()
     monkeypatch.setattr(optuna.storages, "RDBStorage", broken)
     with pytest.raises(RRMError, match="password authentication failed"):
-        tune.open_storage(f"sqlite:///{tmp_path}/o.db")
+        storage.open_storage(f"sqlite:///{tmp_path}/o.db")
     assert len(calls) == 1

@@ -23,6 +23,7 @@ from rrm.attacks import pgd
 from rrm.data import ImageData, batches, load_dataset
 from rrm.errors import RRMError
 from rrm.io import atomic_path, write_json
+from rrm.metrics import accuracy
 from rrm.models import Classifier, build_model, load_model, save_model
 from rrm.models.transplant import transplant_stem
 from rrm.stats import epoch_time_stats
@@ -135,32 +136,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
-def accuracy(model: Classifier, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch_size: int = 512) -> float:
-    model.eval()
-    correct = torch.zeros((), device=device)
-    for xb, yb in batches(x, y, batch_size, device=device):
-        correct += (model(xb).argmax(1) == yb).sum()
-    return float(correct.item()) / max(1, len(y))
-
-
-def monitored_robust_accuracy(model: Classifier, data: ImageData, cfg: TrainConfig, device: torch.device,
+def monitored_robust_accuracy(model: Classifier, data: ImageData, cfg: TrainConfig,
                               steps: int | None = None) -> float:
     """PGD accuracy on the first ``monitor_examples`` test images: a cheap per-epoch robustness signal.
 
     ``steps=1`` gives the single-step (FGSM, step eps, no random start) accuracy that the catastrophic-overfitting
     detector compares it with.
     """
-    model.eval()
     steps = steps or cfg.monitor_steps
     n = min(cfg.monitor_examples, len(data.test_y))
-    correct = 0
-    for xb, yb in batches(data.test_x[:n], data.test_y[:n], 256, device=device):
-        x_adv = pgd(model, xb, yb, norm=cfg.norm, eps=cfg.eps, step_size=cfg.eps if steps == 1 else 2.5 * cfg.eps / steps,
-                    steps=steps, random_start=steps > 1)
-        with torch.no_grad():
-            correct += int((model(x_adv).argmax(1) == yb).sum())
-    return correct / max(1, n)
+
+    step_size = cfg.eps if steps == 1 else 2.5 * cfg.eps / steps
+
+    def attack(x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:  # random starts from the run's RNG
+        return pgd(model, x, y, norm=cfg.norm, eps=cfg.eps, step_size=step_size, steps=steps, random_start=steps > 1)
+
+    return accuracy(model, data.test_x[:n], data.test_y[:n], attack=attack, batch_size=256)
 
 
 def _save_checkpoint(path: Path, model, method, optimizer, scheduler, scaler, epoch: int, history: list, cfg) -> None:
@@ -377,11 +368,11 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
             **metrics,
         }
         if ctx.is_main:
-            metrics["test_accuracy"] = accuracy(model, data.test_x, data.test_y, device)
+            metrics["test_accuracy"] = accuracy(model, data.test_x, data.test_y, batch_size=512)
             if cfg.monitor_examples:
-                metrics["monitor_robust_accuracy"] = monitored_robust_accuracy(model, data, cfg, device)
+                metrics["monitor_robust_accuracy"] = monitored_robust_accuracy(model, data, cfg)
             if watch_co:
-                metrics["monitor_fgsm_accuracy"] = monitored_robust_accuracy(model, data, cfg, device, steps=1)
+                metrics["monitor_fgsm_accuracy"] = monitored_robust_accuracy(model, data, cfg, steps=1)
         if ctx.enabled:  # rank 0 evaluated; every rank keeps the same history
             metrics = distributed.broadcast(metrics)
         history.append(metrics)

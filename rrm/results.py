@@ -1,0 +1,111 @@
+"""What ``rrm evaluate`` measured, as one typed value: written once, read back by the report, tuning and tracking.
+
+:class:`EvalResult` mirrors the metrics JSON file field by field, so ``dvc metrics show`` keeps reading the same
+nested scalars and :meth:`EvalResult.to_json` of a fresh evaluation is exactly the dict that was written before the
+type existed. Every field but the two accuracies is optional: hand-written or older files hold fewer keys, and keys
+this version does not know are kept (``extra``) so that a file read and written again is unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from rrm.errors import RRMError
+from rrm.io import write_json
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class EvalResult:
+    """Natural and per-attack adversarial accuracy of one model, with what ran and the gradient-masking checks."""
+
+    natural_accuracy: float  # on the whole test split
+    adversarial_accuracy: dict[str, float]  # attack name -> accuracy on the first n_examples test images
+    dataset: str | None = None
+    norm: str | None = None
+    eps: float | None = None
+    n_examples: int | None = None  # test images attacked
+    n_test: int | None = None  # test images in the split
+    natural_accuracy_attacked: float | None = None  # natural accuracy on the attacked images
+    attack_settings: dict[str, dict] | None = None  # attack name -> the settings that ran
+    seconds: dict[str, float] | None = None  # "natural", each attack and "sanity" -> wall-clock seconds
+    sanity_passed: bool | None = None  # every check that ran passed (the constraint check runs with every attack)
+    sanity: dict | None = None  # "enabled" and each check with its numbers (see rrm.evaluate)
+    seed: int | None = None
+    art_version: str | None = None
+    torch_version: str | None = None
+    extra: dict = dataclasses.field(default_factory=dict)  # keys of other rrm versions, written back as they were
+
+    @property
+    def worst_attack(self) -> str | None:
+        """The attack that left the lowest accuracy (the first listed on a tie); None when no attack ran."""
+        if not self.adversarial_accuracy:
+            return None
+        return min(self.adversarial_accuracy, key=self.adversarial_accuracy.get)
+
+    @property
+    def worst_accuracy(self) -> float | None:
+        """The lowest adversarial accuracy over the attacks: the robustness number to quote."""
+        attack = self.worst_attack
+        return None if attack is None else self.adversarial_accuracy[attack]
+
+    @property
+    def masking_checks_passed(self) -> bool | None:
+        """Whether the gradient-masking checks passed; None when they did not run (``sanity: false``, eps 0) or the
+        file does not say. ``sanity_passed`` alone reads True for checks that never ran."""
+        if isinstance(self.sanity, Mapping) and self.sanity.get("enabled") is False:
+            return None
+        return self.sanity_passed
+
+    def to_json(self) -> dict:
+        """The metrics file's content: a dict of JSON values, without the fields the result does not hold."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**self.extra, **{k: v for k, v in values.items() if v is not None}}
+
+    @classmethod
+    def from_json(cls, values: Mapping, source: str = "the evaluation") -> EvalResult:
+        """Read what :meth:`to_json` wrote (or an older or hand-written file: only the accuracies are required).
+
+        ``adversarial_accuracy`` may also be a single number, one attack named by ``attack``. Entries of it that are
+        not numbers are left out. ``source`` names the input in the error of an incomplete one.
+        """
+        if not isinstance(values, Mapping):
+            raise RRMError(f"{source} must hold a JSON object; pass the metrics file `rrm evaluate` writes")
+        values = dict(values)
+        natural, adversarial = values.get("natural_accuracy"), values.get("adversarial_accuracy")
+        if _is_number(adversarial):
+            adversarial = {str(values.pop("attack", "attack")): adversarial}
+        if not _is_number(natural) or not isinstance(adversarial, Mapping):
+            raise RRMError(f"{source} has no natural_accuracy / adversarial_accuracy; is it from `rrm evaluate`?")
+        values["adversarial_accuracy"] = {str(k): v for k, v in adversarial.items() if _is_number(v)}
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+        known = {k: values.pop(k) for k in names if k in values}
+        if _is_number(known.get("n_examples")):  # a logged run gives every number back as a float
+            known["n_examples"] = int(known["n_examples"])
+        return cls(**known, extra=values)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> EvalResult:
+        """Read a metrics file; a missing, corrupt or incomplete one is an :class:`RRMError` naming it and the fix."""
+        path = Path(path)
+        if not path.is_file():
+            raise RRMError(f"evaluation metrics {str(path)!r} does not exist; run `rrm evaluate` (or the stage that "
+                           "writes it: dvc repro)")
+        try:
+            values = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RRMError(f"evaluation metrics {str(path)!r} is not valid JSON ({exc.__class__.__name__}); rerun "
+                           "`rrm evaluate` (or the stage that writes it)") from None
+        return cls.from_json(values, source=f"evaluation metrics {str(path)!r}")
+
+    def write(self, path: str | os.PathLike) -> None:
+        """Write the metrics file atomically: nested dicts of scalars, as ``dvc metrics show`` reads them."""
+        write_json(path, self.to_json())
