@@ -64,10 +64,7 @@ def save_model(model: Classifier, path: str | os.PathLike, meta: dict | None = N
 def model_from_state(payload: dict, source: str = "checkpoint") -> Classifier:
     """Rebuild a model from a dict holding ``spec`` and ``state_dict`` (a model file or a training checkpoint)."""
     try:
-        # the random initialisation is overwritten at once: consuming the global generator here would make a
-        # student's initialisation depend on whether its teacher was loaded before or after seeding
-        with torch.random.fork_rng(devices=[]):
-            model = build_model(**payload["spec"])
+        model = build_model(**payload["spec"])
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, RuntimeError) as exc:
         raise RRMError(f"{source} does not hold an rrm model ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
