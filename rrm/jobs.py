@@ -77,7 +77,7 @@ def train_job(cfg, track: Tracking = Tracking()):
     """
     from rrm.data import load_dataset
     from rrm.models import ARCHITECTURES
-    from rrm.train import get_method, resolve_device, train
+    from rrm.train import get_method, train
     from rrm.train.distributed import is_main
 
     cfg.validate()
@@ -85,13 +85,14 @@ def train_job(cfg, track: Tracking = Tracking()):
     if cfg.model not in ARCHITECTURES:
         raise unknown("model", cfg.model, ARCHITECTURES)
     data = load_dataset(cfg.dataset)
-    teacher = None
-    if (method.needs_teacher or cfg.transplant) and cfg.teacher:
-        teacher = load_model_ref(cfg.teacher, resolve_device(cfg.device))
-    if not track.enabled or not is_main():
-        return train(cfg, data=data, teacher=teacher), None
-    with tracking().MlflowCallback(experiment=track.experiment, run_name=track.run_name) as tracker:
-        result = train(cfg, data=data, teacher=teacher, callbacks=[tracker])
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = None  # a file teacher is loaded by the trainer (after seeding); a registry one is pulled for it
+        if (method.needs_teacher or cfg.transplant) and is_registry_uri(cfg.teacher):
+            teacher = tracking().pull_teacher(cfg.teacher, Path(tmp) / "teacher.pt")[0]
+        if not track.enabled or not is_main():
+            return train(cfg, data=data, teacher=teacher), None
+        with tracking().MlflowCallback(experiment=track.experiment, run_name=track.run_name) as tracker:
+            result = train(cfg, data=data, teacher=teacher, callbacks=[tracker])
     return result, tracker.run_id
 
 

@@ -199,12 +199,15 @@ def train(
     *,
     callbacks: tuple[Callback, ...] | list[Callback] = (),
     data: ImageData | None = None,
-    teacher: Classifier | None = None,
+    teacher: Classifier | str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train ``cfg.model`` with ``cfg.method``; writes checkpoint, model and metrics under ``cfg.out_dir``.
 
     ``data`` and ``teacher`` may be passed in already loaded (tests, tuning); otherwise they are loaded from
-    ``cfg.dataset`` and ``cfg.teacher``. Started by ``torchrun`` with several processes, every process calls this
+    ``cfg.dataset`` and ``cfg.teacher``. ``teacher`` may also be a model file to load in place of ``cfg.teacher``
+    (a registry teacher pulled by the caller, which keeps ``cfg.teacher`` as the URI it records); a file is loaded
+    after seeding, as ``cfg.teacher`` is, so a student's initialisation does not depend on where its teacher came
+    from. Started by ``torchrun`` with several processes, every process calls this
     and they train data-parallel with ``cfg.batch_size`` as the global batch; only rank 0 writes files and runs
     ``callbacks``, and every rank returns the same result.
     """
@@ -218,7 +221,7 @@ def train(
 
 
 def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context, device: torch.device, callbacks,
-           data: ImageData | None, teacher: Classifier | None) -> TrainResult:
+           data: ImageData | None, teacher: Classifier | str | os.PathLike | None) -> TrainResult:
     if cfg.sync_batchnorm and not (ctx.enabled and device.type == "cuda"):
         raise RRMError("--sync-batchnorm needs torchrun with several processes on CUDA; without it each rank "
                        "normalises with its own share of the batch (drop the flag)")
@@ -226,11 +229,11 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
     callbacks = callbacks if ctx.is_main else ()
     data = data if data is not None else load_dataset(cfg.dataset)
     if method_cls.needs_teacher or cfg.transplant:
-        if teacher is None:
-            if not cfg.teacher:
-                what = f"method {cfg.method!r}" if method_cls.needs_teacher else f"--transplant {cfg.transplant}"
-                raise RRMError(f"{what} needs a teacher; pass --teacher <model file or models:/ URI>")
-            teacher = load_teacher(cfg.teacher, device)
+        if teacher is None and not cfg.teacher:
+            what = f"method {cfg.method!r}" if method_cls.needs_teacher else f"--transplant {cfg.transplant}"
+            raise RRMError(f"{what} needs a teacher; pass --teacher <model file or models:/ URI>")
+        if not isinstance(teacher, torch.nn.Module):
+            teacher = load_teacher(teacher or cfg.teacher, device)
         teacher = teacher.to(device).eval()
         teacher.requires_grad_(False)
     method = method_cls(cfg, teacher if method_cls.needs_teacher else None)
