@@ -2,7 +2,15 @@
 
 from rrm.train.config import FEATURE_LOSSES, MATCH_INPUTS, PRECISIONS, SCHEDULES, TrainConfig
 from rrm.train.methods import (
-    METHODS, TRAINING_KNOBS, Knob, Method, get_method, knobs_of, may_teach, teacher_methods, tunable_methods,
+    METHODS,
+    TRAINING_KNOBS,
+    Knob,
+    Method,
+    get_method,
+    knobs_of,
+    may_teach,
+    teacher_methods,
+    tunable_methods,
 )
 from rrm.train.trainer import Callback, TrainResult, accuracy, load_teacher, resolve_device, train
 

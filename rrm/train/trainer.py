@@ -29,8 +29,8 @@ from rrm.models.transplant import transplant_stem
 from rrm.stats import epoch_time_stats
 from rrm.train import distributed
 from rrm.train.config import RUNTIME_OPTIONS, TrainConfig
-from rrm.train.methods import Method, get_method
 from rrm.train.flops import FlopCounter
+from rrm.train.methods import Method, get_method
 from rrm.train.overfitting import collapse_epoch
 
 CHECKPOINT_FORMAT = "rrm-checkpoint/1"
