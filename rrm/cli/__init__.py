@@ -86,4 +86,4 @@ def main() -> None:
     cli(prog_name="rrm")
 
 
-from rrm.cli import commands, teacher  # noqa: E402,F401  (registers the commands on `cli`)
+from rrm.cli import commands, probe, teacher  # noqa: E402,F401  (registers the commands on `cli`)
