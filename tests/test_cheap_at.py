@@ -144,3 +144,15 @@ def test_the_detector_watches_single_step_methods_only(tmp_path, digits):
     sat = train(TrainConfig(method="sat", attack_steps=2, out_dir=str(tmp_path / "sat"), **common), data=digits)
     assert 0 <= fast.history[0]["monitor_fgsm_accuracy"] <= 1
     assert "monitor_fgsm_accuracy" not in sat.history[0]
+
+
+def test_eps_warm_up_ramps_the_training_attack_linearly():
+    method = NFGSM(TrainConfig(method="n-fgsm", eps=0.3, eps_warmup_epochs=3))
+    seen = []
+    for epoch in range(5):
+        method.start_epoch(epoch)
+        seen.append(method.eps)
+    assert seen == pytest.approx([0.1, 0.2, 0.3, 0.3, 0.3])
+    assert method.step_size == pytest.approx(0.3) and method.noise_magnitude == pytest.approx(0.6)
+    with pytest.raises(RRMError, match="eps_warmup_epochs is an option of method"):
+        TrainConfig(method="rrm", eps_warmup_epochs=2).validate()

@@ -70,6 +70,8 @@ TRAIN = {
     "alpha": Spec("method", "kd, kdiga: weight of the distillation term."),
     "gamma": Spec("method", "kdiga: weight of input-gradient alignment."),
     "replays": Spec("method", "free: minibatch replays m."),
+    "eps_warmup_epochs": Spec("attack", "Adversarial methods: ramp the training eps linearly over these first epochs "
+                                        "(passes for free); 0: full eps from the start."),
     "match_layers": Spec("method", "rrm: stages matched, NAME or NAME:WEIGHT, comma-separated (stem, block1.., "
                                    "penultimate); a student stage of another shape is matched through an adapter."),
     "transplant": Spec("method", "Copy the teacher's first layer into the student before training (any method; "

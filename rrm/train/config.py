@@ -15,7 +15,8 @@ MATCH_INPUTS = ("clean", "noise", "teacher-fgsm", "teacher-pgd")
 # Options that only some methods read (Method.options), with the value that leaves them off: setting one for
 # another method is refused rather than silently ignored.
 SWITCHED_OFF = {"match_inputs": "clean", "match_layers": ("penultimate",), "kd_weight": 0.0, "iga_weight": 0.0, "noise_magnitude": None,
-                "project_to_eps": False, "grad_align_weight": 0.0}
+                "project_to_eps": False, "grad_align_weight": 0.0,
+                "eps_warmup_epochs": 0}
 # Options that change how a run executes, not what it computes: a resumed run or a tuning study may differ in them.
 RUNTIME_OPTIONS = ("resume", "progress", "device", "compile", "data_on_device")
 
@@ -47,6 +48,7 @@ class TrainConfig:
     attack_steps: int = 7
     random_start: bool = True
     replays: int = 8  # Free AT's minibatch replays m
+    eps_warmup_epochs: int = 0  # adversarial methods: ramp the training eps linearly over these first epochs
     noise_magnitude: float | None = None  # n-fgsm: radius of the uniform noise; None: 2 * eps (de Jorge et al.)
     project_to_eps: bool = False  # n-fgsm: project the perturbation back to the eps-ball (the paper does not)
     grad_align_weight: float = 0.0  # fast: weight of GradAlign's gradient-alignment term (0: off)
@@ -126,6 +128,7 @@ class TrainConfig:
         need(self.step_size is None or self.step_size > 0, f"step_size must be > 0, got {self.step_size}")
         need(self.attack_steps >= 1, f"attack_steps must be >= 1, got {self.attack_steps}")
         need(self.replays >= 1, f"replays must be >= 1, got {self.replays}")
+        need(self.eps_warmup_epochs >= 0, f"eps_warmup_epochs must be >= 0, got {self.eps_warmup_epochs}")
         need(self.lam > 0, f"lambda must be > 0 (got {self.lam}): with lambda <= 0 the last layer gets no gradient; "
                            "the paper's plateau is 5e-5 to 1e-2")
         if self.feature_loss not in FEATURE_LOSSES:

@@ -30,7 +30,7 @@ class AdversarialMethod(Method):
     """Train on attacks crafted against the model itself, with BatchNorm in eval mode while crafting."""
 
     adversarial = True
-    options = ("step_size", "attack_steps", "random_start")
+    options = ("step_size", "attack_steps", "random_start", "eps_warmup_epochs")
 
     def craft(self, model: Classifier, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -50,7 +50,7 @@ class SAT(AdversarialMethod):
 
     def craft(self, model, x, y):
         c = self.cfg
-        return pgd(model, x, y, norm=c.norm, eps=c.eps, step_size=self.step_size, steps=c.attack_steps,
+        return pgd(model, x, y, norm=c.norm, eps=self.eps, step_size=self.step_size, steps=c.attack_steps,
                    random_start=c.random_start)
 
 
@@ -72,21 +72,21 @@ class Fast(AdversarialMethod):
     name = "fast"
     default_schedule = "cyclic"
     single_step = True
-    options = ("step_size", "grad_align_weight")
+    options = ("step_size", "grad_align_weight", "eps_warmup_epochs")
 
     @property
     def step_size(self) -> float:
-        return self.cfg.step_size if self.cfg.step_size is not None else 1.25 * self.cfg.eps
+        return self.cfg.step_size if self.cfg.step_size is not None else 1.25 * self.eps
 
     def craft(self, model, x, y):
-        return fgsm(model, x, y, norm=self.cfg.norm, eps=self.cfg.eps, step_size=self.step_size, random_start=True)
+        return fgsm(model, x, y, norm=self.cfg.norm, eps=self.eps, step_size=self.step_size, random_start=True)
 
     def loss(self, model, x, y):
         terms = super().loss(model, x, y)
         if self.cfg.grad_align_weight:
             c = self.cfg
             clean_grad, _ = input_gradient(model, x, y, create_graph=False)
-            noisy = x + random_perturbation(x, c.norm, c.eps)
+            noisy = x + random_perturbation(x, c.norm, self.eps)
             noisy_grad, _ = input_gradient(model, noisy, y, create_graph=True)
             terms["grad_align"] = gradient_alignment(clean_grad, noisy_grad)
             terms["loss"] = terms["loss"] + c.grad_align_weight * terms["grad_align"]
@@ -100,19 +100,19 @@ class NFGSM(AdversarialMethod):
     name = "n-fgsm"
     default_schedule = "cyclic"
     single_step = True
-    options = ("step_size", "noise_magnitude", "project_to_eps")
+    options = ("step_size", "noise_magnitude", "project_to_eps", "eps_warmup_epochs")
 
     @property
     def step_size(self) -> float:
-        return self.cfg.step_size if self.cfg.step_size is not None else self.cfg.eps
+        return self.cfg.step_size if self.cfg.step_size is not None else self.eps
 
     @property
     def noise_magnitude(self) -> float:
-        return self.cfg.noise_magnitude if self.cfg.noise_magnitude is not None else 2 * self.cfg.eps
+        return self.cfg.noise_magnitude if self.cfg.noise_magnitude is not None else 2 * self.eps
 
     def craft(self, model, x, y):
         c = self.cfg
-        return n_fgsm(model, x, y, norm=c.norm, eps=c.eps, noise_magnitude=self.noise_magnitude,
+        return n_fgsm(model, x, y, norm=c.norm, eps=self.eps, noise_magnitude=self.noise_magnitude,
                       step_size=self.step_size, project_to_eps=c.project_to_eps)
 
 
@@ -127,7 +127,7 @@ class Free(Method):
     default_schedule = "cyclic"
     adversarial = True
     single_step = True
-    options = ("step_size", "replays")
+    options = ("step_size", "replays", "eps_warmup_epochs")
 
     def __init__(self, cfg: TrainConfig, teacher: Classifier | None = None):
         super().__init__(cfg, teacher)
@@ -136,7 +136,7 @@ class Free(Method):
 
     @property
     def step_size(self) -> float:
-        return self.cfg.step_size if self.cfg.step_size is not None else self.cfg.eps
+        return self.cfg.step_size if self.cfg.step_size is not None else self.eps
 
     def train_batch(self, model, x, y, step):
         c = self.cfg
@@ -147,7 +147,7 @@ class Free(Method):
             logits = model((x + delta).clamp(0, 1))
             loss = F.cross_entropy(logits.float(), y)
             step(loss)
-            new = project(delta.detach() + ascent_step(delta.grad, c.norm, self.step_size), c.norm, c.eps)
+            new = project(delta.detach() + ascent_step(delta.grad, c.norm, self.step_size), c.norm, self.eps)
             self.delta = (x + new).clamp(0, 1) - x
         return {"loss": loss, "logits": logits}
 

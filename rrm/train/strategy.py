@@ -69,6 +69,14 @@ class Method:
     def __init__(self, cfg: TrainConfig, teacher: Classifier | None = None):
         self.cfg = cfg
         self.teacher = teacher
+        self.eps = cfg.eps  # the radius of this epoch's training attacks (see start_epoch)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before each epoch (0-based; passes for free): ramps the training attacks' eps linearly to
+        ``cfg.eps`` over the first ``eps_warmup_epochs``, the usual cure for a model that stays at chance under a
+        large eps from the first step."""
+        warmup = self.cfg.eps_warmup_epochs
+        self.eps = self.cfg.eps * min(1.0, (epoch + 1) / warmup) if warmup else self.cfg.eps
 
     def check(self, data: ImageData, model: Classifier) -> None:
         """Reject data or a student this method cannot use, before any training."""
@@ -97,4 +105,4 @@ class Method:
     def step_size(self) -> float:
         """The attack step; by default Madry et al.'s 2.5 * eps / steps, which reaches the boundary from any start."""
         cfg = self.cfg
-        return cfg.step_size if cfg.step_size is not None else 2.5 * cfg.eps / cfg.attack_steps
+        return cfg.step_size if cfg.step_size is not None else 2.5 * self.eps / cfg.attack_steps

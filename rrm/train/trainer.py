@@ -314,6 +314,7 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
     for epoch in range(start, passes):
         if cfg.early_stop_on_co:
             before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        method.start_epoch(epoch)
         model.train()
         generator = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
         if ctx.enabled:  # attack starts differ between ranks and do not depend on where a run was resumed
