@@ -65,7 +65,10 @@ def key_values(pairs: tuple[str, ...] | Mapping, flag: str = "--option") -> dict
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise RRMError(f"{flag} takes KEY=VALUE, got {pair!r}")
-        value = yaml.safe_load(raw) if raw else ""
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:  # not YAML (a control character, "a: b"): the text as typed
+            value = raw
         if isinstance(value, str):  # YAML 1.1 reads 5e-3 as text
             with contextlib.suppress(ValueError):
                 value = float(value)
