@@ -95,6 +95,9 @@ class EvalConfig:
 
     def validate(self) -> "EvalConfig":
         """Raise :class:`RRMError` for any value out of range; returns self for chaining."""
+        from rrm.train.config import check_fields  # types and finite numbers, by the training config's rules
+
+        check_fields(self)
         check_threat(self.norm, self.eps)
         require(not isinstance(self.attacks, str),
                 f"attacks must be a list of names, got the string {self.attacks!r}")

@@ -9,6 +9,8 @@ interrupted run continues from its last save (at most ``save_every_s`` seconds o
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ from tqdm.auto import tqdm
 
 from rrm.data import ImageData, save_dataset, to_float
 from rrm.errors import RRMError
-from rrm.io import atomic_path
+from rrm.io import atomic_path, check_writable
 from rrm.models import Classifier
 
 
@@ -26,6 +28,36 @@ def _partners(n: int, seed: int) -> torch.Tensor:
     """For each index a random different index (a random non-zero cyclic offset per example)."""
     g = torch.Generator().manual_seed(seed)
     return (torch.arange(n) + torch.randint(1, n, (n,), generator=g)) % n
+
+
+def check_settings(steps: int, step_size: float, batch_size: int) -> None:
+    """Raise :class:`RRMError` unless the feature-matching budget is usable: whole steps and batches, a finite step."""
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise RRMError(f"robustify needs {name} to be a whole number >= 1, got {value!r}")
+    if isinstance(step_size, bool) or not isinstance(step_size, numbers.Real) or not (
+            math.isfinite(step_size) and step_size > 0):
+        raise RRMError(f"robustify needs step_size to be a finite number > 0, got {step_size!r}; Ilyas et al. "
+                       "use 0.1")
+
+
+def _resume(partial: Path, settings: dict, empty: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """``(images done, images)`` from the partial file of an interrupted run; ``(0, empty)`` if it was made with other
+    settings (it is then overwritten). A damaged file is an error that says to delete it."""
+    fix = f"delete {str(partial)!r} to start over (the work it holds is lost)"
+    try:
+        saved = torch.load(partial, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or foreign files raise many types
+        raise RRMError(f"the robustify resume file {str(partial)!r} is corrupt ({type(exc).__name__}); {fix}") from None
+    if not isinstance(saved, dict) or not {"settings", "done", "images"} <= set(saved):
+        raise RRMError(f"{str(partial)!r} is not a robustify resume file; {fix}")
+    if saved["settings"] != settings:
+        return 0, empty
+    done, images = saved["done"], saved["images"]
+    if not (isinstance(images, torch.Tensor) and images.shape == empty.shape and isinstance(done, int)
+            and 0 <= done <= len(images)):
+        raise RRMError(f"the robustify resume file {str(partial)!r} is damaged (it does not fit this dataset); {fix}")
+    return done, images.float()
 
 
 def match_features(
@@ -59,9 +91,7 @@ def robustify(
     save_every_s: float = 30.0,
 ) -> ImageData:
     """Write the robustified training split of ``data`` (test split unchanged) to ``out``; returns it."""
-    if steps < 1 or step_size <= 0 or batch_size < 1:
-        raise RRMError(f"robustify needs steps >= 1, step_size > 0, batch_size >= 1; got {steps}, {step_size}, "
-                       f"{batch_size}")
+    check_settings(steps, step_size, batch_size)
     if len(data.train_y) < 2:
         raise RRMError("robustify needs at least two training images")
     spec = teacher.spec
@@ -71,15 +101,14 @@ def robustify(
     teacher = teacher.to(device).eval()
     teacher.requires_grad_(False)
     out = Path(out)
+    check_writable(out)
     partial = out.with_name(out.name + ".partial.pt")
     settings = {"steps": steps, "step_size": step_size, "seed": seed, "from_digest": data.digest}
     n = len(data.train_y)
     result = torch.empty(data.train_x.shape, dtype=torch.float32)
     done = 0
     if partial.exists():
-        saved = torch.load(partial, map_location="cpu", weights_only=True)
-        if saved.get("settings") == settings:
-            done, result = saved["done"], saved["images"]
+        done, result = _resume(partial, settings, result)
     partners = _partners(n, seed)
     last_save = time.monotonic()
     bar = tqdm(total=n, initial=done, desc="robustify", unit="img", disable=None if progress is None else not progress)

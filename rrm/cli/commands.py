@@ -8,10 +8,15 @@ from pathlib import Path
 
 import click
 import cloup
+from click.core import ParameterSource
 
 from rrm import jobs
 from rrm.cli import cli
-from rrm.cli.options import Spec, config_options, from_params, key_value_option, key_values, tracking_options
+from rrm.cli.options import (
+    KEY_ALIASES, Spec, config_options, from_params, key_value_option, key_values, tracking_options,
+)
+from rrm.errors import RRMError
+from rrm.io import check_writable
 from rrm.attacks import NORMS
 from rrm.evaluate import ATTACKS, TRANSFER_ATTACKS, EvalConfig
 from rrm.models import ARCHITECTURES
@@ -108,7 +113,10 @@ TRAIN = {
                                       "its memory)."),
     "sync_batchnorm": Spec("runtime", "Under torchrun on CUDA: BatchNorm statistics over the global batch."),
     "out_dir": Spec("runtime", "Directory for checkpoint.pt, model.pt and train_metrics.json."),
-    "resume": Spec("runtime", "Continue from the checkpoint in --out-dir."),
+    "resume": Spec("runtime", "Continue from the checkpoint in --out-dir; with no checkpoint there, an error (a typo "
+                              "in --out-dir must not silently start over: see --resume-or-start)."),
+    "resume_or_start": Spec("runtime", "Continue from the checkpoint in --out-dir when there is one, else start a new "
+                                       "run (reruns of a pipeline stage)."),
     "progress": Spec("runtime", "Progress bars. [default: when stderr is a terminal]"),
 }
 
@@ -128,7 +136,8 @@ def train(no_track: bool, experiment: str, run_name: str | None, **options) -> N
     """
     from rrm.train.distributed import is_main
 
-    cfg = TrainConfig.from_dict(options)
+    cfg = TrainConfig.from_dict(options).validate()
+    cfg.check_read(_typed(options))  # a flag typed for a method that ignores it
     result, run_id = jobs.train_job(cfg, jobs.Tracking(not no_track, experiment, run_name))
     if not is_main():
         return
@@ -138,6 +147,12 @@ def train(no_track: bool, experiment: str, run_name: str | None, **options) -> N
     click.echo(f"{cfg.method} {cfg.model} on {s['dataset']}: test accuracy {s['test_accuracy']:.4f}{robust}; "
                f"{s['epochs']} epochs, {s['epoch_seconds_mean']:.2f} +- {s['epoch_seconds_ci95']:.2f} s/epoch; "
                f"wrote {result.model_path}{run_line}")
+
+
+def _typed(names) -> list[str]:
+    """The options among ``names`` that the user typed on the command line (not defaults, not params-file values)."""
+    ctx = click.get_current_context()
+    return [name for name in names if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
 
 
 # ------------------------------------------------------------------------------------------------------- robustify
@@ -217,6 +232,8 @@ def evaluate(model: str | None, no_track: bool, experiment: str | None, **option
       rrm evaluate runs/rrm/model.pt --attacks apgd,transfer --transfer-from models:/rrm-teacher@champion
       rrm evaluate runs/teacher/model.pt --attacks art-apgd --n-examples 1000 --out reports/teacher.json
     """
+    if options["out"] is not None:
+        check_writable(options["out"])  # now, not after the attacks
     job = jobs.EvaluateJob(model=model, **{k: options.pop(k) for k in _JOB_FIELDS},
                            attack=EvalConfig.from_dict(options))
     done = jobs.evaluate_job(job, jobs.Tracking(not no_track, experiment))
@@ -262,6 +279,8 @@ TUNE = {
 # others share a name with a tuning option or change per trial.
 _TUNE_TRAIN = ("dataset", "model", "teacher", "norm", "eps", "epochs", "lr", "batch_size", "feature_loss",
                "feature_dim", "width", "device")
+# Training options the study sets for every trial itself (TuneConfig.trial_config): -o would be ignored.
+_TUNE_SETS = ("method", "out_dir", "resume", "resume_or_start", "progress", "monitor_examples", "monitor_steps")
 
 
 @cli.command()
@@ -294,12 +313,16 @@ def tune(ranges: tuple[str, ...], options: tuple[str, ...], no_track: bool, expe
     base = {k: values.pop(k) for k in _TUNE_TRAIN if values.get(k) is not None}
     for k in _TUNE_TRAIN:
         values.pop(k, None)
-    base.update(key_values(options))
+    fixed = key_values(options)
+    _check_tune_options(fixed)
+    base.update(fixed)
     base.setdefault("monitor_examples", 0)
     values = {k: v for k, v in values.items() if v is not None and v != ()}
     if ranges:
         values["ranges"] = {name: parse_range(bounds) for name, bounds in key_values(ranges, "--range").items()}
     cfg = TuneConfig(**values, train=TrainConfig.from_dict({**base, "method": values.get("method", "rrm")}))
+    cfg.train.check_read([KEY_ALIASES.get(k, k) for k in fixed])  # another method's option would be ignored
+    check_writable(cfg.directory, directory=True)
     result = jobs.tune_job(cfg, jobs.Tracking(not no_track, experiment), log=lambda line: click.echo(line, err=True))
     click.echo(f"study {result.study_name} in {result.storage}: {result.finished}/{cfg.n_trials} finished trials "
                f"({len(result.ran)} run now, {result.seconds:.0f} s)")
@@ -313,6 +336,17 @@ def tune(ranges: tuple[str, ...], options: tuple[str, ...], no_track: bool, expe
     click.echo(f"wrote {', '.join(str(p) for p in result.files.values())}")
     if result.parent_run_id:
         click.echo(f"MLflow run {result.parent_run_id} in experiment {experiment!r} ({jobs.tracking().tracking_uri()})")
+
+
+def _check_tune_options(fixed: dict) -> None:
+    """Refuse a ``-o KEY=VALUE`` of ``rrm tune`` that the study would not use as given."""
+    for key in fixed:
+        name = KEY_ALIASES.get(key, key)
+        if name in _TUNE_TRAIN:
+            raise RRMError(f"-o {key}=... of rrm tune: pass --{name.replace('_', '-')} instead (it has its own flag)")
+        if name in _TUNE_SETS:
+            raise RRMError(f"-o {key}=... of rrm tune: the study sets {key} for every trial, so the value would be "
+                           "ignored; drop it (--out-dir sets the study's directory)")
 
 
 # ---------------------------------------------------------------------------------------------------------- report
@@ -347,6 +381,7 @@ def report(track: bool, experiment: str, **options) -> None:
                  --out-dir reports/variants/eps0.3
     """
     cfg = jobs.ReportConfig(**{k: str(v) for k, v in options.items()})
+    check_writable(cfg.out_dir, directory=True)
     result = jobs.report_job(cfg, jobs.Tracking(track, experiment))
     out_dir = Path(cfg.out_dir)
     click.echo((out_dir / result["table"]).read_text().rstrip())

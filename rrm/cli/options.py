@@ -65,7 +65,10 @@ def key_values(pairs: tuple[str, ...] | Mapping, flag: str = "--option") -> dict
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise RRMError(f"{flag} takes KEY=VALUE, got {pair!r}")
-        value = yaml.safe_load(raw) if raw else ""
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:  # not YAML (a control character, "a: b"): the text as typed
+            value = raw
         if isinstance(value, str):  # YAML 1.1 reads 5e-3 as text
             with contextlib.suppress(ValueError):
                 value = float(value)
@@ -149,13 +152,61 @@ def tracking_options(experiment_help: str, *, run_name: bool = False, default_ex
     return {"tracking": options}
 
 
-def _from_file(ctx: click.Context, param: click.Parameter, value: object) -> object:
-    if param.multiple and isinstance(value, Mapping):  # KEY=VALUE options given as a mapping in the file
-        value = [f"{k}={json.dumps(v)}" for k, v in value.items()]
+def _from_file(ctx: click.Context, param: click.Parameter, value: object, where: str) -> object:
+    """A params-file value as the option's value. Its YAML type must be the option's: click would turn 1.5 or
+    ``true`` into the integer 1 and a list into its text, and the run would go on with something nobody wrote."""
+    if value is None:
+        if param.default is None and not param.required:
+            return None  # an empty key is the option's default
+        raise RRMError(f"{where} has no value; give it {_expected(param)}, or remove the key for the default")
+    if param.multiple:  # KEY=VALUE options: a mapping (or a list of KEY=VALUE texts)
+        if isinstance(value, Mapping):
+            value = [f"{k}={json.dumps(v)}" for k, v in value.items()]
+        elif not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise RRMError(f"{where} must be a mapping of KEY: VALUE, got {value!r}")
+    elif isinstance(param.type, ListOf):
+        items = value if isinstance(value, list) else [value]
+        if not (isinstance(value, str) or all(_is_a(param.type.item, v) for v in items)):
+            raise RRMError(f"{where} must be {_expected(param)}, got {value!r}")
+    elif not _is_a(param.type, value):
+        raise RRMError(f"{where} must be {_expected(param)}, got {value!r}")
     try:
         return param.type_cast_value(ctx, value)
     except click.BadParameter as exc:
-        raise RRMError(f"{param.name} in the params file: {exc.format_message()}") from None
+        raise RRMError(f"{where}: {exc.format_message()}") from None
+
+
+def _is_a(kind: object, value: object) -> bool:
+    """Whether a YAML value has the type of a click parameter type (or of a list item's type)."""
+    if kind is int or isinstance(kind, click.types.IntParamType):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float or isinstance(kind, click.types.FloatParamType):
+        if isinstance(value, str):  # YAML 1.1 reads 5e-3 as text
+            try:
+                float(value)
+            except ValueError:
+                return False
+            return True
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is bool or isinstance(kind, click.types.BoolParamType):
+        return isinstance(value, bool)
+    if kind is str or isinstance(kind, (click.types.StringParamType, click.Path)):
+        return isinstance(value, str)
+    return not isinstance(value, (dict, list))  # OneOf and the like check the value themselves
+
+
+def _expected(param: click.Parameter) -> str:
+    kind = param.type
+    if isinstance(kind, ListOf):
+        return f"a list of {({int: 'integers', float: 'numbers'}).get(kind.item, 'texts')}"
+    if isinstance(kind, OneOf):
+        return f"one of {', '.join(kind.choices)}"
+    for kinds, text in ((click.types.IntParamType, "an integer"), (click.types.FloatParamType, "a number"),
+                        (click.types.BoolParamType, "true or false"),
+                        ((click.types.StringParamType, click.Path), "text")):
+        if isinstance(kind, kinds):
+            return text
+    return "a value"
 
 
 def from_params(default_section: str) -> Callable:
@@ -174,7 +225,8 @@ def from_params(default_section: str) -> Callable:
                         raise unknown(f"key in section {section!r} of {str(params_file)!r}:", key,
                                       [SPELLED.get(n, n) for n in by_name])
                     if ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None):
-                        kwargs[name] = _from_file(ctx, by_name[name], value)
+                        where = f"{key} in section {section!r} of {str(params_file)!r}"
+                        kwargs[name] = _from_file(ctx, by_name[name], value, where)
             return command(**kwargs)
 
         return cloup.option_group(

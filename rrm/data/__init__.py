@@ -9,6 +9,7 @@ from pathlib import Path
 from rrm.data.core import AUGMENTATIONS, ImageData, augment_batch, batches, read_dataset, save_dataset, to_float
 from rrm.data.embedded import digits, mnist5k
 from rrm.errors import RRMError, unknown
+from rrm.io import check_writable
 
 
 def _folder_loader(name: str) -> Callable[..., ImageData]:
@@ -46,6 +47,9 @@ def load_dataset(name_or_path: str | os.PathLike, **options) -> ImageData:
             return DATASETS[key](**options)
         except TypeError as exc:
             raise RRMError(f"dataset {key!r} does not take these options: {exc}") from None
+        except ValueError as exc:  # a value the loader cannot use (test_size larger than the data, a text seed)
+            raise RRMError(f"dataset {key!r} cannot use the options {options}: "
+                           f"{(str(exc).splitlines() or [type(exc).__name__])[0]}; check -o") from None
     if Path(key).suffix == ".safetensors" or Path(key).is_file():
         if options:
             raise RRMError(f"options {sorted(options)} apply to named datasets, not to the prepared file {key!r}")
@@ -55,5 +59,6 @@ def load_dataset(name_or_path: str | os.PathLike, **options) -> ImageData:
 
 def prepare_dataset(name: str, out: str | os.PathLike, **options) -> tuple[ImageData, str]:
     """Load dataset ``name`` and write it to one versionable file; returns the data and its content digest."""
+    check_writable(out)  # before the loading, which may take minutes for folder datasets
     data = load_dataset(name, **options)
     return data, save_dataset(data, out)

@@ -23,6 +23,9 @@ from rrm.errors import RRMError, unknown
 from rrm.io import atomic_path
 
 DATASET_FORMAT = "rrm-dataset/1"
+# What a dataset file holds: these metadata keys (JSON-encoded where not plain text) and these tensors.
+_HEADER_KEYS = ("name", "classes", "augment", "mean", "std", "source")
+_TENSORS = ("train_x", "train_y", "test_x", "test_y")
 AUGMENTATIONS = ("none", "crop-flip", "crop")
 
 
@@ -124,7 +127,7 @@ def save_dataset(data: ImageData, path: str | os.PathLike) -> str:
         "augment": data.augment, "mean": json.dumps(list(data.mean)), "std": json.dumps(list(data.std)),
         "source": json.dumps(data.source, sort_keys=True), "digest": digest,
     }
-    tensors = {k: getattr(data, k).contiguous() for k in ("train_x", "train_y", "test_x", "test_y")}
+    tensors = {k: getattr(data, k).contiguous() for k in _TENSORS}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return digest
@@ -142,13 +145,23 @@ def read_dataset(path: str | os.PathLike, verify: bool = True) -> ImageData:
     except (SafetensorError, OSError, ValueError) as exc:
         raise RRMError(f"dataset file {str(path)!r} is corrupt ({exc}); re-create it with `rrm data prepare`") from None
     if meta.get("format") != DATASET_FORMAT:
-        raise RRMError(f"{str(path)!r} is not an rrm dataset file; write one with `rrm data prepare`")
-    data = ImageData(
-        name=meta["name"], classes=tuple(json.loads(meta["classes"])), augment=meta["augment"],
-        mean=tuple(json.loads(meta["mean"])), std=tuple(json.loads(meta["std"])), source=json.loads(meta["source"]),
-        **tensors,
-    )
-    if verify and data.digest != meta["digest"]:
+        raise RRMError(f"{str(path)!r} is not an rrm dataset file (its metadata header has no format "
+                       f"{DATASET_FORMAT!r}); write one with `rrm data prepare`")
+    missing = [key for key in (*_HEADER_KEYS, "digest") if key not in meta]
+    if missing or set(tensors) != set(_TENSORS):
+        what = (f"its metadata header lacks {', '.join(missing)}" if missing
+                else f"it holds tensors {sorted(tensors)}, not {list(_TENSORS)}")
+        raise RRMError(f"dataset file {str(path)!r} is damaged ({what}); re-create it with `rrm data prepare`")
+    try:
+        header = {key: json.loads(meta[key]) for key in ("classes", "mean", "std", "source")}
+        data = ImageData(name=meta["name"], classes=tuple(header["classes"]), augment=meta["augment"],
+                         mean=tuple(header["mean"]), std=tuple(header["std"]), source=dict(header["source"]),
+                         **tensors)
+        digest = data.digest if verify else None
+    except (ValueError, TypeError) as exc:  # a header value that is not JSON, or JSON of the wrong shape
+        raise RRMError(f"dataset file {str(path)!r} is damaged ({type(exc).__name__} reading its metadata header: "
+                       f"{(str(exc).splitlines() or [''])[0]}); re-create it with `rrm data prepare`") from None
+    if verify and digest != meta["digest"]:
         raise RRMError(f"dataset file {str(path)!r} does not match its digest (modified or damaged); "
                        "re-create it with `rrm data prepare`")
     return data

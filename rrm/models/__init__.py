@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,8 +37,8 @@ def build_model(
         raise RRMError(f"num_classes must be >= 2, got {num_classes}")
     if feature_dim is not None and feature_dim < 1:
         raise RRMError(f"feature_dim must be a positive integer, got {feature_dim}; leave it unset to keep the penultimate size")
-    if width <= 0:
-        raise RRMError(f"width must be > 0, got {width}")
+    if not (math.isfinite(width) and width > 0):
+        raise RRMError(f"width must be a finite number > 0, got {width}; 1.0 is the architecture's own width")
     if width != 1.0 and name not in WIDTH_SCALABLE:
         raise RRMError(f"model {name!r} has a fixed width; drop --width or choose one of {', '.join(sorted(WIDTH_SCALABLE))}")
     if image_size < 4:

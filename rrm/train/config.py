@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+import types
+import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from rrm.errors import RRMError, unknown
@@ -18,7 +22,9 @@ SWITCHED_OFF = {"match_inputs": "clean", "match_layers": ("penultimate",), "kd_w
                 "project_to_eps": False, "grad_align_weight": 0.0,
                 "eps_warmup_epochs": 0}
 # Options that change how a run executes, not what it computes: a resumed run or a tuning study may differ in them.
-RUNTIME_OPTIONS = ("resume", "progress", "device", "compile", "data_on_device")
+RUNTIME_OPTIONS = ("resume", "resume_or_start", "progress", "device", "compile", "data_on_device")
+# Field names users know by another name (the paper's), in messages.
+SPELLED = {"lam": "lambda"}
 
 
 @dataclass
@@ -82,7 +88,8 @@ class TrainConfig:
     monitor_examples: int = 256  # test examples attacked after each epoch (0 turns the monitor off)
     monitor_steps: int = 10  # PGD steps of the per-epoch monitor
     out_dir: str = "runs/train"
-    resume: bool = False
+    resume: bool = False  # continue from the checkpoint in out_dir; an error when there is none
+    resume_or_start: bool = False  # continue from the checkpoint in out_dir when there is one, else start afresh
     progress: bool | None = None  # None: progress bars only when stderr is a terminal
 
     def replace(self, **changes) -> "TrainConfig":
@@ -115,6 +122,7 @@ class TrainConfig:
             if not ok:
                 raise RRMError(message)
 
+        check_fields(self)
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
@@ -163,14 +171,26 @@ class TrainConfig:
 
     def _check_method_options(self) -> None:
         """Refuse an option switched on for a method that does not read it (see ``Method.options``)."""
+        self.check_read(SWITCHED_OFF)
+
+    def check_read(self, names: Iterable[str]) -> None:
+        """Refuse any of the options ``names`` that is set away from its default (its "off" value in
+        ``SWITCHED_OFF``) for a method that does not read it: another method's option would be silently ignored.
+
+        :meth:`validate` checks the options that switch something on; the command line checks every option the user
+        named (a flag, or ``-o`` of ``rrm tune``). A params-file section may share a method option among methods
+        through a YAML anchor (``attack_steps`` of every student), so other params-file keys are not refused.
+        """
         from rrm.train.methods import METHODS, get_method  # the methods import this module
 
         if self.method not in METHODS:
             return  # the trainer names the unknown method
         method = get_method(self.method)
-        changed = [name for name, off in SWITCHED_OFF.items()
-                   if _as_tuple(getattr(self, name)) != off and name not in method.options]
-        if self.early_stop_on_co and not method.single_step:
+        owned = {name for cls in METHODS.values() for name in cls.options}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        changed = [name for name in dict.fromkeys(names) if name in owned and name not in method.options
+                   and _as_tuple(getattr(self, name)) != SWITCHED_OFF.get(name, defaults[name])]
+        if "early_stop_on_co" in names and self.early_stop_on_co and not method.single_step:
             changed.append("early_stop_on_co")
         if not changed:
             return
@@ -178,10 +198,63 @@ class TrainConfig:
                          if name in cls.options or (name == "early_stop_on_co" and cls.single_step)},
                         key=list(METHODS).index)
         one = len(changed) == 1
-        raise RRMError(f"{', '.join(changed)} {'is an option' if one else 'are options'} of method "
+        raise RRMError(f"{', '.join(SPELLED.get(c, c) for c in changed)} {'is an option' if one else 'are options'} "
+                       "of method "
                        f"{' or '.join(repr(m) for m in owners)}, not {self.method!r}; use --method {owners[0]}, or "
                        f"leave {'it' if one else 'them'} at the default")
 
 
 def _as_tuple(value: object) -> object:
     return tuple(value) if isinstance(value, list) else value
+
+
+def check_fields(config: object) -> None:
+    """Raise :class:`RRMError` for a field of the dataclass ``config`` whose value does not have the field's type, or
+    is a float that is nan or infinite (no option of rrm means anything at nan or infinity).
+
+    Library callers and ``-o KEY=VALUE`` pass values that no command-line parser has typed; a wrong type would
+    otherwise fail deep inside training, or be silently coerced.
+    """
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), hints[f.name]
+        name = SPELLED.get(f.name, f.name)
+        if not _conforms(value, kind):
+            raise RRMError(f"{name} must be {_describe(kind)}, got {value!r}")
+        items = value if isinstance(value, (tuple, list)) else [value]
+        if any(isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral) and not math.isfinite(v)
+               for v in items):
+            raise RRMError(f"{name} must be a finite number, got {value!r}; pass a finite value")
+
+
+def _conforms(value: object, kind: object) -> bool:
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        return any(_conforms(value, arm) for arm in typing.get_args(kind))
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    if typing.get_origin(kind) is tuple:
+        item = typing.get_args(kind)[0]
+        return isinstance(value, (tuple, list)) and all(_conforms(v, item) for v in value)
+    if typing.get_origin(kind) is dict or kind is dict:
+        return isinstance(value, dict)
+    return not isinstance(kind, type) or isinstance(value, kind)
+
+
+def _describe(kind: object) -> str:
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        arms = [arm for arm in typing.get_args(kind) if arm is not type(None)]
+        described = " or ".join(_describe(arm) for arm in arms)
+        return f"{described} (or unset)" if len(arms) < len(typing.get_args(kind)) else described
+    if typing.get_origin(kind) is tuple:
+        item = _describe(typing.get_args(kind)[0]).removeprefix("a ").removeprefix("an ")
+        return f"a list of {item if item == 'text' else item + 's'}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "text", dict: "a mapping"}.get(
+        kind, f"a {getattr(kind, '__name__', kind)}")

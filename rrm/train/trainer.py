@@ -10,6 +10,7 @@ import contextlib
 import math
 import os
 import random
+import shutil
 import time
 from bisect import bisect_right
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from rrm.attacks import pgd
 from rrm.data import ImageData, batches, load_dataset
 from rrm.errors import RRMError
-from rrm.io import atomic_path, write_json
+from rrm.io import atomic_path, check_writable, ensure_dir, missing_parents, write_json
 from rrm.metrics import accuracy
 from rrm.models import Classifier, build_model, load_model, save_model
 from rrm.models.transplant import transplant_stem
@@ -213,15 +214,67 @@ def train(
     """
     cfg.validate()
     method_cls = get_method(cfg.method)  # an unknown method fails before any process group is joined
+    out_dir = Path(cfg.out_dir)
+    if cfg.resume and not cfg.resume_or_start and not (out_dir / CHECKPOINT).is_file():
+        raise RRMError(f"--resume: there is no checkpoint in {str(out_dir)!r} to resume; drop --resume to start a new "
+                       "run there, or pass --resume-or-start to resume when there is one and start afresh otherwise")
+    check_writable(out_dir, directory=True)  # creates nothing: the directory is made once training starts
     ctx, device = distributed.setup(resolve_device(cfg.device), cfg.batch_size)
+    output = _RunOutput(out_dir, ctx.is_main)
     try:
-        return _train(cfg, method_cls, ctx, device, callbacks, data, teacher)
+        return _train(cfg, method_cls, ctx, device, callbacks, data, teacher, output)
+    except BaseException as exc:
+        kept = output.clean_up()
+        if kept and isinstance(exc, RRMError):
+            raise RRMError(f"{exc}; {kept}") from None
+        raise
     finally:
         distributed.teardown(ctx)
 
 
+class _RunOutput:
+    """The run directory: made when training starts; a run that fails keeps its last good checkpoint, or else
+    leaves the file system as it found it (the directories it made are removed)."""
+
+    def __init__(self, path: Path, main: bool):
+        self.path, self.main = path, main
+        self.made: list[Path] = []  # directories this run created, innermost first
+        self.written: list[str] = []  # files of a good epoch (or of the finished run) that this run wrote
+        self.epoch = 0  # the epoch of the checkpoint on disk: saved by this run, or resumed from
+        self.opened = False
+
+    def open(self, resumed_epoch: int) -> None:
+        self.epoch, self.opened = resumed_epoch, True
+        if self.main:
+            self.made = missing_parents(self.path)
+            ensure_dir(self.path)
+
+    def wrote(self, name: str, epoch: int | None = None) -> None:
+        self.written = list(dict.fromkeys([*self.written, name]))
+        self.epoch = epoch if epoch is not None else self.epoch
+
+    def clean_up(self) -> str | None:
+        """Undo what a failed run left; returns what it kept and why (None if it never got to the directory)."""
+        if not (self.main and self.opened):
+            return None
+        if self.epoch:
+            names = self.written or [CHECKPOINT]
+            return (f"kept {', '.join(names)} in {str(self.path)!r} (epoch {self.epoch}, the last good one; --resume "
+                    "continues from it)")
+        removed = None
+        with contextlib.suppress(OSError):  # never raise over the run's own error
+            for made in self.made:  # innermost first; only directories this run created, and only if now empty
+                if made == self.path:
+                    shutil.rmtree(made)
+                else:
+                    made.rmdir()
+                removed = made
+        where = f"; removed {str(removed)!r}, which this run had created" if removed is not None else ""
+        return f"kept nothing (no epoch finished){where}"
+
+
 def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context, device: torch.device, callbacks,
-           data: ImageData | None, teacher: Classifier | str | os.PathLike | None) -> TrainResult:
+           data: ImageData | None, teacher: Classifier | str | os.PathLike | None, output: _RunOutput) -> TrainResult:
     if cfg.sync_batchnorm and not (ctx.enabled and device.type == "cuda"):
         raise RRMError("--sync-batchnorm needs torchrun with several processes on CUDA; without it each rank "
                        "normalises with its own share of the batch (drop the flag)")
@@ -273,12 +326,11 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
 
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output.path
     checkpoint_path = out_dir / CHECKPOINT
     history: list[dict] = []
     start = 0
-    if cfg.resume and checkpoint_path.exists():
+    if (cfg.resume or cfg.resume_or_start) and checkpoint_path.exists():
         state = _load_checkpoint(checkpoint_path, cfg)
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
@@ -305,6 +357,7 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
 
     for cb in callbacks:
         cb.on_train_start(cfg, data, model)
+    output.open(start)  # after the callbacks started: an unreachable tracking server leaves no empty directory
 
     watch_co = method.single_step and cfg.monitor_examples > 0
     flops_per_image = None
@@ -360,7 +413,7 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
         metrics = {key: float(value) / float(seen) for key, value in sums.items()}
         if not math.isfinite(metrics["loss"]):
             raise RRMError(f"the training loss became {metrics['loss']} in epoch {epoch + 1} of {cfg.method!r}; "
-                           "lower --lr, or use --precision fp32; the last good checkpoint is kept")
+                           "lower --lr, or use --precision fp32")
         metrics = {
             "epoch": epoch + 1,
             "paper_epochs": (epoch + 1) * method.epochs_per_pass,
@@ -388,6 +441,7 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
             metrics["early_stopped"] = True
         if ctx.is_main:
             _save_checkpoint(checkpoint_path, model, method, optimizer, scheduler, scaler, epoch + 1, history, cfg)
+            output.wrote(CHECKPOINT, epoch + 1)
         for cb in callbacks:
             cb.on_epoch_end(epoch + 1, metrics)
         if metrics.get("early_stopped"):
@@ -408,7 +462,9 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
     }
     if ctx.is_main:
         save_model(model, out_dir / MODEL, meta)
+        output.wrote(MODEL)
         write_json(out_dir / METRICS, summary)
+        output.wrote(METRICS)
     result = TrainResult(model=model, config=cfg, history=history, summary=summary, out_dir=out_dir, data=data)
     for cb in callbacks:
         cb.on_train_end(result)

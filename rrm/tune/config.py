@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rrm.errors import RRMError, require, unknown
 from rrm.train import TrainConfig, knobs_of, tunable_methods
-from rrm.train.config import RUNTIME_OPTIONS
+from rrm.train.config import RUNTIME_OPTIONS, check_fields
 from rrm.train.methods import get_method
 
 MODES = ("pareto", "constrained")
@@ -87,6 +87,8 @@ class TuneConfig:
 
     def validate(self) -> "TuneConfig":
         """Raise :class:`RRMError` naming the bad value and the fix; returns self for chaining."""
+        check_fields(self)
+        check_fields(self.train)  # before the ranges, whose checks validate the training config with each bound
         if self.method not in tunable_methods():
             raise unknown("tuning method", self.method, tunable_methods())
         if self.mode not in MODES:
@@ -99,6 +101,13 @@ class TuneConfig:
                 raise unknown(f"parameter to tune for {self.method!r}", name, knobs_of(self.method))
         for name in self.tuned:
             self._check_range(name)
+        defaults = TrainConfig()
+        for name in self.tuned:  # each trial sets a tuned knob's field: a fixed value of it would be ignored
+            knob_field = knobs_of(self.method)[name].field
+            fixed = getattr(self.train, knob_field)
+            require(fixed == getattr(defaults, knob_field),
+                    f"{name} is tuned in {list(self.range_of(name))}, so its fixed value {fixed} would be ignored; "
+                    f"drop the fixed {name}, or stop tuning it")
         require(0 <= self.min_natural_accuracy < 1,
                 f"min_natural_accuracy must be in [0, 1), got {self.min_natural_accuracy}")
         require(self.mode == "constrained" or self.pruner_name == "none",
