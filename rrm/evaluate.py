@@ -38,7 +38,7 @@ from rrm.data import ImageData
 from rrm.errors import RRMError, require, unknown
 from rrm.metrics import Attack, accuracy, device_of
 from rrm.models import Classifier, load_model
-from rrm.results import EvalResult
+from rrm.results import EvalResult, spec_record
 
 ATTACKS = ("apgd", "art-apgd", "pgd", "fgsm", "transfer")
 TRANSFER_ATTACKS = ("apgd", "pgd")
@@ -288,13 +288,20 @@ def evaluate(
     *,
     transfer_from: nn.Module | None = None,
     progress: bool | None = None,
+    model_sha256: str | None = None,
 ) -> EvalResult:
     """Natural accuracy, adversarial accuracy per attack and the sanity checks.
 
     The models are evaluated in eval mode with frozen parameters; their mode, ``requires_grad`` and ``.grad`` are
-    restored afterwards. ``progress=None`` shows bars only on a terminal. ``sanity_passed`` is True when every check
-    that ran passed; ``sanity.enabled`` says whether the gradient-masking checks ran (they need eps > 0), while the
-    constraint check covers every attack that ran either way.
+    restored afterwards. ``progress=None`` shows bars only on a terminal. ``sanity.enabled`` says whether the
+    gradient-masking checks ran (they need eps > 0), while the constraint check covers every attack that ran either
+    way. ``sanity_passed`` is True when the masking checks ran and every check passed, False when any check that ran
+    failed, and None (not run) when the masking checks did not run: a result never reads as passed for checks it
+    skipped.
+
+    The result is bound to what it measured: ``model_sha256`` (the sha256 of the file ``model`` was loaded from,
+    :func:`rrm.io.sha256_file`; the caller knows the file), the model's architecture spec, and the data's digest and
+    split. Registration and the report check them (:meth:`rrm.results.EvalResult.binding_problems`).
     """
     config.validate()
     check_compatible(model, data)
@@ -335,11 +342,15 @@ def evaluate(
             seconds["sanity"] = time.perf_counter() - start
     if math.isfinite(constraint.excess):
         sanity["constraint"] = constraint.result()
+    passed = all(c["passed"] for c in sanity.values() if isinstance(c, dict))
     return EvalResult(
-        dataset=data.name, norm=config.norm, eps=config.eps, n_examples=n, n_test=n_test,
+        dataset=data.name, dataset_digest=data.digest,
+        split="validation" if "validation_of" in data.source else "test",
+        model_sha256=model_sha256, model_spec=spec_record(model.spec),
+        norm=config.norm, eps=config.eps, n_examples=n, n_test=n_test,
         natural_accuracy=natural, natural_accuracy_attacked=natural_attacked,
         adversarial_accuracy=adversarial, attack_settings=settings, seconds=seconds,
-        sanity_passed=all(c["passed"] for c in sanity.values() if isinstance(c, dict)), sanity=sanity,
+        sanity_passed=passed if sanity["enabled"] or not passed else None, sanity=sanity,
         seed=config.seed, art_version=importlib.metadata.version("adversarial-robustness-toolbox"),
         torch_version=torch.__version__,
     )

@@ -152,6 +152,7 @@ def evaluate_job(job: EvaluateJob, track: Tracking = Tracking(experiment=None)) 
     """Attack ``job.model``, write its metrics JSON and record the evaluation, linked to the training run."""
     from rrm.data import load_dataset
     from rrm.evaluate import evaluate, load_for_evaluation
+    from rrm.io import sha256_file
     from rrm.train import resolve_device
 
     require(job.model, "MODEL (a model file or models:/NAME@ALIAS)")
@@ -168,10 +169,11 @@ def evaluate_job(job: EvaluateJob, track: Tracking = Tracking(experiment=None)) 
         require(dataset, "--dataset (the model file does not say what it was trained on)")
         data = load_dataset(dataset)
         source = load_model_ref(job.transfer_from, device) if job.transfer_from else None
-        result = evaluate(net, data, attack, transfer_from=source, progress=job.progress)
+        result = evaluate(net, data, attack, transfer_from=source, progress=job.progress,
+                          model_sha256=sha256_file(path))
         out = Path(job.out) if job.out else path.with_name("eval_metrics.json")
         result.write(out)
-        run_id = store.log_evaluation(result.to_json(), model_path=path, train_run_id=job.train_run_id,
+        run_id = store.log_evaluation(result, model_path=path, train_run_id=job.train_run_id,
                                       experiment=track.experiment, metrics_path=out) if track.enabled else None
     return Evaluation(result, out, run_id)
 

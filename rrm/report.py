@@ -18,6 +18,11 @@ against training time).
 
 The adversarial column is IBM ART's AutoPGD (``art-apgd``, the paper's reference) where the evaluation ran it,
 else the native APGD-CE (``apgd``); the ``attack`` column says which.
+
+Each evaluation must be of the model beside its training metrics (``model.pt``): one whose ``model_sha256`` differs
+from that file's is refused with a one-line error. An evaluation that records no ``model_sha256`` (written by hand,
+or by rrm before evaluations were bound to their model) is read, with ``evaluation_bound`` false in its row and a
+note under the table naming it; so is any evaluation whose model file is absent (not pulled from DVC).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import os
 from pathlib import Path
 
 from rrm.errors import RRMError
+from rrm.io import sha256_file
 from rrm.results import EvalResult
 from rrm.stats import mean_ci
 from rrm.train.methods import METHODS
@@ -92,10 +98,23 @@ def _pct(value: float | None) -> float | None:
     return None if value is None else 100 * float(value)
 
 
+def _bound(evaluation: EvalResult, eval_path: Path, model_path: Path) -> bool:
+    """Whether the evaluation was checked to measure ``model_path``: False when it names no model file or that file
+    is absent; an :class:`RRMError` when it names another file."""
+    if evaluation.model_sha256 is None or not model_path.is_file():
+        return False
+    problems = evaluation.binding_problems(model_sha256=sha256_file(model_path))
+    if problems:
+        raise RRMError(f"evaluation metrics {str(eval_path)!r} are not of {str(model_path)!r}: {problems[0]}; "
+                       f"evaluate that model again (dvc repro, or `rrm evaluate {model_path} --out {eval_path}`)")
+    return True
+
+
 def _row(name: str, train_path: Path, eval_path: Path) -> dict:
     """One run: ``name`` is its directory (``rrm-teacher-pgd``), ``method`` what it trained with (``rrm``)."""
     train = _read_json(train_path, "training metrics")
     evaluation = EvalResult.read(eval_path)
+    bound = _bound(evaluation, eval_path, train_path.with_name("model.pt"))
     adversarial, attack = _adversarial(evaluation)
     return {
         "name": name,
@@ -111,6 +130,7 @@ def _row(name: str, train_path: Path, eval_path: Path) -> dict:
         "attack": attack,
         "transfer_pct": _pct(evaluation.adversarial_accuracy.get("transfer")),
         "sanity_passed": evaluation.sanity_passed,
+        "evaluation_bound": bound,
     }
 
 
@@ -169,7 +189,8 @@ def over_seeds(per_seed: list[list[dict]]) -> list[dict]:
         first = runs[0]
         row = {"name": first["name"], "method": first["method"], "model": first["model"], "seeds": len(runs),
                "attack": ",".join(sorted({r["attack"] for r in runs})),
-               "sanity_passed": all(r["sanity_passed"] is True for r in runs)}
+               "sanity_passed": all(r["sanity_passed"] is True for r in runs),
+               "evaluation_bound": all(r["evaluation_bound"] for r in runs)}
         for key in SEED_MEANS:
             values = [r[key] for r in runs]
             mean, ci = mean_ci(values) if None not in values else (None, None)
@@ -273,6 +294,15 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return num / den if num is not None and den else None
 
 
+def _unbound_note(rows: list[dict]) -> list[str]:
+    names = [r["name"] for r in rows if not r["evaluation_bound"]]
+    if not names:
+        return []
+    return [f"Not checked against their model file (the evaluation names none, as files written by hand or by rrm "
+            f"before evaluations recorded the model's sha256 do, or the model.pt is absent): {', '.join(names)}; "
+            "evaluate them again (dvc repro) to check them."]
+
+
 def _fmt(value: object, digits: int = 2) -> str:
     if value is None:
         return "-"
@@ -309,6 +339,7 @@ def table1(report: dict) -> str:
     notes = ["adversarial %: ART AutoPGD (`art-apgd`) where evaluated, else native APGD-CE (`apgd`); the attack "
              "column says which.", "speedup incl. teacher adds the teacher's training time to rdt, kd, kdiga and "
              "rrm (robustification time not included)."]
+    notes += _unbound_note(([report["teacher"]] if report["teacher"] else []) + report["students"])
     return _markdown("Table 1: training cost and robustness per method", header, rows, notes)
 
 
@@ -346,6 +377,8 @@ def seeds_table(report: dict) -> str:
              f"Teacher: {t['method']} {t['model']}, natural {t['natural_pct']:.1f}%, adversarial "
              f"{_fmt(t['adversarial_pct'], 1)}% ({t['attack']}), {t['total_minutes']:.2f} min, checks "
              f"{'passed' if t['sanity_passed'] else '**FAILED**'}." if t else "No teacher run found.", ""]
+    unbound = _unbound_note(([t] if t else []) + report["students"])
+    notes += [*unbound, ""] if unbound else []
     goal = report["target"]
     notes += [f"Issue 8's target: {goal['rule']}.", ""]
     if goal["sat"] is None:

@@ -4,6 +4,10 @@
 nested scalars and :meth:`EvalResult.to_json` of a fresh evaluation is exactly the dict that was written before the
 type existed. Every field but the two accuracies is optional: hand-written or older files hold fewer keys, and keys
 this version does not know are kept (``extra``) so that a file read and written again is unchanged.
+
+An evaluation is bound to what it measured: the model file's sha256 and architecture, and the dataset's digest and
+split. :meth:`EvalResult.binding_problems` says where it does not match a given model; registration
+(:mod:`rrm.tracking.registry`) and the report (:mod:`rrm.report`) refuse such a result.
 """
 
 from __future__ import annotations
@@ -23,6 +27,19 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def spec_record(spec: Mapping) -> dict:
+    """What an evaluation records of a model's architecture spec: its scalar entries (name, classes, input channels
+    and size, width, feature size). The per-channel normalisation is left out, as lists would break the metrics
+    file's flat scalars; the model file's sha256 covers it."""
+    return {k: v for k, v in spec.items() if isinstance(v, (str, int, float)) and not isinstance(v, bool)}
+
+
+def _describe(spec: Mapping) -> str:
+    side = spec.get("image_size", "?")
+    return (f"{spec.get('name', '?')} on {spec.get('in_channels', '?')}x{side}x{side} images, "
+            f"{spec.get('num_classes', '?')} classes")
+
+
 @dataclass
 class EvalResult:
     """Natural and per-attack adversarial accuracy of one model, with what ran and the gradient-masking checks."""
@@ -30,6 +47,10 @@ class EvalResult:
     natural_accuracy: float  # on the whole test split
     adversarial_accuracy: dict[str, float]  # attack name -> accuracy on the first n_examples test images
     dataset: str | None = None
+    dataset_digest: str | None = None  # ImageData.digest of the data evaluated on
+    split: str | None = None  # the split attacked: "test", or "validation" for a tuning split
+    model_sha256: str | None = None  # sha256 of the model file evaluated (rrm.io.sha256_file)
+    model_spec: dict | None = None  # spec_record of the model's architecture spec
     norm: str | None = None
     eps: float | None = None
     n_examples: int | None = None  # test images attacked
@@ -37,7 +58,9 @@ class EvalResult:
     natural_accuracy_attacked: float | None = None  # natural accuracy on the attacked images
     attack_settings: dict[str, dict] | None = None  # attack name -> the settings that ran
     seconds: dict[str, float] | None = None  # "natural", each attack and "sanity" -> wall-clock seconds
-    sanity_passed: bool | None = None  # every check that ran passed (the constraint check runs with every attack)
+    # True: the gradient-masking checks ran and every check passed; False: a check that ran failed (the constraint
+    # check runs with every attack); None: the masking checks did not run (older files wrote true for that)
+    sanity_passed: bool | None = None
     sanity: dict | None = None  # "enabled" and each check with its numbers (see rrm.evaluate)
     seed: int | None = None
     art_version: str | None = None
@@ -65,10 +88,52 @@ class EvalResult:
             return None
         return self.sanity_passed
 
+    @property
+    def sanity_status(self) -> str:
+        """The checks in a word: "passed" only when the masking checks ran and every check passed, "FAILED" when a
+        check that ran failed, else "not run"."""
+        if self.sanity_passed is False:
+            return "FAILED"
+        return "passed" if self.masking_checks_passed else "not run"
+
+    def binding_problems(self, *, model_sha256: str | None = None, model_spec: Mapping | None = None,
+                         dataset_digest: str | None = None) -> list[str]:
+        """Why this result is not an evaluation, on the test split, of the model file with ``model_sha256`` and
+        ``model_spec`` trained on the data with ``dataset_digest``: one phrase each, empty when it is. An argument
+        left None is not checked; a result that does not record what an argument checks is a problem."""
+        problems = []
+        if model_sha256 is not None:
+            if self.model_sha256 is None:
+                problems.append("its evaluation names no model file (no model_sha256: written by hand or by an older "
+                                "rrm)")
+            elif self.model_sha256 != model_sha256:
+                problems.append(f"its evaluation measured another model file (sha256 {self.model_sha256[:12]}, this "
+                                f"one is {model_sha256[:12]})")
+        if model_spec is not None:
+            want = spec_record(model_spec)
+            if self.model_spec is None:
+                problems.append("its evaluation names no model architecture (no model_spec)")
+            elif self.model_spec != want:
+                problems.append(f"its evaluation measured another architecture ({_describe(self.model_spec)}; "
+                                f"this model: {_describe(want)})")
+        if dataset_digest is not None:
+            if self.dataset_digest is None:
+                problems.append("its evaluation names no dataset digest")
+            elif self.dataset_digest != dataset_digest:
+                problems.append(f"its evaluation ran on dataset {self.dataset or '?'!r} with digest "
+                                f"{self.dataset_digest[:12]}, not on the training data (digest {dataset_digest[:12]})")
+            if self.split != "test":
+                problems.append(f"its evaluation ran on the {self.split or 'unrecorded'} split, not the test split")
+        return problems
+
     def to_json(self) -> dict:
-        """The metrics file's content: a dict of JSON values, without the fields the result does not hold."""
+        """The metrics file's content: a dict of JSON values, without the fields the result does not hold.
+
+        ``sanity_passed`` is written even when None (``null``: the masking checks did not run) wherever ``sanity``
+        says what ran, so that a file never reads as passed by leaving the key out."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        return {**self.extra, **{k: v for k, v in values.items() if v is not None}}
+        kept = {k: v for k, v in values.items() if v is not None or (k == "sanity_passed" and self.sanity is not None)}
+        return {**self.extra, **kept}
 
     @classmethod
     def from_json(cls, values: Mapping, source: str = "the evaluation") -> EvalResult:

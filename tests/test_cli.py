@@ -123,7 +123,10 @@ def test_teacher_flow_through_the_command_line(project):
     metrics = json.loads((project / "runs" / "teacher" / "eval_metrics.json").read_text())
     assert set(metrics["adversarial_accuracy"]) == {"apgd", "fgsm"}
 
-    result = rrm("teacher", "register", train_run)  # finds the evaluation run linked to the training run
+    # It finds the evaluation run linked to the training run; its masking checks did not run (--no-sanity), so
+    # registration needs --force.
+    assert_one_line_error(rrm("teacher", "register", train_run), "sanity checks did not run")
+    result = rrm("teacher", "register", train_run, "--force")
     assert result.exit_code == 0, result.output
     assert "registered models:/rrm-teacher/1" in result.output
     assert rrm("teacher", "promote", "1", "champion").exit_code == 0

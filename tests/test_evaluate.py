@@ -16,7 +16,7 @@ from rrm.errors import RRMError
 from rrm.evaluate import EvalConfig, apgd_accuracy, evaluate, load_for_evaluation
 from rrm.metrics import accuracy
 from rrm.models import save_model
-from rrm.results import EvalResult
+from rrm.results import EvalResult, spec_record
 from rrm.stats import epoch_time_stats
 
 # Native APGD and ART's AutoPGD are the same algorithm but not the same code: ART keeps only each restart's last
@@ -77,7 +77,7 @@ def test_native_apgd_agrees_with_art(trained, digits, norm):
 def test_eps_zero_gives_natural_accuracy(trained, digits):
     result = evaluate(trained, digits, EvalConfig(eps=0.0, attacks=("apgd", "art-apgd", "pgd", "fgsm"), **FAST))
     assert set(result.adversarial_accuracy.values()) == {result.natural_accuracy_attacked}
-    assert result.sanity["enabled"] is False and result.sanity_passed
+    assert result.sanity["enabled"] is False and result.sanity_passed is None, "checks that did not run: not passed"
 
 
 def test_natural_model_falls_to_zero_at_large_eps(trained, digits):
@@ -187,13 +187,49 @@ def test_metrics_file_reads_back_as_it_was_written(trained, digits, tmp_path):
     assert set(json.loads(written)) == {
         "dataset", "norm", "eps", "n_examples", "n_test", "natural_accuracy", "natural_accuracy_attacked",
         "adversarial_accuracy", "attack_settings", "seconds", "sanity_passed", "sanity", "seed", "art_version",
-        "torch_version"}
+        "torch_version", "dataset_digest", "split", "model_spec"}
     again = EvalResult.read(path)
     assert again == result
     again.write(path)
     assert path.read_bytes() == written
     assert again.worst_attack == "apgd" and again.worst_accuracy == result.adversarial_accuracy["apgd"]
     assert again.masking_checks_passed is result.sanity_passed is True
+
+
+def test_a_result_is_bound_to_the_model_file_and_data_it_measured(trained, digits):
+    result = evaluate(trained, digits, EvalConfig(eps=0.1, attacks=("fgsm",), n_examples=50, sanity=False),
+                      model_sha256="ab" * 32)
+    assert (result.model_sha256, result.dataset_digest, result.split) == ("ab" * 32, digits.digest, "test")
+    assert result.model_spec == spec_record(trained.spec) and result.model_spec["image_size"] == 8
+    assert "mean" not in result.model_spec, "lists stay out of the flat metrics file; the sha256 covers them"
+    assert result.binding_problems(model_sha256="ab" * 32, model_spec=trained.spec, dataset_digest=digits.digest) == []
+    other = dict(trained.spec, image_size=28)
+    problems = result.binding_problems(model_sha256="cd" * 32, model_spec=other, dataset_digest="ef" * 32)
+    assert len(problems) == 3
+    assert "measured another model file (sha256 abababababab, this one is cdcdcdcdcdcd)" in problems[0]
+    assert "another architecture (cnn on 1x8x8 images, 10 classes; this model: cnn on 1x28x28 images" in problems[1]
+    assert "not on the training data" in problems[2]
+    validation = evaluate(trained, digits.validation_split(), EvalConfig(eps=0.1, attacks=("fgsm",), n_examples=50,
+                                                                        sanity=False))
+    assert validation.split == "validation" and validation.model_sha256 is None
+    assert "not the test split" in validation.binding_problems(dataset_digest=validation.dataset_digest)[0]
+    assert "names no model file" in validation.binding_problems(model_sha256="ab" * 32)[0]
+
+
+def test_checks_that_did_not_run_never_read_as_passed(trained, digits, tmp_path):
+    result = evaluate(trained, digits, EvalConfig(eps=0.1, attacks=("fgsm",), n_examples=50, sanity=False))
+    assert result.sanity_passed is None and result.masking_checks_passed is None
+    assert result.sanity_status == "not run" and result.sanity["constraint"]["passed"]
+    result.write(tmp_path / "metrics.json")
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert "sanity_passed" in written and written["sanity_passed"] is None, "null: not run"
+    again = EvalResult.read(tmp_path / "metrics.json")
+    assert again.sanity_status == "not run" and again == result
+    # A check that ran and failed reads FAILED whether or not the masking checks ran.
+    failed = dataclasses.replace(result, sanity_passed=False)
+    assert failed.sanity_status == "FAILED" and EvalResult(0.9, {}, sanity_passed=True).sanity_status == "passed"
+    # Older rrm wrote true for checks it never ran: still not passed.
+    assert EvalResult.from_json({**written, "sanity_passed": True}).sanity_status == "not run"
 
 
 def test_older_and_partial_metrics_files_read(tmp_path):

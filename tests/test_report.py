@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from rrm.cli import cli
 from rrm.errors import RRMError
+from rrm.io import sha256_file
 from rrm.report import collect, write_report
 
 # method: (epochs, epoch seconds mean, ci95, total seconds, natural, {attack: accuracy})
@@ -108,6 +109,42 @@ def test_cli_error_is_one_line(tmp_path: Path) -> None:
                                 standalone_mode=True)
     assert result.exit_code != 0
     assert "no student runs" in result.output
+
+
+def _bind(layout: Path, name: str, sha256: str | None = None) -> Path:
+    """Give student ``name`` a model.pt and its evaluation a model_sha256 (the file's, unless ``sha256``)."""
+    model = layout / "runs" / "students" / name / "model.pt"
+    model.write_bytes(f"the {name} student".encode())
+    path = layout / "metrics" / "students" / f"{name}.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "model_sha256": sha256 or sha256_file(model)}))
+    return model
+
+
+def test_evaluations_are_checked_against_the_model_beside_them(layout: Path, tmp_path: Path) -> None:
+    _bind(layout, "rrm")
+    report = write_report(layout, tmp_path / "reports")
+    rows = {r["name"]: r for r in report["students"]}
+    assert rows["rrm"]["evaluation_bound"] is True
+    # Files without a digest (by hand, older rrm) are read, and the table says they were not checked.
+    assert rows["kd"]["evaluation_bound"] is False and report["teacher"]["evaluation_bound"] is False
+    note = next(line for line in (tmp_path / "reports" / "table1.md").read_text().splitlines()
+                if line.startswith("Not checked against their model file"))
+    assert note.endswith(": teacher, natural, sat, kd; evaluate them again (dvc repro) to check them.")
+    assert json.loads((tmp_path / "reports" / "report.json").read_text())["kd"]["evaluation_bound"] is False
+
+    model = _bind(layout, "kd", sha256="0" * 64)  # the evaluation of another model file
+    result = CliRunner().invoke(cli, ["report", "--root", str(layout), "--out-dir", str(tmp_path / "refused")])
+    assert result.exit_code == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("Error: evaluation metrics") and f"are not of {str(model)!r}" in line
+    assert f"measured another model file (sha256 000000000000, this one is {sha256_file(model)[:12]})" in line
+    assert not (tmp_path / "refused" / "table1.md").exists()
+
+
+def test_seed_tables_note_unchecked_evaluations(seeded: Path, tmp_path: Path) -> None:
+    report = write_report(seeded, tmp_path / "out", **LAYOUT)
+    assert all(r["evaluation_bound"] is False for r in report["students"])
+    assert "Not checked against their model file" in (tmp_path / "out" / "table.md").read_text()
 
 
 def test_paper_claims_checked_against_the_rows(layout: Path, tmp_path: Path) -> None:

@@ -57,7 +57,8 @@ def test_runs_and_teachers_live_in_the_team_server_on_postgres(team_server, post
     evaluation = project / "eval_metrics.json"
     evaluation.write_text(json.dumps({"natural_accuracy": 0.8, "adversarial_accuracy": {"apgd": 0.5}, "eps": 0.1,
                                       "norm": "linf", "sanity_passed": True}))
-    rrm("teacher", "register", "teacher/model.pt", "--evaluation", evaluation, "--name", "team-teacher")
+    # A hand-written evaluation names no model file: registering it takes --force.
+    rrm("teacher", "register", "teacher/model.pt", "--evaluation", evaluation, "--name", "team-teacher", "--force")
     rrm("teacher", "promote", "1", "champion", "--name", "team-teacher")
     rrm("teacher", "pull", "models:/team-teacher@champion", "--out", "pulled.pt")
     assert sha256_file(project / "pulled.pt") == sha256_file(project / "teacher" / "model.pt")

@@ -15,6 +15,7 @@ from rrm.errors import RRMError
 from rrm.evaluate import EvalConfig, evaluate
 from rrm.io import sha256_file
 from rrm.models import load_model
+from rrm.results import EvalResult, spec_record
 from rrm.train import Callback, TrainConfig, train
 
 from mlflow import MlflowClient
@@ -23,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from _helpers import free_port, mlflow_server, one_torch_thread, undo_cli_settings
 from rrm import cli as rrm_cli
 from rrm import tracking
+from rrm.tracking.evaluations import _evaluation_of_run
 
 DIGITS = dict(dataset="digits", model="cnn", epochs=1, monitor_examples=0, progress=False)
 
@@ -70,11 +72,12 @@ def sat_file(store):
     return train(cfg).model_path
 
 
-def _evaluate(result) -> dict:
+def _evaluate(result) -> EvalResult:
     """`rrm evaluate` at a small budget: APGD and PGD on 100 test images (sanity checks have their own tests)."""
     config = EvalConfig(norm="linf", eps=0.1, attacks=("apgd", "pgd"), n_examples=100, steps=10, restarts=1,
                         pgd_steps=10, sanity=False)
-    return evaluate(result.model.cpu().float().eval(), result.data, config).to_json()
+    return evaluate(result.model.cpu().float().eval(), result.data, config,
+                    model_sha256=sha256_file(result.model_path))
 
 
 def test_training_run_reads_back(teacher_run, store):
@@ -128,17 +131,24 @@ def test_register_promote_pull_then_train_student(teacher_run, store, monkeypatc
     evaluation_run = tracking.log_evaluation(metrics, model_path=result.model_path)
     linked = client.get_run(evaluation_run).data.tags
     assert linked["rrm.train_run_id"] == linked["mlflow.parentRunId"] == tracker.run_id
+    assert _evaluation_of_run(client, tracker.run_id) == (metrics, evaluation_run), "the run gives the result back"
 
-    version = tracking.register_teacher(tracker.run_id)
+    # Its masking checks did not run: registering it is refused, and forcing it says so on the card.
+    with pytest.raises(RRMError, match="sanity checks did not run"):
+        tracking.register_teacher(tracker.run_id)
+    version = tracking.register_teacher(tracker.run_id, force=True)
+    assert "sanity checks did not run" in version.tags["forced"]
+    assert "**Registered with --force**, overriding: its gradient-masking sanity checks did not run" in (
+        version.description)
     assert version.uri == "models:/rrm-teacher/1"
     tags = version.tags
     assert (tags["architecture"], tags["feature_dim"], tags["method"], tags["norm"], tags["eps"]) == (
         "cnn", "128", "sat", "linf", "0.1")
     assert (tags["dataset"], tags["dataset_digest"]) == ("digits", result.data.digest)
-    worst = min(metrics["adversarial_accuracy"], key=metrics["adversarial_accuracy"].get)
-    assert float(tags["adversarial_accuracy"]) == metrics["adversarial_accuracy"][worst]
+    worst = min(metrics.adversarial_accuracy, key=metrics.adversarial_accuracy.get)
+    assert float(tags["adversarial_accuracy"]) == metrics.adversarial_accuracy[worst]
     assert tags["attack"] == worst, "the worst attack is the one that counts"
-    assert float(tags["natural_accuracy"]) == metrics["natural_accuracy"]
+    assert float(tags["natural_accuracy"]) == metrics.natural_accuracy
     assert tags["source_run"] == tracker.run_id and tags["evaluation_run"] == evaluation_run
     assert f"worst attack {worst}, linf eps 0.1, 100 examples, sanity checks not run" in version.description
     assert tracker.run_id in version.description
@@ -222,8 +232,9 @@ def test_failed_registration_leaves_no_version(sat_file, monkeypatch):
         raise MlflowException("the store went away")
 
     monkeypatch.setattr(MlflowClient, "create_model_version", create_then_fail)
-    with pytest.raises(RRMError, match="the store went away"):
-        tracking.register_teacher(sat_file, "half", evaluation={"natural_accuracy": 0.9, "adversarial_accuracy": 0.5})
+    with pytest.raises(RRMError, match="the store went away"):  # forced: the evaluation names no model file
+        tracking.register_teacher(sat_file, "half", evaluation={"natural_accuracy": 0.9, "adversarial_accuracy": 0.5},
+                                  force=True)
     client = MlflowClient()
     assert client.search_model_versions("name = 'half'") == []
     assert client.search_registered_models("name = 'half'") == []
@@ -317,9 +328,12 @@ def server(tmp_path, monkeypatch):
 
 
 def test_register_and_pull_through_a_server(server, sat_file, tmp_path):
+    model, meta = load_model(sat_file)
     evaluation = tmp_path / "eval_metrics.json"
     evaluation.write_text(json.dumps({"natural_accuracy": 0.8, "adversarial_accuracy": {"apgd": 0.5}, "eps": 0.1,
-                                      "norm": "linf", "sanity_passed": True}))
+                                      "norm": "linf", "sanity_passed": True, "model_sha256": sha256_file(sat_file),
+                                      "model_spec": spec_record(model.spec), "dataset_digest": meta["dataset_digest"],
+                                      "split": "test"}))
     version = tracking.register_teacher(sat_file, evaluation=evaluation)
     assert version.uri == "models:/rrm-teacher/1" and version.tags["adversarial_accuracy"] == "0.5"
     assert "sanity checks passed" in version.description

@@ -239,7 +239,7 @@ def evaluate(model: str | None, no_track: bool, experiment: str | None, **option
     done = jobs.evaluate_job(job, jobs.Tracking(not no_track, experiment))
     result, attack = done.result, job.attack
     attacks = ", ".join(f"{name} {value:.4f}" for name, value in result.adversarial_accuracy.items())
-    sanity = "passed" if result.sanity_passed else "FAILED (see `sanity` in the metrics)"
+    sanity = result.sanity_status + (" (see `sanity` in the metrics)" if result.sanity_passed is False else "")
     click.echo(f"natural accuracy {result.natural_accuracy:.4f}; adversarial ({attack.norm}, eps {attack.eps}, "
                f"{result.n_examples} images): {attacks or 'no attacks'}; sanity checks {sanity}; wrote {done.out}")
     if done.run_id:

@@ -23,11 +23,18 @@ def teacher() -> None:
 @click.option("--name", default="rrm-teacher", show_default=True, help="Registered model name.")
 @click.option("--evaluation", type=click.Path(dir_okay=False, path_type=Path),
               help="Metrics JSON from `rrm evaluate`. [default: the newest evaluation run of the training run]")
-@click.option("--force", is_flag=True, help="Register even without an evaluation or adversarial training.")
+@click.option("--force", is_flag=True,
+              help="Register despite a refusal (no adversarial training; no evaluation, or one of another model, "
+                   "dataset or threat model, or without passed masking checks); the card and the `forced` tag say "
+                   "what was overridden.")
 @click.option("--experiment", default="rrm", show_default=True,
               help="Experiment for the import run of a model file that no tracked run produced.")
 def teacher_register(source: str | None, name: str, evaluation: Path | None, force: bool, experiment: str) -> None:
     """Register SOURCE (a training run id or a model.pt) as a new teacher version with a model card.
+
+    The evaluation must be of this model file (its sha256 and architecture), on the test split of the data it was
+    trained on, at the norm and eps it was trained for, with passed gradient-masking checks; --force overrides that
+    and the card says so.
 
     \b
     Examples:
@@ -39,6 +46,8 @@ def teacher_register(source: str | None, name: str, evaluation: Path | None, for
     click.echo(f"registered {version.uri} (natural {version.tags['natural_accuracy']}, adversarial "
                f"{version.tags['adversarial_accuracy']}); promote it with `rrm teacher promote {version.version} "
                f"champion --name {name}`")
+    if "forced" in version.tags:
+        click.echo(f"forced, overriding: {version.tags['forced']}")
 
 
 @teacher.command("list")

@@ -15,6 +15,7 @@ from mlflow.entities import Metric, Param
 
 from rrm.errors import RRMError
 from rrm.io import sha256_file
+from rrm.results import EvalResult
 from rrm.tracking.store import (
     DEFAULT_EXPERIMENT, _client, _context_tags, _experiment_id, _is_number, _leaves, _mlflow_errors, _model_run,
     _numbers, _one_line, _search_runs, _status,
@@ -22,7 +23,7 @@ from rrm.tracking.store import (
 
 
 def log_evaluation(
-    metrics: Mapping,
+    result: EvalResult,
     *,
     model_path: str | os.PathLike,
     train_run_id: str | None = None,
@@ -32,12 +33,17 @@ def log_evaluation(
 ) -> str:
     """Record an evaluation of ``model_path`` as its own run linked to the training run; returns the run id.
 
-    The training run is ``train_run_id`` or, by default, the run that logged a model file with the same sha256.
-    Numbers in ``metrics`` (nested ones as ``a/b``) become metrics, text and flags become params; the metrics JSON
-    (``metrics_path``, else ``metrics`` itself) is an artifact. With no ``experiment`` the evaluation joins its
-    training run's experiment and is nested under it in ``mlflow ui``.
+    The training run is ``train_run_id`` or, by default, the run that logged a model file with the same sha256. A
+    result bound to another model file (its ``model_sha256``) is refused. Numbers in the result's JSON (nested ones as
+    ``a/b``) become metrics, text, flags and None become params; the metrics JSON (``metrics_path``, else the
+    result's) is an artifact. With no ``experiment`` the evaluation joins its training run's experiment and is nested
+    under it in ``mlflow ui``.
     """
     sha256 = sha256_file(model_path)
+    if result.model_sha256 is not None and result.model_sha256 != sha256:
+        raise RRMError(f"the evaluation measured the model file with sha256 {result.model_sha256[:12]}, not "
+                       f"{str(model_path)!r} ({sha256[:12]}); record it with the model file it measured")
+    metrics = result.to_json()
     with _mlflow_errors("recording the evaluation in MLflow"):
         client = _client()
         train_run = client.get_run(train_run_id) if train_run_id else _model_run(client, sha256)
@@ -64,7 +70,7 @@ def log_evaluation(
             else:
                 with tempfile.TemporaryDirectory() as tmp:
                     path = Path(tmp) / "eval_metrics.json"
-                    path.write_text(json.dumps(dict(metrics), indent=2, sort_keys=True, default=str) + "\n")
+                    path.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str) + "\n")
                     client.log_artifact(run_id, str(path))
         except BaseException as exc:
             with contextlib.suppress(Exception):
@@ -81,56 +87,29 @@ def _flat_text(values: Mapping) -> dict[str, str]:
             for k, v in _leaves(values) if not _is_number(v)}
 
 
-def _summarize_evaluation(values: Mapping) -> dict | None:
-    """Natural accuracy and the worst adversarial accuracy over the attacks of an evaluation, or None if absent.
-
-    Takes ``rrm evaluate``'s metrics (``adversarial_accuracy`` per attack), the same logged as run metrics
-    (``adversarial_accuracy/apgd``) or a single number.
-    """
-    natural, adversarial = values.get("natural_accuracy"), values.get("adversarial_accuracy")
-    if isinstance(adversarial, Mapping):
-        per_attack = dict(adversarial)
-    elif adversarial is not None:
-        per_attack = {str(values.get("attack", "attack")): adversarial}
-    else:
-        per_attack = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("adversarial_accuracy/")}
-    per_attack = {k: float(v) for k, v in per_attack.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if not isinstance(natural, (int, float)) or not per_attack:
+def _logged_evaluation(params: Mapping, metrics: Mapping) -> EvalResult | None:
+    """The result an evaluation run logged, rebuilt from its params and metrics; None if it is not one."""
+    values: dict = {}
+    for key, value in [*params.items(), *metrics.items()]:
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = json.loads(value)  # flags, None and lists were logged as JSON
+        *parents, leaf = key.split("/")
+        node = values
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    try:
+        return EvalResult.from_json(values)
+    except RRMError:
         return None
-    attack = min(per_attack, key=per_attack.get)
-    sanity = values.get("sanity_passed")  # a bool in the JSON, "true"/"false" once logged as a run param
-    checks = values.get("sanity")
-    enabled = checks.get("enabled") if isinstance(checks, Mapping) else values.get("sanity/enabled")
-    if str(enabled).lower() == "false":  # `rrm evaluate --no-sanity` reports passed for checks it never ran
-        sanity = None
-    examples = values.get("n_examples")  # logged runs give every number back as a float
-    return {
-        "natural_accuracy": float(natural), "adversarial_accuracy": per_attack[attack], "attack": attack,
-        "norm": values.get("norm"), "eps": values.get("eps"),
-        "n_examples": int(examples) if isinstance(examples, (int, float)) else None,
-        "sanity_passed": None if sanity is None else str(sanity).lower() == "true",
-    }
 
 
-def _evaluation_of_run(client: MlflowClient, run_id: str) -> dict | None:
-    """The newest finished evaluation linked to training run ``run_id`` that measured both accuracies."""
+def _evaluation_of_run(client: MlflowClient, run_id: str) -> tuple[EvalResult | None, str | None]:
+    """The newest finished evaluation linked to training run ``run_id`` that ran an attack, and its run id."""
     runs = _search_runs(client, f"tags.`rrm.train_run_id` = '{run_id}' and attributes.status = 'FINISHED'")
     for run in runs:
-        found = _summarize_evaluation({**run.data.params, **run.data.metrics})
-        if found is not None:
-            return {**found, "evaluation_run": run.info.run_id}
-    return None
-
-
-def _read_evaluation(evaluation: str | os.PathLike | Mapping) -> dict:
-    """The metrics of an evaluation given as a dict or as the JSON file ``rrm evaluate`` writes."""
-    if isinstance(evaluation, Mapping):
-        return dict(evaluation)
-    path = Path(evaluation)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RRMError(f"evaluation file {str(path)!r} does not exist; write it with `rrm evaluate`") from None
-    except (OSError, ValueError) as exc:
-        raise RRMError(f"evaluation file {str(path)!r} is not JSON ({_one_line(exc)}); pass the metrics file "
-                       "`rrm evaluate` writes") from None
+        result = _logged_evaluation(run.data.params, run.data.metrics)
+        if result is not None and result.worst_attack is not None:
+            return result, run.info.run_id
+    return None, None

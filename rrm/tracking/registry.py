@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import re
+import socket
 import tempfile
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,13 +23,14 @@ import mlflow
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModel
-from mlflow.entities.model_registry import ModelVersion
+from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 
 from rrm.errors import RRMError
 from rrm.io import atomic_path, sha256_file
 from rrm.models import MODEL_FORMAT, Classifier, load_model
-from rrm.tracking.evaluations import _evaluation_of_run, _read_evaluation, _summarize_evaluation, log_evaluation
+from rrm.results import EvalResult
+from rrm.tracking.evaluations import _evaluation_of_run, log_evaluation
 from rrm.tracking.store import (
     DEFAULT_EXPERIMENT, LOGGED_MODEL_NAME, _client, _context_tags, _experiment_id, _is, _log_model, _mlflow_errors,
     _model_run, _numbers, _one_line, _params, tracking_uri,
@@ -36,6 +40,12 @@ from rrm.train import may_teach, teacher_methods
 DEFAULT_TEACHER_NAME = "rrm-teacher"
 TEACHER_TAG = "rrm.teacher"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_DESCRIPTION = "Adversarially trained teachers registered by rrm."
+# A registered model that rrm is creating, until its first version exists: "host:pid" of the registering process.
+_CREATING_TAG = "rrm.creating"
+# An empty registered model whose creator cannot be checked (another host, or rrm before the tag) is abandoned after
+# this long: a registration takes seconds.
+_ABANDONED_AFTER_S = 3600
 
 
 @dataclasses.dataclass
@@ -129,19 +139,38 @@ def _fetch_rrm_file(logged: LoggedModel, dst: str, what: str) -> Path:
     return _download(logged, info["rrm_file"], dst)
 
 
+def _run_file(client: MlflowClient, logged: LoggedModel, dst: str, uri: str) -> Path:
+    """The rrm model file a run logged, checked against the sha256 the run recorded for it (where it did)."""
+    path = _fetch_rrm_file(logged, dst, uri)
+    recorded = client.get_run(logged.source_run_id).data.tags.get("rrm.model_sha256")
+    if recorded and sha256_file(path) != recorded:
+        raise RRMError(f"{uri}: the downloaded model file has sha256 {sha256_file(path)[:12]}, not the "
+                       f"{recorded[:12]} run {logged.source_run_id} recorded: its artifact was replaced or damaged; "
+                       "use the model.pt that run wrote (or train it again)")
+    return path
+
+
 def _teacher_file(client: MlflowClient, uri: str, dst: str) -> tuple[Path, ModelVersion | None]:
-    """The rrm model file of a registered teacher (``models:/``) or of a run's model (``runs:/``)."""
+    """The rrm model file of a registered teacher (``models:/``) or of a run's model (``runs:/``), checked against
+    the sha256 recorded for it."""
     if uri.startswith("runs:/"):
-        return _fetch_rrm_file(_run_model(client, uri), dst, uri), None
+        return _run_file(client, _run_model(client, uri), dst, uri), None
     if not uri.startswith("models:/"):
         raise RRMError(f"{uri!r} is not a registry URI; use models:/NAME@ALIAS, models:/NAME/VERSION or "
                        "runs:/RUN_ID/model")
     version = _resolve_version(client, uri)
     model_id = _version_model_id(version)
+    what = f"{uri} (version {version.version} of {version.name!r})"
     if (version.tags or {}).get(TEACHER_TAG) != "true" or not model_id:
-        raise RRMError(f"{uri} (version {version.version} of {version.name!r}) is not an rrm teacher: it was not "
-                       "registered with `rrm teacher register`")
-    return _fetch_rrm_file(client.get_logged_model(model_id), dst, uri), version
+        raise RRMError(f"{what} is not an rrm teacher: it was not registered with `rrm teacher register`")
+    path = _fetch_rrm_file(client.get_logged_model(model_id), dst, uri)
+    recorded, found = (version.tags or {}).get("model_sha256"), sha256_file(path)
+    if found != recorded:
+        raise RRMError(f"{what}: the downloaded model file has sha256 {found[:12]}, not the "
+                       f"{(recorded or 'none recorded')[:12]} recorded at registration: the registry's artifact was "
+                       f"replaced or damaged; register the teacher again from its model.pt (`rrm teacher register`) "
+                       f"and point the alias at the new version (`rrm teacher promote`)")
+    return path, version
 
 
 def load_registered_model(uri: str) -> Classifier:
@@ -169,7 +198,8 @@ def pull_teacher(uri: str, out: str | os.PathLike) -> tuple[Path, dict]:
     return out, meta
 
 
-def _card(meta: dict, spec: dict, feature_dim: int, evaluation: dict | None, run_id: str, sha256: str) -> str:
+def _card(meta: dict, spec: dict, feature_dim: int, evaluation: EvalResult | None, run_id: str, sha256: str,
+          forced: list[str]) -> str:
     summary = meta.get("summary") or {}
     config = meta.get("config") or {}
 
@@ -178,13 +208,12 @@ def _card(meta: dict, spec: dict, feature_dim: int, evaluation: dict | None, run
 
     attack = "not evaluated (registered with --force)"
     if evaluation is not None:
-        details = [f"worst attack {evaluation['attack']}"]
-        details += [f"{evaluation['norm']} eps {evaluation['eps']}"] if evaluation.get("norm") else []
-        details += [f"{evaluation['n_examples']} examples"] if evaluation.get("n_examples") else []
-        checked = evaluation.get("sanity_passed")
-        details.append("sanity checks " + ("not run" if checked is None else "passed" if checked else "FAILED"))
-        attack = f"{pct(evaluation['adversarial_accuracy'])} ({', '.join(details)})"
-    natural = evaluation["natural_accuracy"] if evaluation else summary.get("test_accuracy")
+        details = [f"worst attack {evaluation.worst_attack}"]
+        details += [f"{evaluation.norm} eps {evaluation.eps}"] if evaluation.norm else []
+        details += [f"{evaluation.n_examples} examples"] if evaluation.n_examples else []
+        details.append(f"sanity checks {evaluation.sanity_status}")
+        attack = f"{pct(evaluation.worst_accuracy)} ({', '.join(details)})"
+    natural = evaluation.natural_accuracy if evaluation else summary.get("test_accuracy")
     rows = [
         ("architecture", f"{spec.get('name')} (width {spec.get('width', 1.0)})"),
         ("feature size", str(feature_dim)),
@@ -200,16 +229,51 @@ def _card(meta: dict, spec: dict, feature_dim: int, evaluation: dict | None, run
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     title = f"{spec.get('name')} trained with {meta.get('method', '?')} on {meta.get('dataset', '?')}"
+    overridden = f"**Registered with --force**, overriding: {'; '.join(forced)}.\n\n" if forced else ""
     return (f"# rrm teacher: {title}\n\n"
-            f"| field | value |\n|---|---|\n{table}\n\n"
+            f"| field | value |\n|---|---|\n{table}\n\n{overridden}"
             f"Load it with `rrm teacher pull` or `rrm train --method rrm --teacher models:/NAME@ALIAS`.\n")
+
+
+def _same_number(a: object, b: object) -> bool:
+    return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-9)
+
+
+def _refusals(meta: dict, spec: dict, sha256: str, evaluation: EvalResult | None) -> list[str]:
+    """Why the card of this model would claim what nobody measured: one phrase each, empty when nothing does."""
+    problems = []
+    method = meta.get("method")
+    if not may_teach(method):
+        what = f"trained with {method!r}" if method else "without training metadata (a checkpoint?)"
+        problems.append(f"it was {what}; a teacher must be adversarially trained "
+                        f"({', '.join(sorted(teacher_methods()))})")
+    if evaluation is None or evaluation.worst_attack is None:
+        problems.append("it has no evaluation: run `rrm evaluate` on it (and pass --evaluation with its metrics file "
+                        "if it was not tracked)")
+        return problems
+    problems += evaluation.binding_problems(model_sha256=sha256, model_spec=spec,
+                                            dataset_digest=meta.get("dataset_digest"))
+    if not meta.get("dataset_digest"):
+        problems.append("the model file records no training data digest, so the data of its evaluation cannot be "
+                        "checked")
+    norm, eps = meta.get("norm"), meta.get("eps")
+    if evaluation.norm != norm or not _same_number(evaluation.eps, eps):
+        problems.append(f"its evaluation is for {evaluation.norm or '?'} eps {evaluation.eps}, not the threat model "
+                        f"the model was trained for and the card states ({norm or '?'} eps {eps})")
+    if evaluation.sanity_passed is False:
+        problems.append("its evaluation failed its gradient-masking sanity checks, so its adversarial accuracy is not "
+                        "trustworthy (see `sanity` in its metrics)")
+    elif evaluation.masking_checks_passed is None:
+        problems.append("its gradient-masking sanity checks did not run (`rrm evaluate --no-sanity`, eps 0 or a file "
+                        "that does not say), so nothing shows its gradients are not masked")
+    return problems
 
 
 def register_teacher(
     source: str | os.PathLike,
     name: str = DEFAULT_TEACHER_NAME,
     *,
-    evaluation: str | os.PathLike | Mapping | None = None,
+    evaluation: str | os.PathLike | Mapping | EvalResult | None = None,
     force: bool = False,
     experiment: str = DEFAULT_EXPERIMENT,
 ) -> TeacherVersion:
@@ -217,12 +281,18 @@ def register_teacher(
 
     ``source`` is a training run id (or ``runs:/ID/model``) or a model file written by ``rrm train``; a file whose
     training run is in the store (found by content) registers that run's model, otherwise the file is logged in an
-    import run first. The evaluation is ``evaluation`` (a metrics JSON from ``rrm evaluate``, or a dict) or the
-    newest evaluation run linked to the training run. Without ``force``, a model with no evaluation or not trained
-    adversarially (:func:`rrm.train.may_teach`) is refused before anything is written.
+    import run first. The evaluation is ``evaluation`` (a metrics JSON from ``rrm evaluate``, a dict or an
+    :class:`~rrm.results.EvalResult`) or the newest evaluation run linked to the training run.
+
+    Without ``force``, a model is refused before anything is written when it was not trained adversarially
+    (:func:`rrm.train.may_teach`) or its evaluation does not back the card: missing; not of this model file, its
+    architecture and its training data's test split; of another norm or eps than it was trained for; or with
+    gradient-masking checks that failed or did not run. With ``force`` every such reason is written to the card and
+    the ``forced`` tag. Empty registered models left by a killed registration are removed first.
     """
     with _mlflow_errors(f"registering {str(source)!r} as {name!r}"), tempfile.TemporaryDirectory() as tmp:
         client = _client()
+        _remove_abandoned_models(client)
         path = Path(source)
         run = None
         if path.is_file():
@@ -231,42 +301,40 @@ def register_teacher(
         elif isinstance(source, str) and (_RUN_ID.match(source) or source.startswith("runs:/")):
             uri = source if source.startswith("runs:/") else f"runs:/{source}/{LOGGED_MODEL_NAME}"
             logged = _run_model(client, uri)
-            local = _fetch_rrm_file(logged, tmp, uri)
+            local = _run_file(client, logged, tmp, uri)
             run = client.get_run(logged.source_run_id)
         else:
             raise RRMError(f"{str(source)!r} is neither a model file nor an MLflow run id; pass the model.pt that "
                            "`rrm train` wrote or the run id shown in `mlflow ui`")
         model, meta = load_model(local)
         sha256 = sha256_file(local)
-        method = meta.get("method")
-        if not may_teach(method) and not force:
-            what = f"trained with {method!r}" if method else "without training metadata (a checkpoint?)"
-            raise RRMError(f"{str(source)!r} was {what}; a teacher must be adversarially trained "
-                           f"({', '.join(sorted(teacher_methods()))}); pass the model.pt of such a run, or --force")
-        metrics = _read_evaluation(evaluation) if evaluation is not None else None
-        if metrics is not None:
-            found = _summarize_evaluation(metrics)
-            if found is None:
-                raise RRMError(f"evaluation {str(evaluation)!r} has no natural_accuracy and adversarial_accuracy; "
-                               "pass the metrics file `rrm evaluate` writes")
+        evaluation_run = None
+        if isinstance(evaluation, EvalResult):
+            result = evaluation
+        elif isinstance(evaluation, Mapping):
+            result = EvalResult.from_json(evaluation, source="the evaluation")
+        elif evaluation is not None:
+            result = EvalResult.read(evaluation)
+        elif run is not None:
+            result, evaluation_run = _evaluation_of_run(client, run.info.run_id)
         else:
-            found = _evaluation_of_run(client, run.info.run_id) if run is not None else None
-        if found is None and not force:
-            raise RRMError(f"{str(source)!r} has no evaluation; run `rrm evaluate` on it (and pass --evaluation "
-                           "with its metrics file if it was not tracked), or --force to register it unevaluated")
-        if found is not None and found["sanity_passed"] is False and not force:
-            raise RRMError(f"the evaluation of {str(source)!r} failed its gradient-masking sanity checks, so its "
-                           "adversarial accuracy is not trustworthy; see `sanity` in its metrics, or --force")
+            result = None
+        problems = _refusals(meta, model.spec, sha256, result)
+        if problems and not force:
+            raise RRMError(f"refusing to register {str(source)!r} as a teacher: {'; '.join(problems)}. Fix that, or "
+                           "pass --force to register it anyway (the card then says what was overridden)")
+        evaluated = result is not None and result.worst_attack is not None
 
         if run is None:
             run_id, model_id = _import_run(client, local, meta, experiment)
         else:
             run_id = run.info.run_id
             model_id = _run_model(client, f"runs:/{run_id}/{LOGGED_MODEL_NAME}").model_id
-        if metrics is not None:  # keep the evidence next to the training run
-            found["evaluation_run"] = log_evaluation(
-                metrics, model_path=local, train_run_id=run_id,
-                metrics_path=None if isinstance(evaluation, Mapping) else evaluation)
+        # Keep the evidence next to the training run; an evaluation of another file is no evidence about this one.
+        if evaluation is not None and evaluated and result.model_sha256 in (None, sha256):
+            evaluation_run = log_evaluation(
+                result, model_path=local, train_run_id=run_id,
+                metrics_path=None if isinstance(evaluation, (Mapping, EvalResult)) else evaluation)
 
         tags = {
             TEACHER_TAG: "true",
@@ -274,21 +342,23 @@ def register_teacher(
             "feature_dim": str(model.feature_dim),
             "norm": str(meta.get("norm")),
             "eps": str(meta.get("eps")),
-            "method": str(method),
+            "method": str(meta.get("method")),
             "dataset": str(meta.get("dataset")),
             "dataset_digest": str(meta.get("dataset_digest")),
-            "natural_accuracy": str(found["natural_accuracy"] if found else (meta.get("summary") or {}).get(
+            "natural_accuracy": str(result.natural_accuracy if evaluated else (meta.get("summary") or {}).get(
                 "test_accuracy")),
-            "adversarial_accuracy": str(found["adversarial_accuracy"]) if found else "not evaluated",
-            "evaluated": str(found is not None).lower(),
-            "attack": str(found["attack"]) if found else "none",
+            "adversarial_accuracy": str(result.worst_accuracy) if evaluated else "not evaluated",
+            "evaluated": str(evaluated).lower(),
+            "attack": str(result.worst_attack) if evaluated else "none",
             "source_run": run_id,
             "model_sha256": sha256,
         }
-        if found and found.get("evaluation_run"):
-            tags["evaluation_run"] = str(found["evaluation_run"])
-        return _create_version(client, name, model_id, run_id, tags,
-                               _card(meta, model.spec, model.feature_dim, found, run_id, sha256))
+        if evaluated and evaluation_run:
+            tags["evaluation_run"] = evaluation_run
+        if problems:
+            tags["forced"] = _one_line("; ".join(problems), 4000)
+        card = _card(meta, model.spec, model.feature_dim, result if evaluated else None, run_id, sha256, problems)
+        return _create_version(client, name, model_id, run_id, tags, card)
 
 
 def _import_run(client: MlflowClient, path: Path, meta: dict, experiment: str) -> tuple[str, str]:
@@ -309,12 +379,18 @@ def _import_run(client: MlflowClient, path: Path, meta: dict, experiment: str) -
 
 def _create_version(client: MlflowClient, name: str, model_id: str, run_id: str, tags: dict,
                     description: str) -> TeacherVersion:
-    """Create the version with its tags and card in one call; on any failure delete whatever was made."""
+    """Create the version with its tags and card in one call, and the registered model with its first version.
+
+    On any failure whatever was made is deleted. A process killed in between cannot delete: the registered model it
+    created carries ``rrm.creating`` (host and pid) until its first version exists, and the next register or list
+    removes it (:func:`_remove_abandoned_models`).
+    """
     token = uuid.uuid4().hex
     created_model = False
     try:
         try:
-            client.create_registered_model(name, description="Adversarially trained teachers registered by rrm.")
+            client.create_registered_model(name, tags={_CREATING_TAG: f"{socket.gethostname()}:{os.getpid()}"},
+                                           description=_DESCRIPTION)
             created_model = True
         except MlflowException as exc:
             if not _is(exc, "RESOURCE_ALREADY_EXISTS"):
@@ -322,6 +398,9 @@ def _create_version(client: MlflowClient, name: str, model_id: str, run_id: str,
         version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id,
                                               tags={**tags, "rrm.registration": token}, description=description,
                                               model_id=model_id)
+        if created_model:  # the model has a version now; a cleanup may have dropped the tag already
+            with contextlib.suppress(MlflowException):
+                client.delete_registered_model_tag(name, _CREATING_TAG)
         return TeacherVersion.of(client.get_model_version(name, version.version))
     except BaseException:
         with contextlib.suppress(Exception):
@@ -331,6 +410,53 @@ def _create_version(client: MlflowClient, name: str, model_id: str, run_id: str,
             if created_model and not client.search_model_versions(f"name = '{name}'"):
                 client.delete_registered_model(name)
         raise
+
+
+def _process_gone(creator: str) -> bool:
+    """Whether the process "host:pid" is known to have ended (it ran on this host and no such process exists)."""
+    host, _, pid = creator.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists but belongs to someone else
+        return False
+    return False
+
+
+def _abandoned(model: RegisteredModel) -> bool:
+    """Whether an rrm registered model without versions was left by a registration that will never finish."""
+    tags = model.tags or {}
+    if model.latest_versions or (_CREATING_TAG not in tags and model.description != _DESCRIPTION):
+        return False
+    old = time.time() * 1000 - (model.creation_timestamp or 0) > _ABANDONED_AFTER_S * 1000
+    return old or _process_gone(tags.get(_CREATING_TAG, ""))
+
+
+def _registered_models(client: MlflowClient, filter_string: str | None = None) -> list[RegisteredModel]:
+    found, token = [], None
+    while True:
+        page = client.search_registered_models(filter_string, max_results=1000, page_token=token)
+        found += list(page)
+        token = page.token
+        if not token:
+            return found
+
+
+def _remove_abandoned_models(client: MlflowClient) -> None:
+    """Delete the empty registered models that killed registrations left, and drop the creation tag of any whose
+    registration was killed after its first version. Best effort: a store that refuses (permissions, a concurrent
+    cleanup) leaves them for the next command."""
+    for model in _registered_models(client, f"tags.`{_CREATING_TAG}` LIKE '%'"):
+        if model.latest_versions:
+            with contextlib.suppress(MlflowException):
+                client.delete_registered_model_tag(model.name, _CREATING_TAG)
+    for model in _registered_models(client):
+        if _abandoned(model) and not client.search_model_versions(f"name = '{model.name}'", max_results=1):
+            with contextlib.suppress(MlflowException):
+                client.delete_registered_model(model.name)
 
 
 def promote(name: str, version: str | int, alias: str) -> TeacherVersion:
@@ -361,9 +487,11 @@ def show_teacher(uri: str) -> TeacherVersion:
 
 
 def list_teachers(name: str | None = None) -> list[TeacherVersion]:
-    """Registered teachers (all, or the versions of ``name``), newest first."""
+    """Registered teachers (all, or the versions of ``name``), newest first; empty registered models left by a killed
+    registration are removed first."""
     with _mlflow_errors("listing teachers"):
         client = _client()
+        _remove_abandoned_models(client)
         found = client.search_model_versions(f"name = '{name}'" if name else f"tags.`{TEACHER_TAG}` = 'true'")
         teachers = [TeacherVersion.of(v) for v in found if (v.tags or {}).get(TEACHER_TAG) == "true"]
         # Searches do not return aliases; the registered model holds them.
