@@ -47,8 +47,9 @@ DATABASE_CONNECT_SECONDS = 5
 _reached: set[str] = set()  # database stores this process has connected to
 _UNREACHABLE = ("Max retries exceeded", "Connection refused", "Failed to establish a new connection", "Read timed out",
                 "ConnectTimeout", "Connection aborted", "RemoteDisconnected", "Connection reset",
-                "could not connect", "connection failed", "server closed the connection", "terminating connection",
-                "timeout expired", "Can't connect to MySQL server", "Lost connection to MySQL server")
+                "No route to host", "Network is unreachable", "failed to resolve host", "could not translate host",
+                "server closed the connection", "terminating connection", "timeout expired",
+                "Can't connect to MySQL server", "Lost connection to MySQL server")
 
 
 class StoreUnreachable(RRMError):
@@ -98,9 +99,11 @@ def _check_database(uri: str) -> None:
             from None
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy and the drivers raise many types
         message = mask_url(_one_line(getattr(exc, "orig", None) or exc))
-        error = StoreUnreachable if _unreachable(exc) else RRMError
-        raise error(f"cannot reach the MLflow tracking database at {label} ({message}); start the database "
-                    "server, or fix MLFLOW_TRACKING_URI") from None
+        if _unreachable(exc):
+            raise StoreUnreachable(f"cannot reach the MLflow tracking database at {label} ({message}); start the "
+                                   "database server, or fix MLFLOW_TRACKING_URI") from None
+        raise RRMError(f"cannot connect to the MLflow tracking database at {label} ({message}); fix "
+                       "MLFLOW_TRACKING_URI (user, password, database name) or the database's access rules") from None
 
 
 def _one_line(text: object, limit: int = 300) -> str:
