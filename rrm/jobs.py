@@ -41,10 +41,16 @@ def tracking() -> ModuleType:
     for key, value in FAIL_FAST_ENV.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", str(sys.stderr.isatty()).lower())
+    # libpq (PostgreSQL stores): a database host that drops packets fails in seconds, not after the TCP timeout.
+    os.environ.setdefault("PGCONNECT_TIMEOUT", "10")
+    # MLflow prints a run's URL, password included, whenever a run on a server ends; rrm prints it masked.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from rrm import tracking as module
 
     if "MLFLOW_LOGGING_LEVEL" not in os.environ:  # MLflow's INFO lines (store creation) would bury our output
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+        # A database store that is down: MLflow logs a traceback per failed call; rrm says it in one line.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     return module
 
 
@@ -72,8 +78,9 @@ def prepare_job(dataset: str, out: str | os.PathLike, options: dict):
 def train_job(cfg, track: Tracking = Tracking()):
     """Train ``cfg`` (a :class:`rrm.train.TrainConfig`), teacher resolved from the registry where it is a URI.
 
-    Returns the :class:`rrm.train.TrainResult` and the MLflow run id (None when not tracked, and on ranks other than
-    the first under torchrun: only rank 0 records the run).
+    Returns the :class:`rrm.train.TrainResult` and the MLflow run id (None when not tracked, on ranks other than
+    the first under torchrun: only rank 0 records the run, and when the tracking store stopped answering during
+    training: the run was left unfinished, which a warning on stderr has said).
     """
     from rrm.data import load_dataset
     from rrm.models import ARCHITECTURES
@@ -84,16 +91,20 @@ def train_job(cfg, track: Tracking = Tracking()):
     method = get_method(cfg.method)
     if cfg.model not in ARCHITECTURES:
         raise unknown("model", cfg.model, ARCHITECTURES)
+    if track.enabled and is_main():  # a store that does not answer fails now, before data and model load
+        tracking().store.check_store("starting the MLflow run")
     data = load_dataset(cfg.dataset)
     with tempfile.TemporaryDirectory() as tmp:
         teacher = None  # a file teacher is loaded by the trainer (after seeding); a registry one is pulled for it
         if (method.needs_teacher or cfg.transplant) and is_registry_uri(cfg.teacher):
             teacher = tracking().pull_teacher(cfg.teacher, Path(tmp) / "teacher.pt")[0]
         if not track.enabled or not is_main():
+            if is_main() and not cfg.resume:  # a fresh training is not the one a tracked run recorded: never resume
+                (Path(cfg.out_dir) / "mlflow_run.json").unlink(missing_ok=True)  # rrm.tracking.callback.RUN_FILE
             return train(cfg, data=data, teacher=teacher), None
         with tracking().MlflowCallback(experiment=track.experiment, run_name=track.run_name) as tracker:
             result = train(cfg, data=data, teacher=teacher, callbacks=[tracker])
-    return result, tracker.run_id
+    return result, None if tracker.unfinished else tracker.run_id
 
 
 @dataclass
@@ -161,6 +172,8 @@ def evaluate_job(job: EvaluateJob, track: Tracking = Tracking(experiment=None)) 
     attack = job.attack.validate()
     device = resolve_device(job.device)
     store = tracking() if track.enabled or is_registry_uri(job.model) or is_registry_uri(job.transfer_from) else None
+    if track.enabled:  # before the attack, which may take hours, not after it
+        tracking().store.check_store("recording the evaluation in MLflow")
     with tempfile.TemporaryDirectory() as tmp:
         path = store.pull_teacher(job.model, Path(tmp) / "model.pt")[0] if is_registry_uri(job.model) else Path(
             job.model)

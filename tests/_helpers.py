@@ -46,7 +46,8 @@ def one_torch_thread() -> Iterator[None]:
 
 def undo_cli_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI sets a few process-wide environment variables; record them so they are removed after the test."""
-    for key in (*rrm_cli._FAIL_FAST_ENV, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+    for key in (*rrm_cli._FAIL_FAST_ENV, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "PGCONNECT_TIMEOUT",
+                "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"):
         monkeypatch.setenv(key, "")
         monkeypatch.delenv(key)
 
@@ -55,6 +56,14 @@ def undo_cli_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 def mlflow_server(backend_store_uri: str, root: Path, timeout: float = 180) -> Iterator[str]:
     """`mlflow server` on loopback with ``backend_store_uri`` and artifacts proxied to ``root/artifacts``; yields its
     URL once /health answers, and always stops it (its whole process group)."""
+    with mlflow_server_process(backend_store_uri, root, timeout) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def mlflow_server_process(backend_store_uri: str, root: Path,
+                          timeout: float = 180) -> Iterator[tuple[str, subprocess.Popen]]:
+    """:func:`mlflow_server`, yielding its process too (a test may kill it early: ``os.killpg(proc.pid, ...)``)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(root / "server.log", "w") as log:
@@ -76,9 +85,10 @@ def mlflow_server(backend_store_uri: str, root: Path, timeout: float = 180) -> I
                     pytest.fail(f"mlflow server on {backend_store_uri.split(':')[0]} did not start: "
                                 f"{(root / 'server.log').read_text()[-2000:]}")
                 time.sleep(0.5)
-            yield url
+            yield url, proc
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # stopped by the test already
+                os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:

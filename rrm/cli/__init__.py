@@ -3,12 +3,19 @@
 Every command takes its options from flags or from one section of a params file (``--params params.yaml --section
 train_teacher``: the file's values are defaults, flags override them). Errors are one line on stderr
 (``Error: ...``) with a non-zero exit code. MLflow is imported only by the commands that track or use the registry.
+
+SIGTERM (schedulers, ``timeout``, Docker, Kubernetes) stops a command as Ctrl-C does: the MLflow run ends KILLED, a
+training keeps its last checkpoint for ``--resume``, and the exit code is 143 (128 + SIGTERM) with one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 import typing
+from collections.abc import Iterator
 
 import click
 import cloup
@@ -34,14 +41,51 @@ class _Group(cloup.Group):
         return super().get_short_help_str(limit=1000)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds as Ctrl-C does: runs end KILLED (every handler of
+    KeyboardInterrupt applies), files written atomically stay whole."""
+
+
+class _Stopped(Exception):
+    """Terminated, carried past click (which would print a blank line for a KeyboardInterrupt) to the exit."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not break the clean-up of the first
+    raise Terminated("SIGTERM")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class _OneLineErrors(_Group):
-    """The root group: any :class:`RRMError` or usage error becomes ``Error: ...`` on one line and exit code 1 or 2."""
+    """The root group: any :class:`RRMError` or usage error becomes ``Error: ...`` on one line and exit code 1 or 2;
+    SIGTERM ends the command as Ctrl-C does, with exit code 143."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Terminated:
+            raise _Stopped() from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
-            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with _sigterm_as_interrupt():
+                result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except (_Stopped, Terminated):
+            _fail("terminated by SIGTERM; a training keeps its last checkpoint (continue it with --resume)",
+                  128 + signal.SIGTERM)
         except RRMError as exc:
             _fail(str(exc), 1)
         except click.exceptions.NoArgsIsHelpError as exc:  # `rrm` or `rrm teacher` alone: the help is the answer
@@ -52,7 +96,9 @@ class _OneLineErrors(_Group):
             _fail(exc.format_message() + where, exc.exit_code)
         except click.ClickException as exc:
             _fail(exc.format_message(), exc.exit_code)
-        except click.Abort:
+        except click.Abort as exc:
+            if isinstance(exc.__context__, Terminated):  # SIGTERM outside a command (while parsing, say)
+                _fail("terminated by SIGTERM", 128 + signal.SIGTERM)
             _fail("interrupted", 130)
         sys.exit(result if isinstance(result, int) else 0)
 
@@ -86,4 +132,4 @@ def main() -> None:
     cli(prog_name="rrm")
 
 
-from rrm.cli import commands, probe, teacher  # noqa: E402,F401  (registers the commands on `cli`)
+from rrm.cli import commands, probe, runs, teacher  # noqa: E402,F401  (registers the commands on `cli`)

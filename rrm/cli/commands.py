@@ -143,7 +143,7 @@ def train(no_track: bool, experiment: str, run_name: str | None, **options) -> N
         return
     s = result.summary
     robust = f", monitored robust accuracy {s['monitor_robust_accuracy']:.4f}" if "monitor_robust_accuracy" in s else ""
-    run_line = f"\nMLflow run {run_id} in experiment {experiment!r} ({jobs.tracking().tracking_uri()})" if run_id else ""
+    run_line = f"\nMLflow run {run_id} in experiment {experiment!r} ({jobs.tracking().store.tracking_label()})" if run_id else ""
     click.echo(f"{cfg.method} {cfg.model} on {s['dataset']}: test accuracy {s['test_accuracy']:.4f}{robust}; "
                f"{s['epochs']} epochs, {s['epoch_seconds_mean']:.2f} +- {s['epoch_seconds_ci95']:.2f} s/epoch; "
                f"wrote {result.model_path}{run_line}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -12,18 +15,22 @@ from mlflow import MlflowClient
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import LoggedModelInput
+from mlflow.entities import LoggedModelInput, Run
+from mlflow.exceptions import MlflowException
 
 from rrm.data import ImageData
 from rrm.errors import RRMError
-from rrm.io import sha256_file
+from rrm.io import sha256_file, write_json
 from rrm.models import Classifier
 from rrm.tracking.registry import _resolve_version, _run_model, _version_model_id
 from rrm.tracking.store import (
-    DEFAULT_EXPERIMENT, _client, _context_tags, _end_active_run, _experiment_id, _log_model, _mlflow_errors, _numbers,
-    _one_line, _params,
+    DEFAULT_EXPERIMENT, StoreUnreachable, _client, _context_tags, _end_active_run, _experiment_id, _log_model,
+    _mlflow_errors, _numbers, _one_line, _params, _process_alive, _warn, check_store, tracking_label,
 )
 from rrm.train import Callback, TrainConfig, TrainResult
+from rrm.train.trainer import CHECKPOINT
+
+RUN_FILE = "mlflow_run.json"  # beside the checkpoint: the run a --resume continues
 
 
 def _dataset_input(data: ImageData, ref: str) -> MetaDataset:
@@ -43,7 +50,7 @@ class MlflowCallback(Callback):
     """Record one training run in MLflow: params, per-epoch metrics, tags, dataset, teacher, artifacts and model.
 
     Use it as a context manager around :func:`rrm.train.train`, so that a run that raises ends FAILED (KILLED on
-    Ctrl-C) instead of staying RUNNING::
+    Ctrl-C or SIGTERM) instead of staying RUNNING::
 
         with MlflowCallback(experiment="rrm") as tracker:
             result = train(cfg, callbacks=[tracker])
@@ -53,6 +60,12 @@ class MlflowCallback(Callback):
     An active run of the caller becomes the parent; so does the run named by a ``mlflow.parentRunId`` tag.
     ``log_model=False`` (tuning trials) skips the checkpoint and the MLflow model, the costly artifacts, and tags
     only the model file's path. :meth:`stop` ends a run that was stopped on purpose (a pruned trial).
+
+    The run's id is kept in ``mlflow_run.json`` beside the checkpoint: a ``resume`` of an unfinished training
+    continues that run (same id, metrics appended by epoch) where it still exists in this store and experiment.
+    Starting a run first marks FAILED the runs that dead processes of this host left RUNNING. A store that stops
+    answering during training does not stop it: one warning, the training goes on and writes its files, and at
+    the end :attr:`unfinished` (also on stderr) says which run was left unfinished and how to finish it.
     """
 
     def __init__(self, experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
@@ -63,9 +76,13 @@ class MlflowCallback(Callback):
         self.log_model = log_model
         self.run_id: str | None = None
         self.model_id: str | None = None
+        self.resumed = False
+        self.unfinished: str | None = None  # why the run was left RUNNING when the store stopped answering
         self._entered = False
         self._active = False
         self._logged_epochs: set[int] = set()
+        self._lost: str | None = None  # the store stopped answering: what failed, when
+        self._out_dir: Path | None = None
 
     def __enter__(self) -> "MlflowCallback":
         self._entered = True
@@ -75,7 +92,10 @@ class MlflowCallback(Callback):
         self._entered = False
         if self._active:
             self._active = False
-            _end_active_run(exc)
+            if self._lost is None:
+                _end_active_run(exc)
+            else:  # the store is gone: asking it again would only add a timeout
+                self._leave_unfinished()
 
     def stop(self, reason: str) -> None:
         """End the run now as KILLED with tag ``rrm.stopped`` = ``reason``: stopped on purpose, not failed."""
@@ -89,18 +109,69 @@ class MlflowCallback(Callback):
         if not self._entered:  # outside a `with`, a failing run would be marked FINISHED at interpreter exit
             raise RRMError("use MlflowCallback as a context manager: `with MlflowCallback() as tracker: "
                            "train(cfg, callbacks=[tracker])`")
+        self._out_dir = Path(cfg.out_dir)
         with _mlflow_errors("starting the MLflow run"):
-            client = _client()
+            client = check_store("starting the MLflow run")
             experiment_id = _experiment_id(client, self.experiment)
             tags = {**_context_tags(), "rrm.kind": "train", "rrm.dataset": data.name,
-                    "rrm.dataset_digest": data.digest, **self.tags}
-            run = mlflow.start_run(experiment_id=experiment_id, nested=mlflow.active_run() is not None,
+                    "rrm.dataset_digest": data.digest, "rrm.out_dir": str(self._out_dir.resolve()), **self.tags}
+            nested = mlflow.active_run() is not None
+            earlier = self._interrupted_run(client, cfg, experiment_id)
+            if earlier is not None:
+                self._resume(client, earlier, cfg, tags, nested)
+                return
+            run = mlflow.start_run(experiment_id=experiment_id, nested=nested,
                                    run_name=self.run_name or f"{cfg.method}-{cfg.model}-{data.name}", tags=tags)
             self.run_id, self._active = run.info.run_id, True
+            write_json(self._out_dir / RUN_FILE, {"run_id": self.run_id, "experiment_id": experiment_id,
+                                                  "tracking_uri": tracking_label()})
             mlflow.log_params(_params(cfg.to_dict()))
             mlflow.log_input(_dataset_input(data, cfg.dataset), context="train", tags={"rrm.digest": data.digest})
             if cfg.teacher:
                 self._log_teacher(client, cfg.teacher)
+
+    def _interrupted_run(self, client: MlflowClient, cfg: TrainConfig, experiment_id: str) -> Run | None:
+        """The run of the training that ``cfg.resume`` continues: named in ``mlflow_run.json`` beside a checkpoint,
+        in this store and experiment, not deleted and not FINISHED (a finished training extended is a new run)."""
+        path = self._out_dir / RUN_FILE
+        if not (cfg.resume and (self._out_dir / CHECKPOINT).is_file() and path.is_file()):
+            return None
+        try:
+            run_id = json.loads(path.read_text())["run_id"]
+            run = client.get_run(run_id)
+        except (ValueError, KeyError, TypeError, OSError):
+            return None
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # another store's run
+                return None
+            raise
+        if (run.info.experiment_id != experiment_id or run.info.lifecycle_stage == "deleted"
+                or run.info.status == "FINISHED"):
+            return None
+        if run.info.status == "RUNNING" and _process_alive(run.data.tags) and \
+                run.data.tags.get("rrm.pid") != str(os.getpid()):
+            raise RRMError(f"MLflow run {run_id} of {str(self._out_dir)!r} is RUNNING in process "
+                           f"{run.data.tags['rrm.pid']} on this host; wait for it or stop it before resuming")
+        return run
+
+    def _resume(self, client: MlflowClient, run: Run, cfg: TrainConfig, tags: dict, nested: bool) -> None:
+        """Continue ``run``: RUNNING again with this process's tags, params it lacks logged, changed ones (more
+        epochs, say) in tag ``rrm.resumed_with``, and its logged epochs remembered so none is logged twice."""
+        run_id = run.info.run_id
+        logged = run.data.params
+        params = _params(cfg.to_dict())
+        changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
+        if changed:
+            tags["rrm.resumed_with"] = _one_line(", ".join(f"{k}={v}" for k, v in sorted(changed.items())), 5000)
+        mlflow.start_run(run_id=run_id, nested=nested, tags=tags)
+        self.run_id, self._active, self.resumed = run_id, True, True
+        for key in ("rrm.error", "rrm.stopped"):  # what ended it before no longer holds
+            if key in run.data.tags:
+                client.delete_tag(run_id, key)
+        new = {k: v for k, v in params.items() if k not in logged}
+        if new:
+            mlflow.log_params(new)
+        self._logged_epochs = {int(m.step) for m in client.get_metric_history(run_id, "epoch_seconds")}
 
     def _log_teacher(self, client: MlflowClient, ref: str) -> None:
         tags = {"rrm.teacher_uri": ref}
@@ -122,15 +193,42 @@ class MlflowCallback(Callback):
             mlflow.log_input(model=LoggedModelInput(model_id))
 
     def on_epoch_end(self, epoch: int, metrics: dict) -> None:
+        if self._lost is not None:
+            return
+        try:
+            self._log_epoch(epoch, metrics)
+        except StoreUnreachable as exc:
+            self._store_lost(f"in epoch {epoch}", exc)
+
+    def _log_epoch(self, epoch: int, metrics: dict) -> None:
         with _mlflow_errors("logging epoch metrics to MLflow"):
             mlflow.log_metrics({k: v for k, v in _numbers(metrics).items() if k != "epoch"}, step=epoch)
         self._logged_epochs.add(epoch)
 
+    def _store_lost(self, when: str, exc: StoreUnreachable) -> None:
+        """Go on without the store; say so once."""
+        self._lost = when
+        _warn(f"the MLflow tracking store at {tracking_label()} stopped answering {when} ({_one_line(exc, 120)}); "
+              f"training goes on without it and writes its checkpoint and model to {self._out_dir}")
+
     def on_train_end(self, result: TrainResult) -> None:
+        try:
+            if self._lost is not None:  # it may be back: then the run is finished as if it had never left
+                with _mlflow_errors("reaching the MLflow tracking store again"):
+                    _client().get_run(self.run_id)
+                self._lost = None
+            self._finish(result)
+        except StoreUnreachable as exc:
+            if self._lost is None:
+                self._store_lost("at the end of training", exc)
+            self._active = False
+            self._leave_unfinished()
+
+    def _finish(self, result: TrainResult) -> None:
+        for row in result.history:  # epochs a resumed run took from its checkpoint, or trained while the store was away
+            if row["epoch"] not in self._logged_epochs:
+                self._log_epoch(row["epoch"], row)
         with _mlflow_errors("logging the trained model to MLflow"):
-            for row in result.history:  # epochs a resumed run took from its checkpoint
-                if row["epoch"] not in self._logged_epochs:
-                    self.on_epoch_end(row["epoch"], row)
             epoch_keys = set(result.history[-1])
             mlflow.log_metrics({k: v for k, v in _numbers(result.summary).items() if k not in epoch_keys})
             mlflow.set_tags({"rrm.precision": result.summary["precision"], "rrm.schedule": result.summary["schedule"],
@@ -150,3 +248,16 @@ class MlflowCallback(Callback):
                 self.model_id = _log_model(result.model_path)
             self._active = False
             _end_active_run(None)
+
+    def _leave_unfinished(self) -> None:
+        """The store stopped answering: forget the run in this process and say how to finish it."""
+        self.unfinished = (f"MLflow run {self.run_id} in {tracking_label()} was left unfinished (RUNNING): the "
+                           f"tracking store stopped answering {self._lost}. The training's files are in "
+                           f"{self._out_dir}. Once the store answers, rerun the same command with --resume to record "
+                           "the rest in that run; until then the next rrm command on this host that records a run, "
+                           "or `rrm runs clean`, marks it FAILED")
+        # end_run pops the run from MLflow's stack of active runs, then tells the store, which fails (or, back by
+        # now, keeps the run RUNNING as the message says).
+        with contextlib.suppress(Exception):
+            mlflow.end_run("RUNNING")
+        _warn(self.unfinished)

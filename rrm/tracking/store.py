@@ -14,9 +14,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -31,22 +34,76 @@ from mlflow.exceptions import MlflowException
 import rrm
 from rrm.errors import RRMError
 from rrm.models import MODEL_FORMAT, Classifier, load_model
+from rrm.secrets import mask_url
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "rrm"
 LOGGED_MODEL_NAME = "model"
 _VERSIONED_PACKAGES = {"torch": "torch", "torchvision": "torchvision", "art": "adversarial-robustness-toolbox",
                        "mlflow": "mlflow"}
+# Store URIs that MLflow opens with SQLAlchemy and rrm checks first (their drivers take connect_timeout).
+_DATABASE_SCHEMES = ("postgresql", "mysql")
+DATABASE_CONNECT_SECONDS = 5
+_reached: set[str] = set()  # database stores this process has connected to
+_UNREACHABLE = ("Max retries exceeded", "Connection refused", "Failed to establish a new connection", "Read timed out",
+                "ConnectTimeout", "Connection aborted", "RemoteDisconnected", "Connection reset",
+                "No route to host", "Network is unreachable", "failed to resolve host", "could not translate host",
+                "server closed the connection", "terminating connection", "timeout expired",
+                "Can't connect to MySQL server", "Lost connection to MySQL server")
+
+
+class StoreUnreachable(RRMError):
+    """The tracking store (an MLflow server or the database behind a store URI) does not answer."""
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def tracking_label() -> str:
+    """The tracking URI with its password masked: what messages, tags and files show."""
+    return mask_url(tracking_uri())
+
+
+def _is_database(uri: str) -> bool:
+    return uri.split(":", 1)[0].split("+", 1)[0] in _DATABASE_SCHEMES
+
+
 def _client() -> MlflowClient:
     uri = tracking_uri()
+    if _is_database(uri) and uri not in _reached:
+        _check_database(uri)
+        _reached.add(uri)
     mlflow.set_tracking_uri(uri)  # fluent calls (runs, log_model) write to the same store as the client
     return MlflowClient(tracking_uri=uri)
+
+
+def _check_database(uri: str) -> None:
+    """Connect once, with a timeout, before MLflow does: MLflow retries a database that is down for about two
+    minutes (ten attempts with backoff, a traceback each; no setting shortens it) and then fails with a traceback."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    label = mask_url(uri)
+    try:
+        engine = create_engine(uri, connect_args={"connect_timeout": DATABASE_CONNECT_SECONDS}, poolclass=NullPool)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except ImportError as exc:
+        driver = getattr(exc, "name", None) or str(exc)
+        raise RRMError(f"the MLflow tracking store {label} needs the database driver {driver!r}, which is not "
+                       "installed; install it (PostgreSQL: pip install 'psycopg[binary]' for postgresql+psycopg://)") \
+            from None
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy and the drivers raise many types
+        message = mask_url(_one_line(getattr(exc, "orig", None) or exc))
+        if _unreachable(exc):
+            raise StoreUnreachable(f"cannot reach the MLflow tracking database at {label} ({message}); start the "
+                                   "database server, or fix MLFLOW_TRACKING_URI") from None
+        raise RRMError(f"cannot connect to the MLflow tracking database at {label} ({message}); fix "
+                       "MLFLOW_TRACKING_URI (user, password, database name) or the database's access rules") from None
 
 
 def _one_line(text: object, limit: int = 300) -> str:
@@ -54,30 +111,39 @@ def _one_line(text: object, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def _warn(message: str) -> None:
+    """One line on stderr: something the user should know that does not stop the command."""
+    print(f"Warning: {_one_line(mask_url(message), 1000)}", file=sys.stderr, flush=True)
+
+
 def _unreachable(exc: BaseException) -> bool:
     text = str(exc)
-    return isinstance(exc, requests.ConnectionError) or any(
-        s in text for s in ("Max retries exceeded", "Connection refused", "Failed to establish a new connection",
-                            "Read timed out", "ConnectTimeout"))
+    return (isinstance(exc, requests.ConnectionError)
+            or getattr(exc, "error_code", None) == "TEMPORARILY_UNAVAILABLE"  # MLflow: the database went away
+            or any(s in text for s in _UNREACHABLE))
 
 
 @contextlib.contextmanager
 def _mlflow_errors(action: str) -> Iterator[None]:
-    """Turn MLflow and transport errors into one-line :class:`RRMError` s that say what to do."""
+    """Turn MLflow and transport errors into one-line :class:`RRMError` s that say what to do; a store that does
+    not answer raises :class:`StoreUnreachable`. URIs in messages have their password masked."""
     try:
         yield
     except RRMError:
         raise
     except (MlflowException, requests.RequestException, OSError) as exc:
-        uri = tracking_uri()
+        uri = tracking_label()
         if _unreachable(exc):
-            raise RRMError(f"{action}: cannot reach the MLflow tracking server at {uri}; start it "
-                           "(`mlflow server`) or point MLFLOW_TRACKING_URI at a running one") from None
+            if _is_database(tracking_uri()):
+                raise StoreUnreachable(f"{action}: cannot reach the MLflow tracking database at {uri}; start the "
+                                       "database server, or fix MLFLOW_TRACKING_URI") from None
+            raise StoreUnreachable(f"{action}: cannot reach the MLflow tracking server at {uri}; start it "
+                                   "(`mlflow server`) or point MLFLOW_TRACKING_URI at a running one") from None
         code = getattr(exc, "error_code", "")
         if code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
-            raise RRMError(f"{action}: the tracking server at {uri} refused ({_one_line(exc)}); check "
+            raise RRMError(f"{action}: the tracking server at {uri} refused ({mask_url(_one_line(exc))}); check "
                            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN") from None
-        raise RRMError(f"{action} failed on {uri}: {_one_line(getattr(exc, 'message', exc))}") from None
+        raise RRMError(f"{action} failed on {uri}: {mask_url(_one_line(getattr(exc, 'message', exc)))}") from None
 
 
 def _is(exc: MlflowException, code: str) -> bool:
@@ -125,7 +191,121 @@ def _context_tags() -> dict[str, str]:
         tags["rrm.git_dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()
     if os.environ.get("DVC_STAGE"):
         tags["dvc.stage"] = os.environ["DVC_STAGE"]
+    return {**tags, **_process_tags()}
+
+
+# ------------------------------------------------------------------------------------------------------ stale runs
+
+PROCESS_TAGS = ("rrm.host", "rrm.pid", "rrm.process_start")
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, Linux), so that a reused pid is not taken for it; None
+    where ``/proc`` does not say. A zombie (killed, not yet reaped) counts as gone: "Z"."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return "Z" if fields[0] == "Z" else fields[19]
+
+
+def _process_tags() -> dict[str, str]:
+    """The process that owns a run: a run left RUNNING after it is gone was never ended (SIGKILL, power loss)."""
+    tags = {"rrm.host": socket.gethostname(), "rrm.pid": str(os.getpid())}
+    started = _process_start(os.getpid())
+    if started:
+        tags["rrm.process_start"] = started
     return tags
+
+
+def _process_alive(tags: Mapping[str, str]) -> bool | None:
+    """Whether the process named by a run's tags is alive; None when it ran on another host (cannot be checked)."""
+    if tags.get("rrm.host") != socket.gethostname() or not tags.get("rrm.pid", "").isdigit():
+        return None
+    pid = int(tags["rrm.pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    started, recorded = _process_start(pid), tags.get("rrm.process_start")
+    if started == "Z":
+        return False
+    return not (started and recorded and started != recorded)  # a reused pid is another process
+
+
+@dataclass
+class StaleRuns:
+    """What a clean-up found: runs it marked FAILED (id, reason), runs it left (id, why)."""
+
+    marked: list[tuple[str, str]] = field(default_factory=list)
+    left: list[tuple[str, str]] = field(default_factory=list)
+
+
+def clean_stale_runs(run_ids: tuple[str, ...] | list[str] = (), *, dry_run: bool = False,
+                     client: MlflowClient | None = None) -> StaleRuns:
+    """Mark FAILED, with the reason in tag ``rrm.error``, the runs left RUNNING by a process that died.
+
+    Without ``run_ids``: every RUNNING run of an rrm process on this host that is gone (rrm tags each run with its
+    host and pid); runs of other hosts cannot be checked from here and are listed in ``left``. With ``run_ids``:
+    those runs wherever they ran, unless one is not RUNNING or its process on this host is alive.
+    """
+    with _mlflow_errors("cleaning up stale MLflow runs"):
+        client = client or _client()
+        if run_ids:
+            runs = [client.get_run(run_id) for run_id in run_ids]
+        else:
+            experiments = [e.experiment_id for e in client.search_experiments()]
+            runs = list(client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=1000)) \
+                if experiments else []
+        found = _stale(runs, explicit=bool(run_ids))
+        if not dry_run:
+            for run_id, reason in found.marked:
+                client.set_tag(run_id, "rrm.error", reason)
+                client.set_terminated(run_id, "FAILED")
+    return found
+
+
+def _stale(runs: list[Run], explicit: bool) -> StaleRuns:
+    """Which of ``runs`` to mark FAILED and why; ``explicit``: asked for by id, so marked unless known alive."""
+    found = StaleRuns()
+    for run in runs:
+        tags, run_id = run.data.tags, run.info.run_id
+        alive = _process_alive(tags) if "rrm.pid" in tags else None
+        where = f"pid {tags['rrm.pid']} on host {tags['rrm.host']}" if "rrm.pid" in tags else "an unknown process"
+        if run.info.status != "RUNNING":
+            found.left.append((run_id, f"it is {run.info.status}, not RUNNING"))
+        elif alive:
+            found.left.append((run_id, f"its process ({where}) is still running"))
+        elif alive is None and not explicit:
+            if "rrm.pid" in tags:
+                found.left.append((run_id, f"its process ({where}) cannot be checked from this host: run `rrm runs "
+                                           "clean` there, or pass the run id"))
+        elif alive is False:
+            found.marked.append((run_id, f"left RUNNING by {where}, which is gone (killed by SIGKILL or out of "
+                                         "memory, a power loss, or a tracking store that did not answer at its end)"))
+        else:
+            found.marked.append((run_id, f"left RUNNING by {where}; marked FAILED by `rrm runs clean`"))
+    return found
+
+
+_cleaned: set[str] = set()  # stores whose stale runs this process has marked
+
+
+def check_store(action: str) -> MlflowClient:
+    """The store's client once it answered (one line, in seconds, when it does not); on the first call per store,
+    runs left RUNNING by dead rrm processes of this host are marked FAILED, each with a warning."""
+    with _mlflow_errors(action):
+        client = _client()
+        uri = tracking_uri()
+        if uri in _cleaned:
+            return client
+        stale = clean_stale_runs(client=client)
+        _cleaned.add(uri)
+    for run_id, reason in stale.marked:
+        _warn(f"marked MLflow run {run_id} FAILED: {reason}")
+    return client
 
 
 def _params(config: Mapping) -> dict[str, str]:

@@ -12,12 +12,15 @@ from pathlib import Path
 import mlflow
 from mlflow.entities import Metric, Param, Run
 
-from rrm.tracking.store import DEFAULT_EXPERIMENT, _client, _context_tags, _experiment_id, _mlflow_errors, _one_line
+from rrm.secrets import mask_url
+from rrm.tracking.store import (
+    DEFAULT_EXPERIMENT, PROCESS_TAGS, _client, _context_tags, _experiment_id, _mlflow_errors, _one_line, check_store,
+)
 
 
 def open_study_run(study: str, storage: str, *, params: Mapping[str, object],
                    experiment: str = DEFAULT_EXPERIMENT) -> tuple[str, str]:
-    """The parent run of tuning study ``study`` in ``storage`` (a label without secrets), set RUNNING: its id and
+    """The parent run of tuning study ``study`` in ``storage`` (its password masked here too), set RUNNING: its id and
     the name of its experiment, where the trial runs belong (``mlflow ui`` nests runs within one experiment).
 
     A study keeps one parent run across restarts and workers: found by a tag, created when missing. Workers that
@@ -25,12 +28,14 @@ def open_study_run(study: str, storage: str, *, params: Mapping[str, object],
     trials end up under one parent. ``params`` are logged when the run is created. Under ``mlflow run`` the
     project's run is the parent, and ``MLFLOW_RUN_ID`` is removed so that trial runs do not resume it.
     """
+    storage = mask_url(storage)
     key = hashlib.sha256(f"{storage}\n{study}".encode()).hexdigest()[:32]
-    tags = {**_context_tags(), "rrm.kind": "study", "rrm.study": study, "rrm.study_storage": storage,
-            "rrm.study_key": key}
+    # Workers on many hosts share the parent run: no process of its own that the stale-run clean-up could check.
+    tags = {**{k: v for k, v in _context_tags().items() if k not in PROCESS_TAGS}, "rrm.kind": "study",
+            "rrm.study": study, "rrm.study_storage": storage, "rrm.study_key": key}
     project_run = os.environ.pop("MLFLOW_RUN_ID", None)
     with _mlflow_errors("opening the study's MLflow run"):
-        client = _client()
+        client = check_store("opening the study's MLflow run")
         if project_run:
             client.log_batch(project_run, params=[Param(k, _one_line(v, 6000)) for k, v in params.items()])
             for name, value in tags.items():

@@ -13,7 +13,6 @@ import contextlib
 import datetime
 import os
 import random
-import re
 import socket
 import time
 import warnings
@@ -23,6 +22,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from rrm.errors import RRMError
+from rrm.secrets import mask_url
 
 HEARTBEAT_SECONDS, GRACE_SECONDS = 60, 180
 SCHEMA_RACE_RETRIES = 5
@@ -32,8 +32,9 @@ _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def storage_label(url: str) -> str:
-    """The storage URL without its password, fit for logs and tags."""
-    return re.sub(r"(://[^:/@]+:)[^@/]*@", r"\1***@", url)
+    """The storage URL without its password (in any URL form, see :func:`rrm.secrets.mask_url`), fit for logs,
+    tags and files."""
+    return mask_url(url)
 
 
 def _journal_path(url: str) -> Path | None:
@@ -88,7 +89,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         raise RRMError(f"storage {label} needs the database driver {driver!r}, which is not installed; install it "
                        "(PostgreSQL: pip install 'psycopg[binary]' for postgresql+psycopg://)") from None
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many types for a bad URL or a server that is down
-        text = " ".join(_database_message(exc).split())[:300]
+        text = " ".join(mask_url(_database_message(exc)).split())[:300]  # SQLAlchemy quotes a URL it cannot parse
         if "Can't load plugin" in text:
             raise RRMError(f"storage {label}: unknown database kind {url.split(':')[0]!r}; use sqlite:///FILE.db, "
                            "journal:FILE.log or postgresql://USER:PASSWORD@HOST:PORT/DB") from None

@@ -15,6 +15,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from rrm.io import write_json
+from rrm.secrets import mask_url
 from rrm.train import knobs_of
 from rrm.tune.config import TuneConfig
 from rrm.tune.storage import is_finished
@@ -50,7 +51,7 @@ def trial_record(trial: FrozenTrial) -> dict:
 def summarise(study: optuna.Study, cfg: TuneConfig, best: list[dict], label: str, ran: list[int],
               started: float) -> TuneResult:
     """Write the study's files to ``cfg.directory``; ``best`` holds the best trials' records with their ``test``
-    scores."""
+    scores. ``label`` names the storage; a password in it is masked all the same."""
     trials = [trial_record(t) for t in study.get_trials(deepcopy=False)]
     out = cfg.directory
     out.mkdir(parents=True, exist_ok=True)
@@ -60,8 +61,8 @@ def summarise(study: optuna.Study, cfg: TuneConfig, best: list[dict], label: str
               for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
     finished = sum(map(is_finished, study.get_trials(deepcopy=False)))
     write_json(files["results"], {
-        "study": cfg.name, "storage": label, "method": cfg.method, "mode": cfg.mode, "target_trials": cfg.n_trials,
-        "finished_trials": finished, "trials": {"total": len(trials), **counts},
+        "study": cfg.name, "storage": mask_url(label), "method": cfg.method, "mode": cfg.mode,
+        "target_trials": cfg.n_trials, "finished_trials": finished, "trials": {"total": len(trials), **counts},
         "knobs": {k: list(cfg.range_of(k)) for k in cfg.tuned}, "min_natural_accuracy": cfg.min_natural_accuracy,
         "best": {f"trial_{b['number']}": {"params": b["params"],
                                            "validation": {"natural_accuracy": b["natural_accuracy"],
@@ -77,7 +78,7 @@ def summarise(study: optuna.Study, cfg: TuneConfig, best: list[dict], label: str
                               title=f"{cfg.name}: accuracy against {knob}")
     files["history"] = plot_history(trials, cfg.mode, out / "optimization_history.png",
                                     title=f"{cfg.name}: optimisation history")
-    return TuneResult(study_name=cfg.name, storage=label, out_dir=out, ran=ran, trials=trials, best=best,
+    return TuneResult(study_name=cfg.name, storage=mask_url(label), out_dir=out, ran=ran, trials=trials, best=best,
                       files=files, finished=finished, seconds=time.perf_counter() - started)
 
 
