@@ -39,6 +39,8 @@ class EvalResult:
     seconds: dict[str, float] | None = None  # "natural", each attack and "sanity" -> wall-clock seconds
     sanity_passed: bool | None = None  # every check that ran passed (the constraint check runs with every attack)
     sanity: dict | None = None  # "enabled" and each check with its numbers (see rrm.evaluate)
+    # AutoAttack's package, version, components and seed, its images, the accuracy after each component, the times
+    autoattack: dict | None = None
     seed: int | None = None
     art_version: str | None = None
     torch_version: str | None = None
