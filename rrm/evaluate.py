@@ -16,6 +16,9 @@ subset one or two borderline images flip between attack runs that differ only in
 - ``noise``: uniform noise in the eps ball hurts no more than the attack (noise accuracy >= attack accuracy - ``tol``).
 - ``transfer`` (with ``transfer_from``): white-box accuracy <= transfer accuracy + ``tol``; a student that copies a
   teacher must not resist the teacher's adversarial examples better than its own.
+- ``square``: the black-box Square attack (``sanity_square_queries`` queries, 1,000 by default against AutoAttack's
+  5,000) leaves no more than ``tol`` below the white-box APGD accuracy. Square uses only the model's outputs, so a model
+  that hides or zeroes its gradients falls to it while APGD stalls.
 - ``constraint``: every adversarial example of every attack lies within its eps (computed in float64; slack 1e-6 per
   pixel for Linf and 1e-6 * sqrt(pixels) for L2, the fp32 rounding of ``x + delta``) and inside [0, 1].
 """
@@ -29,18 +32,20 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from rrm.attacks import apgd, art_apgd, check_threat, fgsm, frozen, pgd, random_perturbation, seeded
-from rrm.data import ImageData
+from rrm.attacks.autoattack import AutoAttack, components_of, settings_summary, square
+from rrm.data import ImageData, to_float
 from rrm.errors import RRMError, require, unknown
 from rrm.metrics import Attack, accuracy, device_of
 from rrm.models import Classifier, load_model
 from rrm.results import EvalResult, spec_record
 
-ATTACKS = ("apgd", "art-apgd", "pgd", "fgsm", "transfer")
+ATTACKS = ("apgd", "art-apgd", "pgd", "fgsm", "transfer", "autoattack")
 TRANSFER_ATTACKS = ("apgd", "pgd")
 EPS_MULTIPLES = (0.5, 1.0, 2.0, 4.0, 8.0)
 # The larger budgets of the monotonicity checks, relative to the sanity attack's.
@@ -63,9 +68,15 @@ class EvalConfig:
     pgd_steps: int = 20
     pgd_step_size: float | None = None  # None: 2.5 * eps / pgd_steps (Madry et al.)
     transfer_attack: str = "apgd"  # how "transfer" crafts on the transfer_from model
+    # "autoattack": fra31's AutoAttack (pyautoattack). standard: APGD-CE, APGD-T, FAB-T, Square (5,000 queries);
+    # plus, rand; custom runs autoattack_components with standard's budgets.
+    autoattack_version: str = "standard"
+    autoattack_components: tuple[str, ...] = ()
+    autoattack_examples: int | None = None  # AutoAttack on the first n attacked images (it costs more); None: all
     sanity: bool = True
     sanity_examples: int = 200
     sanity_steps: int = 20  # native APGD iterations (1 restart) of the sanity attacks
+    sanity_square_queries: int = 1000  # Square's queries per image in the masking check (AutoAttack's: 5,000)
     sanity_tolerance: float = 0.02
     sanity_zero_accuracy: float = 0.05
     seed: int = 0
@@ -84,14 +95,22 @@ class EvalConfig:
         if bad:
             raise RRMError(f"unknown evaluation option(s) {bad}; valid options: {', '.join(sorted(names))}")
         values = dict(values)
-        if isinstance(values.get("attacks"), (list, str)):
-            attacks = values["attacks"]
-            values["attacks"] = tuple([attacks] if isinstance(attacks, str) else attacks)
+        for key in ("attacks", "autoattack_components"):
+            if isinstance(values.get(key), (list, str)):
+                names = values[key]
+                values[key] = tuple([names] if isinstance(names, str) else names)
         return cls(**values)
 
     @property
     def pgd_step(self) -> float:
         return self.pgd_step_size if self.pgd_step_size is not None else 2.5 * self.eps / self.pgd_steps
+
+    def _validate_autoattack(self) -> None:
+        components_of(self.autoattack_version, tuple(self.autoattack_components))
+        require(self.autoattack_examples is None or self.autoattack_examples >= 1,
+                f"autoattack_examples must be >= 1 (or unset for every attacked image), got {self.autoattack_examples}")
+        require(self.sanity_square_queries >= 1,
+                f"sanity_square_queries must be >= 1, got {self.sanity_square_queries}")
 
     def validate(self) -> "EvalConfig":
         """Raise :class:`RRMError` for any value out of range; returns self for chaining."""
@@ -108,6 +127,7 @@ class EvalConfig:
                 f"attacks are listed twice in {list(self.attacks)}")
         if self.transfer_attack not in TRANSFER_ATTACKS:
             raise unknown("transfer attack", self.transfer_attack, TRANSFER_ATTACKS)
+        self._validate_autoattack()
         require(self.n_examples is None or self.n_examples >= 1,
                 f"n_examples must be >= 1 (or unset for the whole test split), got {self.n_examples}")
         for name in ("batch_size", "steps", "restarts", "pgd_steps", "sanity_examples", "sanity_steps"):
@@ -155,11 +175,15 @@ class _Constraint:
     def update(self, x: torch.Tensor, x_adv: torch.Tensor, eps: float) -> None:
         delta = (x_adv.double() - x.double()).flatten(1)
         dist = delta.abs().amax(1) if self.norm == "linf" else delta.norm(dim=1)
-        self.slack = 1e-6 * (1.0 if self.norm == "linf" else math.sqrt(delta.shape[1]))
-        self.excess = max(self.excess, (dist - eps).max().item())
-        self.min_pixel = min(self.min_pixel, x_adv.min().item())
-        self.max_pixel = max(self.max_pixel, x_adv.max().item())
-        self.finite = self.finite and bool(torch.isfinite(x_adv).all())
+        self.record(dist.max().item() - eps, x_adv.min().item(), x_adv.max().item(), bool(torch.isfinite(x_adv).all()),
+                    delta.shape[1])
+
+    def record(self, excess: float, min_pixel: float, max_pixel: float, finite: bool, pixels: int) -> None:
+        """Fold in a summary measured elsewhere (AutoAttack's, kept across a resumed run)."""
+        self.slack = 1e-6 * (1.0 if self.norm == "linf" else math.sqrt(pixels))
+        self.excess = max(self.excess, excess)
+        self.min_pixel, self.max_pixel = min(self.min_pixel, min_pixel), max(self.max_pixel, max_pixel)
+        self.finite = self.finite and finite
 
     def result(self) -> dict:
         passed = self.finite and self.excess <= self.slack and self.min_pixel >= 0 and self.max_pixel <= 1
@@ -230,6 +254,11 @@ def _crafts(model: nn.Module, config: EvalConfig, num_classes: int, transfer_fro
         "pgd": (seeded_pgd(model), pgd_settings),
         "fgsm": (lambda x, y, seed: fgsm(model, x, y, norm=norm, eps=eps), {"step_size": eps, "random_start": False}),
     }
+    if "autoattack" in config.attacks:
+        autoattack = AutoAttack(model, norm=norm, eps=eps, num_classes=num_classes, version=config.autoattack_version,
+                                components=config.autoattack_components, seed=config.seed,
+                                batch_size=config.batch_size)
+        table["autoattack"] = (autoattack, autoattack.settings)
     if transfer_from is not None:
         if config.transfer_attack == "apgd":
             source, settings = _native_apgd(transfer_from, norm, eps, config.steps, config.restarts), apgd_settings
@@ -271,6 +300,11 @@ def sanity_checks(
                                "accuracy_more": more_restarts, "restarts_more": MORE_RESTARTS}
     noise = attacked(_noise(norm, eps), eps, "noise")
     checks["noise"] = {"passed": noise >= base - tol, "noise_accuracy": noise, "attack_accuracy": base}
+    queries = config.sanity_square_queries
+    black_box = attacked(lambda xb, yb, s: square(model, xb, yb, norm=norm, eps=eps, queries=queries, seed=s), eps,
+                         "square")
+    checks["square"] = {"passed": black_box >= base - tol, "square_accuracy": black_box, "whitebox_accuracy": base,
+                        "queries": queries}
     if transfer_from is not None:
         transfer = attacked(_crafted_on(transfer_from, _native_apgd(transfer_from, norm, eps, steps, 1)), eps,
                             "transfer")
@@ -281,6 +315,18 @@ def sanity_checks(
     return {"examples": len(y), "steps": steps, "tolerance": tol, **checks}
 
 
+def _autoattack(attack: AutoAttack, x: torch.Tensor, y: torch.Tensor, config: EvalConfig, constraint: _Constraint,
+                state: str | os.PathLike | None, progress: bool | None) -> tuple[float, dict]:
+    """AutoAttack on the first ``autoattack_examples`` images: its accuracy and what the metrics keep of it."""
+    k = len(y) if config.autoattack_examples is None else min(config.autoattack_examples, len(y))
+    run = attack.run(to_float(x[:k]), y[:k], state_path=state, progress=progress)
+    if k:
+        constraint.record(run.max_distance - config.eps, run.min_pixel, run.max_pixel, run.finite, x[0].numel())
+    if state is not None:
+        Path(state).unlink(missing_ok=True)
+    return run.accuracy, settings_summary(run, attack)
+
+
 def evaluate(
     model: nn.Module,
     data: ImageData,
@@ -289,8 +335,12 @@ def evaluate(
     transfer_from: nn.Module | None = None,
     progress: bool | None = None,
     model_sha256: str | None = None,
+    autoattack_state: str | os.PathLike | None = None,
 ) -> EvalResult:
     """Natural accuracy, adversarial accuracy per attack and the sanity checks.
+
+    AutoAttack runs on the first ``autoattack_examples`` of the attacked images. With ``autoattack_state`` (a file
+    path) it saves its progress there after every batch and resumes from it; the file is removed once it finished.
 
     The models are evaluated in eval mode with frozen parameters; their mode, ``requires_grad`` and ``.grad`` are
     restored afterwards. ``progress=None`` shows bars only on a terminal. ``sanity.enabled`` says whether the
@@ -327,11 +377,16 @@ def evaluate(
         seconds["natural"] = time.perf_counter() - start
         crafts = _crafts(model, config, data.num_classes, transfer_from)
         adversarial, settings = {}, {}
+        autoattack = None
         for name in config.attacks:
             craft, settings[name] = crafts[name]
             start = time.perf_counter()
-            adversarial[name] = accuracy(model, x, y, attack=_checked(craft, constraint, config.eps), seed=config.seed,
-                                         batch_size=config.batch_size, progress=progress, desc=name)
+            if isinstance(craft, AutoAttack):
+                adversarial[name], autoattack = _autoattack(craft, x, y, config, constraint, autoattack_state, progress)
+            else:
+                adversarial[name] = accuracy(model, x, y, attack=_checked(craft, constraint, config.eps),
+                                             seed=config.seed, batch_size=config.batch_size, progress=progress,
+                                             desc=name)
             seconds[name] = time.perf_counter() - start
         sanity: dict = {"enabled": config.sanity and config.eps > 0}
         if sanity["enabled"]:
@@ -351,6 +406,7 @@ def evaluate(
         natural_accuracy=natural, natural_accuracy_attacked=natural_attacked,
         adversarial_accuracy=adversarial, attack_settings=settings, seconds=seconds,
         sanity_passed=passed if sanity["enabled"] or not passed else None, sanity=sanity,
+        autoattack=autoattack,
         seed=config.seed, art_version=importlib.metadata.version("adversarial-robustness-toolbox"),
         torch_version=torch.__version__,
     )

@@ -17,6 +17,7 @@ from types import ModuleType
 
 from rrm.errors import RRMError, unknown
 from rrm.evaluate import EvalConfig
+from rrm.io import write_json
 from rrm.results import EvalResult
 
 # MLflow retries an unreachable server 7 times with exponential backoff (minutes) and waits up to 120 s for each
@@ -25,6 +26,8 @@ from rrm.results import EvalResult
 FAIL_FAST_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 REGISTRY_SCHEMES = ("models:/", "runs:/")
+# What `rrm evaluate` writes: every number with the sanity checks, or RobustBench's model_info layout.
+EVALUATE_FORMATS = ("rrm", "robustbench")
 
 
 @dataclass
@@ -149,6 +152,7 @@ class EvaluateJob:
     device: str = "auto"
     progress: bool | None = None
     train_run_id: str | None = None  # None: the run that logged this model file
+    format: str = "rrm"  # one of EVALUATE_FORMATS
     attack: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -170,6 +174,10 @@ def evaluate_job(job: EvaluateJob, track: Tracking = Tracking(experiment=None)) 
     if job.out is None and is_registry_uri(job.model):
         raise RRMError(f"pass --out for the metrics of {job.model} (it has no directory to write them beside)")
     attack = job.attack.validate()
+    if job.format not in EVALUATE_FORMATS:
+        raise unknown("output format", job.format, EVALUATE_FORMATS)
+    if job.format == "robustbench" and "autoattack" not in attack.attacks:
+        raise RRMError("--format robustbench reports AutoAttack's accuracy: add autoattack to --attacks")
     device = resolve_device(job.device)
     store = tracking() if track.enabled or is_registry_uri(job.model) or is_registry_uri(job.transfer_from) else None
     if track.enabled:  # before the attack, which may take hours, not after it
@@ -182,13 +190,49 @@ def evaluate_job(job: EvaluateJob, track: Tracking = Tracking(experiment=None)) 
         require(dataset, "--dataset (the model file does not say what it was trained on)")
         data = load_dataset(dataset)
         source = load_model_ref(job.transfer_from, device) if job.transfer_from else None
+        out = Path(job.out) if job.out else path.with_name(
+            "eval_metrics.json" if job.format == "rrm" else "robustbench.json")
+        # AutoAttack's progress, beside the output: a rerun after an interruption continues from it
         result = evaluate(net, data, attack, transfer_from=source, progress=job.progress,
-                          model_sha256=sha256_file(path))
-        out = Path(job.out) if job.out else path.with_name("eval_metrics.json")
-        result.write(out)
+                          model_sha256=sha256_file(path),
+                          autoattack_state=out.with_name(out.name + ".autoattack-state.json"))
+        if job.format == "rrm":
+            result.write(out)
+        else:
+            write_json(out, robustbench_json(result, meta, model=str(job.model), train_run_id=job.train_run_id))
         run_id = store.log_evaluation(result, model_path=path, train_run_id=job.train_run_id,
-                                      experiment=track.experiment, metrics_path=out) if track.enabled else None
+                                      experiment=track.experiment, metrics_path=out if job.format == "rrm" else None
+                                      ) if track.enabled else None
     return Evaluation(result, out, run_id)
+
+
+def robustbench_json(result: EvalResult, meta: dict, *, model: str, train_run_id: str | None = None) -> dict:
+    """``result`` in RobustBench's model_info layout (accuracies as percent strings, as its files hold them), with
+    what RobustBench keeps in the directory name (threat model) and what it leaves implicit (images, source run).
+
+    Clean accuracy is on the images AutoAttack attacked, as RobustBench's ``benchmark`` measures it. rrm trains only
+    on the dataset's training split (a robustified set is made from it), so ``additional_data`` is false.
+    """
+    autoattack = result.autoattack or {}
+    accuracy_after = autoattack.get("accuracy_after", {})
+    if "autoattack" not in result.adversarial_accuracy or "clean" not in accuracy_after:
+        raise RRMError("the evaluation has no AutoAttack result; run it with --attacks autoattack")
+    eps = result.eps
+    eps_text = f"{round(eps * 255)}/255" if eps and abs(eps * 255 - round(eps * 255)) < 1e-6 else f"{eps:g}"
+    config = meta.get("config") or {}
+    return {
+        "link": None, "name": f"rrm {meta.get('method', config.get('method', '?'))} {meta.get('model', '?')}",
+        "authors": None, "additional_data": False, "number_forward_passes": 1, "dataset": result.dataset,
+        "venue": None, "architecture": meta.get("model", config.get("model")), "eps": eps_text,
+        "clean_acc": f"{100 * accuracy_after['clean']:.2f}",
+        "reported": None, "autoattack_acc": f"{100 * result.adversarial_accuracy['autoattack']:.2f}", "footnote":
+        f"AutoAttack {autoattack.get('version')} ({autoattack.get('components')}; pyautoattack "
+        f"{autoattack.get('package_version')}, seed {autoattack.get('seed')}) by rrm evaluate",
+        "threat_model": {"linf": "Linf", "l2": "L2"}.get(result.norm or "", result.norm),
+        "n_examples": autoattack.get("n_examples"),
+        "source_run": {"model": model, "train_run_id": train_run_id, "method": meta.get("method"),
+                       "dataset_digest": meta.get("dataset_digest")},
+    }
 
 
 def tune_job(cfg, track: Tracking = Tracking(), log=print):

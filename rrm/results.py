@@ -62,6 +62,8 @@ class EvalResult:
     # check runs with every attack); None: the masking checks did not run (older files wrote true for that)
     sanity_passed: bool | None = None
     sanity: dict | None = None  # "enabled" and each check with its numbers (see rrm.evaluate)
+    # AutoAttack's package, version, components and seed, its images, the accuracy after each component, the times
+    autoattack: dict | None = None
     seed: int | None = None
     art_version: str | None = None
     torch_version: str | None = None

@@ -18,6 +18,8 @@ from rrm.cli.options import (
 from rrm.errors import RRMError
 from rrm.io import check_writable
 from rrm.attacks import NORMS
+from rrm.attacks.autoattack import COMPONENTS as AA_COMPONENTS
+from rrm.attacks.autoattack import VERSIONS as AA_VERSIONS
 from rrm.evaluate import ATTACKS, TRANSFER_ATTACKS, EvalConfig
 from rrm.models import ARCHITECTURES
 from rrm.train import FEATURE_LOSSES, MATCH_INPUTS, METHODS, PRECISIONS, SCHEDULES, TrainConfig, tunable_methods
@@ -190,7 +192,8 @@ def robustify(**options) -> None:
 
 EVALUATE = {
     **THREAT,
-    "attacks": Spec("attack", f"Attacks, comma-separated: {', '.join(ATTACKS)} (art-apgd is the paper's reference)."),
+    "attacks": Spec("attack", f"Attacks, comma-separated: {', '.join(ATTACKS)} (art-apgd is the paper's reference; "
+                              "autoattack is fra31's AutoAttack, RobustBench's)."),
     "n_examples": Spec("data", "Test images attacked (the first n). [default: the whole test split]"),
     "batch_size": Spec("runtime", "Images per attack batch."),
     "steps": Spec("attack", "APGD iterations (native and ART)."),
@@ -198,19 +201,30 @@ EVALUATE = {
     "pgd_steps": Spec("attack", "PGD steps of the pgd attack."),
     "pgd_step_size": Spec("attack", "PGD step. [default: 2.5 * eps / pgd-steps]"),
     "transfer_attack": Spec("attack", "How `transfer` crafts on --transfer-from.", TRANSFER_ATTACKS, "transfer attack"),
+    "autoattack_version": Spec("attack", "AutoAttack: standard (APGD-CE, APGD-T, FAB-T, Square 5000), plus, rand, or "
+                                         "custom (--autoattack-components, standard's budgets).", tuple(AA_VERSIONS),
+                               "AutoAttack version"),
+    "autoattack_components": Spec("attack", f"custom AutoAttack: components in order, from "
+                                            f"{', '.join(AA_COMPONENTS)}. [default: none]"),
+    "autoattack_examples": Spec("data", "Test images AutoAttack attacks (the first n of those attacked). [default: "
+                                        "all of them]"),
     "sanity": Spec("attack", "Run the gradient-masking sanity checks."),
     "sanity_examples": Spec("attack", "Test images the sanity checks attack."),
     "sanity_steps": Spec("attack", "APGD iterations of the sanity attacks."),
+    "sanity_square_queries": Spec("attack", "Queries per image of the black-box Square check."),
     "sanity_tolerance": Spec("attack", "Accuracy slack of the monotonicity checks."),
     "sanity_zero_accuracy": Spec("attack", "Accuracy the largest eps must push the model down to."),
     "seed": Spec("runtime", "Random seed of the attacks."),
     "dataset": Spec("data", "Dataset name or prepared file. [default: the one the model was trained on]"),
     "transfer_from": Spec("model", "Model that crafts the `transfer` attack and check (file or registry URI): for a "
                                    "student, its teacher."),
-    "out": Spec("data", "Metrics JSON to write. [default: eval_metrics.json beside a model file]"),
+    "out": Spec("data", "Metrics JSON to write. [default: eval_metrics.json, or robustbench.json, beside a model "
+                        "file]"),
     "device": Spec("runtime", "auto, cpu, cuda, cuda:N or mps."),
     "progress": Spec("runtime", "Progress bars. [default: when stderr is a terminal]"),
     "train_run_id": Spec("tracking", "Training run to link to. [default: the run that logged this model file]"),
+    "format": Spec("data", "What --out holds: rrm (every number and the sanity checks) or robustbench (RobustBench's "
+                           "model_info JSON; needs autoattack).", jobs.EVALUATE_FORMATS, "output format"),
 }
 _JOB_FIELDS = [f.name for f in dataclasses.fields(jobs.EvaluateJob) if f.name not in ("model", "attack")]
 
@@ -231,6 +245,7 @@ def evaluate(model: str | None, no_track: bool, experiment: str | None, **option
       rrm evaluate runs/teacher/model.pt --eps 0.3 --attacks apgd,pgd
       rrm evaluate runs/rrm/model.pt --attacks apgd,transfer --transfer-from models:/rrm-teacher@champion
       rrm evaluate runs/teacher/model.pt --attacks art-apgd --n-examples 1000 --out reports/teacher.json
+      rrm evaluate runs/teacher/model.pt --attacks autoattack --n-examples 100 --format robustbench
     """
     if options["out"] is not None:
         check_writable(options["out"])  # now, not after the attacks
