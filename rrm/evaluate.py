@@ -81,14 +81,14 @@ class EvalConfig:
     sanity_zero_accuracy: float = 0.05
     seed: int = 0
 
-    def replace(self, **changes) -> "EvalConfig":
+    def replace(self, **changes) -> EvalConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "EvalConfig":
+    def from_dict(cls, values: dict) -> EvalConfig:
         """Build from a params-file section; unknown keys are an error."""
         names = {f.name for f in dataclasses.fields(cls)}
         bad = sorted(set(values) - names)
@@ -112,7 +112,7 @@ class EvalConfig:
         require(self.sanity_square_queries >= 1,
                 f"sanity_square_queries must be >= 1, got {self.sanity_square_queries}")
 
-    def validate(self) -> "EvalConfig":
+    def validate(self) -> EvalConfig:
         """Raise :class:`RRMError` for any value out of range; returns self for chaining."""
         from rrm.train.config import check_fields  # types and finite numbers, by the training config's rules
 

@@ -7,9 +7,10 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-from _helpers import one_torch_thread, undo_cli_settings  # noqa: E402
-from rrm.data import load_dataset  # noqa: E402
-from rrm.train import TrainConfig, train  # noqa: E402
+from _helpers import one_torch_thread, undo_cli_settings
+
+from rrm.data import load_dataset
+from rrm.train import TrainConfig, train
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _helpers import one_torch_thread, worker_env
+
 from rrm.data import batches, load_dataset
 from rrm.data.core import shard_bounds
 from rrm.errors import RRMError

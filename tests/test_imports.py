@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import worker_env
 
 import rrm
 from rrm.errors import RRMError
 from rrm.train import load_teacher
-
-from _helpers import worker_env
 
 PACKAGE = Path(rrm.__file__).parent
 # The layers above the training core: they may import rrm.train, never the other way round.

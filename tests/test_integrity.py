@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from _helpers import one_torch_thread, undo_cli_settings, worker_env
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from _helpers import one_torch_thread, undo_cli_settings, worker_env
 from rrm import cli as rrm_cli
 from rrm.io import sha256_file
 from rrm.models import build_model, load_model, save_model

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from _helpers import override, override_yaml
+
 from rrm.cli import cli
 from rrm.evaluate import EvalConfig
 from rrm.params import read_section

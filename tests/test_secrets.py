@@ -8,9 +8,9 @@ import re
 import time
 
 import pytest
+from _helpers import free_port, mlflow_server
 from click.testing import CliRunner
 
-from _helpers import free_port, mlflow_server
 from rrm import cli as rrm_cli
 from rrm.errors import RRMError
 from rrm.secrets import mask_url

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import free_port, mlflow_server_process, worker_env
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from _helpers import free_port, mlflow_server_process, worker_env
 from rrm import cli as rrm_cli
 from rrm.tracking import MlflowCallback
 from rrm.tracking.store import clean_stale_runs

@@ -14,9 +14,9 @@ import sys
 
 import optuna
 import pytest
+from _helpers import mlflow_server, one_torch_thread, undo_cli_settings, worker_env
 from click.testing import CliRunner
 
-from _helpers import mlflow_server, one_torch_thread, undo_cli_settings, worker_env
 from rrm import cli as rrm_cli
 from rrm.io import sha256_file
 

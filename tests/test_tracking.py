@@ -9,22 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import free_port, mlflow_server, one_torch_thread, undo_cli_settings
 from click.testing import CliRunner
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
+from rrm import cli as rrm_cli
+from rrm import tracking
 from rrm.errors import RRMError
 from rrm.evaluate import EvalConfig, evaluate
 from rrm.io import sha256_file
 from rrm.models import load_model
 from rrm.results import EvalResult, spec_record
-from rrm.train import Callback, TrainConfig, train
-
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
-
-from _helpers import free_port, mlflow_server, one_torch_thread, undo_cli_settings
-from rrm import cli as rrm_cli
-from rrm import tracking
 from rrm.tracking.evaluations import _evaluation_of_run
+from rrm.train import Callback, TrainConfig, train
 
 DIGITS = dict(dataset="digits", model="cnn", epochs=1, monitor_examples=0, progress=False)
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import matplotlib.image
 import optuna
 import pytest
+from _helpers import worker_env
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from _helpers import worker_env
 from rrm import cli as rrm_cli
 from rrm.errors import RRMError
 from rrm.tune import TuneConfig, parse_range, storage_label

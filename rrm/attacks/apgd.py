@@ -78,7 +78,7 @@ class _Run:
     reduced_last: torch.Tensor  # step size halved at the last checkpoint (condition 2)
     best_at_check: torch.Tensor  # best loss at the last checkpoint (condition 2)
 
-    def keep(self, rows: torch.Tensor) -> "_Run":
+    def keep(self, rows: torch.Tensor) -> _Run:
         return _Run(**{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)})
 
 

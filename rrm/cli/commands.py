@@ -11,16 +11,22 @@ import cloup
 from click.core import ParameterSource
 
 from rrm import jobs
-from rrm.cli import cli
-from rrm.cli.options import (
-    KEY_ALIASES, Spec, config_options, from_params, key_value_option, key_values, tracking_options,
-)
-from rrm.errors import RRMError
-from rrm.io import check_writable
 from rrm.attacks import NORMS
 from rrm.attacks.autoattack import COMPONENTS as AA_COMPONENTS
 from rrm.attacks.autoattack import VERSIONS as AA_VERSIONS
+from rrm.cli import cli
+from rrm.cli.options import (
+    KEY_ALIASES,
+    Spec,
+    config_options,
+    from_params,
+    key_value_option,
+    key_values,
+    tracking_options,
+)
+from rrm.errors import RRMError
 from rrm.evaluate import ATTACKS, TRANSFER_ATTACKS, EvalConfig
+from rrm.io import check_writable
 from rrm.models import ARCHITECTURES
 from rrm.train import FEATURE_LOSSES, MATCH_INPUTS, METHODS, PRECISIONS, SCHEDULES, TrainConfig, tunable_methods
 from rrm.tune import MODES, PRUNERS, TuneConfig, parse_range

@@ -16,7 +16,7 @@ from rrm.models.zoo import ARCHITECTURES, WIDTH_SCALABLE
 
 MODEL_FORMAT = "rrm-model/1"
 
-__all__ = ["ARCHITECTURES", "Classifier", "Normalize", "build_model", "load_model", "save_model", "model_from_state"]
+__all__ = ["ARCHITECTURES", "Classifier", "Normalize", "build_model", "load_model", "model_from_state", "save_model"]
 
 
 def build_model(

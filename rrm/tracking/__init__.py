@@ -13,8 +13,14 @@ One module per concern:
 from rrm.tracking.callback import MlflowCallback
 from rrm.tracking.evaluations import log_evaluation
 from rrm.tracking.registry import (
-    DEFAULT_TEACHER_NAME, TeacherVersion, list_teachers, load_registered_model, promote, pull_teacher,
-    register_teacher, show_teacher,
+    DEFAULT_TEACHER_NAME,
+    TeacherVersion,
+    list_teachers,
+    load_registered_model,
+    promote,
+    pull_teacher,
+    register_teacher,
+    show_teacher,
 )
 from rrm.tracking.store import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, tracking_uri
 from rrm.tracking.studies import log_report, open_study_run, update_run

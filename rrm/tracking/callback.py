@@ -24,8 +24,21 @@ from rrm.io import sha256_file, write_json
 from rrm.models import Classifier
 from rrm.tracking.registry import _resolve_version, _run_model, _version_model_id
 from rrm.tracking.store import (
-    DEFAULT_EXPERIMENT, StoreUnreachable, _client, _context_tags, _end_active_run, _experiment_id, _log_model,
-    _mlflow_errors, _numbers, _one_line, _params, _process_alive, _warn, check_store, tracking_label,
+    DEFAULT_EXPERIMENT,
+    StoreUnreachable,
+    _client,
+    _context_tags,
+    _end_active_run,
+    _experiment_id,
+    _log_model,
+    _mlflow_errors,
+    _numbers,
+    _one_line,
+    _params,
+    _process_alive,
+    _warn,
+    check_store,
+    tracking_label,
 )
 from rrm.train import Callback, TrainConfig, TrainResult
 from rrm.train.trainer import CHECKPOINT
@@ -84,7 +97,7 @@ class MlflowCallback(Callback):
         self._lost: str | None = None  # the store stopped answering: what failed, when
         self._out_dir: Path | None = None
 
-    def __enter__(self) -> "MlflowCallback":
+    def __enter__(self) -> MlflowCallback:
         self._entered = True
         return self
 

@@ -17,8 +17,18 @@ from rrm.errors import RRMError
 from rrm.io import sha256_file
 from rrm.results import EvalResult
 from rrm.tracking.store import (
-    DEFAULT_EXPERIMENT, _client, _context_tags, _experiment_id, _is_number, _leaves, _mlflow_errors, _model_run,
-    _numbers, _one_line, _search_runs, _status,
+    DEFAULT_EXPERIMENT,
+    _client,
+    _context_tags,
+    _experiment_id,
+    _is_number,
+    _leaves,
+    _mlflow_errors,
+    _model_run,
+    _numbers,
+    _one_line,
+    _search_runs,
+    _status,
 )
 
 

@@ -32,8 +32,19 @@ from rrm.models import MODEL_FORMAT, Classifier, load_model
 from rrm.results import EvalResult
 from rrm.tracking.evaluations import _evaluation_of_run, log_evaluation
 from rrm.tracking.store import (
-    DEFAULT_EXPERIMENT, LOGGED_MODEL_NAME, _client, _context_tags, _experiment_id, _is, _log_model, _mlflow_errors,
-    _model_run, _numbers, _one_line, _params, tracking_uri,
+    DEFAULT_EXPERIMENT,
+    LOGGED_MODEL_NAME,
+    _client,
+    _context_tags,
+    _experiment_id,
+    _is,
+    _log_model,
+    _mlflow_errors,
+    _model_run,
+    _numbers,
+    _one_line,
+    _params,
+    tracking_uri,
 )
 from rrm.train import may_teach, teacher_methods
 
@@ -65,7 +76,7 @@ class TeacherVersion:
         return f"models:/{self.name}/{self.version}"
 
     @classmethod
-    def of(cls, version: ModelVersion) -> "TeacherVersion":
+    def of(cls, version: ModelVersion) -> TeacherVersion:
         return cls(name=version.name, version=str(version.version), aliases=list(version.aliases or []),
                    tags=dict(version.tags or {}), description=version.description or "", run_id=version.run_id,
                    created=int(version.creation_timestamp or 0))

@@ -97,7 +97,7 @@ def _check_database(uri: str) -> None:
         raise RRMError(f"the MLflow tracking store {label} needs the database driver {driver!r}, which is not "
                        "installed; install it (PostgreSQL: pip install 'psycopg[binary]' for postgresql+psycopg://)") \
             from None
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy and the drivers raise many types
+    except Exception as exc:
         message = mask_url(_one_line(getattr(exc, "orig", None) or exc))
         if _unreachable(exc):
             raise StoreUnreachable(f"cannot reach the MLflow tracking database at {label} ({message}); start the "
@@ -349,11 +349,11 @@ def _end_active_run(exc: BaseException | None) -> None:
     # Already failing: a store that fails too must not hide the original error.
     try:
         mlflow.set_tag("rrm.error", _one_line(f"{type(exc).__name__}: {exc}"))
-    except Exception:  # noqa: BLE001 - best effort on the failure path
+    except Exception:
         pass
     try:
         mlflow.end_run(_status(type(exc)))  # pops the run from the active stack before writing its status
-    except Exception as end_exc:  # noqa: BLE001
+    except Exception as end_exc:
         warnings.warn(f"could not mark MLflow run as {_status(type(exc))}: {_one_line(end_exc)}", stacklevel=2)
 
 

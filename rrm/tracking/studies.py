@@ -14,7 +14,14 @@ from mlflow.entities import Metric, Param, Run
 
 from rrm.secrets import mask_url
 from rrm.tracking.store import (
-    DEFAULT_EXPERIMENT, PROCESS_TAGS, _client, _context_tags, _experiment_id, _mlflow_errors, _one_line, check_store,
+    DEFAULT_EXPERIMENT,
+    PROCESS_TAGS,
+    _client,
+    _context_tags,
+    _experiment_id,
+    _mlflow_errors,
+    _one_line,
+    check_store,
 )
 
 

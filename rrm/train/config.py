@@ -92,14 +92,14 @@ class TrainConfig:
     resume_or_start: bool = False  # continue from the checkpoint in out_dir when there is one, else start afresh
     progress: bool | None = None  # None: progress bars only when stderr is a terminal
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         """Build from a params-file section; ``lambda`` is accepted for ``lam``; unknown keys are an error."""
         values = dict(values)
         if "lambda" in values:
@@ -114,7 +114,7 @@ class TrainConfig:
                 values[name] = tuple(value.split(",") if isinstance(value, str) else value)
         return cls(**values)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Raise :class:`RRMError` for any value out of range; returns self for chaining."""
         from rrm.attacks import check_threat  # the training config shares the attacks' threat-model rules
 

@@ -85,7 +85,7 @@ class TuneConfig:
             "prune_below": self.prune_below, "seed": self.seed, "validation_size": self.validation_size,
             "attack_examples": self.attack_examples, "attack_steps": self.attack_steps, "train": base}))
 
-    def validate(self) -> "TuneConfig":
+    def validate(self) -> TuneConfig:
         """Raise :class:`RRMError` naming the bad value and the fix; returns self for chaining."""
         check_fields(self)
         check_fields(self.train)  # before the ranges, whose checks validate the training config with each bound

@@ -77,7 +77,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                     warnings.simplefilter("ignore")  # the heartbeat options are marked experimental
                     return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
                                                       heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
-            except Exception as exc:  # noqa: BLE001 - narrowed below
+            except Exception as exc:
                 # Workers started together on an empty database race to create Optuna's tables; the losers see
                 # "already exists" or a duplicate key. The winner's schema is there a moment later: open again.
                 text = _database_message(exc)
@@ -88,7 +88,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         driver = getattr(exc, "name", None) or str(exc)
         raise RRMError(f"storage {label} needs the database driver {driver!r}, which is not installed; install it "
                        "(PostgreSQL: pip install 'psycopg[binary]' for postgresql+psycopg://)") from None
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy raises many types for a bad URL or a server that is down
+    except Exception as exc:
         text = " ".join(mask_url(_database_message(exc)).split())[:300]  # SQLAlchemy quotes a URL it cannot parse
         if "Can't load plugin" in text:
             raise RRMError(f"storage {label}: unknown database kind {url.split(':')[0]!r}; use sqlite:///FILE.db, "

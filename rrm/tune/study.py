@@ -118,7 +118,7 @@ def open_study(cfg: TuneConfig, storage: optuna.storages.BaseStorage) -> optuna.
     try:
         study = optuna.create_study(storage=storage, study_name=cfg.name, directions=directions,
                                     load_if_exists=True, sampler=TrialSeededTPE(cfg.seed), pruner=_pruner(cfg))
-    except Exception as exc:  # noqa: BLE001 - a database that fails only now (read-only file, lost server)
+    except Exception as exc:
         raise RRMError(f"cannot create or load study {cfg.name!r} in {storage_label(cfg.storage)}: "
                        f"{' '.join(str(exc).split())[:300]}") from None
     settings = cfg.settings()
