@@ -61,32 +61,50 @@ def main() -> None:
 
     data = load_dataset("mnist5k")
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(dataset="mnist5k", model="cnn", method=args.method, epochs=args.epochs, lr=0.05,
-                          norm=args.norm, eps=args.eps, monitor_examples=0, seed=args.seed, out_dir=out)
+        cfg = TrainConfig(
+            dataset="mnist5k",
+            model="cnn",
+            method=args.method,
+            epochs=args.epochs,
+            lr=0.05,
+            norm=args.norm,
+            eps=args.eps,
+            monitor_examples=0,
+            seed=args.seed,
+            out_dir=out,
+        )
         model = train(cfg, data=data).model.eval()
     x, y = to_float(data.test_x[: args.examples]), data.test_y[: args.examples]
     settings = dict(norm=args.norm, eps=args.eps, steps=args.steps, restarts=args.restarts, seed=args.seed)
 
     def native() -> torch.Tensor:
         # Same batches as ART's implicit batching, so neither side gets a larger vectorised batch.
-        return torch.cat([apgd(model, xb, yb, **settings)
-                          for xb, yb in zip(x.split(args.batch_size), y.split(args.batch_size))])
+        return torch.cat(
+            [apgd(model, xb, yb, **settings) for xb, yb in zip(x.split(args.batch_size), y.split(args.batch_size))]
+        )
 
     with frozen(model):
         accuracy(model, x, y)  # warm-up: first-call allocations are no attack's cost
         x_native, native_s, native_cpu, native_passes = timed(model, native)
-        x_art, art_s, art_cpu, art_passes = timed(model, lambda: art_apgd(
-            model, x, y, num_classes=data.num_classes, batch_size=args.batch_size, **settings))
+        x_art, art_s, art_cpu, art_passes = timed(
+            model, lambda: art_apgd(model, x, y, num_classes=data.num_classes, batch_size=args.batch_size, **settings)
+        )
     clean, acc_native, acc_art = accuracy(model, x, y), accuracy(model, x_native, y), accuracy(model, x_art, y)
     gap = abs(acc_native - acc_art) * 100
     print(f"model: cnn, {args.method}, {args.epochs} epochs on mnist5k; {len(y)} test images, clean {clean:.2%}")
-    print(f"attack: APGD-CE {args.norm} eps {args.eps}, {args.steps} iterations x {args.restarts} restarts, "
-          f"batch {args.batch_size}, torch threads {torch.get_num_threads()}")
-    for name, acc, wall, cpu, passes in (("native APGD", acc_native, native_s, native_cpu, native_passes),
-                                         ("ART AutoPGD", acc_art, art_s, art_cpu, art_passes)):
+    print(
+        f"attack: APGD-CE {args.norm} eps {args.eps}, {args.steps} iterations x {args.restarts} restarts, "
+        f"batch {args.batch_size}, torch threads {torch.get_num_threads()}"
+    )
+    for name, acc, wall, cpu, passes in (
+        ("native APGD", acc_native, native_s, native_cpu, native_passes),
+        ("ART AutoPGD", acc_art, art_s, art_cpu, art_passes),
+    ):
         print(f"{name} : accuracy {acc:7.2%}  wall {wall:8.2f} s  cpu {cpu:8.2f} s  image passes {passes:>9,}")
-    print(f"speed-up {art_s / native_s:.1f}x wall, {art_cpu / native_cpu:.1f}x cpu (target >= 5x); "
-          f"accuracy gap {gap:.1f} points (target <= 1)")
+    print(
+        f"speed-up {art_s / native_s:.1f}x wall, {art_cpu / native_cpu:.1f}x cpu (target >= 5x); "
+        f"accuracy gap {gap:.1f} points (target <= 1)"
+    )
 
 
 if __name__ == "__main__":

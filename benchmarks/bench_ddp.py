@@ -27,13 +27,39 @@ import torch
 
 def run(out: Path, flags: list[str], *, processes: int, threads: int, device: str) -> float:
     """Median epoch seconds of one ``rrm train`` run, the first epoch (warm-up, compilation) left out."""
-    launcher = [sys.executable, "-m", "rrm.cli"] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
-        "-m", "rrm.cli"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MLFLOW_DISABLE_TELEMETRY": "true",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-    command = [*launcher, "train", *flags, "--device", device, "--no-track", "--no-progress", "--monitor-examples",
-               "0", "--out-dir", str(out)]
+    launcher = (
+        [sys.executable, "-m", "rrm.cli"]
+        if processes == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(processes),
+            "-m",
+            "rrm.cli",
+        ]
+    )
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [
+        *launcher,
+        "train",
+        *flags,
+        "--device",
+        device,
+        "--no-track",
+        "--no-progress",
+        "--monitor-examples",
+        "0",
+        "--out-dir",
+        str(out),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
@@ -66,34 +92,66 @@ def main() -> None:
             ("GPU fp32", 1, 4, "cuda", ["--precision", "fp32", "--no-channels-last"]),
             ("GPU bf16", 1, 4, "cuda", ["--precision", "bf16", "--no-channels-last"]),
             ("GPU bf16+channels_last", 1, 4, "cuda", ["--precision", "bf16", "--channels-last"]),
-            ("GPU bf16+cl+data on device", 1, 4, "cuda", ["--precision", "bf16", "--channels-last",
-                                                          "--data-on-device"]),
-            ("GPU bf16+cl+dod+compile", 1, 4, "cuda", ["--precision", "bf16", "--channels-last", "--data-on-device",
-                                                       "--compile"]),
+            (
+                "GPU bf16+cl+data on device",
+                1,
+                4,
+                "cuda",
+                ["--precision", "bf16", "--channels-last", "--data-on-device"],
+            ),
+            (
+                "GPU bf16+cl+dod+compile",
+                1,
+                4,
+                "cuda",
+                ["--precision", "bf16", "--channels-last", "--data-on-device", "--compile"],
+            ),
         ]
         if torch.cuda.device_count() >= args.processes:
-            configs.append((f"{args.processes} GPUs DDP bf16+cl+dod", args.processes, 4, "cuda",
-                            ["--precision", "bf16", "--channels-last", "--data-on-device"]))
+            configs.append(
+                (
+                    f"{args.processes} GPUs DDP bf16+cl+dod",
+                    args.processes,
+                    4,
+                    "cuda",
+                    ["--precision", "bf16", "--channels-last", "--data-on-device"],
+                )
+            )
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base = ["--dataset", args.dataset, "--model", args.model, "--epochs", str(args.epochs), "--batch-size",
-                str(args.batch_size), "--lr", "0.05"]
+        base = [
+            "--dataset",
+            args.dataset,
+            "--model",
+            args.model,
+            "--epochs",
+            str(args.epochs),
+            "--batch-size",
+            str(args.batch_size),
+            "--lr",
+            "0.05",
+        ]
         teacher = tmp / "teacher"  # a quick natural teacher: throughput does not depend on its robustness
         run(teacher, [*base, "--epochs", "1"], processes=1, threads=args.processes, device="cpu")
-        methods = {"natural": ["--method", "natural"],
-                   "rrm": ["--method", "rrm", "--teacher", str(teacher / "model.pt"), "--lambda", "0.5"]}
+        methods = {
+            "natural": ["--method", "natural"],
+            "rrm": ["--method", "rrm", "--teacher", str(teacher / "model.pt"), "--lambda", "0.5"],
+        }
         seconds: dict[tuple[str, str], list[float]] = {}
         for r in range(args.rounds):
             for method, flags in methods.items():
                 for label, processes, threads, device, extra in configs:
                     out = tmp / f"{method}-{len(seconds)}-{r}"
                     seconds.setdefault((method, label), []).append(
-                        run(out, [*base, *flags, *extra], processes=processes, threads=threads, device=device))
+                        run(out, [*base, *flags, *extra], processes=processes, threads=threads, device=device)
+                    )
 
-    print(f"dataset={args.dataset} ({n_train} training images) model={args.model} global batch={args.batch_size} "
-          f"epochs={args.epochs} rounds={args.rounds} cpus={os.cpu_count()} "
-          f"gpu={torch.cuda.get_device_name() if cuda else 'none'} torch={torch.__version__}")
+    print(
+        f"dataset={args.dataset} ({n_train} training images) model={args.model} global batch={args.batch_size} "
+        f"epochs={args.epochs} rounds={args.rounds} cpus={os.cpu_count()} "
+        f"gpu={torch.cuda.get_device_name() if cuda else 'none'} torch={torch.__version__}"
+    )
     width = max(len(label) for label, *_ in configs) + 2
     print(f"{'configuration':<{width}}" + "".join(f"{m + ' img/s':>14}{'ratio':>8}" for m in methods))
     for label, *_ in configs:

@@ -45,8 +45,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per method per round")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--only", help="comma-separated rows to time (natural and sat are always timed), "
-                                       f"from: {', '.join([*ORDER, *VARIANTS])}")
+    parser.add_argument(
+        "--only",
+        help=f"comma-separated rows to time (natural and sat are always timed), from: {', '.join([*ORDER, *VARIANTS])}",
+    )
     args = parser.parse_args()
     names = [*ORDER, *VARIANTS]
     if args.only:
@@ -62,8 +64,16 @@ def main() -> None:
     memory = torch.channels_last if args.channels_last else torch.contiguous_format
     teacher = build_model(args.teacher, **kw).to(memory_format=memory).eval().requires_grad_(False)
     feature_dim = teacher.feature_dim if build_model(args.student, **kw).feature_dim != teacher.feature_dim else None
-    batch_list = list(batches(data.train_x, data.train_y, args.batch_size, shuffle=True,
-                              generator=torch.Generator().manual_seed(0), drop_last=True))[: args.steps + 1]
+    batch_list = list(
+        batches(
+            data.train_x,
+            data.train_y,
+            args.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(0),
+            drop_last=True,
+        )
+    )[: args.steps + 1]
     batch_list = [(x.contiguous(memory_format=memory), y) for x, y in batch_list]
 
     runners = {}
@@ -93,8 +103,10 @@ def main() -> None:
                 times[name].append(per_step)
 
     natural, sat = statistics.median(times["natural"]), statistics.median(times["sat"])
-    print(f"dataset={args.dataset} student={args.student} teacher={args.teacher} batch={args.batch_size} "
-          f"threads={torch.get_num_threads()} channels_last={args.channels_last} rounds={args.rounds}")
+    print(
+        f"dataset={args.dataset} student={args.student} teacher={args.teacher} batch={args.batch_size} "
+        f"threads={torch.get_num_threads()} channels_last={args.channels_last} rounds={args.rounds}"
+    )
     print(f"{'method':<24}{'ms/step':>10}{'x natural':>11}{'x sat':>8}")
     for name in names:
         med = statistics.median(times[name])

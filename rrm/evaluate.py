@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.metadata
+import itertools
 import math
 import os
 import time
@@ -107,10 +108,13 @@ class EvalConfig:
 
     def _validate_autoattack(self) -> None:
         components_of(self.autoattack_version, tuple(self.autoattack_components))
-        require(self.autoattack_examples is None or self.autoattack_examples >= 1,
-                f"autoattack_examples must be >= 1 (or unset for every attacked image), got {self.autoattack_examples}")
-        require(self.sanity_square_queries >= 1,
-                f"sanity_square_queries must be >= 1, got {self.sanity_square_queries}")
+        require(
+            self.autoattack_examples is None or self.autoattack_examples >= 1,
+            f"autoattack_examples must be >= 1 (or unset for every attacked image), got {self.autoattack_examples}",
+        )
+        require(
+            self.sanity_square_queries >= 1, f"sanity_square_queries must be >= 1, got {self.sanity_square_queries}"
+        )
 
     def validate(self) -> EvalConfig:
         """Raise :class:`RRMError` for any value out of range; returns self for chaining."""
@@ -118,26 +122,28 @@ class EvalConfig:
 
         check_fields(self)
         check_threat(self.norm, self.eps)
-        require(not isinstance(self.attacks, str),
-                f"attacks must be a list of names, got the string {self.attacks!r}")
+        require(not isinstance(self.attacks, str), f"attacks must be a list of names, got the string {self.attacks!r}")
         for name in self.attacks:
             if name not in ATTACKS:
                 raise unknown("attack", name, ATTACKS)
-        require(len(set(self.attacks)) == len(self.attacks),
-                f"attacks are listed twice in {list(self.attacks)}")
+        require(len(set(self.attacks)) == len(self.attacks), f"attacks are listed twice in {list(self.attacks)}")
         if self.transfer_attack not in TRANSFER_ATTACKS:
             raise unknown("transfer attack", self.transfer_attack, TRANSFER_ATTACKS)
         self._validate_autoattack()
-        require(self.n_examples is None or self.n_examples >= 1,
-                f"n_examples must be >= 1 (or unset for the whole test split), got {self.n_examples}")
+        require(
+            self.n_examples is None or self.n_examples >= 1,
+            f"n_examples must be >= 1 (or unset for the whole test split), got {self.n_examples}",
+        )
         for name in ("batch_size", "steps", "restarts", "pgd_steps", "sanity_examples", "sanity_steps"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        require(self.pgd_step_size is None or self.pgd_step_size > 0,
-                f"pgd_step_size must be > 0, got {self.pgd_step_size}")
-        require(0 <= self.sanity_tolerance < 1,
-                f"sanity_tolerance must be in [0, 1), got {self.sanity_tolerance}")
-        require(0 <= self.sanity_zero_accuracy < 1,
-                f"sanity_zero_accuracy must be in [0, 1), got {self.sanity_zero_accuracy}")
+        require(
+            self.pgd_step_size is None or self.pgd_step_size > 0, f"pgd_step_size must be > 0, got {self.pgd_step_size}"
+        )
+        require(0 <= self.sanity_tolerance < 1, f"sanity_tolerance must be in [0, 1), got {self.sanity_tolerance}")
+        require(
+            0 <= self.sanity_zero_accuracy < 1,
+            f"sanity_zero_accuracy must be in [0, 1), got {self.sanity_zero_accuracy}",
+        )
         return self
 
 
@@ -145,15 +151,21 @@ def check_compatible(model: nn.Module, data: ImageData, role: str = "model") -> 
     """Raise :class:`RRMError` unless ``data``'s image shape and classes are what ``model`` was built for."""
     spec = getattr(model, "spec", None)
     if not spec or not {"in_channels", "image_size", "num_classes"} <= set(spec):
-        raise RRMError(f"the {role} has no architecture spec; evaluate models from rrm.models.build_model or "
-                       "load_model (a wrapper must copy the inner model's `spec`)")
+        raise RRMError(
+            f"the {role} has no architecture spec; evaluate models from rrm.models.build_model or "
+            "load_model (a wrapper must copy the inner model's `spec`)"
+        )
     want = (spec["in_channels"], spec["image_size"], spec["image_size"])
     if data.input_shape != want:
-        raise RRMError(f"dataset {data.name!r} has {'x'.join(map(str, data.input_shape))} images but the {role} "
-                       f"expects {'x'.join(map(str, want))}; evaluate on the dataset the model was trained on")
+        raise RRMError(
+            f"dataset {data.name!r} has {'x'.join(map(str, data.input_shape))} images but the {role} "
+            f"expects {'x'.join(map(str, want))}; evaluate on the dataset the model was trained on"
+        )
     if data.num_classes != spec["num_classes"]:
-        raise RRMError(f"dataset {data.name!r} has {data.num_classes} classes but the {role} predicts "
-                       f"{spec['num_classes']}; evaluate on the dataset the model was trained on")
+        raise RRMError(
+            f"dataset {data.name!r} has {data.num_classes} classes but the {role} predicts "
+            f"{spec['num_classes']}; evaluate on the dataset the model was trained on"
+        )
 
 
 def load_for_evaluation(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Classifier, dict]:
@@ -175,8 +187,13 @@ class _Constraint:
     def update(self, x: torch.Tensor, x_adv: torch.Tensor, eps: float) -> None:
         delta = (x_adv.double() - x.double()).flatten(1)
         dist = delta.abs().amax(1) if self.norm == "linf" else delta.norm(dim=1)
-        self.record(dist.max().item() - eps, x_adv.min().item(), x_adv.max().item(), bool(torch.isfinite(x_adv).all()),
-                    delta.shape[1])
+        self.record(
+            dist.max().item() - eps,
+            x_adv.min().item(),
+            x_adv.max().item(),
+            bool(torch.isfinite(x_adv).all()),
+            delta.shape[1],
+        )
 
     def record(self, excess: float, min_pixel: float, max_pixel: float, finite: bool, pixels: int) -> None:
         """Fold in a summary measured elsewhere (AutoAttack's, kept across a resumed run)."""
@@ -187,8 +204,14 @@ class _Constraint:
 
     def result(self) -> dict:
         passed = self.finite and self.excess <= self.slack and self.min_pixel >= 0 and self.max_pixel <= 1
-        return {"passed": bool(passed), "max_excess_over_eps": self.excess, "slack": self.slack,
-                "min_pixel": self.min_pixel, "max_pixel": self.max_pixel, "finite": self.finite}
+        return {
+            "passed": bool(passed),
+            "max_excess_over_eps": self.excess,
+            "slack": self.slack,
+            "min_pixel": self.min_pixel,
+            "max_pixel": self.max_pixel,
+            "finite": self.finite,
+        }
 
 
 def _checked(craft: Attack, constraint: _Constraint, eps: float) -> Attack:
@@ -206,13 +229,24 @@ def _native_apgd(model: nn.Module, norm: str, eps: float, steps: int, restarts: 
     return lambda x, y, seed: apgd(model, x, y, norm=norm, eps=eps, steps=steps, restarts=restarts, seed=seed)
 
 
-def apgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float, steps: int,
-                  restarts: int = 1, seed: int = 0, batch_size: int = 256) -> float:
+def apgd_accuracy(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    norm: str,
+    eps: float,
+    steps: int,
+    restarts: int = 1,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> float:
     """Native APGD-CE accuracy of ``model`` on ``(x, y)`` (batch ``i`` seeded ``seed + i``), as :func:`evaluate`
     measures it; the model's mode and gradients are left as they were."""
     with frozen(model):
-        return accuracy(model, x, y, attack=_native_apgd(model, norm, eps, steps, restarts), seed=seed,
-                        batch_size=batch_size)
+        return accuracy(
+            model, x, y, attack=_native_apgd(model, norm, eps, steps, restarts), seed=seed, batch_size=batch_size
+        )
 
 
 def _crafted_on(source: nn.Module, craft: Attack) -> Attack:
@@ -241,82 +275,157 @@ def _crafts(model: nn.Module, config: EvalConfig, num_classes: int, transfer_fro
         return craft
 
     def art(x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
-        return art_apgd(model, x, y, norm=norm, eps=eps, num_classes=num_classes, steps=config.steps,
-                        restarts=config.restarts, batch_size=config.batch_size, seed=seed)
+        return art_apgd(
+            model,
+            x,
+            y,
+            norm=norm,
+            eps=eps,
+            num_classes=num_classes,
+            steps=config.steps,
+            restarts=config.restarts,
+            batch_size=config.batch_size,
+            seed=seed,
+        )
 
-    apgd_settings = {"steps": config.steps, "restarts": config.restarts, "eps_step_initial": 2 * eps,
-                     "loss": "cross_entropy"}
+    apgd_settings = {
+        "steps": config.steps,
+        "restarts": config.restarts,
+        "eps_step_initial": 2 * eps,
+        "loss": "cross_entropy",
+    }
     pgd_settings = {"steps": config.pgd_steps, "step_size": config.pgd_step, "random_start": True}
     table = {
         "apgd": (_native_apgd(model, norm, eps, config.steps, config.restarts), apgd_settings),
-        "art-apgd": (art, {"max_iter": config.steps, "nb_random_init": config.restarts, "eps_step": 2 * eps,
-                           "batch_size": config.batch_size, "loss": "cross_entropy", "clip_values": "(0, 1)"}),
+        "art-apgd": (
+            art,
+            {
+                "max_iter": config.steps,
+                "nb_random_init": config.restarts,
+                "eps_step": 2 * eps,
+                "batch_size": config.batch_size,
+                "loss": "cross_entropy",
+                "clip_values": "(0, 1)",
+            },
+        ),
         "pgd": (seeded_pgd(model), pgd_settings),
         "fgsm": (lambda x, y, seed: fgsm(model, x, y, norm=norm, eps=eps), {"step_size": eps, "random_start": False}),
     }
     if "autoattack" in config.attacks:
-        autoattack = AutoAttack(model, norm=norm, eps=eps, num_classes=num_classes, version=config.autoattack_version,
-                                components=config.autoattack_components, seed=config.seed,
-                                batch_size=config.batch_size)
+        autoattack = AutoAttack(
+            model,
+            norm=norm,
+            eps=eps,
+            num_classes=num_classes,
+            version=config.autoattack_version,
+            components=config.autoattack_components,
+            seed=config.seed,
+            batch_size=config.batch_size,
+        )
         table["autoattack"] = (autoattack, autoattack.settings)
     if transfer_from is not None:
         if config.transfer_attack == "apgd":
             source, settings = _native_apgd(transfer_from, norm, eps, config.steps, config.restarts), apgd_settings
         else:
             source, settings = seeded_pgd(transfer_from), pgd_settings
-        table["transfer"] = (_crafted_on(transfer_from, source), {"attack": config.transfer_attack, **settings,
-                                                                  "source_model": transfer_from.spec.get("name", "?")})
+        table["transfer"] = (
+            _crafted_on(transfer_from, source),
+            {"attack": config.transfer_attack, **settings, "source_model": transfer_from.spec.get("name", "?")},
+        )
     return table
 
 
 def sanity_checks(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: EvalConfig, *, constraint: _Constraint,
-    transfer_from: nn.Module | None = None, progress: bool | None = None,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: EvalConfig,
+    *,
+    constraint: _Constraint,
+    transfer_from: nn.Module | None = None,
+    progress: bool | None = None,
 ) -> dict:
     """The gradient-masking checks of the module docstring on ``(x, y)``, each with its measured numbers."""
     norm, eps, tol, steps, seed = config.norm, config.eps, config.sanity_tolerance, config.sanity_steps, config.seed
 
     def attacked(craft: Attack, radius: float, desc: str, run_seed: int = seed) -> float:
-        return accuracy(model, x, y, attack=_checked(craft, constraint, radius), seed=run_seed,
-                        batch_size=config.batch_size, progress=progress, desc=f"sanity: {desc}")
+        return accuracy(
+            model,
+            x,
+            y,
+            attack=_checked(craft, constraint, radius),
+            seed=run_seed,
+            batch_size=config.batch_size,
+            progress=progress,
+            desc=f"sanity: {desc}",
+        )
 
     cap = 1.0 if norm == "linf" else math.inf
-    growth = {f"x{m:g}": attacked(_native_apgd(model, norm, min(m * eps, cap), steps, 1), min(m * eps, cap),
-                                  f"eps x{m:g}") for m in EPS_MULTIPLES}
+    growth = {
+        f"x{m:g}": attacked(_native_apgd(model, norm, min(m * eps, cap), steps, 1), min(m * eps, cap), f"eps x{m:g}")
+        for m in EPS_MULTIPLES
+    }
     curve = list(growth.values())
     base = growth["x1"]
     checks = {
         "eps_growth": {
-            "passed": curve[-1] <= config.sanity_zero_accuracy and all(b <= a + tol for a, b in zip(curve, curve[1:])),
-            "accuracy": growth, "largest_eps": min(EPS_MULTIPLES[-1] * eps, cap),
+            "passed": curve[-1] <= config.sanity_zero_accuracy
+            and all(b <= a + tol for a, b in itertools.pairwise(curve)),
+            "accuracy": growth,
+            "largest_eps": min(EPS_MULTIPLES[-1] * eps, cap),
             "threshold": config.sanity_zero_accuracy,
         },
     }
     more_steps = attacked(_native_apgd(model, norm, eps, MORE_STEPS_FACTOR * steps, 1), eps, "more steps", seed + 1)
-    checks["more_steps"] = {"passed": more_steps <= base + tol, "accuracy": base, "accuracy_more": more_steps,
-                            "steps": steps, "steps_more": MORE_STEPS_FACTOR * steps}
+    checks["more_steps"] = {
+        "passed": more_steps <= base + tol,
+        "accuracy": base,
+        "accuracy_more": more_steps,
+        "steps": steps,
+        "steps_more": MORE_STEPS_FACTOR * steps,
+    }
     more_restarts = attacked(_native_apgd(model, norm, eps, steps, MORE_RESTARTS), eps, "more restarts", seed + 2)
-    checks["more_restarts"] = {"passed": more_restarts <= base + tol, "accuracy": base,
-                               "accuracy_more": more_restarts, "restarts_more": MORE_RESTARTS}
+    checks["more_restarts"] = {
+        "passed": more_restarts <= base + tol,
+        "accuracy": base,
+        "accuracy_more": more_restarts,
+        "restarts_more": MORE_RESTARTS,
+    }
     noise = attacked(_noise(norm, eps), eps, "noise")
     checks["noise"] = {"passed": noise >= base - tol, "noise_accuracy": noise, "attack_accuracy": base}
     queries = config.sanity_square_queries
-    black_box = attacked(lambda xb, yb, s: square(model, xb, yb, norm=norm, eps=eps, queries=queries, seed=s), eps,
-                         "square")
-    checks["square"] = {"passed": black_box >= base - tol, "square_accuracy": black_box, "whitebox_accuracy": base,
-                        "queries": queries}
+    black_box = attacked(
+        lambda xb, yb, s: square(model, xb, yb, norm=norm, eps=eps, queries=queries, seed=s), eps, "square"
+    )
+    checks["square"] = {
+        "passed": black_box >= base - tol,
+        "square_accuracy": black_box,
+        "whitebox_accuracy": base,
+        "queries": queries,
+    }
     if transfer_from is not None:
-        transfer = attacked(_crafted_on(transfer_from, _native_apgd(transfer_from, norm, eps, steps, 1)), eps,
-                            "transfer")
-        checks["transfer"] = {"passed": base <= transfer + tol, "whitebox_accuracy": base,
-                              "transfer_accuracy": transfer}
+        transfer = attacked(
+            _crafted_on(transfer_from, _native_apgd(transfer_from, norm, eps, steps, 1)), eps, "transfer"
+        )
+        checks["transfer"] = {
+            "passed": base <= transfer + tol,
+            "whitebox_accuracy": base,
+            "transfer_accuracy": transfer,
+        }
     for check in checks.values():
         check["passed"] = bool(check["passed"])
     return {"examples": len(y), "steps": steps, "tolerance": tol, **checks}
 
 
-def _autoattack(attack: AutoAttack, x: torch.Tensor, y: torch.Tensor, config: EvalConfig, constraint: _Constraint,
-                state: str | os.PathLike | None, progress: bool | None) -> tuple[float, dict]:
+def _autoattack(
+    attack: AutoAttack,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: EvalConfig,
+    constraint: _Constraint,
+    state: str | os.PathLike | None,
+    progress: bool | None,
+) -> tuple[float, dict]:
     """AutoAttack on the first ``autoattack_examples`` images: its accuracy and what the metrics keep of it."""
     k = len(y) if config.autoattack_examples is None else min(config.autoattack_examples, len(y))
     run = attack.run(to_float(x[:k]), y[:k], state_path=state, progress=progress)
@@ -384,29 +493,49 @@ def evaluate(
             if isinstance(craft, AutoAttack):
                 adversarial[name], autoattack = _autoattack(craft, x, y, config, constraint, autoattack_state, progress)
             else:
-                adversarial[name] = accuracy(model, x, y, attack=_checked(craft, constraint, config.eps),
-                                             seed=config.seed, batch_size=config.batch_size, progress=progress,
-                                             desc=name)
+                adversarial[name] = accuracy(
+                    model,
+                    x,
+                    y,
+                    attack=_checked(craft, constraint, config.eps),
+                    seed=config.seed,
+                    batch_size=config.batch_size,
+                    progress=progress,
+                    desc=name,
+                )
             seconds[name] = time.perf_counter() - start
         sanity: dict = {"enabled": config.sanity and config.eps > 0}
         if sanity["enabled"]:
             start = time.perf_counter()
             k = min(config.sanity_examples, n)
-            sanity.update(sanity_checks(model, x[:k], y[:k], config, constraint=constraint,
-                                        transfer_from=transfer_from, progress=progress))
+            sanity.update(
+                sanity_checks(
+                    model, x[:k], y[:k], config, constraint=constraint, transfer_from=transfer_from, progress=progress
+                )
+            )
             seconds["sanity"] = time.perf_counter() - start
     if math.isfinite(constraint.excess):
         sanity["constraint"] = constraint.result()
     passed = all(c["passed"] for c in sanity.values() if isinstance(c, dict))
     return EvalResult(
-        dataset=data.name, dataset_digest=data.digest,
+        dataset=data.name,
+        dataset_digest=data.digest,
         split="validation" if "validation_of" in data.source else "test",
-        model_sha256=model_sha256, model_spec=spec_record(model.spec),
-        norm=config.norm, eps=config.eps, n_examples=n, n_test=n_test,
-        natural_accuracy=natural, natural_accuracy_attacked=natural_attacked,
-        adversarial_accuracy=adversarial, attack_settings=settings, seconds=seconds,
-        sanity_passed=passed if sanity["enabled"] or not passed else None, sanity=sanity,
+        model_sha256=model_sha256,
+        model_spec=spec_record(model.spec),
+        norm=config.norm,
+        eps=config.eps,
+        n_examples=n,
+        n_test=n_test,
+        natural_accuracy=natural,
+        natural_accuracy_attacked=natural_attacked,
+        adversarial_accuracy=adversarial,
+        attack_settings=settings,
+        seconds=seconds,
+        sanity_passed=passed if sanity["enabled"] or not passed else None,
+        sanity=sanity,
         autoattack=autoattack,
-        seed=config.seed, art_version=importlib.metadata.version("adversarial-robustness-toolbox"),
+        seed=config.seed,
+        art_version=importlib.metadata.version("adversarial-robustness-toolbox"),
         torch_version=torch.__version__,
     )

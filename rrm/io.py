@@ -33,8 +33,12 @@ def output_error(path: str | os.PathLike, exc: OSError | None = None, *, directo
     where = f"cannot write {str(path)!r}"
     blocker = _file_in_the_way(path if directory else path.parent)
     if blocker is not None:
-        return _with_errno(OutputError(f"{where}: {str(blocker)!r} is a file, not a directory; choose another path, "
-                                       "or move that file away"), errno.ENOTDIR)
+        return _with_errno(
+            OutputError(
+                f"{where}: {str(blocker)!r} is a file, not a directory; choose another path, or move that file away"
+            ),
+            errno.ENOTDIR,
+        )
     code = getattr(exc, "errno", None)
     if code == errno.EROFS:
         fix = "the file system is read-only; choose a path on a writable one"
@@ -72,8 +76,9 @@ def check_writable(path: str | os.PathLike, *, directory: bool = False) -> None:
         raise output_error(path, directory=directory)
     if not os.access(existing, os.W_OK | os.X_OK):
         read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
-        raise output_error(path, OSError(errno.EROFS if read_only else errno.EACCES, "not writable"),
-                           directory=directory)
+        raise output_error(
+            path, OSError(errno.EROFS if read_only else errno.EACCES, "not writable"), directory=directory
+        )
 
 
 def ensure_dir(path: str | os.PathLike) -> Path:

@@ -23,8 +23,11 @@ from rrm.results import EvalResult
 # MLflow retries an unreachable server 7 times with exponential backoff (minutes) and waits up to 120 s for each
 # answer; jobs give up in seconds instead (under a minute for a server that accepts but never answers). Values the
 # user exported win.
-FAIL_FAST_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+FAIL_FAST_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
 REGISTRY_SCHEMES = ("models:/", "runs:/")
 # What `rrm evaluate` writes: every number with the sanity checks, or RobustBench's model_info layout.
 EVALUATE_FORMATS = ("rrm", "robustbench")
@@ -137,8 +140,18 @@ def robustify_job(cfg: RobustifyConfig):
     data = load_dataset(cfg.dataset)
     device = resolve_device(cfg.device)
     model = load_model_ref(cfg.teacher, device)
-    return robustify(model, data, cfg.out, steps=cfg.steps, step_size=cfg.step_size, batch_size=cfg.batch_size,
-                     seed=cfg.seed, device=device, teacher_ref=cfg.teacher, progress=cfg.progress)
+    return robustify(
+        model,
+        data,
+        cfg.out,
+        steps=cfg.steps,
+        step_size=cfg.step_size,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        device=device,
+        teacher_ref=cfg.teacher,
+        progress=cfg.progress,
+    )
 
 
 @dataclass
@@ -183,26 +196,44 @@ def evaluate_job(job: EvaluateJob, track: Tracking = Tracking(experiment=None)) 
     if track.enabled:  # before the attack, which may take hours, not after it
         tracking().store.check_store("recording the evaluation in MLflow")
     with tempfile.TemporaryDirectory() as tmp:
-        path = store.pull_teacher(job.model, Path(tmp) / "model.pt")[0] if is_registry_uri(job.model) else Path(
-            job.model)
+        path = (
+            store.pull_teacher(job.model, Path(tmp) / "model.pt")[0] if is_registry_uri(job.model) else Path(job.model)
+        )
         net, meta = load_for_evaluation(path, map_location=device)
         dataset = job.dataset or (meta.get("config") or {}).get("dataset")
         require(dataset, "--dataset (the model file does not say what it was trained on)")
         data = load_dataset(dataset)
         source = load_model_ref(job.transfer_from, device) if job.transfer_from else None
-        out = Path(job.out) if job.out else path.with_name(
-            "eval_metrics.json" if job.format == "rrm" else "robustbench.json")
+        out = (
+            Path(job.out)
+            if job.out
+            else path.with_name("eval_metrics.json" if job.format == "rrm" else "robustbench.json")
+        )
         # AutoAttack's progress, beside the output: a rerun after an interruption continues from it
-        result = evaluate(net, data, attack, transfer_from=source, progress=job.progress,
-                          model_sha256=sha256_file(path),
-                          autoattack_state=out.with_name(out.name + ".autoattack-state.json"))
+        result = evaluate(
+            net,
+            data,
+            attack,
+            transfer_from=source,
+            progress=job.progress,
+            model_sha256=sha256_file(path),
+            autoattack_state=out.with_name(out.name + ".autoattack-state.json"),
+        )
         if job.format == "rrm":
             result.write(out)
         else:
             write_json(out, robustbench_json(result, meta, model=str(job.model), train_run_id=job.train_run_id))
-        run_id = store.log_evaluation(result, model_path=path, train_run_id=job.train_run_id,
-                                      experiment=track.experiment, metrics_path=out if job.format == "rrm" else None
-                                      ) if track.enabled else None
+        run_id = (
+            store.log_evaluation(
+                result,
+                model_path=path,
+                train_run_id=job.train_run_id,
+                experiment=track.experiment,
+                metrics_path=out if job.format == "rrm" else None,
+            )
+            if track.enabled
+            else None
+        )
     return Evaluation(result, out, run_id)
 
 
@@ -221,17 +252,28 @@ def robustbench_json(result: EvalResult, meta: dict, *, model: str, train_run_id
     eps_text = f"{round(eps * 255)}/255" if eps and abs(eps * 255 - round(eps * 255)) < 1e-6 else f"{eps:g}"
     config = meta.get("config") or {}
     return {
-        "link": None, "name": f"rrm {meta.get('method', config.get('method', '?'))} {meta.get('model', '?')}",
-        "authors": None, "additional_data": False, "number_forward_passes": 1, "dataset": result.dataset,
-        "venue": None, "architecture": meta.get("model", config.get("model")), "eps": eps_text,
+        "link": None,
+        "name": f"rrm {meta.get('method', config.get('method', '?'))} {meta.get('model', '?')}",
+        "authors": None,
+        "additional_data": False,
+        "number_forward_passes": 1,
+        "dataset": result.dataset,
+        "venue": None,
+        "architecture": meta.get("model", config.get("model")),
+        "eps": eps_text,
         "clean_acc": f"{100 * accuracy_after['clean']:.2f}",
-        "reported": None, "autoattack_acc": f"{100 * result.adversarial_accuracy['autoattack']:.2f}", "footnote":
-        f"AutoAttack {autoattack.get('version')} ({autoattack.get('components')}; pyautoattack "
+        "reported": None,
+        "autoattack_acc": f"{100 * result.adversarial_accuracy['autoattack']:.2f}",
+        "footnote": f"AutoAttack {autoattack.get('version')} ({autoattack.get('components')}; pyautoattack "
         f"{autoattack.get('package_version')}, seed {autoattack.get('seed')}) by rrm evaluate",
         "threat_model": {"linf": "Linf", "l2": "L2"}.get(result.norm or "", result.norm),
         "n_examples": autoattack.get("n_examples"),
-        "source_run": {"model": model, "train_run_id": train_run_id, "method": meta.get("method"),
-                       "dataset_digest": meta.get("dataset_digest")},
+        "source_run": {
+            "model": model,
+            "train_run_id": train_run_id,
+            "method": meta.get("method"),
+            "dataset_digest": meta.get("dataset_digest"),
+        },
     }
 
 
@@ -246,8 +288,13 @@ def tune_job(cfg, track: Tracking = Tracking(), log=print):
         teacher = load_model_ref(cfg.train.teacher, resolve_device(cfg.train.device))
     if track.enabled:
         tracking()
-    return tune(cfg, track=track.enabled, experiment=track.experiment, log=log,
-                **({"teacher": teacher} if teacher is not None else {}))
+    return tune(
+        cfg,
+        track=track.enabled,
+        experiment=track.experiment,
+        log=log,
+        **({"teacher": teacher} if teacher is not None else {}),
+    )
 
 
 @dataclass
@@ -267,8 +314,14 @@ def report_job(cfg: ReportConfig, track: Tracking = Tracking(enabled=False)) -> 
     from rrm.report import write_report
 
     out_dir = Path(cfg.out_dir)
-    result = write_report(cfg.root, out_dir, students_dir=cfg.students_dir, evaluations_dir=cfg.evaluations_dir,
-                          teacher_dir=cfg.teacher_dir, teacher_evaluation=cfg.teacher_evaluation)
+    result = write_report(
+        cfg.root,
+        out_dir,
+        students_dir=cfg.students_dir,
+        evaluations_dir=cfg.evaluations_dir,
+        teacher_dir=cfg.teacher_dir,
+        teacher_evaluation=cfg.teacher_evaluation,
+    )
     if track.enabled:
         tracking().log_report([out_dir / name for name in result["files"]], track.experiment or "rrm")
     return result
@@ -307,15 +360,20 @@ def probe_job(cfg: ProbeConfig) -> dict:
     if cfg.n_examples < 1 or cfg.steps < 1:
         raise RRMError(f"n_examples and steps must be >= 1, got {cfg.n_examples} and {cfg.steps}")
     model = load_model_ref(cfg.model, "cpu")
-    result = {"model": str(cfg.model), "norm": cfg.norm, "eps": cfg.eps,
-              "stem": {k: v for k, v in stem_thresholds(model, cfg.eps, cfg.norm).items() if k != "per_filter"}}
+    result = {
+        "model": str(cfg.model),
+        "norm": cfg.norm,
+        "eps": cfg.eps,
+        "stem": {k: v for k, v in stem_thresholds(model, cfg.eps, cfg.norm).items() if k != "per_filter"},
+    }
     if cfg.teacher:
         from rrm.models import load_model
 
         teacher = load_model_ref(cfg.teacher, "cpu")
         result["teacher"] = str(cfg.teacher)
-        result["teacher_stem"] = {k: v for k, v in stem_thresholds(teacher, cfg.eps, cfg.norm).items()
-                                  if k != "per_filter"}
+        result["teacher_stem"] = {
+            k: v for k, v in stem_thresholds(teacher, cfg.eps, cfg.norm).items() if k != "per_filter"
+        }
         dataset = cfg.dataset
         if dataset is None and not is_registry_uri(cfg.model):
             dataset = (load_model(cfg.model)[1].get("config") or {}).get("dataset")
@@ -324,8 +382,9 @@ def probe_job(cfg: ProbeConfig) -> dict:
         x, y = data.test_x[: cfg.n_examples], data.test_y[: cfg.n_examples]
         from rrm.data import to_float
 
-        result["agreement"] = layer_agreement(model, teacher, to_float(x), y, eps=cfg.eps, norm=cfg.norm,
-                                              steps=cfg.steps, seed=cfg.seed)
+        result["agreement"] = layer_agreement(
+            model, teacher, to_float(x), y, eps=cfg.eps, norm=cfg.norm, steps=cfg.steps, seed=cfg.seed
+        )
         result["agreement"]["n_examples"] = len(y)
     if cfg.out:
         write_json(cfg.out, result)

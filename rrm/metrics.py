@@ -44,8 +44,13 @@ def accuracy(
     device = device_of(model)
     correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: no host sync per batch
     stream = batches(x, y, batch_size, device=device)
-    bar = tqdm(stream, total=math.ceil(len(y) / batch_size), desc=desc, leave=False,
-               disable=None if progress is None else not progress)
+    bar = tqdm(
+        stream,
+        total=math.ceil(len(y) / batch_size),
+        desc=desc,
+        leave=False,
+        disable=None if progress is None else not progress,
+    )
     for i, (xb, yb) in enumerate(bar):
         if attack is not None:
             xb = attack(xb, yb, seed + i)

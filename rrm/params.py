@@ -25,8 +25,10 @@ def read_section(path: str | os.PathLike, section: str) -> dict:
     for key in section.split("."):
         if not isinstance(values, dict) or key not in values:
             known = sorted(values) if isinstance(values, dict) else []
-            raise RRMError(f"params file {str(path)!r} has no section {'.'.join(walked + [key])!r}; "
-                           f"choose one of: {', '.join(map(str, known)) or '(none)'}")
+            raise RRMError(
+                f"params file {str(path)!r} has no section {'.'.join(walked + [key])!r}; "
+                f"choose one of: {', '.join(map(str, known)) or '(none)'}"
+            )
         values = values[key]
         walked.append(key)
     if values is None:

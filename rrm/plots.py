@@ -36,8 +36,15 @@ def _save(fig: Figure, path: str | os.PathLike, title: str) -> Path:
 # ------------------------------------------------------------------------------------------------------- training
 
 # Per-epoch keys drawn as accuracies or times rather than as loss terms.
-_NOT_LOSSES = {"epoch", "paper_epochs", "lr", "epoch_seconds", "train_accuracy", "test_accuracy",
-               "monitor_robust_accuracy"}
+_NOT_LOSSES = {
+    "epoch",
+    "paper_epochs",
+    "lr",
+    "epoch_seconds",
+    "train_accuracy",
+    "test_accuracy",
+    "monitor_robust_accuracy",
+}
 
 
 def plot_training_curves(history: list[dict], path: str | os.PathLike, title: str = "") -> Path:
@@ -70,14 +77,19 @@ def _complete(trials: list[dict]) -> list[dict]:
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats in both coordinates (both maximised), by the first coordinate."""
-    front = [i for i, (a, b) in enumerate(points)
-             if not any(c >= a and d >= b and (c > a or d > b) for c, d in points)]
+    front = [i for i, (a, b) in enumerate(points) if not any(c >= a and d >= b and (c > a or d > b) for c, d in points)]
     return sorted(front, key=lambda i: points[i])
 
 
 def _empty(ax, trials: list[dict]) -> None:
-    ax.text(0.5, 0.5, f"no complete trials yet ({len(trials)} in the study)", ha="center", va="center",
-            transform=ax.transAxes)
+    ax.text(
+        0.5,
+        0.5,
+        f"no complete trials yet ({len(trials)} in the study)",
+        ha="center",
+        va="center",
+        transform=ax.transAxes,
+    )
 
 
 def plot_pareto(trials: list[dict], path: Path, *, floor: float = 0.0, title: str = "") -> Path:
@@ -87,16 +99,31 @@ def plot_pareto(trials: list[dict], path: Path, *, floor: float = 0.0, title: st
     if not done:
         _empty(ax, trials)
     feasible = [t for t in done if t["feasible"]]
-    ax.scatter([t["natural_accuracy"] for t in done], [t["adversarial_accuracy"] for t in done], c="lightgray",
-               edgecolors="gray", label="trial")
+    ax.scatter(
+        [t["natural_accuracy"] for t in done],
+        [t["adversarial_accuracy"] for t in done],
+        c="lightgray",
+        edgecolors="gray",
+        label="trial",
+    )
     points = [(t["natural_accuracy"], t["adversarial_accuracy"]) for t in feasible]
     front = [feasible[i] for i in pareto_front(points)]
     if front:
-        ax.plot([t["natural_accuracy"] for t in front], [t["adversarial_accuracy"] for t in front], "o-",
-                color=ADVERSARIAL, label="Pareto front")
+        ax.plot(
+            [t["natural_accuracy"] for t in front],
+            [t["adversarial_accuracy"] for t in front],
+            "o-",
+            color=ADVERSARIAL,
+            label="Pareto front",
+        )
         for t in front:
-            ax.annotate(str(t["number"]), (t["natural_accuracy"], t["adversarial_accuracy"]),
-                        textcoords="offset points", xytext=(4, 4), fontsize="small")
+            ax.annotate(
+                str(t["number"]),
+                (t["natural_accuracy"], t["adversarial_accuracy"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize="small",
+            )
     if floor > 0:
         ax.axvline(floor, color="black", linestyle="--", linewidth=1, label=f"natural floor {floor:g}")
     ax.set(xlabel="natural accuracy (validation)", ylabel="APGD accuracy (validation)")
@@ -109,16 +136,22 @@ def plot_knob(trials: list[dict], knob: str, log: bool, path: Path, *, title: st
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.subplots()
     done = sorted(_complete(trials), key=lambda t: t["params"][knob])
-    pruned = [t for t in trials if t["state"] == "PRUNED" and t["adversarial_accuracy"] is not None
-              and knob in t["params"]]
+    pruned = [
+        t for t in trials if t["state"] == "PRUNED" and t["adversarial_accuracy"] is not None and knob in t["params"]
+    ]
     if not done and not pruned:
         _empty(ax, trials)
     x = [t["params"][knob] for t in done]
     ax.plot(x, [t["natural_accuracy"] for t in done], "o-", color=NATURAL, label="natural")
     ax.plot(x, [t["adversarial_accuracy"] for t in done], "s-", color=ADVERSARIAL, label="APGD")
     if pruned:
-        ax.scatter([t["params"][knob] for t in pruned], [t["adversarial_accuracy"] for t in pruned], marker="x",
-                   color=PRUNED, label="APGD when pruned")
+        ax.scatter(
+            [t["params"][knob] for t in pruned],
+            [t["adversarial_accuracy"] for t in pruned],
+            marker="x",
+            color=PRUNED,
+            label="APGD when pruned",
+        )
     if log:
         ax.set_xscale("log")
     ax.set(xlabel=knob, ylabel="accuracy (validation)", ylim=(-0.02, 1.02))
@@ -146,8 +179,13 @@ def plot_history(trials: list[dict], mode: str, path: Path, *, title: str = "") 
         ax.step([t["number"] for t in done], best, where="post", color=color, alpha=0.6, label=f"best {label}")
     pruned = [t for t in trials if t["state"] == "PRUNED" and t["adversarial_accuracy"] is not None]
     if pruned:
-        ax.scatter([t["number"] for t in pruned], [t["adversarial_accuracy"] for t in pruned], marker="x",
-                   color=PRUNED, label="pruned (APGD)")
+        ax.scatter(
+            [t["number"] for t in pruned],
+            [t["adversarial_accuracy"] for t in pruned],
+            marker="x",
+            color=PRUNED,
+            label="pruned (APGD)",
+        )
     failed = [t["number"] for t in trials if t["state"] == "FAIL"]
     if failed:
         ax.scatter(failed, [0] * len(failed), marker="v", color="black", label="failed")
@@ -160,17 +198,30 @@ def plot_history(trials: list[dict], mode: str, path: Path, *, title: str = "") 
 
 # --------------------------------------------------------------------------------------------------------- report
 
-ACCURACY_PANELS = (("total_minutes", "training time (min)", "adversarial_pct", "adversarial accuracy (%)"),
-                   ("total_minutes", "training time (min)", "natural_pct", "natural accuracy (%)"))
+ACCURACY_PANELS = (
+    ("total_minutes", "training time (min)", "adversarial_pct", "adversarial accuracy (%)"),
+    ("total_minutes", "training time (min)", "natural_pct", "natural accuracy (%)"),
+)
 MARKERS = "osD^vP*<>"
 LABELLED_POINTS = 10  # up to this many students, each point is also labelled with its name
-FRONTIER_PANELS = (("total_minutes", "student training time (min)", "adversarial_pct", "adversarial accuracy (%)"),
-                   ("total_minutes_with_teacher", "training time incl. the teacher's (min)", "adversarial_pct",
-                    "adversarial accuracy (%)"))
+FRONTIER_PANELS = (
+    ("total_minutes", "student training time (min)", "adversarial_pct", "adversarial accuracy (%)"),
+    (
+        "total_minutes_with_teacher",
+        "training time incl. the teacher's (min)",
+        "adversarial_pct",
+        "adversarial accuracy (%)",
+    ),
+)
 
 
-def plot_students(rows: list[dict], path: Path, panels=ACCURACY_PANELS,
-                  target_box: tuple[float, float] | None = None, frontier: bool = False) -> None:
+def plot_students(
+    rows: list[dict],
+    path: Path,
+    panels=ACCURACY_PANELS,
+    target_box: tuple[float, float] | None = None,
+    frontier: bool = False,
+) -> None:
     """One panel per ``(x key, x label, y key, y label)``, a labelled point per row (Figures 2 and 3 by default).
 
     Rows holding ``<key>_ci95`` (means over seeds) get 95% CI error bars; rows whose evaluation failed the
@@ -181,18 +232,19 @@ def plot_students(rows: list[dict], path: Path, panels=ACCURACY_PANELS,
     # One colour and marker per student in every panel, named in a legend beside the panels; with many students
     # (issue 8's thirteen, most at 0% at eps 0.3) labels next to the points would overlap, so only few get them.
     failed = {r["name"] for r in rows if r.get("sanity_passed") is False}
-    style = {r["name"]: (f"C{k % 10}", "x" if r["name"] in failed else MARKERS[k % len(MARKERS)])
-             for k, r in enumerate(rows)}
+    style = {
+        r["name"]: (f"C{k % 10}", "x" if r["name"] in failed else MARKERS[k % len(MARKERS)]) for k, r in enumerate(rows)
+    }
     fig = Figure(figsize=(5.5 * len(panels), 4.2))
     axes = fig.subplots(1, len(panels), squeeze=False)
     handles = {}
     for i, (ax, (x, x_label, y, y_label)) in enumerate(zip(axes[0], panels)):
-        shown = sorted((r for r in rows if r.get(x) is not None and r.get(y) is not None),
-                       key=lambda r: (r[x], -r[y]))
+        shown = sorted((r for r in rows if r.get(x) is not None and r.get(y) is not None), key=lambda r: (r[x], -r[y]))
         for r in shown:
             color, marker = style[r["name"]]
-            handles[r["name"]] = ax.errorbar(r[x], r[y], xerr=r.get(f"{x}_ci95"), yerr=r.get(f"{y}_ci95"),
-                                             capsize=3, fmt=marker, color=color)
+            handles[r["name"]] = ax.errorbar(
+                r[x], r[y], xerr=r.get(f"{x}_ci95"), yerr=r.get(f"{y}_ci95"), capsize=3, fmt=marker, color=color
+            )
             if len(rows) <= LABELLED_POINTS:
                 ax.annotate(r["name"], (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         if frontier:
@@ -204,8 +256,14 @@ def plot_students(rows: list[dict], path: Path, panels=ACCURACY_PANELS,
             if front:
                 ax.plot(*zip(*front), drawstyle="steps-post", color="grey", alpha=0.6, label="frontier")
         if target_box is not None and i == 0:
-            ax.fill_between([0, target_box[0]], target_box[1], 100, color="tab:green", alpha=0.12,
-                            label="target: >= 80% of sat's accuracy, <= 1/3 of its time")
+            ax.fill_between(
+                [0, target_box[0]],
+                target_box[1],
+                100,
+                color="tab:green",
+                alpha=0.12,
+                label="target: >= 80% of sat's accuracy, <= 1/3 of its time",
+            )
         if frontier or target_box is not None:
             ax.legend(loc="best", fontsize=8)
         ax.set_xlabel(x_label)
@@ -214,6 +272,13 @@ def plot_students(rows: list[dict], path: Path, panels=ACCURACY_PANELS,
         ax.grid(alpha=0.3)
     names = [r["name"] for r in rows if r["name"] in handles]
     fig.tight_layout()
-    fig.legend([handles[n] for n in names], [n + (" (checks failed)" if n in failed else "") for n in names],
-               loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, title="student", title_fontsize=8)
+    fig.legend(
+        [handles[n] for n in names],
+        [n + (" (checks failed)" if n in failed else "") for n in names],
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        fontsize=8,
+        title="student",
+        title_fontsize=8,
+    )
     fig.savefig(path, dpi=120, bbox_inches="tight")

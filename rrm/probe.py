@@ -40,18 +40,31 @@ def stem_thresholds(model: Classifier, eps: float, norm: str = "linf") -> dict:
         "silent_fraction": float(silent.float().mean()),
         "median_background_margin": statistics.median(margin.tolist()),
         "median_eps_gain": statistics.median(eps_gain.tolist()),
-        "per_filter": [{"margin": float(m), "eps_gain": float(g), "silent": bool(s)}
-                       for m, g, s in zip(margin, eps_gain, silent, strict=True)],
+        "per_filter": [
+            {"margin": float(m), "eps_gain": float(g), "silent": bool(s)}
+            for m, g, s in zip(margin, eps_gain, silent, strict=True)
+        ],
     }
 
 
 def _agreement(student: dict, teacher: dict) -> dict[str, float]:
-    return {name: float(F.cosine_similarity(student[name].flatten(1), teacher[name].flatten(1), dim=1).mean())
-            for name in student}
+    return {
+        name: float(F.cosine_similarity(student[name].flatten(1), teacher[name].flatten(1), dim=1).mean())
+        for name in student
+    }
 
 
-def layer_agreement(student: Classifier, teacher: Classifier, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-                    norm: str = "linf", steps: int = 20, seed: int = 0) -> dict:
+def layer_agreement(
+    student: Classifier,
+    teacher: Classifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    norm: str = "linf",
+    steps: int = 20,
+    seed: int = 0,
+) -> dict:
     """Mean cosine similarity of student and teacher at every stage they share by name and shape, on ``x`` and on
     APGD examples crafted against the student; plus both models' accuracy on those examples."""
     shared = [name for name in student.stage_names if name in teacher.stage_names]
@@ -66,6 +79,9 @@ def layer_agreement(student: Classifier, teacher: Classifier, x: torch.Tensor, y
         teacher_acc = float((teacher(x_adv).argmax(1) == y).float().mean())
     clean = _agreement({k: s_clean[k] for k in shared}, {k: t_clean[k] for k in shared})
     attacked = _agreement({k: s_adv[k] for k in shared}, t_adv)
-    return {"layers": {name: {"clean": clean[name], "attacked": attacked[name]} for name in shared},
-            "student_accuracy_on_attack": student_acc, "teacher_accuracy_on_attack": teacher_acc,
-            "skipped": [n for n in student.stage_names if n in teacher.stage_names and n not in shared]}
+    return {
+        "layers": {name: {"clean": clean[name], "attacked": attacked[name]} for name in shared},
+        "student_accuracy_on_attack": student_acc,
+        "teacher_accuracy_on_attack": teacher_acc,
+        "skipped": [n for n in student.stage_names if n in teacher.stage_names and n not in shared],
+    }

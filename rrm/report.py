@@ -59,12 +59,44 @@ TARGET_TIME_FRACTION = 1 / 3
 # Numbers averaged over seeds, each reported as mean and 95% CI half-width (``<key>_ci95``).
 SEED_MEANS = ("natural_pct", "adversarial_pct", "transfer_pct", "total_minutes", "total_minutes_with_teacher")
 
-TABLE1_COLUMNS = ("name", "method", "model", "epochs", "epoch_seconds_mean", "epoch_seconds_ci95", "total_minutes",
-                  "natural_pct", "adversarial_pct", "attack", "speedup_vs_sat", "speedup_vs_sat_with_teacher")
-TABLE2_COLUMNS = ("name", "method", "model", "natural_pct", "adversarial_pct", "attack", "adversarial_of_sat_pct",
-                  "total_minutes", "total_minutes_with_teacher", "speedup_vs_sat", "speedup_vs_sat_with_teacher")
-SEEDS_COLUMNS = ("name", "method", "model", "seeds", *(f"{k}{s}" for k in SEED_MEANS for s in ("", "_ci95")),
-                 "attack", "adversarial_of_sat_pct", "time_of_sat", "sanity_passed")
+TABLE1_COLUMNS = (
+    "name",
+    "method",
+    "model",
+    "epochs",
+    "epoch_seconds_mean",
+    "epoch_seconds_ci95",
+    "total_minutes",
+    "natural_pct",
+    "adversarial_pct",
+    "attack",
+    "speedup_vs_sat",
+    "speedup_vs_sat_with_teacher",
+)
+TABLE2_COLUMNS = (
+    "name",
+    "method",
+    "model",
+    "natural_pct",
+    "adversarial_pct",
+    "attack",
+    "adversarial_of_sat_pct",
+    "total_minutes",
+    "total_minutes_with_teacher",
+    "speedup_vs_sat",
+    "speedup_vs_sat_with_teacher",
+)
+SEEDS_COLUMNS = (
+    "name",
+    "method",
+    "model",
+    "seeds",
+    *(f"{k}{s}" for k in SEED_MEANS for s in ("", "_ci95")),
+    "attack",
+    "adversarial_of_sat_pct",
+    "time_of_sat",
+    "sanity_passed",
+)
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -73,8 +105,9 @@ def _read_json(path: Path, what: str) -> dict:
     try:
         value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RRMError(f"{what} {str(path)!r} is not valid JSON ({exc.__class__.__name__}); rerun the stage "
-                       f"that writes it") from None
+        raise RRMError(
+            f"{what} {str(path)!r} is not valid JSON ({exc.__class__.__name__}); rerun the stage that writes it"
+        ) from None
     if not isinstance(value, dict):
         raise RRMError(f"{what} {str(path)!r} must hold a JSON object")
     return value
@@ -105,8 +138,10 @@ def _bound(evaluation: EvalResult, eval_path: Path, model_path: Path) -> bool:
         return False
     problems = evaluation.binding_problems(model_sha256=sha256_file(model_path))
     if problems:
-        raise RRMError(f"evaluation metrics {str(eval_path)!r} are not of {str(model_path)!r}: {problems[0]}; "
-                       f"evaluate that model again (dvc repro, or `rrm evaluate {model_path} --out {eval_path}`)")
+        raise RRMError(
+            f"evaluation metrics {str(eval_path)!r} are not of {str(model_path)!r}: {problems[0]}; "
+            f"evaluate that model again (dvc repro, or `rrm evaluate {model_path} --out {eval_path}`)"
+        )
     return True
 
 
@@ -145,13 +180,20 @@ def _students(students_dir: Path, evaluations_dir: Path, teacher: dict | None) -
 
 
 def _seed_dirs(students_dir: Path) -> list[tuple[int, str]]:
-    return sorted((int(p.name[4:]), p.name) for p in students_dir.glob("seed*")
-                  if p.name[4:].isdigit() and any(p.glob("*/train_metrics.json")))
+    return sorted(
+        (int(p.name[4:]), p.name)
+        for p in students_dir.glob("seed*")
+        if p.name[4:].isdigit() and any(p.glob("*/train_metrics.json"))
+    )
 
 
-def collect(root: str | os.PathLike, students_dir: str | os.PathLike = "runs/students",
-            evaluations_dir: str | os.PathLike = "metrics/students", teacher_dir: str | os.PathLike = "runs/teacher",
-            teacher_evaluation: str | os.PathLike = "metrics/teacher.json") -> dict:
+def collect(
+    root: str | os.PathLike,
+    students_dir: str | os.PathLike = "runs/students",
+    evaluations_dir: str | os.PathLike = "metrics/students",
+    teacher_dir: str | os.PathLike = "runs/teacher",
+    teacher_evaluation: str | os.PathLike = "metrics/teacher.json",
+) -> dict:
     """Read the layout under ``root``: ``{"teacher": row or None, "students": [rows in the paper's order]}``.
 
     With ``seed<N>`` directories under ``students_dir`` the rows are means over the seeds (:func:`over_seeds`),
@@ -169,8 +211,10 @@ def collect(root: str | os.PathLike, students_dir: str | os.PathLike = "runs/stu
         return {"teacher": teacher, "students": students, "seeds": [s for s, _ in seeds], "target": target(students)}
     students = _students(students_dir, evaluations_dir, teacher) if students_dir.is_dir() else []
     if not students:
-        raise RRMError(f"no student runs under {str(students_dir)!r} (expected <name>/train_metrics.json or "
-                       f"seed<N>/<name>/train_metrics.json); train the students first (dvc repro)")
+        raise RRMError(
+            f"no student runs under {str(students_dir)!r} (expected <name>/train_metrics.json or "
+            f"seed<N>/<name>/train_metrics.json); train the students first (dvc repro)"
+        )
     return {"teacher": teacher, "students": students, "claims": claims(students)}
 
 
@@ -187,10 +231,15 @@ def over_seeds(per_seed: list[list[dict]]) -> list[dict]:
     out = []
     for runs in by_name.values():
         first = runs[0]
-        row = {"name": first["name"], "method": first["method"], "model": first["model"], "seeds": len(runs),
-               "attack": ",".join(sorted({r["attack"] for r in runs})),
-               "sanity_passed": all(r["sanity_passed"] is True for r in runs),
-               "evaluation_bound": all(r["evaluation_bound"] for r in runs)}
+        row = {
+            "name": first["name"],
+            "method": first["method"],
+            "model": first["model"],
+            "seeds": len(runs),
+            "attack": ",".join(sorted({r["attack"] for r in runs})),
+            "sanity_passed": all(r["sanity_passed"] is True for r in runs),
+            "evaluation_bound": all(r["evaluation_bound"] for r in runs),
+        }
         for key in SEED_MEANS:
             values = [r[key] for r in runs]
             mean, ci = mean_ci(values) if None not in values else (None, None)
@@ -198,9 +247,11 @@ def over_seeds(per_seed: list[list[dict]]) -> list[dict]:
         out.append(row)
     sat = next((r for r in out if r["name"] == "sat"), None)
     for row in out:
-        row["adversarial_of_sat_pct"] = (100 * row["adversarial_pct"] / sat["adversarial_pct"]
-                                         if sat and sat["adversarial_pct"] and row["adversarial_pct"] is not None
-                                         else None)
+        row["adversarial_of_sat_pct"] = (
+            100 * row["adversarial_pct"] / sat["adversarial_pct"]
+            if sat and sat["adversarial_pct"] and row["adversarial_pct"] is not None
+            else None
+        )
         row["time_of_sat"] = _ratio(row["total_minutes"], sat and sat["total_minutes"])
     return out
 
@@ -212,9 +263,11 @@ def target(students: list[dict]) -> dict:
     does every student that needs no teacher (``without_teacher``; SAT itself excepted), checked against the same bar:
     where the teacher's students fail, those are what to use instead."""
     sat = next((r for r in students if r["name"] == "sat"), None)
-    rule = (f"a student using the teacher with mean adversarial accuracy >= {TARGET_OF_SAT_PCT:.0f}% of sat's and "
-            f"mean student training time <= 1/{1 / TARGET_TIME_FRACTION:.0f} of sat's, every evaluation passing "
-            f"the gradient-masking checks")
+    rule = (
+        f"a student using the teacher with mean adversarial accuracy >= {TARGET_OF_SAT_PCT:.0f}% of sat's and "
+        f"mean student training time <= 1/{1 / TARGET_TIME_FRACTION:.0f} of sat's, every evaluation passing "
+        f"the gradient-masking checks"
+    )
     if sat is None or sat["adversarial_pct"] is None:
         return {"rule": rule, "sat": None, "candidates": {}, "met_by": [], "met": False}
     need_pct = TARGET_OF_SAT_PCT / 100 * sat["adversarial_pct"]
@@ -225,9 +278,13 @@ def target(students: list[dict]) -> dict:
             continue
         group = candidates if r["method"] in USES_TEACHER else others
         group[r["name"]] = {
-            "adversarial_pct": r["adversarial_pct"], "adversarial_of_sat_pct": r["adversarial_of_sat_pct"],
-            "total_minutes": r["total_minutes"], "time_of_sat": r["time_of_sat"], "sanity_passed": r["sanity_passed"],
-            "met": r["adversarial_pct"] >= need_pct and r["total_minutes"] <= max_minutes and r["sanity_passed"]}
+            "adversarial_pct": r["adversarial_pct"],
+            "adversarial_of_sat_pct": r["adversarial_of_sat_pct"],
+            "total_minutes": r["total_minutes"],
+            "time_of_sat": r["time_of_sat"],
+            "sanity_passed": r["sanity_passed"],
+            "met": r["adversarial_pct"] >= need_pct and r["total_minutes"] <= max_minutes and r["sanity_passed"],
+        }
     met_by = [name for name, c in candidates.items() if c["met"]]
     # Where a naturally trained student already clears the accuracy bar (MNIST at small eps), meeting the target
     # says nothing about transfer: the report says so and gives each candidate's margin over natural training.
@@ -235,13 +292,22 @@ def target(students: list[dict]) -> dict:
     for c in candidates.values():
         c["over_natural_points"] = c["adversarial_pct"] - natural["adversarial_pct"] if natural else None
     # What the user can do instead: the students that need no teacher and clear the same bar (Fast AT at eps 0.1).
-    return {"rule": rule, "candidates": candidates, "met_by": met_by, "met": bool(met_by),
-            "without_teacher": others, "met_without_teacher": [name for name, c in others.items() if c["met"]],
-            "sat": {"adversarial_pct": sat["adversarial_pct"], "total_minutes": sat["total_minutes"],
-                    "sanity_passed": sat["sanity_passed"]},
-            "thresholds": {"adversarial_pct": need_pct, "total_minutes": max_minutes},
-            "natural_adversarial_pct": natural["adversarial_pct"] if natural else None,
-            "discriminating": natural is None or natural["adversarial_pct"] < need_pct}
+    return {
+        "rule": rule,
+        "candidates": candidates,
+        "met_by": met_by,
+        "met": bool(met_by),
+        "without_teacher": others,
+        "met_without_teacher": [name for name, c in others.items() if c["met"]],
+        "sat": {
+            "adversarial_pct": sat["adversarial_pct"],
+            "total_minutes": sat["total_minutes"],
+            "sanity_passed": sat["sanity_passed"],
+        },
+        "thresholds": {"adversarial_pct": need_pct, "total_minutes": max_minutes},
+        "natural_adversarial_pct": natural["adversarial_pct"] if natural else None,
+        "discriminating": natural is None or natural["adversarial_pct"] < need_pct,
+    }
 
 
 def claims(students: list[dict], method: str = "rrm") -> list[dict]:
@@ -257,21 +323,37 @@ def claims(students: list[dict], method: str = "rrm") -> list[dict]:
     out = []
     if sat and sat["adversarial_pct"]:
         share = subject["adversarial_of_sat_pct"]
-        out.append({"claim": f"{method} adversarial >= {CLAIM_OF_SAT_PCT:.0f}% of sat's", "measured": share,
-                    "text": f"{share:.1f}% ({subject['adversarial_pct']:.1f} vs {sat['adversarial_pct']:.1f})",
-                    "met": share >= CLAIM_OF_SAT_PCT})
+        out.append(
+            {
+                "claim": f"{method} adversarial >= {CLAIM_OF_SAT_PCT:.0f}% of sat's",
+                "measured": share,
+                "text": f"{share:.1f}% ({subject['adversarial_pct']:.1f} vs {sat['adversarial_pct']:.1f})",
+                "met": share >= CLAIM_OF_SAT_PCT,
+            }
+        )
     for name in CLAIM_BASELINES:
         base = rows.get(name)
         if base is None or base["adversarial_pct"] is None:
             continue
         margin = subject["adversarial_pct"] - base["adversarial_pct"]
-        out.append({"claim": f"{method} adversarial >= {name}'s + {CLAIM_MARGIN_POINTS:.0f} points",
-                    "measured": margin, "text": f"{margin:+.1f} points", "met": margin >= CLAIM_MARGIN_POINTS})
+        out.append(
+            {
+                "claim": f"{method} adversarial >= {name}'s + {CLAIM_MARGIN_POINTS:.0f} points",
+                "measured": margin,
+                "text": f"{margin:+.1f} points",
+                "met": margin >= CLAIM_MARGIN_POINTS,
+            }
+        )
     if sat:
         fraction = subject["total_seconds"] / sat["total_seconds"]
-        out.append({"claim": f"{method} training time <= {CLAIM_TIME_FRACTION:g} x sat's", "measured": fraction,
-                    "text": f"{fraction:.2f} x ({subject['total_minutes']:.2f} vs {sat['total_minutes']:.2f} min)",
-                    "met": fraction <= CLAIM_TIME_FRACTION})
+        out.append(
+            {
+                "claim": f"{method} training time <= {CLAIM_TIME_FRACTION:g} x sat's",
+                "measured": fraction,
+                "text": f"{fraction:.2f} x ({subject['total_minutes']:.2f} vs {sat['total_minutes']:.2f} min)",
+                "met": fraction <= CLAIM_TIME_FRACTION,
+            }
+        )
     return out
 
 
@@ -287,7 +369,9 @@ def _add_speedups(students: list[dict], teacher: dict | None) -> None:
         row["speedup_vs_sat_with_teacher"] = _ratio(sat and sat["total_seconds"], with_teacher)
         row["adversarial_of_sat_pct"] = (
             100 * row["adversarial_pct"] / sat["adversarial_pct"]
-            if sat and sat["adversarial_pct"] and row["adversarial_pct"] is not None else None)
+            if sat and sat["adversarial_pct"] and row["adversarial_pct"] is not None
+            else None
+        )
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
@@ -298,9 +382,11 @@ def _unbound_note(rows: list[dict]) -> list[str]:
     names = [r["name"] for r in rows if not r["evaluation_bound"]]
     if not names:
         return []
-    return [f"Not checked against their model file (the evaluation names none, as files written by hand or by rrm "
-            f"before evaluations recorded the model's sha256 do, or the model.pt is absent): {', '.join(names)}; "
-            "evaluate them again (dvc repro) to check them."]
+    return [
+        f"Not checked against their model file (the evaluation names none, as files written by hand or by rrm "
+        f"before evaluations recorded the model's sha256 do, or the model.pt is absent): {', '.join(names)}; "
+        "evaluate them again (dvc repro) to check them."
+    ]
 
 
 def _fmt(value: object, digits: int = 2) -> str:
@@ -330,15 +416,38 @@ def table1(report: dict) -> str:
     """Markdown Table 1 analogue: every method's training cost, accuracy and speedup over SAT."""
     rows = []
     for r in ([report["teacher"]] if report["teacher"] else []) + report["students"]:
-        rows.append([r["name"], r["model"], _fmt(r["epochs"], 0),
-                     f"{r['epoch_seconds_mean']:.2f} ± {r['epoch_seconds_ci95']:.2f}", _fmt(r["total_minutes"]),
-                     _fmt(r["natural_pct"], 1), _fmt(r["adversarial_pct"], 1), r["attack"],
-                     _fmt(r.get("speedup_vs_sat")), _fmt(r.get("speedup_vs_sat_with_teacher"))])
-    header = ["method", "model", "epochs", "epoch time (s, mean ± 95% CI)", "total (min)", "natural %",
-              "adversarial %", "attack", "speedup vs SAT", "speedup vs SAT incl. teacher"]
-    notes = ["adversarial %: ART AutoPGD (`art-apgd`) where evaluated, else native APGD-CE (`apgd`); the attack "
-             "column says which.", "speedup incl. teacher adds the teacher's training time to rdt, kd, kdiga and "
-             "rrm (robustification time not included)."]
+        rows.append(
+            [
+                r["name"],
+                r["model"],
+                _fmt(r["epochs"], 0),
+                f"{r['epoch_seconds_mean']:.2f} ± {r['epoch_seconds_ci95']:.2f}",
+                _fmt(r["total_minutes"]),
+                _fmt(r["natural_pct"], 1),
+                _fmt(r["adversarial_pct"], 1),
+                r["attack"],
+                _fmt(r.get("speedup_vs_sat")),
+                _fmt(r.get("speedup_vs_sat_with_teacher")),
+            ]
+        )
+    header = [
+        "method",
+        "model",
+        "epochs",
+        "epoch time (s, mean ± 95% CI)",
+        "total (min)",
+        "natural %",
+        "adversarial %",
+        "attack",
+        "speedup vs SAT",
+        "speedup vs SAT incl. teacher",
+    ]
+    notes = [
+        "adversarial %: ART AutoPGD (`art-apgd`) where evaluated, else native APGD-CE (`apgd`); the attack "
+        "column says which.",
+        "speedup incl. teacher adds the teacher's training time to rdt, kd, kdiga and "
+        "rrm (robustification time not included).",
+    ]
     notes += _unbound_note(([report["teacher"]] if report["teacher"] else []) + report["students"])
     return _markdown("Table 1: training cost and robustness per method", header, rows, notes)
 
@@ -346,13 +455,37 @@ def table1(report: dict) -> str:
 def table2(report: dict) -> str:
     """Markdown Table 2 analogue: the transfer methods against SAT."""
     chosen = [r for r in report["students"] if r["method"] in ("sat", *TRANSFER_METHODS)]
-    rows = [[r["name"], r["model"], _fmt(r["natural_pct"], 1), _fmt(r["adversarial_pct"], 1), r["attack"],
-             _fmt(r["adversarial_of_sat_pct"], 1), _fmt(r["total_minutes"]), _fmt(r["total_minutes_with_teacher"]),
-             _fmt(r["speedup_vs_sat"]), _fmt(r["speedup_vs_sat_with_teacher"])] for r in chosen]
-    header = ["method", "model", "natural %", "adversarial %", "attack", "adversarial / SAT's %", "total (min)",
-              "total incl. teacher (min)", "speedup vs SAT", "speedup vs SAT incl. teacher"]
-    notes = [f"- {'met' if c['met'] else '**not met**'}: {c['claim']} — measured {c['text']}"
-             for c in report.get("claims", [])]
+    rows = [
+        [
+            r["name"],
+            r["model"],
+            _fmt(r["natural_pct"], 1),
+            _fmt(r["adversarial_pct"], 1),
+            r["attack"],
+            _fmt(r["adversarial_of_sat_pct"], 1),
+            _fmt(r["total_minutes"]),
+            _fmt(r["total_minutes_with_teacher"]),
+            _fmt(r["speedup_vs_sat"]),
+            _fmt(r["speedup_vs_sat_with_teacher"]),
+        ]
+        for r in chosen
+    ]
+    header = [
+        "method",
+        "model",
+        "natural %",
+        "adversarial %",
+        "attack",
+        "adversarial / SAT's %",
+        "total (min)",
+        "total incl. teacher (min)",
+        "speedup vs SAT",
+        "speedup vs SAT incl. teacher",
+    ]
+    notes = [
+        f"- {'met' if c['met'] else '**not met**'}: {c['claim']} — measured {c['text']}"
+        for c in report.get("claims", [])
+    ]
     if notes:
         notes.insert(0, "The paper's claim for RRM on this data:\n")
     return _markdown("Table 2: robustness transfer (rdt, kd, kdiga, rrm) against SAT", header, rows, notes)
@@ -364,19 +497,52 @@ def seeds_table(report: dict) -> str:
     def ci(r: dict, key: str, digits: int) -> str:
         return "-" if r[key] is None else f"{r[key]:.{digits}f} ± {r[key + '_ci95']:.{digits}f}"
 
-    rows = [[r["name"], r["method"], r["model"], str(r["seeds"]), ci(r, "natural_pct", 1), ci(r, "adversarial_pct", 1),
-             r["attack"], ci(r, "transfer_pct", 1), ci(r, "total_minutes", 2), ci(r, "total_minutes_with_teacher", 2),
-             _fmt(r["adversarial_of_sat_pct"], 1), _fmt(r["time_of_sat"]), "passed" if r["sanity_passed"] else
-             "**FAILED**"] for r in report["students"]]
-    header = ["student", "method", "model", "seeds", "natural %", "adversarial %", "attack", "transfer %",
-              "student (min)", "incl. teacher (min)", "adversarial / SAT's %", "time / SAT's", "checks"]
+    rows = [
+        [
+            r["name"],
+            r["method"],
+            r["model"],
+            str(r["seeds"]),
+            ci(r, "natural_pct", 1),
+            ci(r, "adversarial_pct", 1),
+            r["attack"],
+            ci(r, "transfer_pct", 1),
+            ci(r, "total_minutes", 2),
+            ci(r, "total_minutes_with_teacher", 2),
+            _fmt(r["adversarial_of_sat_pct"], 1),
+            _fmt(r["time_of_sat"]),
+            "passed" if r["sanity_passed"] else "**FAILED**",
+        ]
+        for r in report["students"]
+    ]
+    header = [
+        "student",
+        "method",
+        "model",
+        "seeds",
+        "natural %",
+        "adversarial %",
+        "attack",
+        "transfer %",
+        "student (min)",
+        "incl. teacher (min)",
+        "adversarial / SAT's %",
+        "time / SAT's",
+        "checks",
+    ]
     t = report["teacher"]
-    notes = [f"Mean ± 95% CI (Student's t) over seeds {', '.join(map(str, report['seeds']))}. adversarial %: ART "
-             "AutoPGD (`art-apgd`) where evaluated, else native APGD-CE (`apgd`); transfer %: APGD crafted on the "
-             "teacher. incl. teacher adds the teacher's whole training time to every student that uses it.", "",
-             f"Teacher: {t['method']} {t['model']}, natural {t['natural_pct']:.1f}%, adversarial "
-             f"{_fmt(t['adversarial_pct'], 1)}% ({t['attack']}), {t['total_minutes']:.2f} min, checks "
-             f"{'passed' if t['sanity_passed'] else '**FAILED**'}." if t else "No teacher run found.", ""]
+    notes = [
+        f"Mean ± 95% CI (Student's t) over seeds {', '.join(map(str, report['seeds']))}. adversarial %: ART "
+        "AutoPGD (`art-apgd`) where evaluated, else native APGD-CE (`apgd`); transfer %: APGD crafted on the "
+        "teacher. incl. teacher adds the teacher's whole training time to every student that uses it.",
+        "",
+        f"Teacher: {t['method']} {t['model']}, natural {t['natural_pct']:.1f}%, adversarial "
+        f"{_fmt(t['adversarial_pct'], 1)}% ({t['attack']}), {t['total_minutes']:.2f} min, checks "
+        f"{'passed' if t['sanity_passed'] else '**FAILED**'}."
+        if t
+        else "No teacher run found.",
+        "",
+    ]
     unbound = _unbound_note(([t] if t else []) + report["students"])
     notes += [*unbound, ""] if unbound else []
     goal = report["target"]
@@ -385,23 +551,37 @@ def seeds_table(report: dict) -> str:
         notes.append("Not checked: no sat student with an adversarial accuracy.")
         return _markdown("Students: accuracy and training cost over seeds", header, rows, notes)
     need = goal["thresholds"]
-    notes += [f"sat: {goal['sat']['adversarial_pct']:.1f}% in {goal['sat']['total_minutes']:.2f} min, so the target "
-              f"is >= {need['adversarial_pct']:.1f}% in <= {need['total_minutes']:.2f} min.", ""]
-    notes += [f"- {'met' if c['met'] else '**not met**'}: {name} — {c['adversarial_pct']:.1f}% "
-              f"({_fmt(c['adversarial_of_sat_pct'], 1)}% of sat's"
-              + ("" if c["over_natural_points"] is None else f", {c['over_natural_points']:+.1f} points over natural")
-              + f") in {c['total_minutes']:.2f} min ({_fmt(c['time_of_sat'])} x sat's)"
-              + ("" if c["sanity_passed"] else ", checks FAILED") for name, c in goal["candidates"].items()]
+    notes += [
+        f"sat: {goal['sat']['adversarial_pct']:.1f}% in {goal['sat']['total_minutes']:.2f} min, so the target "
+        f"is >= {need['adversarial_pct']:.1f}% in <= {need['total_minutes']:.2f} min.",
+        "",
+    ]
+    notes += [
+        f"- {'met' if c['met'] else '**not met**'}: {name} — {c['adversarial_pct']:.1f}% "
+        f"({_fmt(c['adversarial_of_sat_pct'], 1)}% of sat's"
+        + ("" if c["over_natural_points"] is None else f", {c['over_natural_points']:+.1f} points over natural")
+        + f") in {c['total_minutes']:.2f} min ({_fmt(c['time_of_sat'])} x sat's)"
+        + ("" if c["sanity_passed"] else ", checks FAILED")
+        for name, c in goal["candidates"].items()
+    ]
     notes += ["", f"Met by: {', '.join(goal['met_by'])}." if goal["met"] else "Met by no student."]
     others = goal["without_teacher"]
-    alternatives = [f"{name} ({others[name]['adversarial_pct']:.1f}% in {others[name]['total_minutes']:.2f} min, "
-                    f"{_fmt(others[name]['time_of_sat'])} x sat's)" for name in goal["met_without_teacher"]]
-    notes.append(f"Without the teacher, the same bar is cleared by: {', '.join(alternatives)}." if alternatives else
-                 "No student without the teacher clears the same bar either.")
+    alternatives = [
+        f"{name} ({others[name]['adversarial_pct']:.1f}% in {others[name]['total_minutes']:.2f} min, "
+        f"{_fmt(others[name]['time_of_sat'])} x sat's)"
+        for name in goal["met_without_teacher"]
+    ]
+    notes.append(
+        f"Without the teacher, the same bar is cleared by: {', '.join(alternatives)}."
+        if alternatives
+        else "No student without the teacher clears the same bar either."
+    )
     if not goal["discriminating"]:
-        notes.append(f"**The target does not discriminate here**: the natural student, with no teacher and no "
-                     f"attack, reaches {goal['natural_adversarial_pct']:.1f}% >= {need['adversarial_pct']:.1f}%, so "
-                     f"meeting it shows no transfer of robustness; read the margins over natural instead.")
+        notes.append(
+            f"**The target does not discriminate here**: the natural student, with no teacher and no "
+            f"attack, reaches {goal['natural_adversarial_pct']:.1f}% >= {need['adversarial_pct']:.1f}%, so "
+            f"meeting it shows no transfer of robustness; read the margins over natural instead."
+        )
     return _markdown("Students: accuracy and training cost over seeds", header, rows, notes)
 
 
@@ -417,23 +597,34 @@ def write_report(root: str | os.PathLike, out_dir: str | os.PathLike, **layout: 
     by_name = {r["name"]: {k: v for k, v in r.items() if k != "name"} for r in rows}
     if "seeds" in report:
         goal = report["target"]
-        files = {"table.md": seeds_table(report), "table.csv": _csv(SEEDS_COLUMNS, report["students"]),
-                 "report.json": json.dumps({**by_name, "seeds": report["seeds"], "target": goal}, indent=2,
-                                           sort_keys=True) + "\n"}
+        files = {
+            "table.md": seeds_table(report),
+            "table.csv": _csv(SEEDS_COLUMNS, report["students"]),
+            "report.json": json.dumps({**by_name, "seeds": report["seeds"], "target": goal}, indent=2, sort_keys=True)
+            + "\n",
+        }
         figure = "frontier.png"
         box = goal["sat"] and (goal["thresholds"]["total_minutes"], goal["thresholds"]["adversarial_pct"])
-        draw = functools.partial(plot_students, report["students"], panels=FRONTIER_PANELS, target_box=box,
-                                 frontier=True)
+        draw = functools.partial(
+            plot_students, report["students"], panels=FRONTIER_PANELS, target_box=box, frontier=True
+        )
     else:
         files = {
             "table1.md": table1(report),
             "table2.md": table2(report),
             "table1.csv": _csv(TABLE1_COLUMNS, rows),
-            "table2.csv": _csv(TABLE2_COLUMNS, [r for r in report["students"]
-                                                if r["method"] in ("sat", *TRANSFER_METHODS)]),
-            "report.json": json.dumps({**by_name, "claims": {c["claim"]: {"measured": c["measured"], "met": c["met"]}
-                                                             for c in report["claims"]}},
-                                      indent=2, sort_keys=True) + "\n",
+            "table2.csv": _csv(
+                TABLE2_COLUMNS, [r for r in report["students"] if r["method"] in ("sat", *TRANSFER_METHODS)]
+            ),
+            "report.json": json.dumps(
+                {
+                    **by_name,
+                    "claims": {c["claim"]: {"measured": c["measured"], "met": c["met"]} for c in report["claims"]},
+                },
+                indent=2,
+                sort_keys=True,
+            )
+            + "\n",
         }
         figure = "accuracy_vs_time.png"
         draw = functools.partial(plot_students, report["students"])

@@ -36,8 +36,10 @@ def spec_record(spec: Mapping) -> dict:
 
 def _describe(spec: Mapping) -> str:
     side = spec.get("image_size", "?")
-    return (f"{spec.get('name', '?')} on {spec.get('in_channels', '?')}x{side}x{side} images, "
-            f"{spec.get('num_classes', '?')} classes")
+    return (
+        f"{spec.get('name', '?')} on {spec.get('in_channels', '?')}x{side}x{side} images, "
+        f"{spec.get('num_classes', '?')} classes"
+    )
 
 
 @dataclass
@@ -98,32 +100,40 @@ class EvalResult:
             return "FAILED"
         return "passed" if self.masking_checks_passed else "not run"
 
-    def binding_problems(self, *, model_sha256: str | None = None, model_spec: Mapping | None = None,
-                         dataset_digest: str | None = None) -> list[str]:
+    def binding_problems(
+        self, *, model_sha256: str | None = None, model_spec: Mapping | None = None, dataset_digest: str | None = None
+    ) -> list[str]:
         """Why this result is not an evaluation, on the test split, of the model file with ``model_sha256`` and
         ``model_spec`` trained on the data with ``dataset_digest``: one phrase each, empty when it is. An argument
         left None is not checked; a result that does not record what an argument checks is a problem."""
         problems = []
         if model_sha256 is not None:
             if self.model_sha256 is None:
-                problems.append("its evaluation names no model file (no model_sha256: written by hand or by an older "
-                                "rrm)")
+                problems.append(
+                    "its evaluation names no model file (no model_sha256: written by hand or by an older rrm)"
+                )
             elif self.model_sha256 != model_sha256:
-                problems.append(f"its evaluation measured another model file (sha256 {self.model_sha256[:12]}, this "
-                                f"one is {model_sha256[:12]})")
+                problems.append(
+                    f"its evaluation measured another model file (sha256 {self.model_sha256[:12]}, this "
+                    f"one is {model_sha256[:12]})"
+                )
         if model_spec is not None:
             want = spec_record(model_spec)
             if self.model_spec is None:
                 problems.append("its evaluation names no model architecture (no model_spec)")
             elif self.model_spec != want:
-                problems.append(f"its evaluation measured another architecture ({_describe(self.model_spec)}; "
-                                f"this model: {_describe(want)})")
+                problems.append(
+                    f"its evaluation measured another architecture ({_describe(self.model_spec)}; "
+                    f"this model: {_describe(want)})"
+                )
         if dataset_digest is not None:
             if self.dataset_digest is None:
                 problems.append("its evaluation names no dataset digest")
             elif self.dataset_digest != dataset_digest:
-                problems.append(f"its evaluation ran on dataset {self.dataset or '?'!r} with digest "
-                                f"{self.dataset_digest[:12]}, not on the training data (digest {dataset_digest[:12]})")
+                problems.append(
+                    f"its evaluation ran on dataset {self.dataset or '?'!r} with digest "
+                    f"{self.dataset_digest[:12]}, not on the training data (digest {dataset_digest[:12]})"
+                )
             if self.split != "test":
                 problems.append(f"its evaluation ran on the {self.split or 'unrecorded'} split, not the test split")
         return problems
@@ -164,13 +174,17 @@ class EvalResult:
         """Read a metrics file; a missing, corrupt or incomplete one is an :class:`RRMError` naming it and the fix."""
         path = Path(path)
         if not path.is_file():
-            raise RRMError(f"evaluation metrics {str(path)!r} does not exist; run `rrm evaluate` (or the stage that "
-                           "writes it: dvc repro)")
+            raise RRMError(
+                f"evaluation metrics {str(path)!r} does not exist; run `rrm evaluate` (or the stage that "
+                "writes it: dvc repro)"
+            )
         try:
             values = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RRMError(f"evaluation metrics {str(path)!r} is not valid JSON ({exc.__class__.__name__}); rerun "
-                           "`rrm evaluate` (or the stage that writes it)") from None
+            raise RRMError(
+                f"evaluation metrics {str(path)!r} is not valid JSON ({exc.__class__.__name__}); rerun "
+                "`rrm evaluate` (or the stage that writes it)"
+            ) from None
         return cls.from_json(values, source=f"evaluation metrics {str(path)!r}")
 
     def write(self, path: str | os.PathLike) -> None:

@@ -35,10 +35,12 @@ def check_settings(steps: int, step_size: float, batch_size: int) -> None:
     for name, value in (("steps", steps), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise RRMError(f"robustify needs {name} to be a whole number >= 1, got {value!r}")
-    if isinstance(step_size, bool) or not isinstance(step_size, numbers.Real) or not (
-            math.isfinite(step_size) and step_size > 0):
-        raise RRMError(f"robustify needs step_size to be a finite number > 0, got {step_size!r}; Ilyas et al. "
-                       "use 0.1")
+    if (
+        isinstance(step_size, bool)
+        or not isinstance(step_size, numbers.Real)
+        or not (math.isfinite(step_size) and step_size > 0)
+    ):
+        raise RRMError(f"robustify needs step_size to be a finite number > 0, got {step_size!r}; Ilyas et al. use 0.1")
 
 
 def _resume(partial: Path, settings: dict, empty: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -54,8 +56,12 @@ def _resume(partial: Path, settings: dict, empty: torch.Tensor) -> tuple[int, to
     if saved["settings"] != settings:
         return 0, empty
     done, images = saved["done"], saved["images"]
-    if not (isinstance(images, torch.Tensor) and images.shape == empty.shape and isinstance(done, int)
-            and 0 <= done <= len(images)):
+    if not (
+        isinstance(images, torch.Tensor)
+        and images.shape == empty.shape
+        and isinstance(done, int)
+        and 0 <= done <= len(images)
+    ):
         raise RRMError(f"the robustify resume file {str(partial)!r} is damaged (it does not fit this dataset); {fix}")
     return done, images.float()
 
@@ -96,8 +102,10 @@ def robustify(
         raise RRMError("robustify needs at least two training images")
     spec = teacher.spec
     if (spec.get("in_channels"), spec.get("image_size"), spec.get("image_size")) != data.input_shape:
-        raise RRMError(f"the teacher was built for {spec.get('in_channels')}x{spec.get('image_size')}px images but "
-                       f"{data.name!r} has {'x'.join(map(str, data.input_shape))}; use a teacher trained on it")
+        raise RRMError(
+            f"the teacher was built for {spec.get('in_channels')}x{spec.get('image_size')}px images but "
+            f"{data.name!r} has {'x'.join(map(str, data.input_shape))}; use a teacher trained on it"
+        )
     teacher = teacher.to(device).eval()
     teacher.requires_grad_(False)
     out = Path(out)
@@ -125,7 +133,9 @@ def robustify(
         bar.update(len(idx))
     bar.close()
     robust = dataclasses.replace(
-        data, name=f"{data.name}-robust", train_x=result,
+        data,
+        name=f"{data.name}-robust",
+        train_x=result,
         source={"kind": "robustified", "from": data.name, "teacher": teacher_ref, **settings},
     )
     save_dataset(robust, out)

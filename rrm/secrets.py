@@ -15,8 +15,11 @@ MASK = "***"
 # URL with an @ further on (rare in store URLs) loses more than its password, never less.
 _USER_INFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@'\"<>]*:)(?P<secret>[^\s'\"<>]+)@")
 # password=SECRET as a URL query item or a libpq keyword (host=db password=...), up to the next & or space.
-_KEYWORD = re.compile(r"(?P<head>(?<![\w.\-])(?:password|passwd|pwd|sslpassword|secret|token|access_token|api_key|"
-                      r"apikey)=)(?P<secret>[^&\s'\"<>]+)", re.IGNORECASE)
+_KEYWORD = re.compile(
+    r"(?P<head>(?<![\w.\-])(?:password|passwd|pwd|sslpassword|secret|token|access_token|api_key|"
+    r"apikey)=)(?P<secret>[^&\s'\"<>]+)",
+    re.IGNORECASE,
+)
 
 
 def mask_url(text: str) -> str:

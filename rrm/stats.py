@@ -42,7 +42,11 @@ def epoch_time_stats(epoch_seconds: Sequence[float], replays: int = 1) -> dict:
     mean, half_width = mean_ci([s / replays for s in epoch_seconds])
     total = math.fsum(epoch_seconds)
     return {
-        "epochs": len(epoch_seconds) * replays, "passes": len(epoch_seconds), "replays": replays,
-        "epoch_seconds_mean": mean, "epoch_seconds_ci95": half_width,
-        "total_seconds": total, "total_minutes": total / 60,
+        "epochs": len(epoch_seconds) * replays,
+        "passes": len(epoch_seconds),
+        "replays": replays,
+        "epoch_seconds_mean": mean,
+        "epoch_seconds_ci95": half_width,
+        "total_seconds": total,
+        "total_minutes": total / 60,
     }

@@ -29,8 +29,14 @@ def free_port() -> int:
 
 def worker_env(**extra: str) -> dict:
     """The environment of a subprocess that must import this checkout's rrm, on one thread."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1",
-            "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", **extra}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(sys.path),
+        "OMP_NUM_THREADS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DVC_NO_ANALYTICS": "1",
+        **extra,
+    }
 
 
 @contextlib.contextmanager
@@ -46,8 +52,12 @@ def one_torch_thread() -> Iterator[None]:
 
 def undo_cli_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI sets a few process-wide environment variables; record them so they are removed after the test."""
-    for key in (*rrm_cli._FAIL_FAST_ENV, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "PGCONNECT_TIMEOUT",
-                "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"):
+    for key in (
+        *rrm_cli._FAIL_FAST_ENV,
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+        "PGCONNECT_TIMEOUT",
+        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT",
+    ):
         monkeypatch.setenv(key, "")
         monkeypatch.delenv(key)
 
@@ -61,17 +71,36 @@ def mlflow_server(backend_store_uri: str, root: Path, timeout: float = 180) -> I
 
 
 @contextlib.contextmanager
-def mlflow_server_process(backend_store_uri: str, root: Path,
-                          timeout: float = 180) -> Iterator[tuple[str, subprocess.Popen]]:
+def mlflow_server_process(
+    backend_store_uri: str, root: Path, timeout: float = 180
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """:func:`mlflow_server`, yielding its process too (a test may kill it early: ``os.killpg(proc.pid, ...)``)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(root / "server.log", "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
-             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"],
-            cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=worker_env())
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                backend_store_uri,
+                "--artifacts-destination",
+                str(root / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            cwd=root,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=worker_env(),
+        )
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -82,8 +111,10 @@ def mlflow_server_process(backend_store_uri: str, root: Path,
                 except OSError:
                     pass
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mlflow server on {backend_store_uri.split(':')[0]} did not start: "
-                                f"{(root / 'server.log').read_text()[-2000:]}")
+                    pytest.fail(
+                        f"mlflow server on {backend_store_uri.split(':')[0]} did not start: "
+                        f"{(root / 'server.log').read_text()[-2000:]}"
+                    )
                 time.sleep(0.5)
             yield url, proc
         finally:

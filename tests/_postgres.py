@@ -42,15 +42,19 @@ class Server:
 
 def find_binaries() -> Path:
     """The newest ``/usr/lib/postgresql/N/bin`` (Debian's layout), else the directory of ``pg_ctl`` on PATH."""
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
-                   key=lambda p: [int(n) for n in re.findall(r"\d+", p.parent.parent.name)] or [0])
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+        key=lambda p: [int(n) for n in re.findall(r"\d+", p.parent.parent.name)] or [0],
+    )
     if found:
         return found[-1].parent
     on_path = shutil.which("pg_ctl")
     if on_path:
         return Path(on_path).resolve().parent
-    raise Unavailable("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/pg_ctl and no pg_ctl on PATH); "
-                      "install Debian's package: apt-get install -y postgresql")
+    raise Unavailable(
+        "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/pg_ctl and no pg_ctl on PATH); "
+        "install Debian's package: apt-get install -y postgresql"
+    )
 
 
 def _as_server_user() -> tuple[list[str], str | None]:
@@ -60,9 +64,10 @@ def _as_server_user() -> tuple[list[str], str | None]:
     try:
         pwd.getpwnam("postgres")
     except KeyError:
-        raise Unavailable("running as root, and initdb refuses root, but there is no 'postgres' user to run it as; "
-                          "install Debian's postgresql package (it creates one) or run the tests as another user") \
-            from None
+        raise Unavailable(
+            "running as root, and initdb refuses root, but there is no 'postgres' user to run it as; "
+            "install Debian's postgresql package (it creates one) or run the tests as another user"
+        ) from None
     runuser = shutil.which("runuser")
     if runuser is None:
         raise Unavailable("running as root and runuser is missing, so the server cannot run as 'postgres'")
@@ -95,15 +100,33 @@ def running(databases: tuple[str, ...]) -> Iterator[Server]:
         if owner:
             shutil.chown(root, owner)
         port = free_port()
-        _run([*prefix, str(binaries / "initdb"), "-D", str(data), "-U", USER, "--auth=trust", "-E", "UTF8",
-              "--no-sync"], "initdb")
+        _run(
+            [*prefix, str(binaries / "initdb"), "-D", str(data), "-U", USER, "--auth=trust", "-E", "UTF8", "--no-sync"],
+            "initdb",
+        )
         options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off -c full_page_writes=off"
-        _run([*prefix, str(binaries / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "server.log"),
-              "-w", "-t", "60", "start"], "pg_ctl start")
+        _run(
+            [
+                *prefix,
+                str(binaries / "pg_ctl"),
+                "-D",
+                str(data),
+                "-o",
+                options,
+                "-l",
+                str(root / "server.log"),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+            "pg_ctl start",
+        )
         started = True
         try:
-            with psycopg.connect(host="127.0.0.1", port=port, user=USER, dbname="postgres", autocommit=True,
-                                 connect_timeout=10) as con:
+            with psycopg.connect(
+                host="127.0.0.1", port=port, user=USER, dbname="postgres", autocommit=True, connect_timeout=10
+            ) as con:
                 for name in databases:
                     con.execute(f'CREATE DATABASE "{name}"')
         except psycopg.Error as exc:
@@ -111,6 +134,10 @@ def running(databases: tuple[str, ...]) -> Iterator[Server]:
         yield Server(host="127.0.0.1", port=port, user=USER, root=root)
     finally:
         if started:
-            subprocess.run([*prefix, str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                           capture_output=True, timeout=60, check=False)
+            subprocess.run(
+                [*prefix, str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
         shutil.rmtree(root, ignore_errors=True)

@@ -21,16 +21,33 @@ def digits():
 @pytest.fixture(scope="session")
 def digits_natural(tmp_path_factory, digits):
     """A natural CNN on digits (about 97% clean accuracy after 8 epochs, ~1 s)."""
-    cfg = TrainConfig(dataset="digits", model="cnn", method="natural", epochs=8, lr=0.05, monitor_examples=0,
-                      progress=False, out_dir=str(tmp_path_factory.mktemp("natural")))
+    cfg = TrainConfig(
+        dataset="digits",
+        model="cnn",
+        method="natural",
+        epochs=8,
+        lr=0.05,
+        monitor_examples=0,
+        progress=False,
+        out_dir=str(tmp_path_factory.mktemp("natural")),
+    )
     return train(cfg, data=digits)
 
 
 @pytest.fixture(scope="session")
 def digits_teacher(tmp_path_factory, digits):
     """A SAT (PGD-7, Linf eps 0.1) CNN teacher on digits."""
-    cfg = TrainConfig(dataset="digits", model="cnn", method="sat", epochs=8, lr=0.05, eps=0.1, monitor_examples=0,
-                      progress=False, out_dir=str(tmp_path_factory.mktemp("teacher")))
+    cfg = TrainConfig(
+        dataset="digits",
+        model="cnn",
+        method="sat",
+        epochs=8,
+        lr=0.05,
+        eps=0.1,
+        monitor_examples=0,
+        progress=False,
+        out_dir=str(tmp_path_factory.mktemp("teacher")),
+    )
     return train(cfg, data=digits)
 
 

@@ -72,8 +72,10 @@ def test_gradient_alignment_is_one_minus_the_mean_cosine():
 
 
 def _history(pgd, fgsm):
-    return [{"epoch": i + 1, "monitor_robust_accuracy": p, "monitor_fgsm_accuracy": f}
-            for i, (p, f) in enumerate(zip(pgd, fgsm, strict=True))]
+    return [
+        {"epoch": i + 1, "monitor_robust_accuracy": p, "monitor_fgsm_accuracy": f}
+        for i, (p, f) in enumerate(zip(pgd, fgsm, strict=True))
+    ]
 
 
 def test_the_detector_fires_when_pgd_collapses_while_single_step_holds():
@@ -86,14 +88,17 @@ def test_the_detector_fires_when_pgd_collapses_while_single_step_holds():
     assert collapse_epoch([{"epoch": 1, "monitor_robust_accuracy": 0.5}]) is None
 
 
-@pytest.mark.parametrize(("kw", "message"), [
-    (dict(method="sat", noise_magnitude=0.1), "noise_magnitude is an option of method 'n-fgsm', not 'sat'"),
-    (dict(method="natural", grad_align_weight=0.2), "grad_align_weight is an option of method 'fast'"),
-    (dict(method="sat", early_stop_on_co=True), "early_stop_on_co is an option of method 'fast' or 'n-fgsm' or"),
-    (dict(method="n-fgsm", noise_magnitude=float("nan")), "noise_magnitude must be a number >= 0"),
-    (dict(method="fast", grad_align_weight=-1.0), "grad_align_weight must be a number >= 0"),
-    (dict(method="fast", early_stop_on_co=True, monitor_examples=0), "set monitor_examples > 0"),
-])
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (dict(method="sat", noise_magnitude=0.1), "noise_magnitude is an option of method 'n-fgsm', not 'sat'"),
+        (dict(method="natural", grad_align_weight=0.2), "grad_align_weight is an option of method 'fast'"),
+        (dict(method="sat", early_stop_on_co=True), "early_stop_on_co is an option of method 'fast' or 'n-fgsm' or"),
+        (dict(method="n-fgsm", noise_magnitude=float("nan")), "noise_magnitude must be a number >= 0"),
+        (dict(method="fast", grad_align_weight=-1.0), "grad_align_weight must be a number >= 0"),
+        (dict(method="fast", early_stop_on_co=True, monitor_examples=0), "set monitor_examples > 0"),
+    ],
+)
 def test_bad_cheap_at_options_are_refused_before_training(kw, message):
     with pytest.raises(RRMError, match=message):
         TrainConfig(**kw).validate()
@@ -101,8 +106,17 @@ def test_bad_cheap_at_options_are_refused_before_training(kw, message):
 
 @pytest.mark.parametrize("kw", [dict(method="n-fgsm"), dict(method="fast", grad_align_weight=0.5)])
 def test_a_short_digits_run(tmp_path, digits, kw):
-    cfg = TrainConfig(dataset="digits", model="cnn", epochs=2, lr=0.05, eps=0.1, monitor_examples=64, progress=False,
-                      out_dir=str(tmp_path), **kw)
+    cfg = TrainConfig(
+        dataset="digits",
+        model="cnn",
+        epochs=2,
+        lr=0.05,
+        eps=0.1,
+        monitor_examples=64,
+        progress=False,
+        out_dir=str(tmp_path),
+        **kw,
+    )
     result = train(cfg, data=digits)
     assert result.summary["test_accuracy"] > 0.5
     assert 0 <= result.summary["monitor_robust_accuracy"] <= 1
@@ -125,8 +139,18 @@ def test_early_stopping_on_a_collapse_keeps_the_weights_from_before_it(tmp_path,
 
     monkeypatch.setattr(trainer, "collapse_epoch", lambda history: 2)  # a collapse in the second epoch
     weights = _Weights()
-    cfg = TrainConfig(dataset="digits", model="cnn", method="n-fgsm", epochs=4, lr=0.05, eps=0.1, monitor_examples=32,
-                      progress=False, out_dir=str(tmp_path), early_stop_on_co=True)
+    cfg = TrainConfig(
+        dataset="digits",
+        model="cnn",
+        method="n-fgsm",
+        epochs=4,
+        lr=0.05,
+        eps=0.1,
+        monitor_examples=32,
+        progress=False,
+        out_dir=str(tmp_path),
+        early_stop_on_co=True,
+    )
     result = train(cfg, data=digits, callbacks=[weights])
     assert len(result.history) == 2 and result.history[-1]["early_stopped"]
     assert result.summary["catastrophic_overfitting_epoch"] == 2 and result.summary["early_stopped_at_epoch"] == 2

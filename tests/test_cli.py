@@ -54,29 +54,46 @@ def test_every_command_has_help_with_an_example(path):
 
 def test_command_list():
     assert sorted(map(" ".join, _commands(rrm_cli.cli))) == [
-        "data", "data prepare", "evaluate", "report", "robustify", "teacher", "teacher list", "teacher promote", "teacher pull",
-        "teacher register", "teacher show", "train", "tune"]
+        "data",
+        "data prepare",
+        "evaluate",
+        "report",
+        "robustify",
+        "teacher",
+        "teacher list",
+        "teacher promote",
+        "teacher pull",
+        "teacher register",
+        "teacher show",
+        "train",
+        "tune",
+    ]
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["train", "--method", "bogus", "--no-track"], "unknown method 'bogus'"),
-    (["train", "--dataset", "nowhere", "--no-track"], "unknown dataset 'nowhere'"),
-    (["train", "--model", "bogus", "--no-track"], "unknown model 'bogus'"),
-    (["train", "--lambda", "0", "--no-track"], "lambda must be > 0"),
-    (["train", "--lambda", "-1e-3", "--no-track"], "lambda must be > 0"),
-    (["train", "--method", "rrm", "--teacher", "missing.pt", *DIGITS, "--no-track"], "does not exist"),
-    (["train", "--method", "rrm", "--teacher", "models:/rrm-teacher@champion", *DIGITS, "--no-track"],
-     "no registered model 'rrm-teacher'"),
-    (["robustify", "--teacher", "missing.pt", "--dataset", "digits", "--out", "r.safetensors"], "does not exist"),
-    (["teacher", "register", "missing.pt"], "neither a model file nor an MLflow run id"),
-    (["teacher", "pull", "models:/rrm-teacher@champion"], "missing --out"),
-    (["train", "--params", "missing.yaml"], "does not exist"),
-    (["data", "prepare", "--dataset", "digits"], "missing --out"),
-    (["evaluate", "missing.pt"], "does not exist"),
-    (["evaluate", "models:/rrm-teacher@champion"], "pass --out"),
-    (["evaluate", "x.pt", "--attacks", "apgd,bogus"], "unknown attack 'bogus'"),
-    (["evaluate", "x.pt", "--eps", "-0.1"], "eps must be >= 0"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--method", "bogus", "--no-track"], "unknown method 'bogus'"),
+        (["train", "--dataset", "nowhere", "--no-track"], "unknown dataset 'nowhere'"),
+        (["train", "--model", "bogus", "--no-track"], "unknown model 'bogus'"),
+        (["train", "--lambda", "0", "--no-track"], "lambda must be > 0"),
+        (["train", "--lambda", "-1e-3", "--no-track"], "lambda must be > 0"),
+        (["train", "--method", "rrm", "--teacher", "missing.pt", *DIGITS, "--no-track"], "does not exist"),
+        (
+            ["train", "--method", "rrm", "--teacher", "models:/rrm-teacher@champion", *DIGITS, "--no-track"],
+            "no registered model 'rrm-teacher'",
+        ),
+        (["robustify", "--teacher", "missing.pt", "--dataset", "digits", "--out", "r.safetensors"], "does not exist"),
+        (["teacher", "register", "missing.pt"], "neither a model file nor an MLflow run id"),
+        (["teacher", "pull", "models:/rrm-teacher@champion"], "missing --out"),
+        (["train", "--params", "missing.yaml"], "does not exist"),
+        (["data", "prepare", "--dataset", "digits"], "missing --out"),
+        (["evaluate", "missing.pt"], "does not exist"),
+        (["evaluate", "models:/rrm-teacher@champion"], "pass --out"),
+        (["evaluate", "x.pt", "--attacks", "apgd,bogus"], "unknown attack 'bogus'"),
+        (["evaluate", "x.pt", "--eps", "-0.1"], "eps must be >= 0"),
+    ],
+)
 def test_bad_input_is_one_line_and_non_zero(args, message):
     assert_one_line_error(rrm(*args), message)
 
@@ -91,7 +108,8 @@ def test_params_section_gives_defaults_and_flags_override(project):
         "train_teacher:\n"
         "  dataset: digits\n  model: cnn\n  method: natural\n  epochs: 3\n  lambda: 5e-3\n  milestones: [1, 2]\n"
         "  monitor_examples: 0\n  out_dir: runs/from-params\n  no_track: true\n"
-        "other:\n  epochs: 1\n")
+        "other:\n  epochs: 1\n"
+    )
     result = rrm("train", "--params", "params.yaml", "--section", "train_teacher", "--epochs", "1")
     assert result.exit_code == 0, result.output
     _, meta = load_model(project / "runs" / "from-params" / "model.pt")
@@ -111,14 +129,41 @@ def test_data_prepare_writes_a_dataset(project):
 
 
 def test_teacher_flow_through_the_command_line(project):
-    result = rrm("train", "--method", "sat", "--eps", "0.1", *DIGITS[:-3], "--epochs", "2", "--monitor-examples", "0",
-                 "--out-dir", "runs/teacher", "--experiment", "cli")
+    result = rrm(
+        "train",
+        "--method",
+        "sat",
+        "--eps",
+        "0.1",
+        *DIGITS[:-3],
+        "--epochs",
+        "2",
+        "--monitor-examples",
+        "0",
+        "--out-dir",
+        "runs/teacher",
+        "--experiment",
+        "cli",
+    )
     assert result.exit_code == 0, result.output
     train_run = re.search(r"MLflow run ([0-9a-f]{32})", result.output).group(1)
     assert_one_line_error(rrm("teacher", "register", train_run), "has no evaluation")
 
-    result = rrm("evaluate", "runs/teacher/model.pt", "--eps", "0.1", "--attacks", "apgd,fgsm", "--n-examples", "100",
-                 "--steps", "10", "--restarts", "1", "--no-sanity")
+    result = rrm(
+        "evaluate",
+        "runs/teacher/model.pt",
+        "--eps",
+        "0.1",
+        "--attacks",
+        "apgd,fgsm",
+        "--n-examples",
+        "100",
+        "--steps",
+        "10",
+        "--restarts",
+        "1",
+        "--no-sanity",
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads((project / "runs" / "teacher" / "eval_metrics.json").read_text())
     assert set(metrics["adversarial_accuracy"]) == {"apgd", "fgsm"}
@@ -140,8 +185,21 @@ def test_teacher_flow_through_the_command_line(project):
     assert_one_line_error(rrm("teacher", "show", "models:/rrm-teacher@nope"), "has no alias 'nope'")
     assert_one_line_error(rrm("teacher", "promote", "7", "champion"), "has no version 7")
 
-    result = rrm("evaluate", "models:/rrm-teacher@champion", "--eps", "0.1", "--n-examples", "50", "--steps", "5",
-                 "--restarts", "1", "--no-sanity", "--out", "champion.json")
+    result = rrm(
+        "evaluate",
+        "models:/rrm-teacher@champion",
+        "--eps",
+        "0.1",
+        "--n-examples",
+        "50",
+        "--steps",
+        "5",
+        "--restarts",
+        "1",
+        "--no-sanity",
+        "--out",
+        "champion.json",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((project / "champion.json").read_text())["n_examples"] == 50
 
@@ -157,10 +215,16 @@ def test_server_down_fails_in_seconds_with_one_line(monkeypatch):
 
 
 def test_untracked_training_runs_as_a_process_without_importing_mlflow(project):
-    script = ("import sys\nfrom rrm.cli import main\nsys.argv = ['rrm', *sys.argv[1:]]\ntry:\n    main()\n"
-              "finally:\n    assert 'mlflow' not in sys.modules, 'mlflow was imported'\n")
-    done = subprocess.run([sys.executable, "-c", script, "train", "--no-track", *DIGITS, "--out-dir", "out"],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"})
+    script = (
+        "import sys\nfrom rrm.cli import main\nsys.argv = ['rrm', *sys.argv[1:]]\ntry:\n    main()\n"
+        "finally:\n    assert 'mlflow' not in sys.modules, 'mlflow was imported'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, "train", "--no-track", *DIGITS, "--out-dir", "out"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr
     assert "wrote out/model.pt" in done.stdout and not (project / "mlflow.db").exists()

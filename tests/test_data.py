@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import operator
 import pickle
 import re
 import urllib.error
@@ -46,8 +48,14 @@ def _indexed(n: int = 40, num_classes: int = 4) -> ImageData:
     x = torch.rand(n, 1, 4, 4) * 0.5
     x[:, 0, 0, 0] = torch.arange(n) / 1000
     y = torch.arange(n) % num_classes
-    return ImageData(name="indexed", train_x=x, train_y=y, test_x=x[:4].clone(), test_y=y[:4].clone(),
-                     classes=tuple("abcd"[:num_classes]))
+    return ImageData(
+        name="indexed",
+        train_x=x,
+        train_y=y,
+        test_x=x[:4].clone(),
+        test_y=y[:4].clone(),
+        classes=tuple("abcd"[:num_classes]),
+    )
 
 
 def _ids(x: torch.Tensor) -> list[int]:
@@ -55,6 +63,7 @@ def _ids(x: torch.Tensor) -> list[int]:
 
 
 # --- embedded datasets --------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def mnist() -> ImageData:
@@ -78,6 +87,7 @@ def test_digits_is_1500_297_floats_in_unit_range():
 
 
 # --- prepared files -----------------------------------------------------------------------------------------------
+
 
 def test_prepared_file_reads_back_equal(tmp_path):
     data, digest = prepare_dataset("digits", tmp_path / "digits.safetensors")
@@ -127,6 +137,7 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
 
 # --- splits -------------------------------------------------------------------------------------------------------
 
+
 def test_validation_split_is_stratified_disjoint_and_deterministic():
     data = _indexed(n=40, num_classes=4)
     split = data.validation_split(fraction=0.2, seed=3)
@@ -149,6 +160,7 @@ def test_subset_takes_the_first_examples():
 
 
 # --- batching and augmentation ------------------------------------------------------------------------------------
+
 
 def test_shuffled_batches_cover_every_example_once():
     data = _indexed(n=10)
@@ -180,11 +192,11 @@ def _crops(image: torch.Tensor, pad: int) -> dict[tuple[int, int, bool], torch.T
     """Every output crop-flip may produce for one image, computed by hand: shift (dy, dx) in the padded image, flip."""
     h, w = image.shape[1:]
     padded = torch.zeros(image.shape[0], h + 2 * pad, w + 2 * pad)
-    padded[:, pad:pad + h, pad:pad + w] = image
+    padded[:, pad : pad + h, pad : pad + w] = image
     out = {}
     for dy in range(2 * pad + 1):
         for dx in range(2 * pad + 1):
-            crop = padded[:, dy:dy + h, dx:dx + w]
+            crop = padded[:, dy : dy + h, dx : dx + w]
             out[dy, dx, False], out[dy, dx, True] = crop, crop.flip(2)
     return out
 
@@ -214,21 +226,28 @@ def test_crop_never_flips_and_none_is_identity():
 
 # --- CIFAR-10 -----------------------------------------------------------------------------------------------------
 
+
 def _write_cifar(root: Path, per_batch: int = 3) -> tuple[np.ndarray, list[int], np.ndarray, list[int]]:
     """A tiny copy in the real on-disk format: pickled dicts of uint8 (N, 3072) rows (R, G, B planes) and labels."""
     folder = root / CIFAR10.base_folder
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    rows = {name: rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
-            for name, _ in CIFAR10.train_list + CIFAR10.test_list}
+    rows = {
+        name: rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        for name, _ in CIFAR10.train_list + CIFAR10.test_list
+    }
     labels = {name: [(i + k) % 10 for k in range(per_batch)] for i, name in enumerate(rows)}
     for name in rows:
         (folder / name).write_bytes(pickle.dumps({"data": rows[name], "labels": labels[name]}))
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     (folder / CIFAR10.meta["filename"]).write_bytes(pickle.dumps({"label_names": names}))
     train = [name for name, _ in CIFAR10.train_list]
-    return (np.concatenate([rows[n] for n in train]), sum((labels[n] for n in train), []),
-            rows["test_batch"], labels["test_batch"])
+    return (
+        np.concatenate([rows[n] for n in train]),
+        functools.reduce(operator.iadd, (labels[n] for n in train), []),
+        rows["test_batch"],
+        labels["test_batch"],
+    )
 
 
 @pytest.fixture
@@ -353,15 +372,18 @@ def test_imagefolder_uses_train_and_val_folders(tmp_path):
     assert data.train_y.tolist() != sorted(data.train_y.tolist())  # shuffled, so subset() stays balanced
 
 
-@pytest.mark.parametrize("layout, message", [
-    ("missing", "does not exist"),
-    ("empty", "no class folders"),
-    ("empty-class", "no valid file"),
-    ("unreadable", "cannot read image"),
-    ("train-only", "no val/ or test/"),
-    ("mismatched", "different classes"),
-    ("one-per-class", "cannot split"),
-])
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ("missing", "does not exist"),
+        ("empty", "no class folders"),
+        ("empty-class", "no valid file"),
+        ("unreadable", "cannot read image"),
+        ("train-only", "no val/ or test/"),
+        ("mismatched", "different classes"),
+        ("one-per-class", "cannot split"),
+    ],
+)
 def test_imagefolder_problems_are_one_line_errors(tmp_path, layout, message):
     root = tmp_path / "tree"
     if layout != "missing":
@@ -387,6 +409,7 @@ def test_imagefolder_problems_are_one_line_errors(tmp_path, layout, message):
 
 # --- Restricted ImageNet ------------------------------------------------------------------------------------------
 
+
 def test_restricted_imagenet_table_matches_the_published_ranges():
     assert list(RESTRICTED_IMAGENET_WNIDS) == list(RESTRICTED_IMAGENET_RANGES)
     for name, (first, last) in RESTRICTED_IMAGENET_RANGES.items():
@@ -399,8 +422,15 @@ def test_restricted_imagenet_table_matches_the_published_ranges():
 
 # (wnid, super-class label or None when outside the 9 ranges): first and last dog, a cat, a frog, the last fish,
 # and neighbours just outside: timber wolf (index 269) and tench (index 0).
-WNIDS = [("n02085620", 0), ("n02113978", 0), ("n02123045", 1), ("n01641577", 2), ("n02655020", 6),
-         ("n02114367", None), ("n01440764", None)]
+WNIDS = [
+    ("n02085620", 0),
+    ("n02113978", 0),
+    ("n02123045", 1),
+    ("n01641577", 2),
+    ("n02655020", 6),
+    ("n02114367", None),
+    ("n01440764", None),
+]
 
 
 def test_restricted_imagenet_maps_wnids_to_super_classes(tmp_path):

@@ -47,10 +47,20 @@ def _flags(values: dict) -> list[str]:
 
 def torchrun(cwd: Path, *args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc-per-node 2 -m rrm.cli ARGS`` (a free rendezvous port; one thread each)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "rrm.cli", *args]
-    return subprocess.run(command, cwd=cwd, env=worker_env(**(env or {})), capture_output=True, text=True,
-                          timeout=timeout)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "rrm.cli",
+        *args,
+    ]
+    return subprocess.run(
+        command, cwd=cwd, env=worker_env(**(env or {})), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _history(out_dir: Path) -> list[dict]:
@@ -80,15 +90,22 @@ def single_natural(tmp_path_factory, digits):
 
 
 def test_two_processes_follow_the_single_process_trajectory_and_write_one_run(tmp_path, single_natural):
-    result = torchrun(tmp_path, "train", *_flags(COMMON), "--out-dir", "ddp", "--experiment", "ddp",
-                      env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"})
+    result = torchrun(
+        tmp_path,
+        "train",
+        *_flags(COMMON),
+        "--out-dir",
+        "ddp",
+        "--experiment",
+        "ddp",
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("natural cnn on digits: test accuracy") == 1, "only rank 0 reports"
 
     assert_same_trajectory(_history(tmp_path / "ddp"), single_natural.history)
     assert_same_weights(tmp_path / "ddp" / "model.pt", single_natural.model)
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["checkpoint.pt", "model.pt",
-                                                                     "train_metrics.json"]
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["checkpoint.pt", "model.pt", "train_metrics.json"]
 
     from mlflow import MlflowClient
 
@@ -139,8 +156,10 @@ def test_two_processes_resume_a_checkpoint_to_the_uninterrupted_result(tmp_path,
 def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused(tmp_path):
     result = torchrun(tmp_path, "train", *_flags({**COMMON, "batch_size": 255}), "--out-dir", "bad", "--no-track")
     assert result.returncode != 0
-    assert "batch_size 255 is the global batch and must be divisible by the 2 processes; use --batch-size 254" \
-        in result.stderr, result.stderr[-3000:]
+    assert (
+        "batch_size 255 is the global batch and must be divisible by the 2 processes; use --batch-size 254"
+        in result.stderr
+    ), result.stderr[-3000:]
     assert not (tmp_path / "bad" / "checkpoint.pt").exists()
 
 
@@ -187,6 +206,10 @@ def test_compiled_features_train_the_same_model(tmp_path, digits, single_natural
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_path_with_autocast_channels_last_and_data_on_device(tmp_path):
     data = load_dataset("digits")
-    result = train(TrainConfig(**COMMON, device="cuda", precision="bf16", channels_last=True, data_on_device=True,
-                               out_dir=str(tmp_path)), data=data)
+    result = train(
+        TrainConfig(
+            **COMMON, device="cuda", precision="bf16", channels_last=True, data_on_device=True, out_dir=str(tmp_path)
+        ),
+        data=data,
+    )
     assert result.summary["device"].startswith("cuda") and result.history[-1]["loss"] < result.history[0]["loss"]

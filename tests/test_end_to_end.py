@@ -30,8 +30,12 @@ def test_rrm_student_of_another_architecture_inherits_robustness(tmp_path, digit
     base = dict(dataset="digits", eps=EPS, epochs=15, lr=0.05, seed=seed, monitor_examples=0, progress=False)
     teacher = train(TrainConfig(model="cnn", method="sat", out_dir=str(tmp_path / "t"), **base), data=digits)
     natural = train(TrainConfig(model="cnn-bn", method="natural", out_dir=str(tmp_path / "n"), **base), data=digits)
-    student = train(TrainConfig(model="cnn-bn", method="rrm", lam=0.05, teacher=str(teacher.model_path),
-                                out_dir=str(tmp_path / "s"), **base), data=digits)
+    student = train(
+        TrainConfig(
+            model="cnn-bn", method="rrm", lam=0.05, teacher=str(teacher.model_path), out_dir=str(tmp_path / "s"), **base
+        ),
+        data=digits,
+    )
 
     assert pgd_accuracy(natural.model, digits, 0.3) < 0.05
     natural_acc = pgd_accuracy(natural.model, digits, EPS)

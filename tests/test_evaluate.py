@@ -68,8 +68,11 @@ def test_native_apgd_agrees_with_art(trained, digits, norm):
     x, y = to_float(digits.test_x[:200]), digits.test_y[:200]
     eps = MID_EPS[norm]
     native = _accuracy(trained, apgd(trained, x, y, norm=norm, eps=eps, steps=20, restarts=2, seed=0), y)
-    art = _accuracy(trained, art_apgd(trained, x, y, norm=norm, eps=eps, num_classes=10, steps=20, restarts=2,
-                                      batch_size=200, seed=0), y)
+    art = _accuracy(
+        trained,
+        art_apgd(trained, x, y, norm=norm, eps=eps, num_classes=10, steps=20, restarts=2, batch_size=200, seed=0),
+        y,
+    )
     assert 0.2 < art < 0.9, "the radius should leave the comparison informative"
     assert abs(native - art) <= ART_TOLERANCE, (native, art)
 
@@ -88,8 +91,9 @@ def test_natural_model_falls_to_zero_at_large_eps(trained, digits):
 
 
 def test_trained_model_passes_sanity_checks(trained, digits):
-    result = evaluate(trained, digits, EvalConfig(eps=0.1, attacks=("apgd", "pgd", "fgsm"), **FAST),
-                      transfer_from=trained)
+    result = evaluate(
+        trained, digits, EvalConfig(eps=0.1, attacks=("apgd", "pgd", "fgsm"), **FAST), transfer_from=trained
+    )
     assert result.sanity_passed, result.sanity
     acc = result.adversarial_accuracy
     assert acc["apgd"] <= acc["fgsm"] and acc["apgd"] < result.natural_accuracy_attacked
@@ -97,8 +101,7 @@ def test_trained_model_passes_sanity_checks(trained, digits):
 
 def test_robust_model_passes_sanity_checks(digits_teacher, trained, digits):
     teacher = digits_teacher.model.eval()
-    result = evaluate(teacher, digits, EvalConfig(eps=0.1, attacks=("apgd", "transfer"), **FAST),
-                      transfer_from=trained)
+    result = evaluate(teacher, digits, EvalConfig(eps=0.1, attacks=("apgd", "transfer"), **FAST), transfer_from=trained)
     assert result.sanity_passed, result.sanity
     assert result.adversarial_accuracy["apgd"] <= result.adversarial_accuracy["transfer"]
 
@@ -129,8 +132,9 @@ def test_adversarial_examples_respect_the_constraint(trained, digits, norm, eps)
         dist = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
         assert dist.max().item() <= eps + 1e-5, name
         assert x_adv.min().item() >= 0 and x_adv.max().item() <= 1, name
-    result = evaluate(trained, digits, EvalConfig(norm=norm, eps=eps, attacks=("apgd", "pgd", "fgsm"), sanity=False,
-                                                  **FAST))
+    result = evaluate(
+        trained, digits, EvalConfig(norm=norm, eps=eps, attacks=("apgd", "pgd", "fgsm"), sanity=False, **FAST)
+    )
     assert result.sanity["constraint"]["passed"]
 
 
@@ -140,8 +144,10 @@ def test_attacks_leave_the_model_alone(trained, digits):
 
     def untouched() -> bool:
         grads = [p.grad for p in trained.parameters()]
-        same = all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
-                   for a, b in zip(before, grads))
+        same = all(
+            (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+            for a, b in zip(before, grads)
+        )
         return trained.training and same and all(p.requires_grad for p in trained.parameters())
 
     trained.train()
@@ -149,8 +155,11 @@ def test_attacks_leave_the_model_alone(trained, digits):
         apgd(trained, x, y, norm="linf", eps=0.1, steps=5, restarts=1)  # no BatchNorm or dropout: mode is moot
         assert untouched()
         # ART switches to eval mode and back-propagates into the parameters; evaluate must undo both.
-        evaluate(trained, digits, EvalConfig(eps=0.1, attacks=("art-apgd",), sanity=False, steps=5, restarts=1,
-                                             n_examples=32))
+        evaluate(
+            trained,
+            digits,
+            EvalConfig(eps=0.1, attacks=("art-apgd",), sanity=False, steps=5, restarts=1, n_examples=32),
+        )
         assert untouched()
     finally:
         trained.eval()
@@ -173,8 +182,18 @@ def test_metrics_json_is_flat_scalars(trained, digits, tmp_path):
             yield from leaves(v) if isinstance(v, dict) else [v]
 
     assert all(isinstance(v, (int, float, str, bool)) for v in leaves(loaded))
-    for key in ("natural_accuracy", "adversarial_accuracy", "norm", "eps", "n_examples", "attack_settings",
-                "art_version", "seconds", "sanity", "sanity_passed"):
+    for key in (
+        "natural_accuracy",
+        "adversarial_accuracy",
+        "norm",
+        "eps",
+        "n_examples",
+        "attack_settings",
+        "art_version",
+        "seconds",
+        "sanity",
+        "sanity_passed",
+    ):
         assert key in loaded
     assert set(loaded["seconds"]) >= {"apgd", "fgsm", "sanity"}
 
@@ -185,9 +204,25 @@ def test_metrics_file_reads_back_as_it_was_written(trained, digits, tmp_path):
     result.write(path)
     written = path.read_bytes()
     assert set(json.loads(written)) == {
-        "dataset", "norm", "eps", "n_examples", "n_test", "natural_accuracy", "natural_accuracy_attacked",
-        "adversarial_accuracy", "attack_settings", "seconds", "sanity_passed", "sanity", "seed", "art_version",
-        "torch_version", "dataset_digest", "split", "model_spec"}
+        "dataset",
+        "norm",
+        "eps",
+        "n_examples",
+        "n_test",
+        "natural_accuracy",
+        "natural_accuracy_attacked",
+        "adversarial_accuracy",
+        "attack_settings",
+        "seconds",
+        "sanity_passed",
+        "sanity",
+        "seed",
+        "art_version",
+        "torch_version",
+        "dataset_digest",
+        "split",
+        "model_spec",
+    }
     again = EvalResult.read(path)
     assert again == result
     again.write(path)
@@ -197,8 +232,9 @@ def test_metrics_file_reads_back_as_it_was_written(trained, digits, tmp_path):
 
 
 def test_a_result_is_bound_to_the_model_file_and_data_it_measured(trained, digits):
-    result = evaluate(trained, digits, EvalConfig(eps=0.1, attacks=("fgsm",), n_examples=50, sanity=False),
-                      model_sha256="ab" * 32)
+    result = evaluate(
+        trained, digits, EvalConfig(eps=0.1, attacks=("fgsm",), n_examples=50, sanity=False), model_sha256="ab" * 32
+    )
     assert (result.model_sha256, result.dataset_digest, result.split) == ("ab" * 32, digits.digest, "test")
     assert result.model_spec == spec_record(trained.spec) and result.model_spec["image_size"] == 8
     assert "mean" not in result.model_spec, "lists stay out of the flat metrics file; the sha256 covers them"
@@ -209,8 +245,9 @@ def test_a_result_is_bound_to_the_model_file_and_data_it_measured(trained, digit
     assert "measured another model file (sha256 abababababab, this one is cdcdcdcdcdcd)" in problems[0]
     assert "another architecture (cnn on 1x8x8 images, 10 classes; this model: cnn on 1x28x28 images" in problems[1]
     assert "not on the training data" in problems[2]
-    validation = evaluate(trained, digits.validation_split(), EvalConfig(eps=0.1, attacks=("fgsm",), n_examples=50,
-                                                                        sanity=False))
+    validation = evaluate(
+        trained, digits.validation_split(), EvalConfig(eps=0.1, attacks=("fgsm",), n_examples=50, sanity=False)
+    )
     assert validation.split == "validation" and validation.model_sha256 is None
     assert "not the test split" in validation.binding_problems(dataset_digest=validation.dataset_digest)[0]
     assert "names no model file" in validation.binding_problems(model_sha256="ab" * 32)[0]
@@ -233,27 +270,37 @@ def test_checks_that_did_not_run_never_read_as_passed(trained, digits, tmp_path)
 
 
 def test_older_and_partial_metrics_files_read(tmp_path):
-    old = {"natural_accuracy": 0.9, "adversarial_accuracy": {"pgd": 0.6, "apgd": 0.5, "note": "x"}, "eps": 0.2,
-           "sanity_passed": True, "sanity": {"enabled": False}, "from_another_version": {"k": 1}}
+    old = {
+        "natural_accuracy": 0.9,
+        "adversarial_accuracy": {"pgd": 0.6, "apgd": 0.5, "note": "x"},
+        "eps": 0.2,
+        "sanity_passed": True,
+        "sanity": {"enabled": False},
+        "from_another_version": {"k": 1},
+    }
     result = EvalResult.from_json(old)
     assert result.adversarial_accuracy == {"pgd": 0.6, "apgd": 0.5}  # what is not a number is not an accuracy
     assert (result.worst_attack, result.worst_accuracy) == ("apgd", 0.5)
     assert result.masking_checks_passed is None, "checks that never ran did not pass"
     assert result.to_json() == {**old, "adversarial_accuracy": {"pgd": 0.6, "apgd": 0.5}}
-    single = EvalResult.from_json({"natural_accuracy": 0.9, "adversarial_accuracy": 0.4, "attack": "apgd",
-                                   "n_examples": 100.0})
+    single = EvalResult.from_json(
+        {"natural_accuracy": 0.9, "adversarial_accuracy": 0.4, "attack": "apgd", "n_examples": 100.0}
+    )
     assert single.adversarial_accuracy == {"apgd": 0.4} and single.n_examples == 100
     none = EvalResult.from_json({"natural_accuracy": 0.9, "adversarial_accuracy": {}})
     assert none.worst_attack is None and none.worst_accuracy is None and none.masking_checks_passed is None
 
 
-@pytest.mark.parametrize("content,match", [
-    (None, "does not exist; run `rrm evaluate`"),
-    ("{not json", "is not valid JSON"),
-    ("[1, 2]", "must hold a JSON object"),
-    ('{"natural_accuracy": 0.9}', "has no natural_accuracy / adversarial_accuracy"),
-    ('{"natural_accuracy": "high", "adversarial_accuracy": {"apgd": 0.1}}', "has no natural_accuracy"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (None, "does not exist; run `rrm evaluate`"),
+        ("{not json", "is not valid JSON"),
+        ("[1, 2]", "must hold a JSON object"),
+        ('{"natural_accuracy": 0.9}', "has no natural_accuracy / adversarial_accuracy"),
+        ('{"natural_accuracy": "high", "adversarial_accuracy": {"apgd": 0.1}}', "has no natural_accuracy"),
+    ],
+)
 def test_bad_metrics_files_are_one_line_errors(tmp_path, content, match):
     path = tmp_path / "eval.json"
     if content is not None:
@@ -298,24 +345,32 @@ def test_load_for_evaluation(trained, tmp_path):
         load_for_evaluation(tmp_path / "bad.pt")
 
 
-@pytest.mark.parametrize("changes,match", [
-    (dict(eps=-0.1), "eps must be >= 0"),
-    (dict(norm="l1"), "unknown norm"),
-    (dict(attacks=("cw",)), "unknown attack"),
-    (dict(attacks="apgd"), "list of names"),
-    (dict(n_examples=0), "n_examples"),
-    (dict(steps=0), "steps"),
-    (dict(transfer_attack="fgsm"), "unknown transfer attack"),
-])
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        (dict(eps=-0.1), "eps must be >= 0"),
+        (dict(norm="l1"), "unknown norm"),
+        (dict(attacks=("cw",)), "unknown attack"),
+        (dict(attacks="apgd"), "list of names"),
+        (dict(n_examples=0), "n_examples"),
+        (dict(steps=0), "steps"),
+        (dict(transfer_attack="fgsm"), "unknown transfer attack"),
+    ],
+)
 def test_bad_config_is_an_rrm_error(changes, match):
     with pytest.raises(RRMError, match=match):
         EvalConfig(**changes).validate()
 
 
 def test_bad_data_is_an_rrm_error(trained, digits):
-    wrong_shape = ImageData(name="big", train_x=torch.zeros(4, 1, 16, 16), train_y=torch.zeros(4, dtype=torch.long),
-                            test_x=torch.zeros(4, 1, 16, 16), test_y=torch.zeros(4, dtype=torch.long),
-                            classes=tuple("0123456789"))
+    wrong_shape = ImageData(
+        name="big",
+        train_x=torch.zeros(4, 1, 16, 16),
+        train_y=torch.zeros(4, dtype=torch.long),
+        test_x=torch.zeros(4, 1, 16, 16),
+        test_y=torch.zeros(4, dtype=torch.long),
+        classes=tuple("0123456789"),
+    )
     with pytest.raises(RRMError, match="1x16x16 images but the model expects 1x8x8"):
         evaluate(trained, wrong_shape, EvalConfig())
     with pytest.raises(RRMError, match="3 classes"):

@@ -59,8 +59,16 @@ def test_rrm_adds_one_teacher_forward():
 
 
 def test_the_trainer_records_flops_per_epoch_and_in_total(tmp_path, digits):
-    cfg = TrainConfig(dataset="digits", model="cnn", method="natural", epochs=2, lr=0.05, monitor_examples=0,
-                      progress=False, out_dir=str(tmp_path))
+    cfg = TrainConfig(
+        dataset="digits",
+        model="cnn",
+        method="natural",
+        epochs=2,
+        lr=0.05,
+        monitor_examples=0,
+        progress=False,
+        out_dir=str(tmp_path),
+    )
     natural = train(cfg, data=digits)
     sat = train(cfg.replace(method="sat", attack_steps=3, eps=0.1, out_dir=str(tmp_path / "sat")), data=digits)
     assert natural.summary["total_flops"] == pytest.approx(2 * natural.history[0]["epoch_flops"])

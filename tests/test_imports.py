@@ -39,7 +39,8 @@ MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _eager_imports(nodes: Iterable[ast.AST]) -> Iterator[ast.Import | ast.ImportFrom]:
@@ -104,7 +105,7 @@ def test_the_package_has_no_import_cycle():
         state[name] = "open"
         for other in sorted(GRAPH[name]):
             if state.get(other) == "open":
-                cycle = path[path.index(other):] + [other]
+                cycle = path[path.index(other) :] + [other]
                 pytest.fail(f"import cycle: {' -> '.join(cycle)}")
             if other not in state:
                 visit(other, [*path, other])
@@ -119,9 +120,13 @@ def test_the_training_core_never_imports_the_layers_above_it():
     """Not even lazily inside a function: every import in rrm/train counts here."""
     for path in sorted((PACKAGE / "train").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                     [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
-                     if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             for imported in names:
                 assert not _forbidden_in_train(imported), f"{path.name}:{node.lineno} imports {imported}"
 
@@ -129,10 +134,11 @@ def test_the_training_core_never_imports_the_layers_above_it():
 def test_importing_the_training_core_loads_neither_mlflow_nor_tracking():
     """Every module of rrm.train imported in a fresh interpreter: no MLflow, Optuna, DVC nor the layers above."""
     core = sorted(name for name in MODULES if name == "rrm.train" or name.startswith("rrm.train."))
-    script = (f"import importlib, sys\nfor name in {core!r}:\n    importlib.import_module(name)\n"
-              "print('\\n'.join(sorted(sys.modules)))\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          env=worker_env())
+    script = (
+        f"import importlib, sys\nfor name in {core!r}:\n    importlib.import_module(name)\n"
+        "print('\\n'.join(sorted(sys.modules)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=worker_env())
     assert done.returncode == 0, done.stderr
     loaded = done.stdout.split()
     assert "rrm.train.trainer" in loaded

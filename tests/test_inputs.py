@@ -28,8 +28,19 @@ from rrm.io import OutputError, atomic_path, check_writable
 from rrm.models import build_model, load_model, save_model
 from rrm.train import trainer
 
-TRAIN = ["train", "--dataset", "digits", "--model", "cnn", "--epochs", "1", "--monitor-examples", "0", "--no-progress",
-         "--no-track"]
+TRAIN = [
+    "train",
+    "--dataset",
+    "digits",
+    "--model",
+    "cnn",
+    "--epochs",
+    "1",
+    "--monitor-examples",
+    "0",
+    "--no-progress",
+    "--no-track",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -68,20 +79,48 @@ def files(root: Path) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- unwritable outputs
 
-@pytest.mark.parametrize("args", [
-    ["data", "prepare", "--dataset", "digits", "--out", "afile/digits.safetensors"],
-    [*TRAIN, "--out-dir", "afile/run"],
-    ["evaluate", "{model}", "--out", "afile/metrics.json", "--n-examples", "10", "--steps", "1", "--restarts", "1",
-     "--no-sanity", "--no-track"],
-    ["robustify", "--teacher", "{model}", "--dataset", "digits", "--out", "afile/robust.safetensors", "--steps", "1"],
-    ["tune", "--teacher", "{model}", "--dataset", "digits", "--out-dir", "afile/study", "--no-track"],
-    ["report", "--out-dir", "afile/reports"],
-], ids=lambda a: " ".join(a[:2]))
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["data", "prepare", "--dataset", "digits", "--out", "afile/digits.safetensors"],
+        [*TRAIN, "--out-dir", "afile/run"],
+        [
+            "evaluate",
+            "{model}",
+            "--out",
+            "afile/metrics.json",
+            "--n-examples",
+            "10",
+            "--steps",
+            "1",
+            "--restarts",
+            "1",
+            "--no-sanity",
+            "--no-track",
+        ],
+        [
+            "robustify",
+            "--teacher",
+            "{model}",
+            "--dataset",
+            "digits",
+            "--out",
+            "afile/robust.safetensors",
+            "--steps",
+            "1",
+        ],
+        ["tune", "--teacher", "{model}", "--dataset", "digits", "--out-dir", "afile/study", "--no-track"],
+        ["report", "--out-dir", "afile/reports"],
+    ],
+    ids=lambda a: " ".join(a[:2]),
+)
 def test_an_output_under_a_regular_file_is_one_line_naming_the_path(project, model_file, args):
     (project / "afile").write_text("a regular file\n")
     before = files(project)
-    line = assert_one_line_error(rrm(*(a.replace("{model}", model_file) for a in args)),
-                                 "'afile' is a file, not a directory")
+    line = assert_one_line_error(
+        rrm(*(a.replace("{model}", model_file) for a in args)), "'afile' is a file, not a directory"
+    )
     assert "cannot write 'afile/" in line and "choose another path" in line
     assert files(project) == before
 
@@ -91,8 +130,10 @@ def test_a_read_only_file_system_is_one_line_and_leaves_nothing(project, monkeyp
         raise OSError(errno.EROFS, "Read-only file system", str(dst))
 
     monkeypatch.setattr(os, "replace", read_only)  # a read-only bind mount is not available to tests
-    assert_one_line_error(rrm("data", "prepare", "--dataset", "digits", "--out", "data/d.safetensors"),
-                          "cannot write 'data/d.safetensors': the file system is read-only")
+    assert_one_line_error(
+        rrm("data", "prepare", "--dataset", "digits", "--out", "data/d.safetensors"),
+        "cannot write 'data/d.safetensors': the file system is read-only",
+    )
     assert files(project) == ["data"]  # the directory was made before the rename failed; no temporary file is left
 
     line = assert_one_line_error(rrm(*TRAIN, "--out-dir", "runs/ro"), "cannot write 'runs/ro/checkpoint.pt'")
@@ -105,7 +146,7 @@ def test_check_writable_names_permission_and_read_only_file_systems(project, mon
     check_writable("out/x.json")
     check_writable("out/new/deeper", directory=True)
     monkeypatch.setattr(os, "access", lambda *a, **k: False)  # tests run as root, whom permission bits do not stop
-    with pytest.raises(RRMError, match="cannot write 'out/x.json': permission denied"):
+    with pytest.raises(RRMError, match=r"cannot write 'out/x\.json': permission denied"):
         check_writable("out/x.json")
     monkeypatch.setattr(os, "statvfs", lambda p: types.SimpleNamespace(f_flag=os.ST_RDONLY))
     with pytest.raises(RRMError, match="cannot write 'out/run': the file system is read-only"):
@@ -129,6 +170,7 @@ def test_atomic_write_clean_up_never_hides_the_first_error(project, monkeypatch)
 
 # ----------------------------------------------------------------------------------------------- damaged datasets
 
+
 def _rewrite_header(path: Path, change) -> None:
     with safe_open(str(path), framework="pt") as fh:
         meta = dict(fh.metadata() or {})
@@ -136,12 +178,19 @@ def _rewrite_header(path: Path, change) -> None:
     save_file(tensors, str(path), metadata=change(meta))
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (lambda meta: None, "is not an rrm dataset file (its metadata header has no format"),
-    (lambda meta: {k: v for k, v in meta.items() if k != "name"}, "is damaged (its metadata header lacks name)"),
-    (lambda meta: {**meta, "classes": "[0, 1, not json"}, "is damaged (JSONDecodeError reading its metadata header"),
-    (lambda meta: {**meta, "mean": "3"}, "is damaged (TypeError reading its metadata header"),
-], ids=["no header", "missing key", "not JSON", "wrong shape"])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda meta: None, "is not an rrm dataset file (its metadata header has no format"),
+        (lambda meta: {k: v for k, v in meta.items() if k != "name"}, "is damaged (its metadata header lacks name)"),
+        (
+            lambda meta: {**meta, "classes": "[0, 1, not json"},
+            "is damaged (JSONDecodeError reading its metadata header",
+        ),
+        (lambda meta: {**meta, "mean": "3"}, "is damaged (TypeError reading its metadata header"),
+    ],
+    ids=["no header", "missing key", "not JSON", "wrong shape"],
+)
 def test_a_dataset_file_with_a_damaged_header_is_one_line(project, change, message):
     path = project / "d.safetensors"
     save_dataset(load_dataset("digits").subset(64, 32), path)
@@ -152,39 +201,74 @@ def test_a_dataset_file_with_a_damaged_header_is_one_line(project, change, messa
 
 
 def test_a_loader_that_cannot_use_an_option_is_one_line(project):
-    assert_one_line_error(rrm("data", "prepare", "--dataset", "digits", "--out", "d.safetensors", "-o",
-                              "test_size=100000"), "dataset 'digits' cannot use the options {'test_size': 100000}")
+    assert_one_line_error(
+        rrm("data", "prepare", "--dataset", "digits", "--out", "d.safetensors", "-o", "test_size=100000"),
+        "dataset 'digits' cannot use the options {'test_size': 100000}",
+    )
     assert not (project / "d.safetensors").exists()
 
 
 # -------------------------------------------------------------------------------------------------- nan and inf
 
-@pytest.mark.parametrize(("args", "message"), [
-    ([*TRAIN, "--width", "inf"], "width must be a finite number, got inf"),
-    ([*TRAIN, "--width", "nan"], "width must be a finite number, got nan"),
-    ([*TRAIN, "--method", "sat", "--step-size", "inf"], "step_size must be a finite number, got inf"),
-    ([*TRAIN, "--method", "rrm", "--teacher", "t.pt", "--lambda", "inf"], "lambda must be a finite number"),
-    ([*TRAIN, "--method", "kd", "--teacher", "t.pt", "--temperature", "inf"], "temperature must be a finite number"),
-    ([*TRAIN, "--weight-decay", "inf"], "weight_decay must be a finite number"),
-    ([*TRAIN, "--method", "sat", "--norm", "l2", "--eps", "inf"], "eps must be a finite number"),
-    ([*TRAIN, "--lr", "nan"], "lr must be a finite number"),
-    (["evaluate", "m.pt", "--pgd-step-size", "inf"], "pgd_step_size must be a finite number"),
-    (["evaluate", "m.pt", "--norm", "l2", "--eps", "inf"], "eps must be a finite number"),
-    (["tune", "--teacher", "t.pt", "--dataset", "digits", "--mode", "constrained", "--pruner", "threshold",
-      "--prune-below", "nan"], "prune_below must be a finite number"),
-    (["tune", "--teacher", "t.pt", "--dataset", "digits", "-o", "weight_decay=inf"],
-     "weight_decay must be a finite number"),
-    (["tune", "--teacher", "t.pt", "--dataset", "digits", "--range", "lambda=1e-3,inf"], "is not finite"),
-])
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([*TRAIN, "--width", "inf"], "width must be a finite number, got inf"),
+        ([*TRAIN, "--width", "nan"], "width must be a finite number, got nan"),
+        ([*TRAIN, "--method", "sat", "--step-size", "inf"], "step_size must be a finite number, got inf"),
+        ([*TRAIN, "--method", "rrm", "--teacher", "t.pt", "--lambda", "inf"], "lambda must be a finite number"),
+        (
+            [*TRAIN, "--method", "kd", "--teacher", "t.pt", "--temperature", "inf"],
+            "temperature must be a finite number",
+        ),
+        ([*TRAIN, "--weight-decay", "inf"], "weight_decay must be a finite number"),
+        ([*TRAIN, "--method", "sat", "--norm", "l2", "--eps", "inf"], "eps must be a finite number"),
+        ([*TRAIN, "--lr", "nan"], "lr must be a finite number"),
+        (["evaluate", "m.pt", "--pgd-step-size", "inf"], "pgd_step_size must be a finite number"),
+        (["evaluate", "m.pt", "--norm", "l2", "--eps", "inf"], "eps must be a finite number"),
+        (
+            [
+                "tune",
+                "--teacher",
+                "t.pt",
+                "--dataset",
+                "digits",
+                "--mode",
+                "constrained",
+                "--pruner",
+                "threshold",
+                "--prune-below",
+                "nan",
+            ],
+            "prune_below must be a finite number",
+        ),
+        (
+            ["tune", "--teacher", "t.pt", "--dataset", "digits", "-o", "weight_decay=inf"],
+            "weight_decay must be a finite number",
+        ),
+        (["tune", "--teacher", "t.pt", "--dataset", "digits", "--range", "lambda=1e-3,inf"], "is not finite"),
+    ],
+)
 def test_nan_and_inf_are_refused_before_anything_is_written(project, args, message):
-    assert_one_line_error(rrm(*args, "--out-dir" if args[0] in ("train", "tune") else "--out",
-                              "out" if args[0] != "evaluate" else "out.json"), message)
+    assert_one_line_error(
+        rrm(
+            *args,
+            "--out-dir" if args[0] in ("train", "tune") else "--out",
+            "out" if args[0] != "evaluate" else "out.json",
+        ),
+        message,
+    )
     assert files(project) == []
 
 
 def test_robustify_refuses_an_infinite_step(project, model_file):
-    assert_one_line_error(rrm("robustify", "--teacher", model_file, "--dataset", "digits", "--out", "r.safetensors",
-                              "--step-size", "inf"), "robustify needs step_size to be a finite number > 0, got inf")
+    assert_one_line_error(
+        rrm(
+            "robustify", "--teacher", model_file, "--dataset", "digits", "--out", "r.safetensors", "--step-size", "inf"
+        ),
+        "robustify needs step_size to be a finite number > 0, got inf",
+    )
     assert files(project) == ["model.pt"]
 
 
@@ -196,43 +280,53 @@ def test_build_model_refuses_a_width_that_is_not_finite():
 
 # -------------------------------------------------------------------------------------------------- params files
 
-@pytest.mark.parametrize(("section", "message"), [
-    ({"epochs": "many"}, "epochs in section 'train' of 'p.yaml' must be an integer, got 'many'"),
-    ({"epochs": 1.5}, "epochs in section 'train' of 'p.yaml' must be an integer, got 1.5"),
-    ({"epochs": True}, "must be an integer, got True"),
-    ({"epochs": None}, "epochs in section 'train' of 'p.yaml' has no value"),
-    ({"lr": "fast"}, "lr in section 'train' of 'p.yaml' must be a number, got 'fast'"),
-    ({"lr": float("nan")}, "lr must be a finite number, got nan"),
-    ({"no_track": 1}, "no_track in section 'train' of 'p.yaml' must be true or false, got 1"),
-    ({"milestones": [1.5, 2]}, "milestones in section 'train' of 'p.yaml' must be a list of integers"),
-    ({"dataset": ["digits"]}, "dataset in section 'train' of 'p.yaml' must be text, got ['digits']"),
-    ({"method": "natural", "lambda": "lots"}, "lambda in section 'train' of 'p.yaml' must be a number"),
-    ({"epoch": 3}, "unknown key in section 'train' of 'p.yaml': 'epoch'"),
-], ids=lambda v: json.dumps(v) if isinstance(v, dict) else None)
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"epochs": "many"}, "epochs in section 'train' of 'p.yaml' must be an integer, got 'many'"),
+        ({"epochs": 1.5}, "epochs in section 'train' of 'p.yaml' must be an integer, got 1.5"),
+        ({"epochs": True}, "must be an integer, got True"),
+        ({"epochs": None}, "epochs in section 'train' of 'p.yaml' has no value"),
+        ({"lr": "fast"}, "lr in section 'train' of 'p.yaml' must be a number, got 'fast'"),
+        ({"lr": float("nan")}, "lr must be a finite number, got nan"),
+        ({"no_track": 1}, "no_track in section 'train' of 'p.yaml' must be true or false, got 1"),
+        ({"milestones": [1.5, 2]}, "milestones in section 'train' of 'p.yaml' must be a list of integers"),
+        ({"dataset": ["digits"]}, "dataset in section 'train' of 'p.yaml' must be text, got ['digits']"),
+        ({"method": "natural", "lambda": "lots"}, "lambda in section 'train' of 'p.yaml' must be a number"),
+        ({"epoch": 3}, "unknown key in section 'train' of 'p.yaml': 'epoch'"),
+    ],
+    ids=lambda v: json.dumps(v) if isinstance(v, dict) else None,
+)
 def test_a_train_params_file_is_type_checked(project, section, message):
-    (project / "p.yaml").write_text(yaml.safe_dump({"train": {"dataset": "digits", "out_dir": "run", "no_track": True,
-                                                              **section}}))
+    (project / "p.yaml").write_text(
+        yaml.safe_dump({"train": {"dataset": "digits", "out_dir": "run", "no_track": True, **section}})
+    )
     assert_one_line_error(rrm("train", "--params", "p.yaml"), message)
     assert files(project) == ["p.yaml"]
 
 
-@pytest.mark.parametrize(("section", "args", "message"), [
-    ({"epochs": "many"}, [], "epochs in section 'tune' of 'p.yaml' must be an integer, got 'many'"),
-    ({"n_trials": 2.5}, [], "n_trials in section 'tune' of 'p.yaml' must be an integer"),
-    ({"bogus": 1}, [], "unknown key in section 'tune' of 'p.yaml': 'bogus'"),
-    ({"options": {"bogus": 1}}, [], "unknown training option(s) ['bogus']"),
-    ({"options": {"weight_decay": "fast"}}, [], "weight_decay must be a number, got 'fast'"),
-    ({"options": {"epochs": 2}}, [], "-o epochs=... of rrm tune: pass --epochs instead"),
-    ({"options": {"alpha": 0.5}}, [], "alpha is an option of method 'kd' or 'kdiga', not 'rrm'"),
-    ({"options": "weight_decay=0"}, [], "options in section 'tune' of 'p.yaml' must be a mapping of KEY: VALUE"),
-    ({}, ["-o", "bogus=1"], "unknown training option(s) ['bogus']"),
-    ({}, ["-o", "weight_decay=many"], "weight_decay must be a number, got 'many'"),
-    ({}, ["-o", "gamma=5", "-o", "alpha=0.5"], "gamma, alpha are options of method 'kd' or 'kdiga', not 'rrm'"),
-    ({}, ["-o", "lambda=0.1"], "lambda is tuned in [1e-05, 1.0], so its fixed value 0.1 would be ignored"),
-    ({}, ["--range", "lr=0.01,0.1", "--lr", "0.05"], "lr is tuned in [0.01, 0.1], so its fixed value 0.05"),
-    ({}, ["-o", "out_dir=elsewhere"], "the study sets out_dir for every trial, so the value would be ignored"),
-    ({}, ["-o", "method=kd"], "the study sets method for every trial"),
-], ids=lambda v: json.dumps(v) if isinstance(v, (dict, list)) else None)
+@pytest.mark.parametrize(
+    ("section", "args", "message"),
+    [
+        ({"epochs": "many"}, [], "epochs in section 'tune' of 'p.yaml' must be an integer, got 'many'"),
+        ({"n_trials": 2.5}, [], "n_trials in section 'tune' of 'p.yaml' must be an integer"),
+        ({"bogus": 1}, [], "unknown key in section 'tune' of 'p.yaml': 'bogus'"),
+        ({"options": {"bogus": 1}}, [], "unknown training option(s) ['bogus']"),
+        ({"options": {"weight_decay": "fast"}}, [], "weight_decay must be a number, got 'fast'"),
+        ({"options": {"epochs": 2}}, [], "-o epochs=... of rrm tune: pass --epochs instead"),
+        ({"options": {"alpha": 0.5}}, [], "alpha is an option of method 'kd' or 'kdiga', not 'rrm'"),
+        ({"options": "weight_decay=0"}, [], "options in section 'tune' of 'p.yaml' must be a mapping of KEY: VALUE"),
+        ({}, ["-o", "bogus=1"], "unknown training option(s) ['bogus']"),
+        ({}, ["-o", "weight_decay=many"], "weight_decay must be a number, got 'many'"),
+        ({}, ["-o", "gamma=5", "-o", "alpha=0.5"], "gamma, alpha are options of method 'kd' or 'kdiga', not 'rrm'"),
+        ({}, ["-o", "lambda=0.1"], "lambda is tuned in [1e-05, 1.0], so its fixed value 0.1 would be ignored"),
+        ({}, ["--range", "lr=0.01,0.1", "--lr", "0.05"], "lr is tuned in [0.01, 0.1], so its fixed value 0.05"),
+        ({}, ["-o", "out_dir=elsewhere"], "the study sets out_dir for every trial, so the value would be ignored"),
+        ({}, ["-o", "method=kd"], "the study sets method for every trial"),
+    ],
+    ids=lambda v: json.dumps(v) if isinstance(v, (dict, list)) else None,
+)
 def test_tune_options_are_type_checked_and_an_ignored_one_is_refused(project, section, args, message):
     (project / "p.yaml").write_text(yaml.safe_dump({"tune": {"teacher": "t.pt", "dataset": "digits", **section}}))
     assert_one_line_error(rrm("tune", "--params", "p.yaml", "--no-track", *args), message)
@@ -240,18 +334,24 @@ def test_tune_options_are_type_checked_and_an_ignored_one_is_refused(project, se
 
 
 def test_a_flag_of_another_method_is_refused(project):
-    assert_one_line_error(rrm(*TRAIN, "--method", "natural", "--lambda", "0.5"),
-                          "lambda is an option of method 'rrm', not 'natural'; use --method rrm")
-    assert_one_line_error(rrm(*TRAIN, "--method", "kd", "--teacher", "t.pt", "--attack-steps", "3"),
-                          "attack_steps is an option of method 'sat' or 'pgd-fast' or 'rrm', not 'kd'")
+    assert_one_line_error(
+        rrm(*TRAIN, "--method", "natural", "--lambda", "0.5"),
+        "lambda is an option of method 'rrm', not 'natural'; use --method rrm",
+    )
+    assert_one_line_error(
+        rrm(*TRAIN, "--method", "kd", "--teacher", "t.pt", "--attack-steps", "3"),
+        "attack_steps is an option of method 'sat' or 'pgd-fast' or 'rrm', not 'kd'",
+    )
     assert files(project) == []
 
 
 # ------------------------------------------------------------------------------------------------------- resume
 
+
 def test_resume_with_nothing_to_resume_is_an_error_and_resume_or_start_starts_afresh(project):
-    line = assert_one_line_error(rrm(*TRAIN, "--out-dir", "runs/typo", "--resume"),
-                                 "--resume: there is no checkpoint in 'runs/typo' to resume")
+    line = assert_one_line_error(
+        rrm(*TRAIN, "--out-dir", "runs/typo", "--resume"), "--resume: there is no checkpoint in 'runs/typo' to resume"
+    )
     assert "--resume-or-start" in line and not (project / "runs").exists()
 
     first = rrm(*TRAIN, "--out-dir", "runs/a", "--resume-or-start")
@@ -266,16 +366,19 @@ def test_resume_with_nothing_to_resume_is_an_error_and_resume_or_start_starts_af
 
 # --------------------------------------------------------------------------------------------- files after errors
 
+
 def test_a_run_that_diverges_in_its_first_epoch_leaves_nothing(project):
-    line = assert_one_line_error(rrm(*TRAIN, "--lr", "1e12", "--momentum", "0", "--out-dir", "runs/nan/deep"),
-                                 "the training loss became")
+    line = assert_one_line_error(
+        rrm(*TRAIN, "--lr", "1e12", "--momentum", "0", "--out-dir", "runs/nan/deep"), "the training loss became"
+    )
     assert "lower --lr" in line and "kept nothing (no epoch finished); removed 'runs'" in line
     assert not (project / "runs").exists()
 
     (project / "mine").mkdir()
     (project / "mine" / "notes.txt").write_text("the user's\n")
-    line = assert_one_line_error(rrm(*TRAIN, "--lr", "1e12", "--momentum", "0", "--out-dir", "mine"),
-                                 "kept nothing (no epoch finished)")
+    line = assert_one_line_error(
+        rrm(*TRAIN, "--lr", "1e12", "--momentum", "0", "--out-dir", "mine"), "kept nothing (no epoch finished)"
+    )
     assert "removed" not in line and files(project / "mine") == ["notes.txt"]
 
 
@@ -310,8 +413,20 @@ def test_an_unreachable_tracking_server_leaves_no_output_directory(project, monk
 
 
 def test_a_corrupt_robustify_resume_file_says_to_delete_it(project, model_file):
-    args = ["robustify", "--teacher", model_file, "--dataset", "digits", "--out", "r.safetensors", "--steps", "1",
-            "--batch-size", "2000", "--no-progress"]
+    args = [
+        "robustify",
+        "--teacher",
+        model_file,
+        "--dataset",
+        "digits",
+        "--out",
+        "r.safetensors",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2000",
+        "--no-progress",
+    ]
     partial = project / "r.safetensors.partial.pt"
     partial.write_bytes(b"not a torch file")
     assert_one_line_error(rrm(*args), "the robustify resume file 'r.safetensors.partial.pt' is corrupt")
@@ -330,6 +445,7 @@ def test_a_corrupt_robustify_resume_file_says_to_delete_it(project, model_file):
 # checks the real jobs run before any work): no training, evaluation or study runs, and each example costs
 # milliseconds. Everything else (the commands, option types, params loader, config validation) is the real code.
 
+
 def _stub_jobs(monkeypatch) -> None:
     from rrm.train import resolve_device
 
@@ -337,19 +453,33 @@ def _stub_jobs(monkeypatch) -> None:
         cfg.validate()
         resolve_device(cfg.device)
         check_writable(cfg.out_dir, directory=True)
-        summary = {"dataset": cfg.dataset, "test_accuracy": 0.5, "epochs": cfg.epochs, "epoch_seconds_mean": 1.0,
-                   "epoch_seconds_ci95": 0.0}
+        summary = {
+            "dataset": cfg.dataset,
+            "test_accuracy": 0.5,
+            "epochs": cfg.epochs,
+            "epoch_seconds_mean": 1.0,
+            "epoch_seconds_ci95": 0.0,
+        }
         return types.SimpleNamespace(summary=summary, model_path=Path(cfg.out_dir) / "model.pt"), None
 
     def tune_job(cfg, track=None, log=print):
         cfg.validate()
-        return types.SimpleNamespace(study_name=cfg.name, storage=cfg.storage, finished=0, ran=[], seconds=0.0,
-                                     best=[], files={}, parent_run_id=None)
+        return types.SimpleNamespace(
+            study_name=cfg.name,
+            storage=cfg.storage,
+            finished=0,
+            ran=[],
+            seconds=0.0,
+            best=[],
+            files={},
+            parent_run_id=None,
+        )
 
     def evaluate_job(job, track=None):
         job.attack.validate()
-        result = types.SimpleNamespace(adversarial_accuracy={}, natural_accuracy=0.5, sanity_passed=True,
-                                       n_examples=job.attack.n_examples or 0)
+        result = types.SimpleNamespace(
+            adversarial_accuracy={}, natural_accuracy=0.5, sanity_passed=True, n_examples=job.attack.n_examples or 0
+        )
         return types.SimpleNamespace(result=result, out=Path(job.out or "eval_metrics.json"), run_id=None)
 
     monkeypatch.setattr(jobs, "train_job", train_job)
@@ -369,31 +499,142 @@ def assert_clean_exit(result) -> None:
 # Values as a shell would pass them: numbers of every kind (nan, inf, huge, negative), words, lists, empty text.
 _TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
 _ARG = st.one_of(
-    st.integers(-3, 10**4).map(str), st.integers().map(str),
+    st.integers(-3, 10**4).map(str),
+    st.integers().map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
-    st.sampled_from(["nan", "inf", "-inf", "1e309", "-0", "0", "1", "true", "many", "", " ", "1,2", "[1, 2]",
-                     "stem,penultimate", "cuda:x", "--epochs", "a=1"]),
+    st.sampled_from(
+        [
+            "nan",
+            "inf",
+            "-inf",
+            "1e309",
+            "-0",
+            "0",
+            "1",
+            "true",
+            "many",
+            "",
+            " ",
+            "1,2",
+            "[1, 2]",
+            "stem,penultimate",
+            "cuda:x",
+            "--epochs",
+            "a=1",
+        ]
+    ),
     _TEXT,
 )
-_TRAIN_FLAGS = ["--epochs", "--batch-size", "--lr", "--momentum", "--weight-decay", "--lr-gamma", "--milestones",
-                "--eps", "--norm", "--step-size", "--attack-steps", "--replays", "--lambda", "--temperature", "--alpha",
-                "--gamma", "--width", "--feature-dim", "--noise-magnitude", "--grad-align-weight", "--kd-weight",
-                "--iga-weight", "--monitor-examples", "--monitor-steps", "--seed", "--method", "--schedule",
-                "--match-layers", "--match-inputs", "--precision", "--device", "--out-dir", "--model"]
-_SWITCHES = ["--resume", "--resume-or-start", "--random-start", "--no-random-start", "--early-stop-on-co",
-             "--project-to-eps", "--deterministic"]
-_EVALUATE_FLAGS = ["--eps", "--norm", "--attacks", "--n-examples", "--batch-size", "--steps", "--restarts",
-                   "--pgd-steps", "--pgd-step-size", "--sanity-examples", "--sanity-steps", "--sanity-tolerance",
-                   "--sanity-zero-accuracy", "--seed", "--transfer-attack", "--out"]
-_TUNE_FLAGS = ["--n-trials", "--knobs", "--min-natural-accuracy", "--prune-below", "--validation-size",
-               "--attack-examples", "--attack-steps", "--best-trials", "--test-examples", "--epochs", "--lr", "--eps",
-               "--width", "--mode", "--pruner", "--study-name", "--range", "-o"]
+_TRAIN_FLAGS = [
+    "--epochs",
+    "--batch-size",
+    "--lr",
+    "--momentum",
+    "--weight-decay",
+    "--lr-gamma",
+    "--milestones",
+    "--eps",
+    "--norm",
+    "--step-size",
+    "--attack-steps",
+    "--replays",
+    "--lambda",
+    "--temperature",
+    "--alpha",
+    "--gamma",
+    "--width",
+    "--feature-dim",
+    "--noise-magnitude",
+    "--grad-align-weight",
+    "--kd-weight",
+    "--iga-weight",
+    "--monitor-examples",
+    "--monitor-steps",
+    "--seed",
+    "--method",
+    "--schedule",
+    "--match-layers",
+    "--match-inputs",
+    "--precision",
+    "--device",
+    "--out-dir",
+    "--model",
+]
+_SWITCHES = [
+    "--resume",
+    "--resume-or-start",
+    "--random-start",
+    "--no-random-start",
+    "--early-stop-on-co",
+    "--project-to-eps",
+    "--deterministic",
+]
+_EVALUATE_FLAGS = [
+    "--eps",
+    "--norm",
+    "--attacks",
+    "--n-examples",
+    "--batch-size",
+    "--steps",
+    "--restarts",
+    "--pgd-steps",
+    "--pgd-step-size",
+    "--sanity-examples",
+    "--sanity-steps",
+    "--sanity-tolerance",
+    "--sanity-zero-accuracy",
+    "--seed",
+    "--transfer-attack",
+    "--out",
+]
+_TUNE_FLAGS = [
+    "--n-trials",
+    "--knobs",
+    "--min-natural-accuracy",
+    "--prune-below",
+    "--validation-size",
+    "--attack-examples",
+    "--attack-steps",
+    "--best-trials",
+    "--test-examples",
+    "--epochs",
+    "--lr",
+    "--eps",
+    "--width",
+    "--mode",
+    "--pruner",
+    "--study-name",
+    "--range",
+    "-o",
+]
 # KEY=VALUE arguments of -o and --range, with real keys most of the time.
-_KEY_VALUE = st.tuples(st.sampled_from(["epochs", "lr", "lambda", "lam", "weight_decay", "momentum", "temperature",
-                                        "alpha", "gamma", "milestones", "step_size", "out_dir", "method", "bogus"]),
-                       st.one_of(_ARG, st.tuples(_ARG, _ARG).map(",".join))).map("=".join)
-_PROPERTY = settings(max_examples=150, deadline=None, database=None,
-                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+_KEY_VALUE = st.tuples(
+    st.sampled_from(
+        [
+            "epochs",
+            "lr",
+            "lambda",
+            "lam",
+            "weight_decay",
+            "momentum",
+            "temperature",
+            "alpha",
+            "gamma",
+            "milestones",
+            "step_size",
+            "out_dir",
+            "method",
+            "bogus",
+        ]
+    ),
+    st.one_of(_ARG, st.tuples(_ARG, _ARG).map(",".join)),
+).map("=".join)
+_PROPERTY = settings(
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 def _flags(names: list[str], often: tuple[str, ...] = ()):
@@ -425,23 +666,85 @@ def test_property_tune_options_exit_cleanly(monkeypatch, flags):
 
 
 # Params-file values: whatever YAML can hold, under the commands' real keys (and some unknown ones).
-_YAML_SCALAR = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
-                         _TEXT, st.sampled_from(["5e-3", "nan", ".inf", "1,2", "stem", "cosine", "l2", "rrm"]))
-_YAML_VALUE = st.one_of(_YAML_SCALAR, st.lists(_YAML_SCALAR, max_size=3),
-                        st.dictionaries(st.sampled_from(["lambda", "lr", "epochs", "bogus", "weight_decay"]),
-                                        _YAML_SCALAR, max_size=2))
+_YAML_SCALAR = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    _TEXT,
+    st.sampled_from(["5e-3", "nan", ".inf", "1,2", "stem", "cosine", "l2", "rrm"]),
+)
+_YAML_VALUE = st.one_of(
+    _YAML_SCALAR,
+    st.lists(_YAML_SCALAR, max_size=3),
+    st.dictionaries(st.sampled_from(["lambda", "lr", "epochs", "bogus", "weight_decay"]), _YAML_SCALAR, max_size=2),
+)
 _KEYS = {
-    "train": ["epochs", "batch_size", "lr", "momentum", "weight_decay", "milestones", "eps", "norm", "step_size",
-              "attack_steps", "lambda", "temperature", "alpha", "width", "method", "schedule", "match_layers",
-              "device", "resume", "resume_or_start", "no_track", "monitor_examples", "teacher", "bogus", "epochs-x"],
-    "tune": ["n_trials", "knobs", "ranges", "options", "mode", "pruner", "prune_below", "validation_size", "epochs",
-             "lr", "eps", "width", "study_name", "seed", "bogus"],
-    "evaluate": ["eps", "norm", "attacks", "n_examples", "steps", "restarts", "pgd_step_size", "sanity",
-                 "sanity_tolerance", "out", "model", "dataset", "bogus"],
+    "train": [
+        "epochs",
+        "batch_size",
+        "lr",
+        "momentum",
+        "weight_decay",
+        "milestones",
+        "eps",
+        "norm",
+        "step_size",
+        "attack_steps",
+        "lambda",
+        "temperature",
+        "alpha",
+        "width",
+        "method",
+        "schedule",
+        "match_layers",
+        "device",
+        "resume",
+        "resume_or_start",
+        "no_track",
+        "monitor_examples",
+        "teacher",
+        "bogus",
+        "epochs-x",
+    ],
+    "tune": [
+        "n_trials",
+        "knobs",
+        "ranges",
+        "options",
+        "mode",
+        "pruner",
+        "prune_below",
+        "validation_size",
+        "epochs",
+        "lr",
+        "eps",
+        "width",
+        "study_name",
+        "seed",
+        "bogus",
+    ],
+    "evaluate": [
+        "eps",
+        "norm",
+        "attacks",
+        "n_examples",
+        "steps",
+        "restarts",
+        "pgd_step_size",
+        "sanity",
+        "sanity_tolerance",
+        "out",
+        "model",
+        "dataset",
+        "bogus",
+    ],
 }
-_FIXED = {"train": {"dataset": "digits", "no_track": True}, "tune": {"teacher": "t.pt", "dataset": "digits",
-                                                                      "no_track": True},
-          "evaluate": {"model": "m.pt", "no_track": True}}
+_FIXED = {
+    "train": {"dataset": "digits", "no_track": True},
+    "tune": {"teacher": "t.pt", "dataset": "digits", "no_track": True},
+    "evaluate": {"model": "m.pt", "no_track": True},
+}
 
 
 @_PROPERTY

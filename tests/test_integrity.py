@@ -24,8 +24,21 @@ from rrm.models import build_model, load_model, save_model
 from rrm.tracking import registry
 
 # `rrm evaluate` at a test budget: APGD on 100 test images, the masking checks on 100 of them.
-EVALUATE = ["--attacks", "apgd", "--n-examples", "100", "--steps", "10", "--restarts", "1", "--sanity-examples",
-            "100", "--sanity-steps", "10", "--no-track"]
+EVALUATE = [
+    "--attacks",
+    "apgd",
+    "--n-examples",
+    "100",
+    "--steps",
+    "10",
+    "--restarts",
+    "1",
+    "--sanity-examples",
+    "100",
+    "--sanity-steps",
+    "10",
+    "--no-track",
+]
 
 
 def rrm(*args: object):
@@ -54,10 +67,12 @@ def evaluated(tmp_path_factory, digits_teacher, digits_natural):
     with pytest.MonkeyPatch.context() as mp, one_torch_thread():
         mp.chdir(root)
         undo_cli_settings(mp)
-        for name, args in {"teacher": ["teacher.pt", "--eps", "0.1"],
-                           "teacher-nosanity": ["teacher.pt", "--eps", "0.1", "--no-sanity"],
-                           "teacher-eps0.05": ["teacher.pt", "--eps", "0.05"],
-                           "natural": ["natural.pt", "--eps", "0.1"]}.items():
+        for name, args in {
+            "teacher": ["teacher.pt", "--eps", "0.1"],
+            "teacher-nosanity": ["teacher.pt", "--eps", "0.1", "--no-sanity"],
+            "teacher-eps0.05": ["teacher.pt", "--eps", "0.05"],
+            "natural": ["natural.pt", "--eps", "0.1"],
+        }.items():
             result = rrm("evaluate", *args, *EVALUATE, "--out", f"{name}.json")
             assert result.exit_code == 0, result.output
             outputs[name] = result.output
@@ -111,9 +126,12 @@ def test_register_accepts_an_evaluation_of_the_model_itself(project):
 
 def test_register_refuses_an_evaluation_of_another_model(project):
     natural, teacher = sha256_file(project / "natural.pt")[:12], sha256_file(project / "teacher.pt")[:12]
-    line = refused(rrm("teacher", "register", "teacher.pt", "--evaluation", "natural.json"),
-                   "refusing to register 'teacher.pt'",
-                   f"its evaluation measured another model file (sha256 {natural}, this one is {teacher})", "--force")
+    line = refused(
+        rrm("teacher", "register", "teacher.pt", "--evaluation", "natural.json"),
+        "refusing to register 'teacher.pt'",
+        f"its evaluation measured another model file (sha256 {natural}, this one is {teacher})",
+        "--force",
+    )
     assert "architecture" not in line and "threat model" not in line, "only what is wrong is named"
     assert _registered_models() == []
 
@@ -128,18 +146,33 @@ def test_register_refuses_an_evaluation_of_another_model(project):
 
 def test_register_refuses_a_28x28_model_with_an_8x8_teachers_evaluation(project):
     big = build_model("cnn", num_classes=10, in_channels=1, image_size=28)
-    save_model(big, project / "big.pt", meta={"method": "sat", "model": "cnn", "norm": "linf", "eps": 0.1,
-                                              "dataset": "mnist5k", "dataset_digest": "0" * 64})
-    refused(rrm("teacher", "register", "big.pt", "--evaluation", "teacher.json"),
-            "its evaluation measured another model file",
-            "another architecture (cnn on 1x8x8 images, 10 classes; this model: cnn on 1x28x28 images, 10 classes)",
-            "its evaluation ran on dataset 'digits'", "not on the training data (digest 000000000000)")
+    save_model(
+        big,
+        project / "big.pt",
+        meta={
+            "method": "sat",
+            "model": "cnn",
+            "norm": "linf",
+            "eps": 0.1,
+            "dataset": "mnist5k",
+            "dataset_digest": "0" * 64,
+        },
+    )
+    refused(
+        rrm("teacher", "register", "big.pt", "--evaluation", "teacher.json"),
+        "its evaluation measured another model file",
+        "another architecture (cnn on 1x8x8 images, 10 classes; this model: cnn on 1x28x28 images, 10 classes)",
+        "its evaluation ran on dataset 'digits'",
+        "not on the training data (digest 000000000000)",
+    )
     assert _registered_models() == []
 
 
 def test_register_refuses_an_evaluation_whose_masking_checks_did_not_run(project):
-    refused(rrm("teacher", "register", "teacher.pt", "--evaluation", "teacher-nosanity.json"),
-            "its gradient-masking sanity checks did not run")
+    refused(
+        rrm("teacher", "register", "teacher.pt", "--evaluation", "teacher-nosanity.json"),
+        "its gradient-masking sanity checks did not run",
+    )
     assert _registered_models() == []
     result = rrm("teacher", "register", "teacher.pt", "--evaluation", "teacher-nosanity.json", "--force")
     assert result.exit_code == 0, result.output
@@ -149,9 +182,11 @@ def test_register_refuses_an_evaluation_whose_masking_checks_did_not_run(project
 
 
 def test_register_refuses_an_evaluation_of_another_threat_model(project):
-    refused(rrm("teacher", "register", "teacher.pt", "--evaluation", "teacher-eps0.05.json"),
-            "its evaluation is for linf eps 0.05, not the threat model the model was trained for and the card states "
-            "(linf eps 0.1)")
+    refused(
+        rrm("teacher", "register", "teacher.pt", "--evaluation", "teacher-eps0.05.json"),
+        "its evaluation is for linf eps 0.05, not the threat model the model was trained for and the card states "
+        "(linf eps 0.1)",
+    )
     assert _registered_models() == []
 
 
@@ -168,30 +203,67 @@ def test_a_swapped_registry_artifact_is_refused_on_pull_and_load(project):
 
     _swap_artifact(project, project / "natural.pt")
     natural, teacher = sha256_file(project / "natural.pt")[:12], sha256_file(project / "teacher.pt")[:12]
-    fragments = ("models:/rrm-teacher/1 (version 1 of 'rrm-teacher')", f"has sha256 {natural}",
-                 f"not the {teacher} recorded at registration", "register the teacher again")
+    fragments = (
+        "models:/rrm-teacher/1 (version 1 of 'rrm-teacher')",
+        f"has sha256 {natural}",
+        f"not the {teacher} recorded at registration",
+        "register the teacher again",
+    )
     refused(rrm("teacher", "pull", "models:/rrm-teacher/1", "--out", "swapped.pt"), *fragments)
     assert not (project / "swapped.pt").exists()
     refused(rrm("evaluate", "models:/rrm-teacher/1", "--out", "swapped.json", *EVALUATE), *fragments)
-    refused(rrm("train", "--method", "rrm", "--teacher", "models:/rrm-teacher/1", "--dataset", "digits", "--model",
-                "cnn", "--epochs", "1", "--monitor-examples", "0", "--no-progress", "--no-track"), *fragments)
+    refused(
+        rrm(
+            "train",
+            "--method",
+            "rrm",
+            "--teacher",
+            "models:/rrm-teacher/1",
+            "--dataset",
+            "digits",
+            "--model",
+            "cnn",
+            "--epochs",
+            "1",
+            "--monitor-examples",
+            "0",
+            "--no-progress",
+            "--no-track",
+        ),
+        *fragments,
+    )
 
 
 def _killed(project: Path, patch: str, *args: str) -> None:
     """Run `rrm ARGS` in a process that SIGKILLs itself where ``patch`` (test code, run first) makes it: what a
     `kill -9` at that point leaves behind."""
-    script = ("import os, signal, sys\n"
-              "def die(*args, **kwargs):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
-              f"{patch}\n"
-              "from rrm.cli import main\nsys.argv = ['rrm', *sys.argv[1:]]\nmain()\n")
-    done = subprocess.run([sys.executable, "-c", script, *args], cwd=project, capture_output=True, text=True,
-                          timeout=300, env=worker_env())
+    script = (
+        "import os, signal, sys\n"
+        "def die(*args, **kwargs):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"{patch}\n"
+        "from rrm.cli import main\nsys.argv = ['rrm', *sys.argv[1:]]\nmain()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=worker_env(),
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr
 
 
 def test_a_register_killed_before_its_first_version_leaves_the_registry_as_it_was(project):
-    _killed(project, "from mlflow import MlflowClient\nMlflowClient.create_model_version = die",
-            "teacher", "register", "teacher.pt", "--evaluation", "teacher.json")
+    _killed(
+        project,
+        "from mlflow import MlflowClient\nMlflowClient.create_model_version = die",
+        "teacher",
+        "register",
+        "teacher.pt",
+        "--evaluation",
+        "teacher.json",
+    )
     client = _client()
     (left,) = client.search_registered_models()
     assert left.name == "rrm-teacher" and client.search_model_versions("name = 'rrm-teacher'") == []
@@ -203,11 +275,21 @@ def test_a_register_killed_before_its_first_version_leaves_the_registry_as_it_wa
     assert result.exit_code == 0 and "registered models:/rrm-teacher/1" in result.output
 
 
-@pytest.mark.xfail(strict=True, reason="stale RUNNING runs are marked FAILED by the generic logic another engineer "
-                                       "is building in rrm/tracking/store.py; remove this marker when it lands")
+@pytest.mark.xfail(
+    strict=True,
+    reason="stale RUNNING runs are marked FAILED by the generic logic another engineer "
+    "is building in rrm/tracking/store.py; remove this marker when it lands",
+)
 def test_a_register_killed_inside_its_import_run_leaves_no_running_run(project):
-    _killed(project, "import mlflow.pytorch\nmlflow.pytorch.log_model = die",
-            "teacher", "register", "teacher.pt", "--evaluation", "teacher.json")
+    _killed(
+        project,
+        "import mlflow.pytorch\nmlflow.pytorch.log_model = die",
+        "teacher",
+        "register",
+        "teacher.pt",
+        "--evaluation",
+        "teacher.json",
+    )
     client = _client()
     experiments = [e.experiment_id for e in client.search_experiments()]
     assert [r.info.status for r in client.search_runs(experiments)] == ["RUNNING"]  # what kill -9 left

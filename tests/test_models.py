@@ -62,11 +62,14 @@ def test_width_scales_thin_models_only():
         build_model("resnet50", num_classes=10, width=0.5)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(name="resnet1000"), "unknown model"),
-    (dict(name="cnn", feature_dim=0), "feature_dim"),
-    (dict(name="cnn", mean=[0.1, 0.2]), "one per channel"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(name="resnet1000"), "unknown model"),
+        (dict(name="cnn", feature_dim=0), "feature_dim"),
+        (dict(name="cnn", mean=[0.1, 0.2]), "one per channel"),
+    ],
+)
 def test_bad_model_arguments(kwargs, match):
     with pytest.raises(RRMError, match=match):
         build_model(num_classes=10, in_channels=1, image_size=28, **kwargs)

@@ -25,12 +25,22 @@ STUDENTS = ("natural", "sat", "fast", "pgd-fast", "free", "rrm", "kd", "kdiga", 
 VARIANTS = read_section(PARAMS, "variants")
 VARIANT_STUDENTS = (*VARIANTS["without_teacher"], *VARIANTS["with_teacher"])
 # section -> the command that reads it
-SECTIONS = {"prepare": ("data", "prepare"), "train_teacher": ("train",), "evaluate": ("evaluate",),
-            "evaluate_transfer": ("evaluate",), "register": ("teacher", "register"), "robustify": ("robustify",),
-            "report": ("report",), "tune": ("tune",), **{f"students.{m}": ("train",) for m in STUDENTS},
-            "variants.teacher": ("train",), "variants.evaluate_teacher": ("evaluate",),
-            "variants.evaluate": ("evaluate",), "variants.register": ("teacher", "register"),
-            **{f"variants.students.{m}": ("train",) for m in VARIANT_STUDENTS}}
+SECTIONS = {
+    "prepare": ("data", "prepare"),
+    "train_teacher": ("train",),
+    "evaluate": ("evaluate",),
+    "evaluate_transfer": ("evaluate",),
+    "register": ("teacher", "register"),
+    "robustify": ("robustify",),
+    "report": ("report",),
+    "tune": ("tune",),
+    **{f"students.{m}": ("train",) for m in STUDENTS},
+    "variants.teacher": ("train",),
+    "variants.evaluate_teacher": ("evaluate",),
+    "variants.evaluate": ("evaluate",),
+    "variants.register": ("teacher", "register"),
+    **{f"variants.students.{m}": ("train",) for m in VARIANT_STUDENTS},
+}
 
 
 def _command(path: tuple[str, ...]):
@@ -77,9 +87,20 @@ def test_eval_sections_validate(section: str) -> None:
 
 def test_dvc_yaml_stages_and_outputs() -> None:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert {"prepare", "train_teacher", "evaluate_teacher", "register_teacher", "robustify", "train_student",
-            "distill_student", "train_rdt", "evaluate_student", "evaluate_distilled", "report"} <= set(stages)
-    trained = (set(stages["train_student"]["foreach"]) | set(stages["distill_student"]["foreach"]) | {"rdt"})
+    assert {
+        "prepare",
+        "train_teacher",
+        "evaluate_teacher",
+        "register_teacher",
+        "robustify",
+        "train_student",
+        "distill_student",
+        "train_rdt",
+        "evaluate_student",
+        "evaluate_distilled",
+        "report",
+    } <= set(stages)
+    trained = set(stages["train_student"]["foreach"]) | set(stages["distill_student"]["foreach"]) | {"rdt"}
     evaluated = set(stages["evaluate_student"]["foreach"]) | set(stages["evaluate_distilled"]["foreach"])
     assert trained == evaluated == set(STUDENTS)
     text = (ROOT / "dvc.yaml").read_text()
@@ -99,21 +120,27 @@ def test_tune_section_and_optional_stage() -> None:
 
     values = read_section(PARAMS, "tune")
     train_keys = {"dataset", "teacher", "model", "eps", "epochs", "lr"}
-    cfg = TuneConfig(**{k: v for k, v in values.items() if k not in train_keys | {"ranges"}},
-                     ranges={k: parse_range(v) for k, v in values["ranges"].items()},
-                     train=TrainConfig.from_dict({k: values[k] for k in train_keys} | {"method": values["method"]}))
+    cfg = TuneConfig(
+        **{k: v for k, v in values.items() if k not in train_keys | {"ranges"}},
+        ranges={k: parse_range(v) for k, v in values["ranges"].items()},
+        train=TrainConfig.from_dict({k: values[k] for k in train_keys} | {"method": values["method"]}),
+    )
     cfg.validate()
     assert cfg.tuned == ("lambda",)
     main = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert not any("tune" in name for name in main), "plain `dvc repro` must not tune"
     stage = yaml.safe_load((ROOT / "pipelines" / "tune" / "dvc.yaml").read_text())["stages"]["tune"]
     assert stage["wdir"] == "../.." and stage["cmd"] == "rrm tune --params params.yaml --section tune"
-    declared = [next(iter(o)) if isinstance(o, dict) else o
-                for kind in ("outs", "metrics", "plots") for o in stage.get(kind, [])]
+    declared = [
+        next(iter(o)) if isinstance(o, dict) else o
+        for kind in ("outs", "metrics", "plots")
+        for o in stage.get(kind, [])
+    ]
     assert all(path.startswith(f"{cfg.out_dir}/") for path in declared)
     assert not any(s in path for path in declared for s in ("optuna", ".db", ".log", "/trials/", "mlflow"))
-    assert {"data/mnist5k.safetensors", values["teacher"], values["dataset"]} >= \
-        {d for d in stage["deps"] if not d.startswith("rrm/")}
+    assert {"data/mnist5k.safetensors", values["teacher"], values["dataset"]} >= {
+        d for d in stage["deps"] if not d.startswith("rrm/")
+    }
 
 
 def test_variants_pipeline_stages(tmp_path: Path) -> None:
@@ -121,28 +148,42 @@ def test_variants_pipeline_stages(tmp_path: Path) -> None:
     teacher, outputs where the report reads them, no MLflow store among them; `dvc status` accepts it."""
     text = (ROOT / "pipelines" / "variants" / "dvc.yaml").read_text()
     stages = yaml.safe_load(text)["stages"]
-    assert set(stages) == {"teacher", "evaluate_teacher", "register_teacher", "train", "distill", "evaluate",
-                           "evaluate_distilled", "report"}
+    assert set(stages) == {
+        "teacher",
+        "evaluate_teacher",
+        "register_teacher",
+        "train",
+        "distill",
+        "evaluate",
+        "evaluate_distilled",
+        "report",
+    }
     for name, stage in stages.items():
         body = stage.get("do", stage)
         assert body["wdir"] == "../.." and body["cmd"].startswith("rrm "), name
         for kind in ("outs", "metrics", "plots"):
             for out in body.get(kind, []):
                 path = out if isinstance(out, str) else next(iter(out))
-                assert path.startswith(("runs/variants/eps${item", "metrics/variants/eps${item",
-                                        "reports/variants/eps${item}/")), path
+                assert path.startswith(
+                    ("runs/variants/eps${item", "metrics/variants/eps${item", "reports/variants/eps${item}/")
+                ), path
                 assert not any(s in path for s in ("mlflow", "mlruns", "mlartifacts", "optuna")), path
     for name in ("evaluate", "evaluate_distilled"):
         assert "--transfer-from runs/variants/eps${item.eps}/teacher/model.pt" in stages[name]["cmd"]
-    assert stages["evaluate"]["matrix"]["student"] == stages["train"]["matrix"]["student"] == \
-        "${variants.without_teacher}"
-    assert stages["evaluate_distilled"]["matrix"]["student"] == stages["distill"]["matrix"]["student"] == \
-        "${variants.with_teacher}"
+    assert (
+        stages["evaluate"]["matrix"]["student"] == stages["train"]["matrix"]["student"] == "${variants.without_teacher}"
+    )
+    assert (
+        stages["evaluate_distilled"]["matrix"]["student"]
+        == stages["distill"]["matrix"]["student"]
+        == "${variants.with_teacher}"
+    )
     assert "--teacher " not in stages["train"]["cmd"] and "--teacher " in stages["distill"]["cmd"]
     TrainConfig.from_dict(read_section(PARAMS, "variants.teacher")).validate()
     work, env, dvc = _pipeline(tmp_path, shrink=False)
-    status = subprocess.run([dvc, "status", "pipelines/variants/dvc.yaml"], cwd=work, env=env, capture_output=True,
-                            text=True)
+    status = subprocess.run(
+        [dvc, "status", "pipelines/variants/dvc.yaml"], cwd=work, env=env, capture_output=True, text=True
+    )
     assert status.returncode == 0, status.stderr
     n_runs = len(VARIANTS["eps"]) * len(VARIANTS["seeds"]) * len(VARIANT_STUDENTS)
     assert status.stdout.count("pipelines/variants/dvc.yaml:") == 4 * len(VARIANTS["eps"]) + 2 * n_runs
@@ -151,14 +192,24 @@ def test_variants_pipeline_stages(tmp_path: Path) -> None:
 def _shrink_variants(work: Path, students: tuple[str, ...]) -> None:
     """One eps, one seed, ``students``, one epoch each, a short evaluation (on top of ``_pipeline``'s shrink)."""
     variants = yaml.safe_load((work / "params.yaml").read_text())["variants"]
-    override_yaml(work / "params.yaml", {
-        "variants.eps": [0.1], "variants.seeds": [0],
-        "variants.without_teacher": [s for s in students if s in variants["without_teacher"]],
-        "variants.with_teacher": [s for s in students if s in variants["with_teacher"]],
-        "variants.teacher.epochs": 1, "variants.teacher.milestones": [], "variants.students.*.epochs": 1,
-        **{f"variants.students.{m}.milestones": [] for m in ("sat", "kd", "kdiga")},
-        **{f"variants.{section}.{key}": value for section in ("evaluate_teacher", "evaluate")
-           for key, value in (("steps", 5), ("sanity_examples", 50), ("sanity_steps", 5))}})
+    override_yaml(
+        work / "params.yaml",
+        {
+            "variants.eps": [0.1],
+            "variants.seeds": [0],
+            "variants.without_teacher": [s for s in students if s in variants["without_teacher"]],
+            "variants.with_teacher": [s for s in students if s in variants["with_teacher"]],
+            "variants.teacher.epochs": 1,
+            "variants.teacher.milestones": [],
+            "variants.students.*.epochs": 1,
+            **{f"variants.students.{m}.milestones": [] for m in ("sat", "kd", "kdiga")},
+            **{
+                f"variants.{section}.{key}": value
+                for section in ("evaluate_teacher", "evaluate")
+                for key, value in (("steps", 5), ("sanity_examples", 50), ("sanity_steps", 5))
+            },
+        },
+    )
 
 
 def test_mlproject_entry_points() -> None:
@@ -172,18 +223,32 @@ def test_mlproject_entry_points() -> None:
 # (``override`` raises otherwise), so a renamed option fails here instead of leaving a stage at full size.
 DIGITS = "data/digits.safetensors"
 SHRINK = {
-    "prepare.dataset": "digits", "prepare.out": DIGITS, "prepare.options.test_size": 300,
-    "train_teacher.dataset": DIGITS, "train_teacher.epochs": 1, "train_teacher.milestones": [],
-    **{f"{section}.{key}": value for section in ("evaluate", "evaluate_transfer")
-       for key, value in (("n_examples", 100), ("steps", 5))},
-    "robustify.dataset": DIGITS, "robustify.out": "data/digits-robust.safetensors", "robustify.steps": 5,
-    "students.*.dataset": DIGITS, "students.*.epochs": 1,
+    "prepare.dataset": "digits",
+    "prepare.out": DIGITS,
+    "prepare.options.test_size": 300,
+    "train_teacher.dataset": DIGITS,
+    "train_teacher.epochs": 1,
+    "train_teacher.milestones": [],
+    **{
+        f"{section}.{key}": value
+        for section in ("evaluate", "evaluate_transfer")
+        for key, value in (("n_examples", 100), ("steps", 5))
+    },
+    "robustify.dataset": DIGITS,
+    "robustify.out": "data/digits-robust.safetensors",
+    "robustify.steps": 5,
+    "students.*.dataset": DIGITS,
+    "students.*.epochs": 1,
     **{f"students.{m}.milestones": [] for m in ("sat", "kd", "kdiga", "rdt")},
-    "students.free.replays": 1, "students.rdt.dataset": "data/digits-robust.safetensors",
-    "tune.dataset": DIGITS, "tune.epochs": 1,
-    "variants.teacher.dataset": DIGITS, "variants.students.*.dataset": DIGITS,
+    "students.free.replays": 1,
+    "students.rdt.dataset": "data/digits-robust.safetensors",
+    "tune.dataset": DIGITS,
+    "tune.epochs": 1,
+    "variants.teacher.dataset": DIGITS,
+    "variants.students.*.dataset": DIGITS,
     **{f"variants.students.{m}.milestones": [] for m in ("sat", "kd", "kdiga")},
-    "variants.evaluate_teacher.n_examples": 100, "variants.evaluate.n_examples": 100,
+    "variants.evaluate_teacher.n_examples": 100,
+    "variants.evaluate.n_examples": 100,
 }
 
 
@@ -199,9 +264,13 @@ def _pipeline(tmp_path: Path, shrink: bool = True) -> tuple[Path, dict, str]:
     shutil.copy(PARAMS, work / "params.yaml")
     if shrink:
         override_yaml(work / "params.yaml", SHRINK)
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(ROOT),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PYTHONPATH": str(ROOT),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+    }
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
     subprocess.run([dvc, "init", "-q"], cwd=work, env=env, check=True)
     shutil.copy(ROOT / ".dvcignore", work)  # after `dvc init`, which writes its own
@@ -210,8 +279,10 @@ def _pipeline(tmp_path: Path, shrink: bool = True) -> tuple[Path, dict, str]:
 
 def test_override_sets_existing_keys_and_refuses_unknown_ones() -> None:
     params = {"evaluate": {"steps": 20, "eps": 0.2}, "students": {"a": {"epochs": 3}, "b": {"epochs": 3, "x": 1}}}
-    assert override(params, {"evaluate.steps": 5, "students.*.epochs": 1, "students.b.x": 2}) == \
-        {"evaluate": {"steps": 5, "eps": 0.2}, "students": {"a": {"epochs": 1}, "b": {"epochs": 1, "x": 2}}}
+    assert override(params, {"evaluate.steps": 5, "students.*.epochs": 1, "students.b.x": 2}) == {
+        "evaluate": {"steps": 5, "eps": 0.2},
+        "students": {"a": {"epochs": 1}, "b": {"epochs": 1, "x": 2}},
+    }
     for key in ("evaluate.step", "evaluat.steps", "students.c.epochs", "students.*.x", "evaluate.steps.n", "*.eps"):
         with pytest.raises(KeyError, match="override"):
             override(params, {key: 0})
@@ -229,10 +300,15 @@ def test_shrink_overrides_existing_keys() -> None:
 
 # A stage's package code, by its command (see dvc.yaml's header): what `dvc status` must watch.
 TRAIN_CODE = {"rrm/attacks", "rrm/data", "rrm/models", "rrm/train"}
-CODE = {"rrm data prepare": {"rrm/data"}, "rrm train": TRAIN_CODE, "rrm evaluate": TRAIN_CODE | {"rrm/evaluate.py"},
-        "rrm teacher register": {"rrm/models", "rrm/train"}, "rrm robustify": TRAIN_CODE | {"rrm/robustify.py"},
-        "rrm report": {"rrm/report.py", "rrm/stats.py", "rrm/plots.py", "rrm/train"},
-        "rrm tune": TRAIN_CODE | {"rrm/evaluate.py"}}
+CODE = {
+    "rrm data prepare": {"rrm/data"},
+    "rrm train": TRAIN_CODE,
+    "rrm evaluate": TRAIN_CODE | {"rrm/evaluate.py"},
+    "rrm teacher register": {"rrm/models", "rrm/train"},
+    "rrm robustify": TRAIN_CODE | {"rrm/robustify.py"},
+    "rrm report": {"rrm/report.py", "rrm/stats.py", "rrm/plots.py", "rrm/train"},
+    "rrm tune": TRAIN_CODE | {"rrm/evaluate.py"},
+}
 
 
 @pytest.mark.parametrize("pipeline", ["dvc.yaml", "pipelines/tune/dvc.yaml", "pipelines/variants/dvc.yaml"])
@@ -270,10 +346,13 @@ def _commit_outputs(work: Path, env: dict, dvc: str, *targets: str) -> set[str]:
 
 def _changed(work: Path, env: dict, dvc: str, target: str = "dvc.yaml") -> dict[str, set[str]]:
     """`dvc status`: each changed stage with the deps it reports changed."""
-    run = subprocess.run([dvc, "status", "--json", target], cwd=work, env=env, check=True, capture_output=True,
-                         text=True)
-    return {stage: {dep for entry in entries if isinstance(entry, dict) for dep in entry.get("changed deps", {})}
-            for stage, entries in json.loads(run.stdout).items()}
+    run = subprocess.run(
+        [dvc, "status", "--json", target], cwd=work, env=env, check=True, capture_output=True, text=True
+    )
+    return {
+        stage: {dep for entry in entries if isinstance(entry, dict) for dep in entry.get("changed deps", {})}
+        for stage, entries in json.loads(run.stdout).items()
+    }
 
 
 def _append(path: Path, text: str) -> str:
@@ -301,8 +380,10 @@ def test_code_edits_change_the_stages_that_run_that_code(tmp_path: Path) -> None
     methods.write_text(source)  # back to the committed code: only the edits below count
     _append(work / "rrm" / "evaluate.py", "# an edit\n")
     _append(work / "rrm" / "report.py", "# an edit\n")
-    assert _changed(work, env, dvc) == {**{name: {"rrm/evaluate.py"} for name in evaluated},
-                                        "report": {"rrm/report.py"}}
+    assert _changed(work, env, dvc) == {
+        **{name: {"rrm/evaluate.py"} for name in evaluated},
+        "report": {"rrm/report.py"},
+    }
 
 
 def test_bytecode_does_not_change_code_deps(tmp_path: Path) -> None:
@@ -322,14 +403,15 @@ def test_dvc_repro_stops_on_bad_params_and_keeps_earlier_outputs(tmp_path: Path)
     """Each bad student setting stops `dvc repro` at that stage with the CLI's one-line error; upstream stays intact."""
     work, env, dvc = _pipeline(tmp_path)
     upstream = ["data/digits.safetensors", "runs/teacher/model.pt", "metrics/teacher.json"]
-    cases = [({"lambda": -0.5}, "lambda must be > 0"),
-             ({"method": "rmm"}, "unknown method 'rmm'"),
-             ({"teacher": "runs/teacher/missing.pt"}, "model file 'runs/teacher/missing.pt' does not exist")]
+    cases = [
+        ({"lambda": -0.5}, "lambda must be > 0"),
+        ({"method": "rmm"}, "unknown method 'rmm'"),
+        ({"teacher": "runs/teacher/missing.pt"}, "model file 'runs/teacher/missing.pt' does not exist"),
+    ]
     digests = None
     for values, message in cases:
         _set(work, "rrm", **values)
-        run = subprocess.run([dvc, "repro", "distill_student@rrm"], cwd=work, env=env, capture_output=True,
-                             text=True)
+        run = subprocess.run([dvc, "repro", "distill_student@rrm"], cwd=work, env=env, capture_output=True, text=True)
         output = run.stdout + run.stderr
         assert run.returncode != 0, output
         errors = [line for line in output.splitlines() if line.startswith("Error: ")]
@@ -355,11 +437,16 @@ def test_dvc_repro_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "measured 2026-11-27 on the default pipeline (mnist5k, Linf eps 0.2, cnn-bn students, 3 epochs): the RRM student "
-    "reached 1.8% APGD against SAT's 83.8% (natural 14.4%, KD 19.8%, RDT 0.0%) while matching the teacher's "
-    "features (transfer attack 75.6%); plain RRM does not transfer robustness on this data (README, issue 8). "
-    "strict: if it ever passes, the README's statement is out of date"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "measured 2026-11-27 on the default pipeline (mnist5k, Linf eps 0.2, cnn-bn students, 3 epochs): "
+        "the RRM student "
+        "reached 1.8% APGD against SAT's 83.8% (natural 14.4%, KD 19.8%, RDT 0.0%) while matching the teacher's "
+        "features (transfer attack 75.6%); plain RRM does not transfer robustness on this data (README, issue 8). "
+        "strict: if it ever passes, the README's statement is out of date"
+    ),
+)
 def test_default_pipeline_shows_the_papers_ordering(tmp_path: Path) -> None:
     """Issue 5's targets on the default (mnist5k) pipeline, as `rrm report` checks them: the RRM student reaches at
     least 80% of the SAT student's adversarial accuracy, 20 points above the natural, KD and RDT students, in at most
@@ -387,6 +474,7 @@ def test_variants_pipeline_smoke(tmp_path: Path) -> None:
     assert report["rrm"]["total_minutes_with_teacher"] > report["rrm"]["total_minutes"]  # the teacher's share
     assert "| rrm-teacher-pgd | rrm | cnn-bn | 1 |" in (out / "table.md").read_text()
     assert (work / "metrics" / "variants" / "eps0.1" / "seed0" / "sat.json").is_file()
-    second = subprocess.run([dvc, "repro", "pipelines/variants/dvc.yaml"], cwd=work, env=env, check=True,
-                            capture_output=True, text=True)
+    second = subprocess.run(
+        [dvc, "repro", "pipelines/variants/dvc.yaml"], cwd=work, env=env, check=True, capture_output=True, text=True
+    )
     assert "Running stage" not in second.stdout

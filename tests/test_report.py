@@ -28,9 +28,20 @@ def _write(root: Path, name: str, values: tuple, model: str) -> None:
     epochs, mean, ci, total, natural, attacks = values
     train_dir = root / "runs" / ("teacher" if name == "teacher" else f"students/{name}")
     train_dir.mkdir(parents=True, exist_ok=True)
-    (train_dir / "train_metrics.json").write_text(json.dumps({
-        "epochs": epochs, "epoch_seconds_mean": mean, "epoch_seconds_ci95": ci, "total_seconds": total,
-        "total_minutes": total / 60, "test_accuracy": natural, "method": name, "model": model}))
+    (train_dir / "train_metrics.json").write_text(
+        json.dumps(
+            {
+                "epochs": epochs,
+                "epoch_seconds_mean": mean,
+                "epoch_seconds_ci95": ci,
+                "total_seconds": total,
+                "total_minutes": total / 60,
+                "test_accuracy": natural,
+                "method": name,
+                "model": model,
+            }
+        )
+    )
     eval_path = root / "metrics" / ("teacher.json" if name == "teacher" else f"students/{name}.json")
     eval_path.parent.mkdir(parents=True, exist_ok=True)
     eval_path.write_text(json.dumps({"natural_accuracy": natural, "adversarial_accuracy": attacks, "eps": 0.2}))
@@ -105,8 +116,9 @@ def test_missing_and_corrupt_inputs(layout: Path, tmp_path: Path) -> None:
 def test_cli_error_is_one_line(tmp_path: Path) -> None:
     from rrm.cli import main  # noqa: F401  (the root group turns RRMError into one line)
 
-    result = CliRunner().invoke(cli, ["report", "--root", str(tmp_path), "--out-dir", str(tmp_path / "o")],
-                                standalone_mode=True)
+    result = CliRunner().invoke(
+        cli, ["report", "--root", str(tmp_path), "--out-dir", str(tmp_path / "o")], standalone_mode=True
+    )
     assert result.exit_code != 0
     assert "no student runs" in result.output
 
@@ -127,8 +139,11 @@ def test_evaluations_are_checked_against_the_model_beside_them(layout: Path, tmp
     assert rows["rrm"]["evaluation_bound"] is True
     # Files without a digest (by hand, older rrm) are read, and the table says they were not checked.
     assert rows["kd"]["evaluation_bound"] is False and report["teacher"]["evaluation_bound"] is False
-    note = next(line for line in (tmp_path / "reports" / "table1.md").read_text().splitlines()
-                if line.startswith("Not checked against their model file"))
+    note = next(
+        line
+        for line in (tmp_path / "reports" / "table1.md").read_text().splitlines()
+        if line.startswith("Not checked against their model file")
+    )
     assert note.endswith(": teacher, natural, sat, kd; evaluate them again (dvc repro) to check them.")
     assert json.loads((tmp_path / "reports" / "report.json").read_text())["kd"]["evaluation_bound"] is False
 
@@ -156,14 +171,22 @@ def test_paper_claims_checked_against_the_rows(layout: Path, tmp_path: Path) -> 
     assert found["rrm training time <= 0.25 x sat's"]["measured"] == pytest.approx(24 / 120)
     assert "rrm adversarial >= rdt's + 20 points" not in found  # no rdt student: no claim about it
     assert all(c["met"] for c in report["claims"])
-    assert json.loads((tmp_path / "reports" / "report.json").read_text())["claims"][
-        "rrm training time <= 0.25 x sat's"]["met"] is True
+    assert (
+        json.loads((tmp_path / "reports" / "report.json").read_text())["claims"]["rrm training time <= 0.25 x sat's"][
+            "met"
+        ]
+        is True
+    )
 
     _write(layout, "rrm", (4, 10.0, 0.5, 40.0, 0.98, {"apgd": 0.10}), "cnn-bn")  # robustness did not transfer
     report = write_report(layout, tmp_path / "reports")
     met = {c["claim"]: c["met"] for c in report["claims"]}
-    assert met == {"rrm adversarial >= 80% of sat's": False, "rrm adversarial >= natural's + 20 points": False,
-                   "rrm adversarial >= kd's + 20 points": False, "rrm training time <= 0.25 x sat's": False}
+    assert met == {
+        "rrm adversarial >= 80% of sat's": False,
+        "rrm adversarial >= natural's + 20 points": False,
+        "rrm adversarial >= kd's + 20 points": False,
+        "rrm training time <= 0.25 x sat's": False,
+    }
     table = (tmp_path / "reports" / "table2.md").read_text()
     assert "**not met**: rrm adversarial >= 80% of sat's — measured 12.8% (10.0 vs 78.0)" in table
 
@@ -171,30 +194,59 @@ def test_paper_claims_checked_against_the_rows(layout: Path, tmp_path: Path) -> 
 # Issue 8's layout: runs/variants/eps0.3/seed<N>/<name>/, metrics/variants/eps0.3/seed<N>/<name>.json.
 # name: (method, {seed: (total seconds, natural, {attack: accuracy}, sanity passed)})
 SEEDED = {
-    "natural": ("natural", {0: (60, 0.99, {"apgd": 0.0, "transfer": 0.5}, True),
-                            1: (60, 0.97, {"apgd": 0.0, "transfer": 0.5}, True)}),
-    "sat": ("sat", {0: (600, 0.96, {"apgd": 0.80, "transfer": 0.9}, True),
-                    1: (480, 0.94, {"apgd": 0.76, "transfer": 0.9}, True)}),
+    "natural": (
+        "natural",
+        {0: (60, 0.99, {"apgd": 0.0, "transfer": 0.5}, True), 1: (60, 0.97, {"apgd": 0.0, "transfer": 0.5}, True)},
+    ),
+    "sat": (
+        "sat",
+        {0: (600, 0.96, {"apgd": 0.80, "transfer": 0.9}, True), 1: (480, 0.94, {"apgd": 0.76, "transfer": 0.9}, True)},
+    ),
     "rrm": ("rrm", {0: (120, 0.98, {"apgd": 0.10, "transfer": 0.7}, True), 1: (120, 0.98, {"apgd": 0.12}, True)}),
-    "rrm-teacher-pgd": ("rrm", {0: (150, 0.97, {"apgd": 0.66, "transfer": 0.85}, True),
-                                1: (180, 0.95, {"apgd": 0.62, "transfer": 0.85}, True)}),
-    "kd": ("kd", {0: (60, 0.98, {"apgd": 0.70, "transfer": 0.8}, False),  # robust-looking, but masked gradients
-                  1: (60, 0.98, {"apgd": 0.70, "transfer": 0.8}, True)}),
+    "rrm-teacher-pgd": (
+        "rrm",
+        {
+            0: (150, 0.97, {"apgd": 0.66, "transfer": 0.85}, True),
+            1: (180, 0.95, {"apgd": 0.62, "transfer": 0.85}, True),
+        },
+    ),
+    "kd": (
+        "kd",
+        {
+            0: (60, 0.98, {"apgd": 0.70, "transfer": 0.8}, False),  # robust-looking, but masked gradients
+            1: (60, 0.98, {"apgd": 0.70, "transfer": 0.8}, True),
+        },
+    ),
 }
 T_975_1 = 12.706204736174694  # Student's t, 97.5% quantile, 1 degree of freedom (two seeds)
-LAYOUT = {"students_dir": "runs/variants/eps0.3", "evaluations_dir": "metrics/variants/eps0.3",
-          "teacher_dir": "runs/variants/eps0.3/teacher", "teacher_evaluation": "metrics/variants/eps0.3/teacher.json"}
+LAYOUT = {
+    "students_dir": "runs/variants/eps0.3",
+    "evaluations_dir": "metrics/variants/eps0.3",
+    "teacher_dir": "runs/variants/eps0.3/teacher",
+    "teacher_evaluation": "metrics/variants/eps0.3/teacher.json",
+}
 
 
-def _write_run(train_dir: Path, eval_path: Path, method: str, total: float, natural: float, attacks: dict,
-               sanity: bool) -> None:
+def _write_run(
+    train_dir: Path, eval_path: Path, method: str, total: float, natural: float, attacks: dict, sanity: bool
+) -> None:
     train_dir.mkdir(parents=True, exist_ok=True)
-    (train_dir / "train_metrics.json").write_text(json.dumps({
-        "epochs": 5, "epoch_seconds_mean": total / 5, "epoch_seconds_ci95": 0.0, "total_seconds": total,
-        "method": method, "model": "cnn-bn"}))
+    (train_dir / "train_metrics.json").write_text(
+        json.dumps(
+            {
+                "epochs": 5,
+                "epoch_seconds_mean": total / 5,
+                "epoch_seconds_ci95": 0.0,
+                "total_seconds": total,
+                "method": method,
+                "model": "cnn-bn",
+            }
+        )
+    )
     eval_path.parent.mkdir(parents=True, exist_ok=True)
-    eval_path.write_text(json.dumps({"natural_accuracy": natural, "adversarial_accuracy": attacks,
-                                     "sanity_passed": sanity}))
+    eval_path.write_text(
+        json.dumps({"natural_accuracy": natural, "adversarial_accuracy": attacks, "sanity_passed": sanity})
+    )
 
 
 @pytest.fixture
@@ -202,10 +254,15 @@ def seeded(tmp_path: Path) -> Path:
     root = tmp_path / "study"
     for name, (method, seeds) in SEEDED.items():
         for seed, values in seeds.items():
-            _write_run(root / LAYOUT["students_dir"] / f"seed{seed}" / name,
-                       root / LAYOUT["evaluations_dir"] / f"seed{seed}" / f"{name}.json", method, *values)
-    _write_run(root / LAYOUT["teacher_dir"], root / LAYOUT["teacher_evaluation"], "sat", 900, 0.97,
-               {"apgd": 0.85}, True)
+            _write_run(
+                root / LAYOUT["students_dir"] / f"seed{seed}" / name,
+                root / LAYOUT["evaluations_dir"] / f"seed{seed}" / f"{name}.json",
+                method,
+                *values,
+            )
+    _write_run(
+        root / LAYOUT["teacher_dir"], root / LAYOUT["teacher_evaluation"], "sat", 900, 0.97, {"apgd": 0.85}, True
+    )
     return root
 
 
@@ -236,8 +293,10 @@ def test_seeds_are_averaged_with_their_ci(seeded: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["frontier.png", "report.json", "table.csv", "table.md"]
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "table.md").read_text()
-    assert (f"| rrm-teacher-pgd | rrm | cnn-bn | 2 | 96.0 ± {T_975_1:.1f} | 64.0 ± {T_975_1 * 2:.1f} | apgd | 85.0 ± "
-            f"0.0 | 2.75 ± {T_975_1 * 0.25:.2f} | 17.75 ± {T_975_1 * 0.25:.2f} | 82.1 | 0.31 | passed |") in md
+    assert (
+        f"| rrm-teacher-pgd | rrm | cnn-bn | 2 | 96.0 ± {T_975_1:.1f} | 64.0 ± {T_975_1 * 2:.1f} | apgd | 85.0 ± "
+        f"0.0 | 2.75 ± {T_975_1 * 0.25:.2f} | 17.75 ± {T_975_1 * 0.25:.2f} | 82.1 | 0.31 | passed |"
+    ) in md
     with (out / "table.csv").open() as f:
         table = {r["name"]: r for r in csv.DictReader(f)}
     assert float(table["sat"]["total_minutes_ci95"]) == pytest.approx(T_975_1)
@@ -247,8 +306,11 @@ def test_seeds_are_averaged_with_their_ci(seeded: Path, tmp_path: Path) -> None:
 def test_target_check_over_seeds(seeded: Path, tmp_path: Path) -> None:
     goal = write_report(seeded, tmp_path / "out", **LAYOUT)["target"]
     # sat: 78% in 9 min -> a cheap variant needs >= 62.4% in <= 3 min
-    assert goal["sat"] == {"adversarial_pct": pytest.approx(78.0), "total_minutes": pytest.approx(9.0),
-                           "sanity_passed": True}
+    assert goal["sat"] == {
+        "adversarial_pct": pytest.approx(78.0),
+        "total_minutes": pytest.approx(9.0),
+        "sanity_passed": True,
+    }
     assert goal["thresholds"] == {"adversarial_pct": pytest.approx(62.4), "total_minutes": pytest.approx(3.0)}
     assert set(goal["candidates"]) == {"kd", "rrm", "rrm-teacher-pgd"}  # the students that use the teacher
     assert goal["candidates"]["rrm"]["met"] is False  # 11% is too little
@@ -261,22 +323,33 @@ def test_target_check_over_seeds(seeded: Path, tmp_path: Path) -> None:
     assert goal["discriminating"] is True and "does not discriminate" not in (tmp_path / "out" / "table.md").read_text()
     natural = goal["natural_adversarial_pct"]
     assert natural == pytest.approx(0.0)  # both seeds of the natural student: 0% APGD
-    assert goal["candidates"]["rrm"]["over_natural_points"] == pytest.approx(goal["candidates"]["rrm"]["adversarial_pct"]
-                                                                            - natural)
+    assert goal["candidates"]["rrm"]["over_natural_points"] == pytest.approx(
+        goal["candidates"]["rrm"]["adversarial_pct"] - natural
+    )
     md = (tmp_path / "out" / "table.md").read_text()
-    assert (f"- met: rrm-teacher-pgd — 64.0% (82.1% of sat's, {64.0 - natural:+.1f} points over natural) in 2.75 min "
-            "(0.31 x sat's)") in md
-    assert (f"- **not met**: kd — 70.0% (89.7% of sat's, {70.0 - natural:+.1f} points over natural) in 1.00 min "
-            "(0.11 x sat's), checks FAILED") in md
+    assert (
+        f"- met: rrm-teacher-pgd — 64.0% (82.1% of sat's, {64.0 - natural:+.1f} points over natural) in 2.75 min "
+        "(0.31 x sat's)"
+    ) in md
+    assert (
+        f"- **not met**: kd — 70.0% (89.7% of sat's, {70.0 - natural:+.1f} points over natural) in 1.00 min "
+        "(0.11 x sat's), checks FAILED"
+    ) in md
     assert "Met by: rrm-teacher-pgd." in md
     # students without the teacher (sat excepted) are checked against the same bar: what to use instead
     assert set(goal["without_teacher"]) == {"natural"} and goal["met_without_teacher"] == []
     assert goal["without_teacher"]["natural"]["met"] is False
     assert "No student without the teacher clears the same bar either." in md
 
-    _write_run(seeded / LAYOUT["students_dir"] / "seed1" / "rrm-teacher-pgd",  # slower on seed 1: 4 min
-               seeded / LAYOUT["evaluations_dir"] / "seed1" / "rrm-teacher-pgd.json", "rrm", 240, 0.95,
-               {"apgd": 0.62, "transfer": 0.85}, True)
+    _write_run(
+        seeded / LAYOUT["students_dir"] / "seed1" / "rrm-teacher-pgd",  # slower on seed 1: 4 min
+        seeded / LAYOUT["evaluations_dir"] / "seed1" / "rrm-teacher-pgd.json",
+        "rrm",
+        240,
+        0.95,
+        {"apgd": 0.62, "transfer": 0.85},
+        True,
+    )
     goal = write_report(seeded, tmp_path / "out", **LAYOUT)["target"]
     assert goal["candidates"]["rrm-teacher-pgd"]["total_minutes"] == pytest.approx(3.25)
     assert goal["met_by"] == [] and goal["met"] is False
@@ -286,15 +359,23 @@ def test_target_check_over_seeds(seeded: Path, tmp_path: Path) -> None:
 def test_a_natural_student_that_clears_the_bar_makes_the_target_say_so(seeded: Path, tmp_path: Path) -> None:
     """MNIST at eps 0.1: natural training alone reached 88% of SAT's APGD accuracy, so "met" would mislead."""
     for seed in (0, 1):
-        _write_run(seeded / LAYOUT["students_dir"] / f"seed{seed}" / "natural",
-                   seeded / LAYOUT["evaluations_dir"] / f"seed{seed}" / "natural.json", "natural", 60, 0.99,
-                   {"apgd": 0.70, "transfer": 0.8}, True)
+        _write_run(
+            seeded / LAYOUT["students_dir"] / f"seed{seed}" / "natural",
+            seeded / LAYOUT["evaluations_dir"] / f"seed{seed}" / "natural.json",
+            "natural",
+            60,
+            0.99,
+            {"apgd": 0.70, "transfer": 0.8},
+            True,
+        )
     goal = write_report(seeded, tmp_path / "out", **LAYOUT)["target"]
     assert goal["natural_adversarial_pct"] == pytest.approx(70.0) and goal["discriminating"] is False
     assert goal["candidates"]["rrm-teacher-pgd"]["over_natural_points"] == pytest.approx(-6.0)
     md = (tmp_path / "out" / "table.md").read_text()
-    assert "**The target does not discriminate here**: the natural student, with no teacher and no attack, reaches " \
-           "70.0% >= 62.4%" in md
+    assert (
+        "**The target does not discriminate here**: the natural student, with no teacher and no attack, reaches "
+        "70.0% >= 62.4%" in md
+    )
     assert goal["met_without_teacher"] == ["natural"]
     assert "Without the teacher, the same bar is cleared by: natural (70.0% in 1.00 min, 0.11 x sat's)." in md
 

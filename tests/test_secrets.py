@@ -34,19 +34,24 @@ def assert_hidden(text: str, *secrets: str) -> None:
 
 
 @pytest.mark.parametrize("secret", SECRETS)
-@pytest.mark.parametrize(("form", "kept"), [
-    ("postgresql+psycopg://rrm:{}@db.example:5432/optuna", "rrm:***@db.example:5432/optuna"),
-    ("postgresql://:{}@db/o", "@db/o"),
-    ("mysql+pymysql://rrm:{}@db/mlflow?charset=utf8mb4", "@db/mlflow?charset=utf8mb4"),
-    ("http://user:{}@127.0.0.1:5000", "user:***@127.0.0.1:5000"),
-    ("https://user:{}@mlflow.example/prefix/", "@mlflow.example/prefix/"),
-    ("postgresql+psycopg://rrm@db:5432/optuna?password={}", "rrm@db:5432/optuna?password=***"),
-    ("postgresql+psycopg://rrm@db:5432/optuna?sslmode=require&password={}&application_name=rrm",
-     "?sslmode=require&password=***&application_name=rrm"),
-    ("postgresql+psycopg://rrm@db:5432/optuna?PASSWORD={}", "optuna?PASSWORD=***"),
-    ("cannot open the Optuna storage 'postgresql://rrm:{}@db/o': connection refused", "@db/o': connection refused"),
-    ("host=db user=rrm password={} dbname=optuna", "host=db user=rrm password=*** dbname=optuna"),
-])
+@pytest.mark.parametrize(
+    ("form", "kept"),
+    [
+        ("postgresql+psycopg://rrm:{}@db.example:5432/optuna", "rrm:***@db.example:5432/optuna"),
+        ("postgresql://:{}@db/o", "@db/o"),
+        ("mysql+pymysql://rrm:{}@db/mlflow?charset=utf8mb4", "@db/mlflow?charset=utf8mb4"),
+        ("http://user:{}@127.0.0.1:5000", "user:***@127.0.0.1:5000"),
+        ("https://user:{}@mlflow.example/prefix/", "@mlflow.example/prefix/"),
+        ("postgresql+psycopg://rrm@db:5432/optuna?password={}", "rrm@db:5432/optuna?password=***"),
+        (
+            "postgresql+psycopg://rrm@db:5432/optuna?sslmode=require&password={}&application_name=rrm",
+            "?sslmode=require&password=***&application_name=rrm",
+        ),
+        ("postgresql+psycopg://rrm@db:5432/optuna?PASSWORD={}", "optuna?PASSWORD=***"),
+        ("cannot open the Optuna storage 'postgresql://rrm:{}@db/o': connection refused", "@db/o': connection refused"),
+        ("host=db user=rrm password={} dbname=optuna", "host=db user=rrm password=*** dbname=optuna"),
+    ],
+)
 def test_every_url_form_loses_its_password_and_keeps_the_rest(form, kept, secret):
     masked = mask_url(form.format(secret))
     assert_hidden(masked.replace("***", ""), secret)
@@ -54,19 +59,31 @@ def test_every_url_form_loses_its_password_and_keeps_the_rest(form, kept, secret
     assert mask_url(masked) == masked, "masking twice changes nothing"
 
 
-@pytest.mark.parametrize(("url", "masked"), [
-    ("postgresql+psycopg://rrm:p/ss@db:5432/optuna", "postgresql+psycopg://rrm:***@db:5432/optuna"),
-    ("postgresql://rrm:p@ss@db/o?sslmode=require", "postgresql://rrm:***@db/o?sslmode=require"),
-    ("postgresql://rrm@db/o?password=x&sslmode=require", "postgresql://rrm@db/o?password=***&sslmode=require"),
-    ("http://user:p%2Fss@127.0.0.1:5000", "http://user:***@127.0.0.1:5000"),
-])
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("postgresql+psycopg://rrm:p/ss@db:5432/optuna", "postgresql+psycopg://rrm:***@db:5432/optuna"),
+        ("postgresql://rrm:p@ss@db/o?sslmode=require", "postgresql://rrm:***@db/o?sslmode=require"),
+        ("postgresql://rrm@db/o?password=x&sslmode=require", "postgresql://rrm@db/o?password=***&sslmode=require"),
+        ("http://user:p%2Fss@127.0.0.1:5000", "http://user:***@127.0.0.1:5000"),
+    ],
+)
 def test_masked_urls_read_as_expected(url, masked):
     assert mask_url(url) == masked
 
 
-@pytest.mark.parametrize("url", ["sqlite:///mlflow.db", "sqlite:////abs/path/o.db", "journal:runs/tune/study.log",
-                                 "http://127.0.0.1:5000", "postgresql+psycopg://rrm@db:5432/optuna",
-                                 "file:///tmp/mlruns", "runs/tune/study.log"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///mlflow.db",
+        "sqlite:////abs/path/o.db",
+        "journal:runs/tune/study.log",
+        "http://127.0.0.1:5000",
+        "postgresql+psycopg://rrm@db:5432/optuna",
+        "file:///tmp/mlruns",
+        "runs/tune/study.log",
+    ],
+)
 def test_urls_without_passwords_are_unchanged(url):
     assert mask_url(url) == url
 
@@ -79,8 +96,10 @@ def test_the_tune_storage_label_and_its_errors_are_masked():
         assert_hidden(storage_label(f"postgresql+psycopg://rrm:{secret}@db/optuna").replace("***", ""), secret)
     assert storage_label("postgresql://me:pw@db:5432/optuna") == "postgresql://me:***@db:5432/optuna"
     port = free_port()
-    for url in (f"postgresql+psycopg://rrm:p/ss@127.0.0.1:{port}/optuna",
-                f"postgresql+psycopg://rrm@127.0.0.1:{port}/optuna?password=s3cr%2Ft"):
+    for url in (
+        f"postgresql+psycopg://rrm:p/ss@127.0.0.1:{port}/optuna",
+        f"postgresql+psycopg://rrm@127.0.0.1:{port}/optuna?password=s3cr%2Ft",
+    ):
         with pytest.raises(RRMError) as caught:
             open_storage(url)
         assert_hidden(str(caught.value), "p/ss", "s3cr")
@@ -108,8 +127,12 @@ def test_the_study_tag_and_results_json_are_masked_even_given_a_raw_url(project)
     assert tags["rrm.study_storage"] == "postgresql+psycopg://rrm:***@db:5432/optuna?password=***"
     assert "rrm.pid" not in tags, "a study's parent run is shared by workers: no process of its own"
 
-    cfg = TuneConfig(study_name="s", n_trials=1, out_dir=str(project / "tune"),
-                     train=TrainConfig(dataset="digits", method="rrm", teacher="t.pt"))
+    cfg = TuneConfig(
+        study_name="s",
+        n_trials=1,
+        out_dir=str(project / "tune"),
+        train=TrainConfig(dataset="digits", method="rrm", teacher="t.pt"),
+    )
     study = optuna.create_study(directions=["maximize", "maximize"])
     result = summarise(study, cfg, [], raw, [], time.perf_counter())
     written = (project / "tune" / "results.json").read_text()
@@ -122,13 +145,38 @@ def test_tune_on_postgres_with_passwords_prints_tags_and_writes_none(postgres, d
     stdout, stderr, the MLflow runs and the study's files never hold either (trust authentication ignores them)."""
     from mlflow import MlflowClient
 
-    small = ["--dataset", "digits", "--model", "cnn", "--eps", "0.1", "--epochs", "1", "--lr", "0.05",
-             "--attack-examples", "32", "--attack-steps", "2", "--test-examples", "32", "--test-steps", "2",
-             "--best-trials", "1", "--n-trials", "1", "--teacher", digits_teacher.model_path]
+    small = [
+        "--dataset",
+        "digits",
+        "--model",
+        "cnn",
+        "--eps",
+        "0.1",
+        "--epochs",
+        "1",
+        "--lr",
+        "0.05",
+        "--attack-examples",
+        "32",
+        "--attack-steps",
+        "2",
+        "--test-examples",
+        "32",
+        "--test-steps",
+        "2",
+        "--best-trials",
+        "1",
+        "--n-trials",
+        "1",
+        "--teacher",
+        digits_teacher.model_path,
+    ]
     base = f"postgresql+psycopg://{postgres.user}"
     where = f"{postgres.host}:{postgres.port}/optuna"
-    for name, storage, secret in [("slash", f"{base}:p/ss%40w0rd@{where}", "w0rd"),  # SQLAlchemy needs @ encoded
-                                  ("query", f"{base}@{where}?password=qu3ry%2Fpw", "qu3ry")]:
+    for name, storage, secret in [
+        ("slash", f"{base}:p/ss%40w0rd@{where}", "w0rd"),  # SQLAlchemy needs @ encoded
+        ("query", f"{base}@{where}?password=qu3ry%2Fpw", "qu3ry"),
+    ]:
         result = rrm("tune", "--storage", storage, "--study-name", name, "--out-dir", f"tune-{name}", *small)
         assert result.exit_code == 0, result.output
         assert_hidden(result.output + result.stderr, secret)
@@ -149,8 +197,20 @@ def test_the_train_summary_and_run_record_mask_a_tracking_uri_password(project, 
     with mlflow_server(f"sqlite:///{root}/server.db", root) as url:
         secret_url = url.replace("http://", "http://user:p%2Fss@")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", secret_url)
-        result = rrm("train", "--dataset", "digits", "--model", "cnn", "--epochs", "1", "--monitor-examples", "0",
-                     "--no-progress", "--out-dir", "out")
+        result = rrm(
+            "train",
+            "--dataset",
+            "digits",
+            "--model",
+            "cnn",
+            "--epochs",
+            "1",
+            "--monitor-examples",
+            "0",
+            "--no-progress",
+            "--out-dir",
+            "out",
+        )
         assert result.exit_code == 0, result.output
         assert_hidden(result.output + result.stderr, "p%2Fss", "p/ss")
         assert f"({url.replace('http://', 'http://user:***@')})" in result.output
@@ -161,9 +221,14 @@ def test_the_train_summary_and_run_record_mask_a_tracking_uri_password(project, 
             assert_hidden(path.read_text(), "p%2Fss", "p/ss")
 
 
-@pytest.mark.parametrize("uri", ["http://user:p%2Fss@127.0.0.1:{port}",
-                                 "postgresql+psycopg://rrm:p/ss@127.0.0.1:{port}/mlflow",
-                                 "postgresql+psycopg://rrm@127.0.0.1:{port}/mlflow?password=p/ss"])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "http://user:p%2Fss@127.0.0.1:{port}",
+        "postgresql+psycopg://rrm:p/ss@127.0.0.1:{port}/mlflow",
+        "postgresql+psycopg://rrm@127.0.0.1:{port}/mlflow?password=p/ss",
+    ],
+)
 def test_cannot_reach_errors_mask_the_tracking_uri(monkeypatch, uri):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.format(port=free_port()))
     result = rrm("teacher", "list")

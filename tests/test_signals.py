@@ -26,8 +26,19 @@ from rrm.tracking.store import clean_stale_runs
 from rrm.train import TrainConfig, train
 
 # PGD training on digits: an epoch takes about a second, so a signal sent after the first one lands mid-training.
-LONG = ["--dataset", "digits", "--model", "cnn", "--method", "sat", "--eps", "0.1", "--monitor-examples", "0",
-        "--no-progress"]
+LONG = [
+    "--dataset",
+    "digits",
+    "--model",
+    "cnn",
+    "--method",
+    "sat",
+    "--eps",
+    "0.1",
+    "--monitor-examples",
+    "0",
+    "--no-progress",
+]
 QUICK = ["--dataset", "digits", "--model", "cnn", "--epochs", "1", "--monitor-examples", "0", "--no-progress"]
 
 
@@ -42,9 +53,14 @@ def rrm(*args: object):
 
 def start_training(project: Path, out_dir: str, *args: str, **env: str) -> subprocess.Popen:
     """`python -m rrm.cli train` in its own process, as a scheduler starts it."""
-    return subprocess.Popen([sys.executable, "-m", "rrm.cli", "train", *LONG, "--out-dir", out_dir, *args],
-                            cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=worker_env(**env))
+    return subprocess.Popen(
+        [sys.executable, "-m", "rrm.cli", "train", *LONG, "--out-dir", out_dir, *args],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=worker_env(**env),
+    )
 
 
 def wait_for_logged_epoch(proc: subprocess.Popen, database: Path, timeout: float = 300) -> None:
@@ -126,8 +142,10 @@ def test_runs_clean_leaves_live_and_foreign_runs_and_marks_runs_named_by_id(proj
     result = rrm("runs", "clean")
     assert result.exit_code == 0, result.output
     assert "marked 0 run(s) FAILED" in result.output
-    assert f"left run {foreign.info.run_id}: its process (pid 12345 on host elsewhere.example) cannot be checked" \
+    assert (
+        f"left run {foreign.info.run_id}: its process (pid 12345 on host elsewhere.example) cannot be checked"
         in result.output
+    )
     assert f"left run {mine.info.run_id}: its process" in result.output and "still running" in result.output
     for run in (mine, foreign, untagged):
         assert client.get_run(run.info.run_id).info.status == "RUNNING"
@@ -139,8 +157,15 @@ def test_runs_clean_leaves_live_and_foreign_runs_and_marks_runs_named_by_id(proj
 
 
 def test_resume_starts_a_new_run_after_a_finished_training_or_a_fresh_untracked_one(project):
-    cfg = TrainConfig(dataset="digits", model="cnn", method="natural", epochs=1, monitor_examples=0, progress=False,
-                      out_dir=str(project / "done"))
+    cfg = TrainConfig(
+        dataset="digits",
+        model="cnn",
+        method="natural",
+        epochs=1,
+        monitor_examples=0,
+        progress=False,
+        out_dir=str(project / "done"),
+    )
     with MlflowCallback(log_model=False) as first:
         train(cfg, callbacks=[first])
     assert json.loads((project / "done" / "mlflow_run.json").read_text())["run_id"] == first.run_id
@@ -180,8 +205,13 @@ def test_a_tracking_server_lost_mid_training_does_not_stop_it(project, tmp_path_
     assert server_store.get_run(run_id).info.status == "FAILED"
 
 
-@pytest.mark.parametrize("uri", ["postgresql+psycopg://rrm:p/ss@127.0.0.1:{port}/mlflow",
-                                 "postgresql+psycopg://rrm@127.0.0.1:{port}/mlflow?password=s3cr"])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "postgresql+psycopg://rrm:p/ss@127.0.0.1:{port}/mlflow",
+        "postgresql+psycopg://rrm@127.0.0.1:{port}/mlflow?password=s3cr",
+    ],
+)
 def test_a_database_store_that_is_down_fails_fast_with_one_line(monkeypatch, uri):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri.format(port=free_port()))
     started = time.monotonic()

@@ -45,7 +45,8 @@ def test_stages_are_the_pre_activation_maps():
     assert torch.allclose(stages["penultimate"], cnn.features(x))
     bn = cnn_bn.body[1]
     by_hand = (F.conv2d(z, cnn_bn.body[0].weight, padding=1) - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(
-        bn.running_var.view(1, -1, 1, 1) + bn.eps) * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+        bn.running_var.view(1, -1, 1, 1) + bn.eps
+    ) * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
     assert torch.allclose(cnn_bn.stages(x, ["stem"])["stem"], by_hand, atol=1e-5)
     assert _model("resnet8").stage_names == ("stem", "block1", "block2", "block3", "penultimate")
 
@@ -88,9 +89,20 @@ def test_adapters_map_shapes_and_stay_out_of_the_saved_model(tmp_path, digits, d
     assert stage_adapter((64,), (128,))(torch.rand(2, 64)).shape == (2, 128)
     with pytest.raises(RRMError, match="maps with maps"):
         stage_adapter((64,), (32, 4, 4))
-    cfg = TrainConfig(dataset="digits", model="resnet8", method="rrm", teacher=str(digits_teacher.model_path),
-                      lam=0.5, feature_dim=128, match_layers=("stem", "penultimate"), epochs=1, lr=0.05,
-                      monitor_examples=0, progress=False, out_dir=str(tmp_path))
+    cfg = TrainConfig(
+        dataset="digits",
+        model="resnet8",
+        method="rrm",
+        teacher=str(digits_teacher.model_path),
+        lam=0.5,
+        feature_dim=128,
+        match_layers=("stem", "penultimate"),
+        epochs=1,
+        lr=0.05,
+        monitor_examples=0,
+        progress=False,
+        out_dir=str(tmp_path),
+    )
     result = train(cfg, data=digits)
     assert "match_stem" in result.history[0]
     saved, _ = load_model(tmp_path / "model.pt")
@@ -111,21 +123,33 @@ def test_no_gradient_reaches_the_teacher():
     assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters(), strict=True))
 
 
-@pytest.mark.parametrize(("teacher_name", "student_name"), [("cnn", "cnn-bn"), ("cnn-bn", "cnn"), ("cnn", "cnn"),
-                                                            ("cnn-bn", "cnn-bn")])
+@pytest.mark.parametrize(
+    ("teacher_name", "student_name"), [("cnn", "cnn-bn"), ("cnn-bn", "cnn"), ("cnn", "cnn"), ("cnn-bn", "cnn-bn")]
+)
 def test_a_transplanted_stem_computes_the_teachers_pre_activations(teacher_name, student_name):
     teacher, student = _model(teacher_name, 0), _model(student_name, 1)
     transplant_stem(teacher, student)
     x = torch.rand(5, 1, 8, 8)
     assert torch.allclose(student.stages(x, ["stem"])["stem"], teacher.stages(x, ["stem"])["stem"], atol=1e-5)
     weight, bias = folded_stem(student)
-    assert torch.allclose(weight, folded_stem(teacher)[0], atol=1e-6) and torch.allclose(bias, folded_stem(teacher)[1],
-                                                                                          atol=1e-6)
+    assert torch.allclose(weight, folded_stem(teacher)[0], atol=1e-6) and torch.allclose(
+        bias, folded_stem(teacher)[1], atol=1e-6
+    )
 
 
 def test_a_frozen_transplanted_stem_is_bit_identical_after_training(tmp_path, digits, digits_teacher):
-    cfg = TrainConfig(dataset="digits", model="cnn-bn", method="natural", teacher=str(digits_teacher.model_path),
-                      transplant="stem", epochs=2, lr=0.05, monitor_examples=0, progress=False, out_dir=str(tmp_path))
+    cfg = TrainConfig(
+        dataset="digits",
+        model="cnn-bn",
+        method="natural",
+        teacher=str(digits_teacher.model_path),
+        transplant="stem",
+        epochs=2,
+        lr=0.05,
+        monitor_examples=0,
+        progress=False,
+        out_dir=str(tmp_path),
+    )
     result = train(cfg, data=digits)
     reference = build_model("cnn-bn", **digits.model_kwargs())
     transplant_stem(digits_teacher.model, reference)
@@ -137,9 +161,20 @@ def test_a_frozen_transplanted_stem_is_bit_identical_after_training(tmp_path, di
 
 
 def test_a_fine_tuned_transplant_trains_the_stem(tmp_path, digits, digits_teacher):
-    cfg = TrainConfig(dataset="digits", model="cnn", method="rrm", lam=0.5, teacher=str(digits_teacher.model_path),
-                      transplant="stem", transplant_frozen=False, epochs=1, lr=0.05, monitor_examples=0,
-                      progress=False, out_dir=str(tmp_path))
+    cfg = TrainConfig(
+        dataset="digits",
+        model="cnn",
+        method="rrm",
+        lam=0.5,
+        teacher=str(digits_teacher.model_path),
+        transplant="stem",
+        transplant_frozen=False,
+        epochs=1,
+        lr=0.05,
+        monitor_examples=0,
+        progress=False,
+        out_dir=str(tmp_path),
+    )
     result = train(cfg, data=digits)
     assert not torch.equal(result.model.body[0].weight.cpu(), digits_teacher.model.body[0].weight.cpu())
 
@@ -150,12 +185,12 @@ def test_threshold_statistics_of_a_hand_built_first_layer():
     with torch.no_grad():
         conv.weight.zero_()
         conv.bias.zero_()
-        conv.weight[0, 0, 1, 1] = 1.0   # one positive tap: silent under haze of 0.3 only with a margin of 0.3
-        conv.bias[0] = -0.5             # margin 0.5 >= haze gain 0.3: silent
-        conv.weight[1, 0] = 0.1         # nine taps of 0.1: haze gain 0.27, eps-gain 0.27
-        conv.bias[1] = -0.2             # margin 0.2 < 0.27: fires under haze
+        conv.weight[0, 0, 1, 1] = 1.0  # one positive tap: silent under haze of 0.3 only with a margin of 0.3
+        conv.bias[0] = -0.5  # margin 0.5 >= haze gain 0.3: silent
+        conv.weight[1, 0] = 0.1  # nine taps of 0.1: haze gain 0.27, eps-gain 0.27
+        conv.bias[1] = -0.2  # margin 0.2 < 0.27: fires under haze
         conv.weight[2, 0, 0, 0] = -1.0  # a negative tap: haze only lowers it
-        conv.bias[2] = 0.1              # margin -0.1: on for the background already, so not silent
+        conv.bias[2] = 0.1  # margin -0.1: on for the background already, so not silent
     stats = stem_thresholds(model, eps=0.3)
     f0, f1, f2 = stats["per_filter"][:3]
     assert (f0["margin"], f0["eps_gain"], f0["silent"]) == (pytest.approx(0.5), pytest.approx(0.3), True)
@@ -178,23 +213,43 @@ def test_layer_agreement_of_a_transplanted_student(digits, digits_teacher):
 
 def test_match_layers_parse_with_weights():
     assert parse_match_layers(["stem:0.5", "penultimate"]) == {"stem": 0.5, "penultimate": 1.0}
-    for bad, message in ((["stem:-1"], "must be a number >= 0"), (["stem:x"], "NAME or NAME:WEIGHT"),
-                         (["stem", "stem"], "listed twice"), ([], "at least one")):
+    for bad, message in (
+        (["stem:-1"], "must be a number >= 0"),
+        (["stem:x"], "NAME or NAME:WEIGHT"),
+        (["stem", "stem"], "listed twice"),
+        ([], "at least one"),
+    ):
         with pytest.raises(RRMError, match=message):
             parse_match_layers(bad)
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--method", "rrm", "--match-layers", "stem,nose"], "--match-layers names nose"),
-    (["--method", "rrm", "--match-layers", "stem:-0.5,penultimate"], "must be a number >= 0"),
-    (["--method", "natural", "--transplant", "stem", "--model", "resnet8"], "cannot transplant the teacher's stem"),
-    (["--method", "natural", "--transplant", "gills"], "unknown transplant 'gills'"),
-    (["--method", "sat", "--match-layers", "stem,penultimate"], "match_layers is an option of method 'rrm'"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "rrm", "--match-layers", "stem,nose"], "--match-layers names nose"),
+        (["--method", "rrm", "--match-layers", "stem:-0.5,penultimate"], "must be a number >= 0"),
+        (["--method", "natural", "--transplant", "stem", "--model", "resnet8"], "cannot transplant the teacher's stem"),
+        (["--method", "natural", "--transplant", "gills"], "unknown transplant 'gills'"),
+        (["--method", "sat", "--match-layers", "stem,penultimate"], "match_layers is an option of method 'rrm'"),
+    ],
+)
 def test_bad_combinations_fail_in_one_line_before_training(cli_project, digits_teacher, args, message):
-    result = CliRunner().invoke(rrm_cli.cli, ["train", "--dataset", "digits", "--teacher",
-                                              str(digits_teacher.model_path), "--epochs", "1", "--no-track",
-                                              "--out-dir", "out", *args])
+    result = CliRunner().invoke(
+        rrm_cli.cli,
+        [
+            "train",
+            "--dataset",
+            "digits",
+            "--teacher",
+            str(digits_teacher.model_path),
+            "--epochs",
+            "1",
+            "--no-track",
+            "--out-dir",
+            "out",
+            *args,
+        ],
+    )
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.stderr
@@ -202,9 +257,23 @@ def test_bad_combinations_fail_in_one_line_before_training(cli_project, digits_t
 
 
 def test_probe_through_the_command_line(cli_project, digits_teacher):
-    result = CliRunner().invoke(rrm_cli.cli, ["probe", str(digits_teacher.model_path), "--teacher",
-                                              str(digits_teacher.model_path), "--eps", "0.1", "--n-examples", "32",
-                                              "--steps", "3", "--out", "probe.json"])
+    result = CliRunner().invoke(
+        rrm_cli.cli,
+        [
+            "probe",
+            str(digits_teacher.model_path),
+            "--teacher",
+            str(digits_teacher.model_path),
+            "--eps",
+            "0.1",
+            "--n-examples",
+            "32",
+            "--steps",
+            "3",
+            "--out",
+            "probe.json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "filters silent under haze" in result.output and "penultimate  clean 1.000" in result.output
     assert (cli_project / "probe.json").is_file()

@@ -21,10 +21,41 @@ from rrm import cli as rrm_cli
 from rrm.io import sha256_file
 
 # As in test_tune: one epoch of a BatchNorm CNN student on digits, APGD on 64 validation images.
-SMALL = ["--dataset", "digits", "--model", "cnn-bn", "--eps", "0.1", "--epochs", "1", "--lr", "0.05",
-         "--attack-examples", "64", "--attack-steps", "5", "--test-examples", "64", "--test-steps", "5"]
-TINY_TRAIN = ["--dataset", "digits", "--model", "cnn", "--epochs", "1", "--lr", "0.05", "--monitor-examples", "0",
-              "--no-progress", "--experiment", "team"]
+SMALL = [
+    "--dataset",
+    "digits",
+    "--model",
+    "cnn-bn",
+    "--eps",
+    "0.1",
+    "--epochs",
+    "1",
+    "--lr",
+    "0.05",
+    "--attack-examples",
+    "64",
+    "--attack-steps",
+    "5",
+    "--test-examples",
+    "64",
+    "--test-steps",
+    "5",
+]
+TINY_TRAIN = [
+    "--dataset",
+    "digits",
+    "--model",
+    "cnn",
+    "--epochs",
+    "1",
+    "--lr",
+    "0.05",
+    "--monitor-examples",
+    "0",
+    "--no-progress",
+    "--experiment",
+    "team",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -55,15 +86,34 @@ def test_runs_and_teachers_live_in_the_team_server_on_postgres(team_server, post
     trained = rrm("train", "--method", "sat", "--eps", "0.1", *TINY_TRAIN, "--out-dir", "teacher")
     teacher_run = re.search(r"MLflow run ([0-9a-f]{32})", trained.output).group(1)
     evaluation = project / "eval_metrics.json"
-    evaluation.write_text(json.dumps({"natural_accuracy": 0.8, "adversarial_accuracy": {"apgd": 0.5}, "eps": 0.1,
-                                      "norm": "linf", "sanity_passed": True}))
+    evaluation.write_text(
+        json.dumps(
+            {
+                "natural_accuracy": 0.8,
+                "adversarial_accuracy": {"apgd": 0.5},
+                "eps": 0.1,
+                "norm": "linf",
+                "sanity_passed": True,
+            }
+        )
+    )
     # A hand-written evaluation names no model file: registering it takes --force.
     rrm("teacher", "register", "teacher/model.pt", "--evaluation", evaluation, "--name", "team-teacher", "--force")
     rrm("teacher", "promote", "1", "champion", "--name", "team-teacher")
     rrm("teacher", "pull", "models:/team-teacher@champion", "--out", "pulled.pt")
     assert sha256_file(project / "pulled.pt") == sha256_file(project / "teacher" / "model.pt")
-    student = rrm("train", "--method", "rrm", "--lambda", "0.5", "--teacher", "models:/team-teacher@champion",
-                  *TINY_TRAIN, "--out-dir", "student")
+    student = rrm(
+        "train",
+        "--method",
+        "rrm",
+        "--lambda",
+        "0.5",
+        "--teacher",
+        "models:/team-teacher@champion",
+        *TINY_TRAIN,
+        "--out-dir",
+        "student",
+    )
     student_run = re.search(r"MLflow run ([0-9a-f]{32})", student.output).group(1)
 
     from mlflow import MlflowClient
@@ -83,10 +133,28 @@ def test_runs_and_teachers_live_in_the_team_server_on_postgres(team_server, post
 
 def test_two_tune_workers_share_one_study_on_postgres(postgres, digits_teacher, project):
     storage = postgres.url("optuna")
-    command = [sys.executable, "-m", "rrm.cli", "tune", "--teacher", str(digits_teacher.model_path), *SMALL,
-               "--n-trials", "4", "--storage", storage, "--study-name", "team", "--no-track", "--best-trials", "1"]
-    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env())
-               for _ in range(2)]
+    command = [
+        sys.executable,
+        "-m",
+        "rrm.cli",
+        "tune",
+        "--teacher",
+        str(digits_teacher.model_path),
+        *SMALL,
+        "--n-trials",
+        "4",
+        "--storage",
+        storage,
+        "--study-name",
+        "team",
+        "--no-track",
+        "--best-trials",
+        "1",
+    ]
+    workers = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env())
+        for _ in range(2)
+    ]
     outputs = [w.communicate(timeout=300) for w in workers]
     for worker, (_, err) in zip(workers, outputs):
         assert worker.returncode == 0, err

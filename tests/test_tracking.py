@@ -28,8 +28,9 @@ DIGITS = dict(dataset="digits", model="cnn", epochs=1, monitor_examples=0, progr
 
 
 def _git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
-                          capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,8 +57,9 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher_run(store):
     """A tracked SAT teacher on digits (Linf eps 0.1, 2 epochs)."""
-    cfg = TrainConfig(**{**DIGITS, "epochs": 2, "monitor_examples": 100}, method="sat", eps=0.1,
-                      out_dir=str(store / "teacher"))
+    cfg = TrainConfig(
+        **{**DIGITS, "epochs": 2, "monitor_examples": 100}, method="sat", eps=0.1, out_dir=str(store / "teacher")
+    )
     with tracking.MlflowCallback(experiment="tests") as tracker:
         result = train(cfg, callbacks=[tracker])
     return tracker, result
@@ -72,10 +74,10 @@ def sat_file(store):
 
 def _evaluate(result) -> EvalResult:
     """`rrm evaluate` at a small budget: APGD and PGD on 100 test images (sanity checks have their own tests)."""
-    config = EvalConfig(norm="linf", eps=0.1, attacks=("apgd", "pgd"), n_examples=100, steps=10, restarts=1,
-                        pgd_steps=10, sanity=False)
-    return evaluate(result.model.cpu().float().eval(), result.data, config,
-                    model_sha256=sha256_file(result.model_path))
+    config = EvalConfig(
+        norm="linf", eps=0.1, attacks=("apgd", "pgd"), n_examples=100, steps=10, restarts=1, pgd_steps=10, sanity=False
+    )
+    return evaluate(result.model.cpu().float().eval(), result.data, config, model_sha256=sha256_file(result.model_path))
 
 
 def test_training_run_reads_back(teacher_run, store):
@@ -137,11 +139,17 @@ def test_register_promote_pull_then_train_student(teacher_run, store, monkeypatc
     version = tracking.register_teacher(tracker.run_id, force=True)
     assert "sanity checks did not run" in version.tags["forced"]
     assert "**Registered with --force**, overriding: its gradient-masking sanity checks did not run" in (
-        version.description)
+        version.description
+    )
     assert version.uri == "models:/rrm-teacher/1"
     tags = version.tags
     assert (tags["architecture"], tags["feature_dim"], tags["method"], tags["norm"], tags["eps"]) == (
-        "cnn", "128", "sat", "linf", "0.1")
+        "cnn",
+        "128",
+        "sat",
+        "linf",
+        "0.1",
+    )
     assert (tags["dataset"], tags["dataset_digest"]) == ("digits", result.data.digest)
     worst = min(metrics.adversarial_accuracy, key=metrics.adversarial_accuracy.get)
     assert float(tags["adversarial_accuracy"]) == metrics.adversarial_accuracy[worst]
@@ -166,8 +174,9 @@ def test_register_promote_pull_then_train_student(teacher_run, store, monkeypatc
     assert torch.allclose(registered.head(registered.features(x)), registered(x))
 
     # The trainer takes the loaded teacher; the URI in the config is what the run records.
-    student_cfg = TrainConfig(**DIGITS, method="rrm", lam=0.5, teacher="models:/rrm-teacher@champion",
-                              out_dir=str(store / "student"))
+    student_cfg = TrainConfig(
+        **DIGITS, method="rrm", lam=0.5, teacher="models:/rrm-teacher@champion", out_dir=str(store / "student")
+    )
     with tracking.MlflowCallback(experiment="tests") as student:
         trained = train(student_cfg, teacher=tracking.load_registered_model(student_cfg.teacher), callbacks=[student])
     run = client.get_run(student.run_id)
@@ -180,19 +189,68 @@ def test_register_promote_pull_then_train_student(teacher_run, store, monkeypatc
 
     # The command line resolves the URI before training, tracked or not.
     undo_cli_settings(monkeypatch)
-    result = CliRunner().invoke(rrm_cli.cli, ["train", "--method", "rrm", "--lambda", "0.5", "--teacher",
-                                              "models:/rrm-teacher@champion", "--dataset", "digits", "--model", "cnn",
-                                              "--epochs", "1", "--monitor-examples", "0", "--no-progress",
-                                              "--no-track", "--out-dir", str(store / "cli-student")])
+    result = CliRunner().invoke(
+        rrm_cli.cli,
+        [
+            "train",
+            "--method",
+            "rrm",
+            "--lambda",
+            "0.5",
+            "--teacher",
+            "models:/rrm-teacher@champion",
+            "--dataset",
+            "digits",
+            "--model",
+            "cnn",
+            "--epochs",
+            "1",
+            "--monitor-examples",
+            "0",
+            "--no-progress",
+            "--no-track",
+            "--out-dir",
+            str(store / "cli-student"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert load_model(store / "cli-student" / "model.pt")[1]["teacher"] == "models:/rrm-teacher@champion"
     # So does tuning: one trial of one epoch, scored by APGD on 32 images.
-    result = CliRunner().invoke(rrm_cli.cli, ["tune", "--method", "rrm", "--teacher", "models:/rrm-teacher@champion",
-                                              "--dataset", "digits", "--model", "cnn-bn", "--eps", "0.1", "--epochs",
-                                              "1", "--n-trials", "1", "--attack-examples", "32", "--attack-steps",
-                                              "2", "--best-trials", "1", "--test-examples", "32", "--test-steps", "2",
-                                              "--storage", f"sqlite:///{store}/optuna.db", "--out-dir",
-                                              str(store / "tune"), "--no-track"])
+    result = CliRunner().invoke(
+        rrm_cli.cli,
+        [
+            "tune",
+            "--method",
+            "rrm",
+            "--teacher",
+            "models:/rrm-teacher@champion",
+            "--dataset",
+            "digits",
+            "--model",
+            "cnn-bn",
+            "--eps",
+            "0.1",
+            "--epochs",
+            "1",
+            "--n-trials",
+            "1",
+            "--attack-examples",
+            "32",
+            "--attack-steps",
+            "2",
+            "--best-trials",
+            "1",
+            "--test-examples",
+            "32",
+            "--test-steps",
+            "2",
+            "--storage",
+            f"sqlite:///{store}/optuna.db",
+            "--out-dir",
+            str(store / "tune"),
+            "--no-track",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "1/1 finished trials" in result.output
 
@@ -231,8 +289,9 @@ def test_failed_registration_leaves_no_version(sat_file, monkeypatch):
 
     monkeypatch.setattr(MlflowClient, "create_model_version", create_then_fail)
     with pytest.raises(RRMError, match="the store went away"):  # forced: the evaluation names no model file
-        tracking.register_teacher(sat_file, "half", evaluation={"natural_accuracy": 0.9, "adversarial_accuracy": 0.5},
-                                  force=True)
+        tracking.register_teacher(
+            sat_file, "half", evaluation={"natural_accuracy": 0.9, "adversarial_accuracy": 0.5}, force=True
+        )
     client = MlflowClient()
     assert client.search_model_versions("name = 'half'") == []
     assert client.search_registered_models("name = 'half'") == []
@@ -259,8 +318,9 @@ def test_bad_references_are_one_line_errors(teacher_run):
     # A version registered by plain MLflow is no rrm teacher: loading and promoting it are refused.
     client = MlflowClient()
     client.create_registered_model("plain")
-    client.create_model_version("plain", source=f"models:/{tracker.model_id}", run_id=tracker.run_id,
-                                model_id=tracker.model_id)
+    client.create_model_version(
+        "plain", source=f"models:/{tracker.model_id}", run_id=tracker.run_id, model_id=tracker.model_id
+    )
     with pytest.raises(RRMError, match="not an rrm teacher"):
         tracking.load_registered_model("models:/plain/1")
     with pytest.raises(RRMError, match="not an rrm teacher"):
@@ -307,7 +367,7 @@ def test_training_on_a_prepared_file_records_the_file_as_input(store):
     from rrm.data import prepare_dataset
 
     path = store / "digits.safetensors"
-    data, digest = prepare_dataset("digits", path)
+    _data, digest = prepare_dataset("digits", path)
     cfg = TrainConfig(**{**DIGITS, "dataset": str(path)}, method="natural", out_dir=str(store / "from-file"))
     # An experiment of its own: MLflow keeps one dataset record per (name, digest) and experiment.
     with tracking.MlflowCallback(experiment="tests-file") as tracker:
@@ -328,10 +388,21 @@ def server(tmp_path, monkeypatch):
 def test_register_and_pull_through_a_server(server, sat_file, tmp_path):
     model, meta = load_model(sat_file)
     evaluation = tmp_path / "eval_metrics.json"
-    evaluation.write_text(json.dumps({"natural_accuracy": 0.8, "adversarial_accuracy": {"apgd": 0.5}, "eps": 0.1,
-                                      "norm": "linf", "sanity_passed": True, "model_sha256": sha256_file(sat_file),
-                                      "model_spec": spec_record(model.spec), "dataset_digest": meta["dataset_digest"],
-                                      "split": "test"}))
+    evaluation.write_text(
+        json.dumps(
+            {
+                "natural_accuracy": 0.8,
+                "adversarial_accuracy": {"apgd": 0.5},
+                "eps": 0.1,
+                "norm": "linf",
+                "sanity_passed": True,
+                "model_sha256": sha256_file(sat_file),
+                "model_spec": spec_record(model.spec),
+                "dataset_digest": meta["dataset_digest"],
+                "split": "test",
+            }
+        )
+    )
     version = tracking.register_teacher(sat_file, evaluation=evaluation)
     assert version.uri == "models:/rrm-teacher/1" and version.tags["adversarial_accuracy"] == "0.5"
     assert "sanity checks passed" in version.description
@@ -341,8 +412,9 @@ def test_register_and_pull_through_a_server(server, sat_file, tmp_path):
     teacher = tracking.load_registered_model("models:/rrm-teacher@champion")
     assert teacher.features(torch.rand(2, 1, 8, 8)).shape == (2, 128)
     client = MlflowClient()
-    evaluations = client.search_runs([client.get_run(version.run_id).info.experiment_id],
-                                     "tags.`rrm.kind` = 'evaluate'")
+    evaluations = client.search_runs(
+        [client.get_run(version.run_id).info.experiment_id], "tags.`rrm.kind` = 'evaluate'"
+    )
     assert [r.data.tags["rrm.train_run_id"] for r in evaluations] == [version.run_id]
     assert list((tmp_path / "artifacts").rglob("MLmodel")), "artifacts go through the server to its destination"
 

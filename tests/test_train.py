@@ -14,8 +14,16 @@ from rrm.train.trainer import lr_factor
 
 
 def _cfg(tmp_path, **kw):
-    base = dict(dataset="digits", model="cnn", epochs=2, lr=0.05, eps=0.1, monitor_examples=64, progress=False,
-                out_dir=str(tmp_path))
+    base = dict(
+        dataset="digits",
+        model="cnn",
+        epochs=2,
+        lr=0.05,
+        eps=0.1,
+        monitor_examples=64,
+        progress=False,
+        out_dir=str(tmp_path),
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -39,7 +47,7 @@ def test_every_method_trains_and_writes_its_files(tmp_path, method, digits, digi
     for name in ("model.pt", "checkpoint.pt", "train_metrics.json"):
         assert (tmp_path / name).is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    model, meta = load_model(tmp_path / "model.pt")
+    _model, meta = load_model(tmp_path / "model.pt")
     assert meta["method"] == method and meta["dataset_digest"] == result.data.digest
     summary = json.loads((tmp_path / "train_metrics.json").read_text())
     assert summary["epoch_seconds_mean"] > 0 and 0 <= summary["test_accuracy"] <= 1
@@ -79,30 +87,33 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, digits, method)
 
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, digits):
     train(_cfg(tmp_path, epochs=1), data=digits)
-    with pytest.raises(RRMError, match="other settings.*lr"):
+    with pytest.raises(RRMError, match=r"other settings.*lr"):
         train(_cfg(tmp_path, epochs=2, lr=0.2, resume=True), data=digits)
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_no_final_model(tmp_path, digits):
-    with pytest.raises(RRMError, match="loss became nan.*lower --lr"):
+    with pytest.raises(RRMError, match=r"loss became nan.*lower --lr"):
         train(_cfg(tmp_path, lr=1e30, momentum=0.0, epochs=3, monitor_examples=0), data=digits)
     assert not (tmp_path / "model.pt").exists()
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(method="magic"), "unknown method"),
-    (dict(dataset="imagenet22k"), "unknown dataset"),
-    (dict(model="transformer"), "unknown model"),
-    (dict(method="rrm", lam=0.0, teacher="t.pt"), "lambda must be > 0"),
-    (dict(method="rrm", lam=-1.0, teacher="t.pt"), "lambda must be > 0"),
-    (dict(eps=-0.1), "eps must be >= 0"),
-    (dict(eps=3.0), "exceeds the"),
-    (dict(norm="l1"), "unknown norm"),
-    (dict(method="rrm"), "needs a teacher"),
-    (dict(method="kd", teacher="missing.pt"), "does not exist"),
-    (dict(method="rdt"), "not robustified|is not"),
-    (dict(schedule="exponential"), "unknown schedule"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(method="magic"), "unknown method"),
+        (dict(dataset="imagenet22k"), "unknown dataset"),
+        (dict(model="transformer"), "unknown model"),
+        (dict(method="rrm", lam=0.0, teacher="t.pt"), "lambda must be > 0"),
+        (dict(method="rrm", lam=-1.0, teacher="t.pt"), "lambda must be > 0"),
+        (dict(eps=-0.1), "eps must be >= 0"),
+        (dict(eps=3.0), "exceeds the"),
+        (dict(norm="l1"), "unknown norm"),
+        (dict(method="rrm"), "needs a teacher"),
+        (dict(method="kd", teacher="missing.pt"), "does not exist"),
+        (dict(method="rdt"), "not robustified|is not"),
+        (dict(schedule="exponential"), "unknown schedule"),
+    ],
+)
 def test_bad_input_raises_one_line_errors(tmp_path, kw, match):
     with pytest.raises(RRMError, match=match) as info:
         train(_cfg(tmp_path / "run", **kw))

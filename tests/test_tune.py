@@ -25,9 +25,28 @@ from rrm.tune import TuneConfig, parse_range, storage_label
 
 ROOT = Path(__file__).resolve().parents[1]
 # One epoch of a BatchNorm CNN student on digits, scored by APGD on 64 validation images: about a second a trial.
-SMALL = ["--dataset", "digits", "--model", "cnn-bn", "--eps", "0.1", "--epochs", "1", "--lr", "0.05",
-         "--attack-examples", "64", "--attack-steps", "5", "--test-examples", "64", "--test-steps", "5",
-         "--best-trials", "2"]
+SMALL = [
+    "--dataset",
+    "digits",
+    "--model",
+    "cnn-bn",
+    "--eps",
+    "0.1",
+    "--epochs",
+    "1",
+    "--lr",
+    "0.05",
+    "--attack-examples",
+    "64",
+    "--attack-steps",
+    "5",
+    "--test-examples",
+    "64",
+    "--test-steps",
+    "5",
+    "--best-trials",
+    "2",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -41,8 +60,17 @@ def teacher(tmp_path_factory) -> str:
     from rrm.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("tune-teacher")
-    cfg = TrainConfig(dataset="digits", model="cnn", method="sat", epochs=2, lr=0.05, eps=0.1, monitor_examples=0,
-                      progress=False, out_dir=str(out))
+    cfg = TrainConfig(
+        dataset="digits",
+        model="cnn",
+        method="sat",
+        epochs=2,
+        lr=0.05,
+        eps=0.1,
+        monitor_examples=0,
+        progress=False,
+        out_dir=str(out),
+    )
     return str(train(cfg).model_path)
 
 
@@ -93,8 +121,13 @@ def test_small_study_records_every_trial_as_a_child_run_and_writes_the_plots(pro
     for name in ("pareto_front.png", "lambda_vs_accuracy.png", "optimization_history.png"):
         _png(out / name)
     logged = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"pareto_front.png", "lambda_vs_accuracy.png", "optimization_history.png", "results.json",
-            "trials.csv"} <= logged
+    assert {
+        "pareto_front.png",
+        "lambda_vs_accuracy.png",
+        "optimization_history.png",
+        "results.json",
+        "trials.csv",
+    } <= logged
     results = json.loads((out / "results.json").read_text())
     assert results["trials"]["complete"] == 3 and results["finished_trials"] == 3
     assert results["best"], "the Pareto front is never empty"
@@ -111,8 +144,7 @@ def test_small_study_records_every_trial_as_a_child_run_and_writes_the_plots(pro
     assert len(parents) == 1 and len(children) == 3
 
 
-def test_under_mlflow_run_the_projects_run_is_the_parent_and_trials_join_its_experiment(project, teacher,
-                                                                                          monkeypatch):
+def test_under_mlflow_run_the_projects_run_is_the_parent_and_trials_join_its_experiment(project, teacher, monkeypatch):
     """`mlflow run . -e tune` starts the project's run (in the Default experiment unless told otherwise) and passes
     MLFLOW_RUN_ID; the trials must sit in that run's experiment, or `mlflow ui` cannot nest them under it."""
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
@@ -127,13 +159,31 @@ def test_under_mlflow_run_the_projects_run_is_the_parent_and_trials_join_its_exp
 
 def test_pruned_trials_are_recorded_as_pruned(project, teacher):
     # Threshold 1.0: any APGD accuracy below 100% after an epoch stops the trial, so every trial is pruned.
-    result = rrm("tune", "--method", "kd", "--teacher", teacher, *SMALL, "--epochs", "3", "--n-trials", "2",
-                 "--mode", "constrained", "--pruner", "threshold", "--prune-below", "1.0", "--study-name", "p")
+    result = rrm(
+        "tune",
+        "--method",
+        "kd",
+        "--teacher",
+        teacher,
+        *SMALL,
+        "--epochs",
+        "3",
+        "--n-trials",
+        "2",
+        "--mode",
+        "constrained",
+        "--pruner",
+        "threshold",
+        "--prune-below",
+        "1.0",
+        "--study-name",
+        "p",
+    )
     assert result.exit_code == 0, result.output
     study = optuna.load_study(study_name="p", storage=f"sqlite:///{project}/optuna.db")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
     assert all(t.last_step == 1 and set(t.params) == {"temperature", "alpha"} for t in study.trials)
-    client, parents, children = _runs(project)
+    client, _parents, children = _runs(project)
     assert len(children) == 2
     for child in children:
         assert child.info.status == "KILLED" and child.data.tags["optuna.state"] == "PRUNED"
@@ -145,22 +195,25 @@ def test_pruned_trials_are_recorded_as_pruned(project, teacher):
     _png(project / "runs" / "tune" / "p" / "temperature_vs_accuracy.png")
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--method", "bogus"], "unknown tuning method 'bogus'"),
-    (["--mode", "both"], "unknown tuning mode 'both'"),
-    (["--range", "lambda=1,1e-5"], "range of lambda [1, 1e-05] is inverted"),
-    (["--range", "lambda=0.1,0.1"], "range of lambda [0.1, 0.1] is empty"),
-    (["--range", "lambda=0,1"], "log scale and must be > 0"),
-    (["--range", "lambda=1e-3"], "a range is LOW,HIGH"),
-    (["--range", "temperature=1,50"], "unknown parameter to tune for 'rrm' 'temperature'"),
-    (["--method", "kd", "--range", "alpha=0,2"], "alpha must be in [0, 1]"),
-    (["--knobs", "momentum"], "unknown parameter to tune"),
-    (["--pruner", "median"], "needs --mode constrained"),
-    (["--mode", "constrained", "--pruner", "sometimes"], "unknown pruner 'sometimes'"),
-    (["--n-trials", "0"], "n_trials must be >= 1"),
-    (["--storage", "somewhere"], "is not a URL"),
-    (["--storage", "notadb://x"], "unknown database kind 'notadb'"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "bogus"], "unknown tuning method 'bogus'"),
+        (["--mode", "both"], "unknown tuning mode 'both'"),
+        (["--range", "lambda=1,1e-5"], "range of lambda [1, 1e-05] is inverted"),
+        (["--range", "lambda=0.1,0.1"], "range of lambda [0.1, 0.1] is empty"),
+        (["--range", "lambda=0,1"], "log scale and must be > 0"),
+        (["--range", "lambda=1e-3"], "a range is LOW,HIGH"),
+        (["--range", "temperature=1,50"], "unknown parameter to tune for 'rrm' 'temperature'"),
+        (["--method", "kd", "--range", "alpha=0,2"], "alpha must be in [0, 1]"),
+        (["--knobs", "momentum"], "unknown parameter to tune"),
+        (["--pruner", "median"], "needs --mode constrained"),
+        (["--mode", "constrained", "--pruner", "sometimes"], "unknown pruner 'sometimes'"),
+        (["--n-trials", "0"], "n_trials must be >= 1"),
+        (["--storage", "somewhere"], "is not a URL"),
+        (["--storage", "notadb://x"], "unknown database kind 'notadb'"),
+    ],
+)
 def test_bad_input_fails_before_any_trial(project, teacher, args, message):
     result = rrm("tune", "--teacher", teacher, *SMALL, "--n-trials", "2", *args)
     assert result.exit_code == 1, result.output
@@ -182,7 +235,7 @@ def test_missing_teacher_and_unreachable_postgres_fail_fast(project, teacher):
     assert result.exit_code == 1, result.output
     line = result.stderr.strip()
     # Without a PostgreSQL driver installed the fix is to install one; with one, the server is down.
-    assert ("pip install psycopg" in line or "cannot open the Optuna storage" in line), line
+    assert "pip install psycopg" in line or "cannot open the Optuna storage" in line, line
     assert "secret" not in line and line.count("\n") == 0
     assert not (project / "mlflow.db").exists() and not (project / "runs").exists()
 
@@ -198,12 +251,30 @@ def test_a_study_made_with_other_settings_is_refused(project, teacher):
 
 def test_two_workers_share_one_journal_study(project, teacher):
     journal = project / "study.log"
-    command = [sys.executable, "-m", "rrm.cli", "tune", "--teacher", teacher, *SMALL, "--n-trials", "6",
-               "--storage", f"journal:{journal}", "--study-name", "shared", "--no-track", "--best-trials", "1"]
-    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=worker_env()) for _ in range(2)]
+    command = [
+        sys.executable,
+        "-m",
+        "rrm.cli",
+        "tune",
+        "--teacher",
+        teacher,
+        *SMALL,
+        "--n-trials",
+        "6",
+        "--storage",
+        f"journal:{journal}",
+        "--study-name",
+        "shared",
+        "--no-track",
+        "--best-trials",
+        "1",
+    ]
+    workers = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env())
+        for _ in range(2)
+    ]
     outputs = [w.communicate(timeout=300) for w in workers]
-    for worker, (out, err) in zip(workers, outputs):
+    for worker, (_out, err) in zip(workers, outputs):
         assert worker.returncode == 0, err
     ran = [int(re.search(r"\((\d+) run now", out).group(1)) for out, _ in outputs]
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
@@ -222,14 +293,30 @@ def _trial_states(db: Path) -> list[tuple[str, int]]:
     """(state, number of parameters) per trial, read-only: optuna.load_study would create the tables the worker is
     creating at that moment, and the two may collide."""
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
-        return con.execute("SELECT t.state, COUNT(p.param_id) FROM trials t "
-                           "LEFT JOIN trial_params p ON p.trial_id = t.trial_id GROUP BY t.trial_id").fetchall()
+        return con.execute(
+            "SELECT t.state, COUNT(p.param_id) FROM trials t "
+            "LEFT JOIN trial_params p ON p.trial_id = t.trial_id GROUP BY t.trial_id"
+        ).fetchall()
 
 
 def test_an_interrupted_study_resumes_instead_of_starting_over(project, teacher):
     url = f"sqlite:///{project}/optuna.db"
-    command = [sys.executable, "-m", "rrm.cli", "tune", "--teacher", teacher, *SMALL, "--epochs", "2",
-               "--n-trials", "50", "--study-name", "r", "--no-track"]
+    command = [
+        sys.executable,
+        "-m",
+        "rrm.cli",
+        "tune",
+        "--teacher",
+        teacher,
+        *SMALL,
+        "--epochs",
+        "2",
+        "--n-trials",
+        "50",
+        "--study-name",
+        "r",
+        "--no-track",
+    ]
     log = project / "worker.log"
     with log.open("w") as err:
         worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env=worker_env())
@@ -248,16 +335,26 @@ def test_an_interrupted_study_resumes_instead_of_starting_over(project, teacher)
         worker.kill()
         worker.wait()
     reached = sum(s == "COMPLETE" for s, _ in states) >= 2 and any(s == "RUNNING" for s, _ in states)
-    assert reached, f"the worker never got to its third trial: {states}\n" \
-        + log.read_text()[-3000:]
+    assert reached, f"the worker never got to its third trial: {states}\n" + log.read_text()[-3000:]
     before = {t.number: t for t in optuna.load_study(study_name="r", storage=url).trials}
     kept = {n: t.params for n, t in before.items() if t.state == optuna.trial.TrialState.COMPLETE}
     zombies = [n for n, t in before.items() if t.state == optuna.trial.TrialState.RUNNING]
     assert zombies
 
     target = len(kept) + 2
-    result = rrm("tune", "--teacher", teacher, *SMALL, "--epochs", "2", "--n-trials", str(target),
-                 "--study-name", "r", "--no-track")
+    result = rrm(
+        "tune",
+        "--teacher",
+        teacher,
+        *SMALL,
+        "--epochs",
+        "2",
+        "--n-trials",
+        str(target),
+        "--study-name",
+        "r",
+        "--no-track",
+    )
     assert result.exit_code == 0, result.output
     assert f"{target}/{target} finished trials (2 run now" in result.output
     after = optuna.load_study(study_name="r", storage=url).trials
@@ -282,12 +379,14 @@ def test_ranges_labels_and_settings():
 
 
 def test_only_rrm_tune_imports_optuna_and_the_training_core_imports_neither():
-    importers = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "rrm").rglob("*.py")
-                       if re.search(r"^\s*(import|from) optuna", p.read_text(), re.M))
+    importers = sorted(
+        p.relative_to(ROOT).as_posix()
+        for p in (ROOT / "rrm").rglob("*.py")
+        if re.search(r"^\s*(import|from) optuna", p.read_text(), re.M)
+    )
     assert importers and all(p.startswith("rrm/tune/") for p in importers), importers
     script = "import sys, rrm.train, rrm.cli; assert not {'optuna', 'mlflow'} & set(sys.modules), sys.modules.keys()"
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=worker_env(),
-                          timeout=120)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=worker_env(), timeout=120)
     assert done.returncode == 0, done.stderr
 
 

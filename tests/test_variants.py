@@ -129,15 +129,19 @@ def test_matched_inputs_by_hand():
     assert _method(match_inputs="teacher-pgd", attack_steps=5).step_size == pytest.approx(0.05)  # 2.5 * eps / 5
 
 
-@pytest.mark.parametrize("kw", [
-    dict(),
-    dict(feature_loss="direction-norm", kd_weight=0.5),
-    dict(feature_loss="l2", iga_weight=2.0),
-    dict(match_inputs="noise", feature_loss="direction-norm"),
-    dict(match_inputs="teacher-fgsm", kd_weight=0.5, iga_weight=2.0),
-    dict(match_inputs="teacher-pgd", feature_loss="l2", kd_weight=1.0),
-    dict(match_inputs="teacher-pgd", feature_loss="direction-norm", kd_weight=0.5, iga_weight=2.0),
-], ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "paper")
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(feature_loss="direction-norm", kd_weight=0.5),
+        dict(feature_loss="l2", iga_weight=2.0),
+        dict(match_inputs="noise", feature_loss="direction-norm"),
+        dict(match_inputs="teacher-fgsm", kd_weight=0.5, iga_weight=2.0),
+        dict(match_inputs="teacher-pgd", feature_loss="l2", kd_weight=1.0),
+        dict(match_inputs="teacher-pgd", feature_loss="direction-norm", kd_weight=0.5, iga_weight=2.0),
+    ],
+    ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "paper",
+)
 def test_every_term_matches_a_hand_computation(kw):
     method = _method(**kw)
     student = _linear_classifier(W_S, H_S).train()
@@ -147,8 +151,9 @@ def test_every_term_matches_a_hand_computation(kw):
     torch.manual_seed(0)  # the same random start or noise inside the loss
     terms = method.loss(student, x, y)
     expected = _hand_terms(rows, Y * (len(rows) // 2), 2, method.cfg)
-    used = {"loss", "ce", "representation"} | {name for name, weight in [("kd", method.cfg.kd_weight),
-                                                                           ("alignment", method.cfg.iga_weight)] if weight}
+    used = {"loss", "ce", "representation"} | {
+        name for name, weight in [("kd", method.cfg.kd_weight), ("alignment", method.cfg.iga_weight)] if weight
+    }
     assert set(terms) == used | {"logits"}
     for name in used:
         assert terms[name].item() == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
@@ -186,8 +191,7 @@ def test_teacher_gets_no_gradient_even_if_left_trainable(digits, teacher_file):
     teacher.eval()
     assert all(p.requires_grad for p in teacher.parameters())
     student = build_model("cnn-bn", **digits.model_kwargs(), feature_dim=teacher.feature_dim)
-    cfg = TrainConfig(method="rrm", eps=0.2, match_inputs="teacher-pgd", attack_steps=2, kd_weight=1.0,
-                      iga_weight=1.0)
+    cfg = TrainConfig(method="rrm", eps=0.2, match_inputs="teacher-pgd", attack_steps=2, kd_weight=1.0, iga_weight=1.0)
     method = RRM(cfg, teacher)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01)
 
@@ -203,15 +207,31 @@ def test_teacher_gets_no_gradient_even_if_left_trainable(digits, teacher_file):
     assert not teacher.training
 
 
-@pytest.mark.parametrize("kw", [
-    dict(match_inputs="clean", feature_loss="direction-norm", kd_weight=0.5),
-    dict(match_inputs="noise", iga_weight=1.0),
-    dict(match_inputs="teacher-fgsm", feature_loss="l2"),
-    dict(match_inputs="teacher-pgd", attack_steps=3, feature_loss="direction-norm", kd_weight=0.5, iga_weight=1.0),
-], ids=lambda kw: kw["match_inputs"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(match_inputs="clean", feature_loss="direction-norm", kd_weight=0.5),
+        dict(match_inputs="noise", iga_weight=1.0),
+        dict(match_inputs="teacher-fgsm", feature_loss="l2"),
+        dict(match_inputs="teacher-pgd", attack_steps=3, feature_loss="direction-norm", kd_weight=0.5, iga_weight=1.0),
+    ],
+    ids=lambda kw: kw["match_inputs"],
+)
 def test_every_variant_trains_one_epoch_on_digits(tmp_path, digits, teacher_file, kw):
-    cfg = TrainConfig(dataset="digits", model="cnn-bn", method="rrm", teacher=teacher_file, eps=0.1, lam=0.5,
-                      lr=0.05, epochs=1, monitor_examples=0, progress=False, out_dir=str(tmp_path), **kw)
+    cfg = TrainConfig(
+        dataset="digits",
+        model="cnn-bn",
+        method="rrm",
+        teacher=teacher_file,
+        eps=0.1,
+        lam=0.5,
+        lr=0.05,
+        epochs=1,
+        monitor_examples=0,
+        progress=False,
+        out_dir=str(tmp_path),
+        **kw,
+    )
     result = train(cfg, data=digits)
     metrics = result.history[0]
     assert {"loss", "ce", "representation"} <= set(metrics) and all(math.isfinite(v) for v in metrics.values())
@@ -222,8 +242,18 @@ def test_every_variant_trains_one_epoch_on_digits(tmp_path, digits, teacher_file
 
 
 def test_checkpoint_from_before_the_variants_resumes(tmp_path, digits, teacher_file):
-    cfg = TrainConfig(dataset="digits", model="cnn-bn", method="rrm", teacher=teacher_file, lam=0.05, lr=0.05,
-                      epochs=1, monitor_examples=0, progress=False, out_dir=str(tmp_path))
+    cfg = TrainConfig(
+        dataset="digits",
+        model="cnn-bn",
+        method="rrm",
+        teacher=teacher_file,
+        lam=0.05,
+        lr=0.05,
+        epochs=1,
+        monitor_examples=0,
+        progress=False,
+        out_dir=str(tmp_path),
+    )
     train(cfg, data=digits)
     state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     for key in ("match_inputs", "kd_weight", "iga_weight"):
@@ -252,25 +282,35 @@ def test_a_study_from_before_the_variants_resumes(tmp_path):
 
 # ------------------------------------------------------------------------------------------------------ errors
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(method="rrm", match_inputs="adversarial"), "unknown match inputs 'adversarial'; choose one of: clean,"),
-    (dict(method="rrm", feature_loss="norm"), "choose one of: cosine, direction-norm, l2"),
-    (dict(method="rrm", kd_weight=-0.1), "kd_weight must be a number >= 0"),
-    (dict(method="rrm", iga_weight=float("nan")), "iga_weight must be a number >= 0"),
-    (dict(method="kd", match_inputs="noise"), "match_inputs is an option of method 'rrm', not 'kd'; use --method rrm"),
-    (dict(method="sat", kd_weight=1.0, iga_weight=1.0), "kd_weight, iga_weight are options of method 'rrm'"),
-])
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(method="rrm", match_inputs="adversarial"), "unknown match inputs 'adversarial'; choose one of: clean,"),
+        (dict(method="rrm", feature_loss="norm"), "choose one of: cosine, direction-norm, l2"),
+        (dict(method="rrm", kd_weight=-0.1), "kd_weight must be a number >= 0"),
+        (dict(method="rrm", iga_weight=float("nan")), "iga_weight must be a number >= 0"),
+        (
+            dict(method="kd", match_inputs="noise"),
+            "match_inputs is an option of method 'rrm', not 'kd'; use --method rrm",
+        ),
+        (dict(method="sat", kd_weight=1.0, iga_weight=1.0), "kd_weight, iga_weight are options of method 'rrm'"),
+    ],
+)
 def test_bad_values_raise_errors_that_name_the_fix(kw, match):
     with pytest.raises(RRMError, match=match):
         TrainConfig(**kw).validate()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--match-inputs", "bogus"], "unknown match inputs 'bogus'"),
-    (["--kd-weight", "-1"], "kd_weight must be a number >= 0"),
-    (["--iga-weight", "-2"], "iga_weight must be a number >= 0"),
-    (["--method", "kd", "--match-inputs", "teacher-pgd"], "use --method rrm"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--match-inputs", "bogus"], "unknown match inputs 'bogus'"),
+        (["--kd-weight", "-1"], "kd_weight must be a number >= 0"),
+        (["--iga-weight", "-2"], "iga_weight must be a number >= 0"),
+        (["--method", "kd", "--match-inputs", "teacher-pgd"], "use --method rrm"),
+    ],
+)
 def test_cli_errors_are_one_line(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(rrm_cli.cli, ["train", "--method", "rrm", *args, "--no-track"])
@@ -281,10 +321,38 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, args, message):
 
 def test_cli_trains_a_variant(tmp_path, monkeypatch, teacher_file):
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(rrm_cli.cli, [
-        "train", "--method", "rrm", "--teacher", teacher_file, "--dataset", "digits", "--model", "cnn", "--epochs",
-        "1", "--eps", "0.1", "--match-inputs", "teacher-fgsm", "--feature-loss", "direction-norm", "--kd-weight",
-        "0.5", "--iga-weight", "0.5", "--monitor-examples", "0", "--no-progress", "--out-dir", "run", "--no-track"])
+    result = CliRunner().invoke(
+        rrm_cli.cli,
+        [
+            "train",
+            "--method",
+            "rrm",
+            "--teacher",
+            teacher_file,
+            "--dataset",
+            "digits",
+            "--model",
+            "cnn",
+            "--epochs",
+            "1",
+            "--eps",
+            "0.1",
+            "--match-inputs",
+            "teacher-fgsm",
+            "--feature-loss",
+            "direction-norm",
+            "--kd-weight",
+            "0.5",
+            "--iga-weight",
+            "0.5",
+            "--monitor-examples",
+            "0",
+            "--no-progress",
+            "--out-dir",
+            "run",
+            "--no-track",
+        ],
+    )
     assert result.exit_code == 0, result.output
     _, meta = load_model(tmp_path / "run" / "model.pt")
     assert (meta["config"]["match_inputs"], meta["config"]["feature_loss"]) == ("teacher-fgsm", "direction-norm")

@@ -98,10 +98,20 @@ def _apgd_restart(
     out, out_loss, out_fooled = x_0.clone(), loss.clone(), fooled.clone()
     n = len(x)
     s = _Run(
-        idx=torch.arange(n, device=x.device), x=x, y=y, x_k=x_0, x_prev=x_0, grad=grad, loss=loss,
+        idx=torch.arange(n, device=x.device),
+        x=x,
+        y=y,
+        x_k=x_0,
+        x_prev=x_0,
+        grad=grad,
+        loss=loss,
         eta=torch.full((n,) + (1,) * (x.ndim - 1), 2 * eps, device=x.device, dtype=x.dtype),
-        best_x=x_0, best_grad=grad, best_loss=loss, increases=torch.zeros(n, device=x.device),
-        reduced_last=torch.zeros(n, dtype=torch.bool, device=x.device), best_at_check=loss,
+        best_x=x_0,
+        best_grad=grad,
+        best_loss=loss,
+        increases=torch.zeros(n, device=x.device),
+        reduced_last=torch.zeros(n, dtype=torch.bool, device=x.device),
+        best_at_check=loss,
     ).keep(~fooled)
     checks = set(checkpoints(steps)[1:])
     last_check = 0
@@ -239,12 +249,22 @@ def art_apgd(
 
     device = next(model.parameters()).device
     classifier = PyTorchClassifier(
-        model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]), nb_classes=num_classes,
-        clip_values=(0.0, 1.0), device_type="gpu" if device.type == "cuda" else "cpu",
+        model=model,
+        loss=nn.CrossEntropyLoss(),
+        input_shape=tuple(x.shape[1:]),
+        nb_classes=num_classes,
+        clip_values=(0.0, 1.0),
+        device_type="gpu" if device.type == "cuda" else "cpu",
     )
     attack = AutoProjectedGradientDescent(
-        classifier, norm=np.inf if norm == "linf" else 2, eps=eps, eps_step=2 * eps, max_iter=steps,
-        nb_random_init=restarts, batch_size=batch_size, verbose=False,
+        classifier,
+        norm=np.inf if norm == "linf" else 2,
+        eps=eps,
+        eps_step=2 * eps,
+        max_iter=steps,
+        nb_random_init=restarts,
+        batch_size=batch_size,
+        verbose=False,
     )
     state = np.random.get_state()
     try:

@@ -74,8 +74,11 @@ def components_of(version: str, components: tuple[str, ...] = ()) -> tuple[str, 
     if version == "custom":
         require(bool(components), "AutoAttack version 'custom' needs its components, e.g. apgd-ce,square")
         return tuple(components)
-    require(not components, f"AutoAttack components {list(components)} are for version 'custom'; version "
-                            f"{version!r} runs {', '.join(VERSIONS[version])}")
+    require(
+        not components,
+        f"AutoAttack components {list(components)} are for version 'custom'; version "
+        f"{version!r} runs {', '.join(VERSIONS[version])}",
+    )
     return VERSIONS[version]
 
 
@@ -115,8 +118,18 @@ class AutoAttack:
     The model must be in eval mode (see :func:`rrm.attacks.frozen`); images are in [0, 1].
     """
 
-    def __init__(self, model: nn.Module, *, norm: str, eps: float, num_classes: int, version: str = "standard",
-                 components: tuple[str, ...] = (), seed: int = 0, batch_size: int = 250):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        norm: str,
+        eps: float,
+        num_classes: int,
+        version: str = "standard",
+        components: tuple[str, ...] = (),
+        seed: int = 0,
+        batch_size: int = 250,
+    ):
         check_threat(norm, eps)
         self.components = components_of(version, tuple(components))
         require(num_classes >= 2, f"AutoAttack needs at least 2 classes, got {num_classes}")
@@ -124,8 +137,14 @@ class AutoAttack:
         self.model, self.norm, self.eps, self.version = model, norm, eps, version
         self.seed, self.batch_size = seed, batch_size
         device = next(model.parameters()).device
-        self._aa = _package()(model, norm=NORM_NAMES[norm], eps=eps, seed=seed, device=device,
-                              version="standard" if version == "custom" else version)
+        self._aa = _package()(
+            model,
+            norm=NORM_NAMES[norm],
+            eps=eps,
+            seed=seed,
+            device=device,
+            version="standard" if version == "custom" else version,
+        )
         targets = min(9, num_classes - 1)
         self._aa.apgd_targeted.n_target_classes = targets
         self._aa.fab.n_target_classes = targets
@@ -137,17 +156,30 @@ class AutoAttack:
         budgets = {
             "apgd-ce": {"n_iter": aa.apgd.n_iter, "n_restarts": aa.apgd.n_restarts, "eot_iter": aa.apgd.eot_iter},
             "apgd-dlr": {"n_iter": aa.apgd.n_iter, "n_restarts": aa.apgd.n_restarts, "eot_iter": aa.apgd.eot_iter},
-            "apgd-t": {"n_iter": aa.apgd_targeted.n_iter, "n_restarts": aa.apgd_targeted.n_restarts,
-                       "n_target_classes": aa.apgd_targeted.n_target_classes},
+            "apgd-t": {
+                "n_iter": aa.apgd_targeted.n_iter,
+                "n_restarts": aa.apgd_targeted.n_restarts,
+                "n_target_classes": aa.apgd_targeted.n_target_classes,
+            },
             "fab": {"n_iter": aa.fab.n_iter, "n_restarts": aa.fab.n_restarts},
             "fab-t": {"n_iter": aa.fab.n_iter, "n_restarts": 1, "n_target_classes": aa.fab.n_target_classes},
-            "square": {"n_queries": aa.square.n_queries, "p_init": aa.square.p_init,
-                       "n_restarts": aa.square.n_restarts},
+            "square": {
+                "n_queries": aa.square.n_queries,
+                "p_init": aa.square.p_init,
+                "n_restarts": aa.square.n_restarts,
+            },
         }
-        return {"package": "pyautoattack", "package_version": package_version(), "version": self.version,
-                "components": ",".join(self.components), "norm": NORM_NAMES[self.norm], "eps": self.eps,
-                "seed": self.seed, "batch_size": self.batch_size,
-                "budgets": {name: budgets[name] for name in self.components}}
+        return {
+            "package": "pyautoattack",
+            "package_version": package_version(),
+            "version": self.version,
+            "components": ",".join(self.components),
+            "norm": NORM_NAMES[self.norm],
+            "eps": self.eps,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "budgets": {name: budgets[name] for name in self.components},
+        }
 
     def _perturb(self, component: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One component on one batch, exactly as ``run_standard_evaluation`` dispatches it."""
@@ -171,8 +203,14 @@ class AutoAttack:
         """The adversarial images of one batch (the :data:`rrm.metrics.Attack` protocol; the seed is the attack's)."""
         return self.run(x, y).x_adv
 
-    def run(self, x: torch.Tensor, y: torch.Tensor, *, state_path: str | os.PathLike | None = None,
-            progress: bool | None = False) -> AutoAttackRun:
+    def run(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        state_path: str | os.PathLike | None = None,
+        progress: bool | None = False,
+    ) -> AutoAttackRun:
         """The cascade over ``(x, y)``; with ``state_path``, progress is saved there after every batch and a run
         with the same model, images and settings continues from it. The file is left in place: remove it once the
         result is stored."""
@@ -187,10 +225,19 @@ class AutoAttack:
             with torch.no_grad():
                 for idx in torch.arange(n, device=device).split(self.batch_size):
                     robust[idx] = self.model(x[idx]).argmax(1) == y[idx]
-            state = {"format": STATE_FORMAT, "key": key, "robust": robust.cpu().tolist(), "done": [], "current": None,
-                     "accuracy_after": {"clean": float(robust.float().mean()) if n else 0.0}, "seconds": {},
-                     "max_distance": 0.0, "min_pixel": float(x.min()) if n else 0.0,
-                     "max_pixel": float(x.max()) if n else 0.0, "finite": True}
+            state = {
+                "format": STATE_FORMAT,
+                "key": key,
+                "robust": robust.cpu().tolist(),
+                "done": [],
+                "current": None,
+                "accuracy_after": {"clean": float(robust.float().mean()) if n else 0.0},
+                "seconds": {},
+                "max_distance": 0.0,
+                "min_pixel": float(x.min()) if n else 0.0,
+                "max_pixel": float(x.max()) if n else 0.0,
+                "finite": True,
+            }
             _save_state(state_path, state)
         robust = torch.tensor(state["robust"], dtype=torch.bool, device=device)
         x_adv = x.clone()
@@ -199,12 +246,19 @@ class AutoAttack:
                 if component in state["done"]:
                     continue
                 if state["current"] is None or state["current"]["component"] != component:
-                    state["current"] = {"component": component, "indices": robust.nonzero().flatten().tolist(),
-                                        "batches_done": 0}
+                    state["current"] = {
+                        "component": component,
+                        "indices": robust.nonzero().flatten().tolist(),
+                        "batches_done": 0,
+                    }
                 plan = torch.tensor(state["current"]["indices"], dtype=torch.long, device=device)
                 batches = plan.split(self.batch_size)
-                bar = tqdm(batches[state["current"]["batches_done"]:], desc=f"autoattack: {component}", leave=False,
-                           disable=None if progress is None else not progress)
+                bar = tqdm(
+                    batches[state["current"]["batches_done"] :],
+                    desc=f"autoattack: {component}",
+                    leave=False,
+                    disable=None if progress is None else not progress,
+                )
                 for idx in bar:
                     start = time.perf_counter()
                     adv = self._perturb(component, x[idx].clone(), y[idx].clone()).detach().to(device)
@@ -221,10 +275,16 @@ class AutoAttack:
                 state["accuracy_after"][component] = float(robust.float().mean()) if n else 0.0
                 _save_state(state_path, state)
         return AutoAttackRun(
-            robust=robust, x_adv=x_adv, accuracy_after={k: state["accuracy_after"][k] for k in
-                                                        ("clean", *self.components)},
-            seconds={k: state["seconds"].get(k, 0.0) for k in self.components}, max_distance=state["max_distance"],
-            min_pixel=state["min_pixel"], max_pixel=state["max_pixel"], finite=state["finite"], resumed=resumed)
+            robust=robust,
+            x_adv=x_adv,
+            accuracy_after={k: state["accuracy_after"][k] for k in ("clean", *self.components)},
+            seconds={k: state["seconds"].get(k, 0.0) for k in self.components},
+            max_distance=state["max_distance"],
+            min_pixel=state["min_pixel"],
+            max_pixel=state["max_pixel"],
+            finite=state["finite"],
+            resumed=resumed,
+        )
 
 
 def _record_constraint(state: dict, x: torch.Tensor, x_adv: torch.Tensor, norm: str) -> None:
@@ -256,8 +316,9 @@ def _save_state(path: str | os.PathLike | None, state: dict) -> None:
         write_json(path, state)
 
 
-def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float, queries: int,
-           seed: int = 0) -> torch.Tensor:
+def square(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float, queries: int, seed: int = 0
+) -> torch.Tensor:
     """The Square attack (Andriushchenko et al. 2020; AutoAttack's black-box component, margin loss, one restart) with
     ``queries`` queries per image; returns the adversarial images (the clean image where none was found).
 
@@ -272,17 +333,41 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps
         return x.clone()
     from pyautoattack.square import SquareAttack
 
-    attack = SquareAttack(model, norm=NORM_NAMES[norm], n_queries=queries, eps=eps, p_init=SQUARE_P_INIT,
-                          n_restarts=1, seed=seed, verbose=False, resc_schedule=True, device=x.device)
+    attack = SquareAttack(
+        model,
+        norm=NORM_NAMES[norm],
+        n_queries=queries,
+        eps=eps,
+        p_init=SQUARE_P_INIT,
+        n_restarts=1,
+        seed=seed,
+        verbose=False,
+        resc_schedule=True,
+        device=x.device,
+    )
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
         return attack.perturb(x, y).detach()
 
 
 def settings_summary(run: AutoAttackRun, attack: AutoAttack) -> dict:
     """What the metrics JSON keeps of a run: the settings, the accuracy after each component, the times."""
-    return {**{k: v for k, v in attack.settings.items() if k != "budgets"}, "n_examples": len(run.robust),
-            "accuracy_after": dict(run.accuracy_after), "seconds": dict(run.seconds), "resumed": run.resumed}
+    return {
+        **{k: v for k, v in attack.settings.items() if k != "budgets"},
+        "n_examples": len(run.robust),
+        "accuracy_after": dict(run.accuracy_after),
+        "seconds": dict(run.seconds),
+        "resumed": run.resumed,
+    }
 
 
-__all__ = ["COMPONENTS", "NORM_NAMES", "VERSIONS", "AutoAttack", "AutoAttackRun", "components_of",
-           "package_version", "settings_summary", "square"]
+__all__ = [
+    "COMPONENTS",
+    "NORM_NAMES",
+    "VERSIONS",
+    "AutoAttack",
+    "AutoAttackRun",
+    "components_of",
+    "package_version",
+    "settings_summary",
+    "square",
+]

@@ -105,8 +105,17 @@ def fgsm(
     loss_fn: LossFn = _cross_entropy_sum,
 ) -> torch.Tensor:
     """Fast gradient sign method (one PGD step); Wong et al.'s variant uses ``random_start`` and step 1.25 * eps."""
-    return pgd(model, x, y, norm=norm, eps=eps, step_size=eps if step_size is None else step_size, steps=1,
-               random_start=random_start, loss_fn=loss_fn)
+    return pgd(
+        model,
+        x,
+        y,
+        norm=norm,
+        eps=eps,
+        step_size=eps if step_size is None else step_size,
+        steps=1,
+        random_start=random_start,
+        loss_fn=loss_fn,
+    )
 
 
 def n_fgsm(

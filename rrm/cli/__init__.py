@@ -84,8 +84,10 @@ class _OneLineErrors(_Group):
             with _sigterm_as_interrupt():
                 result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except (_Stopped, Terminated):
-            _fail("terminated by SIGTERM; a training keeps its last checkpoint (continue it with --resume)",
-                  128 + signal.SIGTERM)
+            _fail(
+                "terminated by SIGTERM; a training keeps its last checkpoint (continue it with --resume)",
+                128 + signal.SIGTERM,
+            )
         except RRMError as exc:
             _fail(str(exc), 1)
         except click.exceptions.NoArgsIsHelpError as exc:  # `rrm` or `rrm teacher` alone: the help is the answer
@@ -108,8 +110,11 @@ def _fail(message: str, code: int) -> typing.NoReturn:
     sys.exit(code)
 
 
-@cloup.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
-             show_subcommand_aliases=False)
+@cloup.group(
+    cls=_OneLineErrors,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
+    show_subcommand_aliases=False,
+)
 @click.version_option(package_name="rrm", message="%(prog)s %(version)s")
 def cli() -> None:
     """Robust Representation Matching: robust students from a robust teacher at about the cost of natural training.

@@ -50,8 +50,11 @@ class ListOf(click.ParamType):
         self.name = f"{click.types.convert_type(item).name.upper()},..."
 
     def convert(self, value, param, ctx):
-        items = list(value) if isinstance(value, (list, tuple)) else [
-            v for v in str(value).replace(" ", "").split(",") if v]
+        items = (
+            list(value)
+            if isinstance(value, (list, tuple))
+            else [v for v in str(value).replace(" ", "").split(",") if v]
+        )
         try:
             return tuple(self.item(v) for v in items)
         except (TypeError, ValueError):
@@ -91,8 +94,12 @@ class Spec:
     kind: str = ""  # what an unknown choice is called in the error ("feature loss")
 
 
-def config_options(specs: Mapping[str, Spec], *sources: type | tuple[type, Sequence[str]],
-                   unset_defaults: bool = False, extra: Mapping[str, list] | None = None) -> Callable:
+def config_options(
+    specs: Mapping[str, Spec],
+    *sources: type | tuple[type, Sequence[str]],
+    unset_defaults: bool = False,
+    extra: Mapping[str, list] | None = None,
+) -> Callable:
     """One option per field of each dataclass in ``sources`` (a class, or a class and the fields to take), placed in
     the groups of ``specs``.
 
@@ -105,8 +112,9 @@ def config_options(specs: Mapping[str, Spec], *sources: type | tuple[type, Seque
         hints = typing.get_type_hints(config)
         defaults = config()
         for name in fields if fields is not None else [f.name for f in dataclasses.fields(config)]:
-            grouped[specs[name].group].append(_option(name, specs[name], hints[name], getattr(defaults, name),
-                                                      unset_defaults))
+            grouped[specs[name].group].append(
+                _option(name, specs[name], hints[name], getattr(defaults, name), unset_defaults)
+            )
     for group, options in (extra or {}).items():
         grouped[group].extend(options)
 
@@ -129,8 +137,11 @@ def _option(name: str, spec: Spec, kind: object, default: object, unset_defaults
         help_text += " [default: none]"
     elif "[default:" not in help_text and (unset_defaults or is_tuple):
         help_text += f" [default: {','.join(map(str, default)) if is_tuple else default}]"
-    shown = dict(default=None if unset_defaults else default,
-                 show_default=not (unset_defaults or is_tuple) and default is not None, help=help_text)
+    shown = dict(
+        default=None if unset_defaults else default,
+        show_default=not (unset_defaults or is_tuple) and default is not None,
+        help=help_text,
+    )
     if kind is bool:
         return cloup.option(f"{flag}/--no-{flag[2:]}", name, **shown)
     if is_tuple:
@@ -144,9 +155,15 @@ def _option(name: str, spec: Spec, kind: object, default: object, unset_defaults
 
 def tracking_options(experiment_help: str, *, run_name: bool = False, default_experiment: str | None = "rrm"):
     """``--no-track``, ``--experiment`` (and ``--run-name``) in the tracking group."""
-    options = [cloup.option("--no-track", is_flag=True, help="Do not record the run in MLflow."),
-               cloup.option("--experiment", default=default_experiment, show_default=default_experiment is not None,
-                            help=experiment_help)]
+    options = [
+        cloup.option("--no-track", is_flag=True, help="Do not record the run in MLflow."),
+        cloup.option(
+            "--experiment",
+            default=default_experiment,
+            show_default=default_experiment is not None,
+            help=experiment_help,
+        ),
+    ]
     if run_name:
         options.append(cloup.option("--run-name", help="MLflow run name. [default: METHOD-MODEL-DATASET]"))
     return {"tracking": options}
@@ -201,9 +218,12 @@ def _expected(param: click.Parameter) -> str:
         return f"a list of {({int: 'integers', float: 'numbers'}).get(kind.item, 'texts')}"
     if isinstance(kind, OneOf):
         return f"one of {', '.join(kind.choices)}"
-    for kinds, text in ((click.types.IntParamType, "an integer"), (click.types.FloatParamType, "a number"),
-                        (click.types.BoolParamType, "true or false"),
-                        ((click.types.StringParamType, click.Path), "text")):
+    for kinds, text in (
+        (click.types.IntParamType, "an integer"),
+        (click.types.FloatParamType, "a number"),
+        (click.types.BoolParamType, "true or false"),
+        ((click.types.StringParamType, click.Path), "text"),
+    ):
         if isinstance(kind, kinds):
             return text
     return "a value"
@@ -222,8 +242,11 @@ def from_params(default_section: str) -> Callable:
                 for key, value in read_section(params_file, section).items():
                     name = KEY_ALIASES.get(str(key), str(key).replace("-", "_"))
                     if name not in by_name:
-                        raise unknown(f"key in section {section!r} of {str(params_file)!r}:", key,
-                                      [SPELLED.get(n, n) for n in by_name])
+                        raise unknown(
+                            f"key in section {section!r} of {str(params_file)!r}:",
+                            key,
+                            [SPELLED.get(n, n) for n in by_name],
+                        )
                     if ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None):
                         where = f"{key} in section {section!r} of {str(params_file)!r}"
                         kwargs[name] = _from_file(ctx, by_name[name], value, where)
@@ -231,10 +254,18 @@ def from_params(default_section: str) -> Callable:
 
         return cloup.option_group(
             "Params file options",
-            cloup.option("--params", "params_file", type=click.Path(dir_okay=False, path_type=Path),
-                         help="YAML params file (e.g. DVC's params.yaml) whose section gives the defaults."),
-            cloup.option("--section", default=default_section, show_default=True,
-                         help="Section of the params file to read (dotted for nested ones: students.rrm)."),
+            cloup.option(
+                "--params",
+                "params_file",
+                type=click.Path(dir_okay=False, path_type=Path),
+                help="YAML params file (e.g. DVC's params.yaml) whose section gives the defaults.",
+            ),
+            cloup.option(
+                "--section",
+                default=default_section,
+                show_default=True,
+                help="Section of the params file to read (dotted for nested ones: students.rrm).",
+            ),
         )(wrapper)
 
     return decorate

@@ -11,8 +11,9 @@ from rrm.cli import cli
 from rrm.cli.options import Spec, config_options, from_params
 
 PROBE = {
-    "teacher": Spec("model", "A teacher (file or registry URI) to compare with, stage by stage, on clean and attacked "
-                             "inputs."),
+    "teacher": Spec(
+        "model", "A teacher (file or registry URI) to compare with, stage by stage, on clean and attacked inputs."
+    ),
     "dataset": Spec("data", "Dataset name or prepared file. [default: the one the model was trained on]"),
     "norm": Spec("attack", "Threat model norm.", NORMS, "norm"),
     "eps": Spec("attack", "Threat model radius in [0, 1] pixel units."),
@@ -25,8 +26,9 @@ PROBE = {
 
 @cli.command()
 @from_params("probe")
-@cloup.argument("model", required=False, help="A model file or a registry URI; required, or `model:` in the params "
-                                              "section.")
+@cloup.argument(
+    "model", required=False, help="A model file or a registry URI; required, or `model:` in the params section."
+)
 @config_options(PROBE, (jobs.ProbeConfig, list(PROBE)))
 def probe(model: str | None, **options) -> None:
     """Where MODEL's robustness sits: its first-layer thresholds and, with --teacher, where it agrees with the teacher.
@@ -43,14 +45,18 @@ def probe(model: str | None, **options) -> None:
     rows = [("model", result["stem"])] + ([("teacher", result["teacher_stem"])] if "teacher_stem" in result else [])
     click.echo(f"first layer ({result['norm']}, eps {result['eps']}):")
     for who, stem in rows:
-        click.echo(f"  {who:8s} {stem['silent_fraction']:6.1%} of {stem['filters']} filters silent under haze; "
-                   f"median background margin {stem['median_background_margin']:.3f}, "
-                   f"median eps-gain {stem['median_eps_gain']:.3f}")
+        click.echo(
+            f"  {who:8s} {stem['silent_fraction']:6.1%} of {stem['filters']} filters silent under haze; "
+            f"median background margin {stem['median_background_margin']:.3f}, "
+            f"median eps-gain {stem['median_eps_gain']:.3f}"
+        )
     if "agreement" in result:
         a = result["agreement"]
-        click.echo(f"agreement with the teacher (mean cosine, {a['n_examples']} test images; attacked: APGD on the "
-                   f"model, which keeps {a['student_accuracy_on_attack']:.1%} and the teacher "
-                   f"{a['teacher_accuracy_on_attack']:.1%}):")
+        click.echo(
+            f"agreement with the teacher (mean cosine, {a['n_examples']} test images; attacked: APGD on the "
+            f"model, which keeps {a['student_accuracy_on_attack']:.1%} and the teacher "
+            f"{a['teacher_accuracy_on_attack']:.1%}):"
+        )
         for name, values in a["layers"].items():
             click.echo(f"  {name:12s} clean {values['clean']:.3f}  attacked {values['attacked']:.3f}")
         if a["skipped"]:

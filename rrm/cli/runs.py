@@ -15,9 +15,13 @@ def runs() -> None:
 
 
 @runs.command("clean")
-@cloup.argument("run_ids", nargs=-1, metavar="[RUN_ID]...",
-                help="Runs to mark FAILED wherever they ran (a host that is gone, say). [default: every run whose "
-                     "process on this host is gone]")
+@cloup.argument(
+    "run_ids",
+    nargs=-1,
+    metavar="[RUN_ID]...",
+    help="Runs to mark FAILED wherever they ran (a host that is gone, say). [default: every run whose "
+    "process on this host is gone]",
+)
 @click.option("--dry-run", is_flag=True, help="Only list what would be marked.")
 def runs_clean(run_ids: tuple[str, ...], dry_run: bool) -> None:
     """Mark FAILED, with the reason in tag rrm.error, the runs left RUNNING by processes that died.

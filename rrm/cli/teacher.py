@@ -19,16 +19,28 @@ def teacher() -> None:
 
 @teacher.command("register")
 @from_params("register")
-@cloup.argument("source", required=False, help="A training run id or a model file (required; or `source:` in the params section).")
+@cloup.argument(
+    "source", required=False, help="A training run id or a model file (required; or `source:` in the params section)."
+)
 @click.option("--name", default="rrm-teacher", show_default=True, help="Registered model name.")
-@click.option("--evaluation", type=click.Path(dir_okay=False, path_type=Path),
-              help="Metrics JSON from `rrm evaluate`. [default: the newest evaluation run of the training run]")
-@click.option("--force", is_flag=True,
-              help="Register despite a refusal (no adversarial training; no evaluation, or one of another model, "
-                   "dataset or threat model, or without passed masking checks); the card and the `forced` tag say "
-                   "what was overridden.")
-@click.option("--experiment", default="rrm", show_default=True,
-              help="Experiment for the import run of a model file that no tracked run produced.")
+@click.option(
+    "--evaluation",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Metrics JSON from `rrm evaluate`. [default: the newest evaluation run of the training run]",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Register despite a refusal (no adversarial training; no evaluation, or one of another model, "
+    "dataset or threat model, or without passed masking checks); the card and the `forced` tag say "
+    "what was overridden.",
+)
+@click.option(
+    "--experiment",
+    default="rrm",
+    show_default=True,
+    help="Experiment for the import run of a model file that no tracked run produced.",
+)
 def teacher_register(source: str | None, name: str, evaluation: Path | None, force: bool, experiment: str) -> None:
     """Register SOURCE (a training run id or a model.pt) as a new teacher version with a model card.
 
@@ -43,9 +55,11 @@ def teacher_register(source: str | None, name: str, evaluation: Path | None, for
     """
     jobs.require(source, "SOURCE (a run id or a model file)")
     version = jobs.tracking().register_teacher(source, name, evaluation=evaluation, force=force, experiment=experiment)
-    click.echo(f"registered {version.uri} (natural {version.tags['natural_accuracy']}, adversarial "
-               f"{version.tags['adversarial_accuracy']}); promote it with `rrm teacher promote {version.version} "
-               f"champion --name {name}`")
+    click.echo(
+        f"registered {version.uri} (natural {version.tags['natural_accuracy']}, adversarial "
+        f"{version.tags['adversarial_accuracy']}); promote it with `rrm teacher promote {version.version} "
+        f"champion --name {name}`"
+    )
     if "forced" in version.tags:
         click.echo(f"forced, overriding: {version.tags['forced']}")
 
@@ -64,8 +78,17 @@ def teacher_list(name: str | None) -> None:
     if not found:
         click.echo("no teachers registered; add one with `rrm teacher register`")
         return
-    columns = ("uri", "aliases", "method", "architecture", "norm", "eps", "natural_accuracy", "adversarial_accuracy",
-               "dataset")
+    columns = (
+        "uri",
+        "aliases",
+        "method",
+        "architecture",
+        "norm",
+        "eps",
+        "natural_accuracy",
+        "adversarial_accuracy",
+        "dataset",
+    )
     rows = [[t.uri, ",".join(t.aliases) or "-", *(_short(t.tags.get(c, "?")) for c in columns[2:])] for t in found]
     widths = [max(len(str(r[i])) for r in [list(columns), *rows]) for i in range(len(columns))]
     for row in [list(columns), *rows]:
@@ -112,8 +135,10 @@ def teacher_pull(uri: str | None, out: Path | None) -> None:
     jobs.require(uri, "URI (models:/NAME@ALIAS or models:/NAME/VERSION)")
     jobs.require(out, "--out")
     path, meta = jobs.tracking().pull_teacher(uri, out)
-    click.echo(f"wrote {path}: {meta.get('model')} trained with {meta.get('method')} on {meta.get('dataset')} "
-               f"({meta.get('norm')}, eps {meta.get('eps')})")
+    click.echo(
+        f"wrote {path}: {meta.get('model')} trained with {meta.get('method')} on {meta.get('dataset')} "
+        f"({meta.get('norm')}, eps {meta.get('eps')})"
+    )
 
 
 @teacher.command("promote")

@@ -36,11 +36,15 @@ def build_model(
     if num_classes < 2:
         raise RRMError(f"num_classes must be >= 2, got {num_classes}")
     if feature_dim is not None and feature_dim < 1:
-        raise RRMError(f"feature_dim must be a positive integer, got {feature_dim}; leave it unset to keep the penultimate size")
+        raise RRMError(
+            f"feature_dim must be a positive integer, got {feature_dim}; leave it unset to keep the penultimate size"
+        )
     if not (math.isfinite(width) and width > 0):
         raise RRMError(f"width must be a finite number > 0, got {width}; 1.0 is the architecture's own width")
     if width != 1.0 and name not in WIDTH_SCALABLE:
-        raise RRMError(f"model {name!r} has a fixed width; drop --width or choose one of {', '.join(sorted(WIDTH_SCALABLE))}")
+        raise RRMError(
+            f"model {name!r} has a fixed width; drop --width or choose one of {', '.join(sorted(WIDTH_SCALABLE))}"
+        )
     if image_size < 4:
         raise RRMError(f"image_size must be >= 4 pixels, got {image_size}")
     mean = tuple(mean) if mean is not None else (0.0,) * in_channels
@@ -49,8 +53,14 @@ def build_model(
         raise RRMError(f"mean and std need {in_channels} values (one per channel), got {len(mean)} and {len(std)}")
     body, penultimate_dim = ARCHITECTURES[name](in_channels, image_size, width)
     spec = dict(
-        name=name, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-        mean=list(mean), std=list(std), feature_dim=feature_dim, width=width,
+        name=name,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        image_size=image_size,
+        mean=list(mean),
+        std=list(std),
+        feature_dim=feature_dim,
+        width=width,
     )
     return Classifier(body, penultimate_dim, num_classes, mean, std, feature_dim=feature_dim, spec=spec)
 
@@ -68,8 +78,10 @@ def model_from_state(payload: dict, source: str = "checkpoint") -> Classifier:
         model = build_model(**payload["spec"])
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, RuntimeError) as exc:
-        raise RRMError(f"{source} does not hold an rrm model ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                       "pass a file written by `rrm train`") from None
+        raise RRMError(
+            f"{source} does not hold an rrm model ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "pass a file written by `rrm train`"
+        ) from None
     return model
 
 
@@ -81,8 +93,10 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
-        raise RRMError(f"model file {str(path)!r} is corrupt or not a torch file ({type(exc).__name__}); "
-                       "re-create it with `rrm train`") from None
+        raise RRMError(
+            f"model file {str(path)!r} is corrupt or not a torch file ({type(exc).__name__}); "
+            "re-create it with `rrm train`"
+        ) from None
     if not isinstance(payload, dict) or "spec" not in payload:
         raise RRMError(f"{str(path)!r} is not an rrm model file; pass a file written by `rrm train`")
     model = model_from_state(payload, source=repr(str(path)))

@@ -65,8 +65,10 @@ class Classifier(nn.Module):
         wanted = set(self.stage_names if names is None else names)
         unknown = wanted - set(self.stage_names)
         if unknown:
-            raise ValueError(f"unknown stage(s) {sorted(unknown)} of {self.spec.get('name', 'this model')}; "
-                             f"its stages: {', '.join(self.stage_names)}")
+            raise ValueError(
+                f"unknown stage(s) {sorted(unknown)} of {self.spec.get('name', 'this model')}; "
+                f"its stages: {', '.join(self.stage_names)}"
+            )
         at = {index: name for name, index in points.items() if name in wanted}
         out: dict[str, torch.Tensor] = {}
         h = self.normalize(x)
@@ -102,8 +104,9 @@ def _stage_points(body: nn.Module) -> list[tuple[str, int]]:
     layers = list(body)
     points = []
     for index, layer in enumerate(layers):
-        last_relu = index == len(layers) - 1 or not any(isinstance(m, nn.ReLU) or _is_residual(m)
-                                                        for m in layers[index + 1:])
+        last_relu = index == len(layers) - 1 or not any(
+            isinstance(m, nn.ReLU) or _is_residual(m) for m in layers[index + 1 :]
+        )
         if isinstance(layer, nn.ReLU) and index > 0 and not last_relu:
             points.append(index - 1)
         elif _is_residual(layer):

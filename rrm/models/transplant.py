@@ -21,8 +21,9 @@ def stem_layers(model: Classifier) -> tuple[nn.Conv2d, nn.BatchNorm2d | None]:
     """The first convolution of ``model`` and the BatchNorm that follows it, if any."""
     layers = list(model.body) if isinstance(model.body, nn.Sequential) else []
     if not layers or not isinstance(layers[0], nn.Conv2d):
-        raise RRMError(f"model {model.spec.get('name')!r} does not start with a convolution; its stem cannot be "
-                       "transplanted")
+        raise RRMError(
+            f"model {model.spec.get('name')!r} does not start with a convolution; its stem cannot be transplanted"
+        )
     bn = layers[1] if len(layers) > 1 and isinstance(layers[1], nn.BatchNorm2d) else None
     return layers[0], bn
 
@@ -40,8 +41,14 @@ def folded_stem(model: Classifier) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _shape(conv: nn.Conv2d) -> dict:
-    return {"channels": (conv.in_channels, conv.out_channels), "kernel": conv.kernel_size, "stride": conv.stride,
-            "padding": conv.padding, "dilation": conv.dilation, "groups": conv.groups}
+    return {
+        "channels": (conv.in_channels, conv.out_channels),
+        "kernel": conv.kernel_size,
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+        "groups": conv.groups,
+    }
 
 
 def _keep_eval(module: nn.Module, args) -> None:
@@ -59,14 +66,18 @@ def transplant_stem(teacher: Classifier, student: Classifier, frozen: bool = Tru
     differs = [key for key in t_shape if t_shape[key] != s_shape[key]]
     if differs:
         what = "; ".join(f"{key} {t_shape[key]} in the teacher, {s_shape[key]} in the student" for key in differs)
-        raise RRMError(f"cannot transplant the teacher's stem ({teacher.spec.get('name')!r}) into "
-                       f"{student.spec.get('name')!r}: {what}; use a student whose first layer has the same shape, "
-                       "or match the stem instead (--match-layers stem,penultimate)")
+        raise RRMError(
+            f"cannot transplant the teacher's stem ({teacher.spec.get('name')!r}) into "
+            f"{student.spec.get('name')!r}: {what}; use a student whose first layer has the same shape, "
+            "or match the stem instead (--match-layers stem,penultimate)"
+        )
     if (teacher.spec.get("mean"), teacher.spec.get("std")) != (student.spec.get("mean"), student.spec.get("std")):
         raise RRMError("the teacher and the student normalise their inputs differently; train both on one dataset")
     if s_bn is None and s_conv.bias is None:
-        raise RRMError(f"the stem of {student.spec.get('name')!r} has neither a bias nor a BatchNorm to carry the "
-                       "teacher's thresholds; use another student")
+        raise RRMError(
+            f"the stem of {student.spec.get('name')!r} has neither a bias nor a BatchNorm to carry the "
+            "teacher's thresholds; use another student"
+        )
     weight, bias = folded_stem(teacher)
     with torch.no_grad():
         s_conv.weight.copy_(weight)

@@ -25,9 +25,15 @@ def cnn(in_channels: int, image_size: int, width: float) -> tuple[nn.Module, int
     c1, c2, hidden = _ch(32, width), _ch(64, width), _ch(128, width)
     side = image_size // 4
     body = nn.Sequential(
-        nn.Conv2d(in_channels, c1, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(c2 * side * side, hidden), nn.ReLU(inplace=True),
+        nn.Conv2d(in_channels, c1, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(c2 * side * side, hidden),
+        nn.ReLU(inplace=True),
     )
     return body, hidden
 
@@ -51,8 +57,7 @@ def cnn_bn(in_channels: int, image_size: int, width: float) -> tuple[nn.Module, 
 _VGG = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-              512, 512, 512, 512, "M"],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
 }
 
 
@@ -72,9 +77,14 @@ def _vgg(layout: list, in_channels: int, image_size: int, width: float) -> tuple
         # ImageNet layout: the penultimate layer is the second 4096-d fully connected layer.
         hidden = _ch(4096, width)
         layers += [
-            nn.AdaptiveAvgPool2d(7), nn.Flatten(),
-            nn.Linear(prev * 49, hidden), nn.ReLU(inplace=True), nn.Dropout(),
-            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(),
+            nn.AdaptiveAvgPool2d(7),
+            nn.Flatten(),
+            nn.Linear(prev * 49, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(),
         ]
         return nn.Sequential(*layers), hidden
     # CIFAR layout: the flattened 512 conv features after ReLU.
@@ -93,8 +103,16 @@ def _torchvision_resnet(name: str, in_channels: int, image_size: int) -> tuple[n
         net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
     dim = net.fc.in_features
     body = nn.Sequential(
-        net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4,
-        net.avgpool, nn.Flatten(),
+        net.conv1,
+        net.bn1,
+        net.relu,
+        net.maxpool,
+        net.layer1,
+        net.layer2,
+        net.layer3,
+        net.layer4,
+        net.avgpool,
+        nn.Flatten(),
     )
     return body, dim
 
@@ -119,7 +137,9 @@ def _thin_resnet(blocks_per_stage: int, in_channels: int, width: float) -> tuple
     """He et al.'s CIFAR ResNet (16-32-64 channels): ResNet-8 and ResNet-20 train at a useful speed on a CPU."""
     chans = [_ch(c, width) for c in (16, 32, 64)]
     layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, chans[0], 3, 1, 1, bias=False), nn.BatchNorm2d(chans[0]), nn.ReLU(inplace=True)
+        nn.Conv2d(in_channels, chans[0], 3, 1, 1, bias=False),
+        nn.BatchNorm2d(chans[0]),
+        nn.ReLU(inplace=True),
     ]
     prev = chans[0]
     for stage, c in enumerate(chans):
@@ -144,14 +164,26 @@ def alexnet(in_channels: int, image_size: int, width: float) -> tuple[nn.Module,
     c = [_ch(x, width) for x in (64, 192, 384, 256, 256)]
     hidden = _ch(512, width)
     body = nn.Sequential(
-        nn.Conv2d(in_channels, c[0], 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(c[0], c[1], 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Conv2d(c[1], c[2], 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(c[2], c[3], 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(c[3], c[4], 3, padding=1), nn.ReLU(inplace=True),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-        nn.Dropout(), nn.Linear(c[4] * 4, hidden), nn.ReLU(inplace=True),
-        nn.Dropout(), nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+        nn.Conv2d(in_channels, c[0], 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c[0], c[1], 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c[1], c[2], 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c[2], c[3], 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c[3], c[4], 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Dropout(),
+        nn.Linear(c[4] * 4, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(inplace=True),
     )
     return body, hidden
 

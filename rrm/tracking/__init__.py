@@ -26,7 +26,20 @@ from rrm.tracking.store import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, trackin
 from rrm.tracking.studies import log_report, open_study_run, update_run
 
 __all__ = [
-    "DEFAULT_EXPERIMENT", "DEFAULT_TEACHER_NAME", "DEFAULT_TRACKING_URI",
-    "MlflowCallback", "TeacherVersion", "list_teachers", "load_registered_model", "log_evaluation", "log_report",
-    "open_study_run", "promote", "pull_teacher", "register_teacher", "show_teacher", "tracking_uri", "update_run",
+    "DEFAULT_EXPERIMENT",
+    "DEFAULT_TEACHER_NAME",
+    "DEFAULT_TRACKING_URI",
+    "MlflowCallback",
+    "TeacherVersion",
+    "list_teachers",
+    "load_registered_model",
+    "log_evaluation",
+    "log_report",
+    "open_study_run",
+    "promote",
+    "pull_teacher",
+    "register_teacher",
+    "show_teacher",
+    "tracking_uri",
+    "update_run",
 ]

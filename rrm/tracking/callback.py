@@ -81,8 +81,13 @@ class MlflowCallback(Callback):
     the end :attr:`unfinished` (also on stderr) says which run was left unfinished and how to finish it.
     """
 
-    def __init__(self, experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
-                 tags: Mapping[str, str] | None = None, log_model: bool = True):
+    def __init__(
+        self,
+        experiment: str = DEFAULT_EXPERIMENT,
+        run_name: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        log_model: bool = True,
+    ):
         self.experiment = experiment
         self.run_name = run_name
         self.tags = dict(tags or {})
@@ -120,24 +125,38 @@ class MlflowCallback(Callback):
 
     def on_train_start(self, cfg: TrainConfig, data: ImageData, model: Classifier) -> None:
         if not self._entered:  # outside a `with`, a failing run would be marked FINISHED at interpreter exit
-            raise RRMError("use MlflowCallback as a context manager: `with MlflowCallback() as tracker: "
-                           "train(cfg, callbacks=[tracker])`")
+            raise RRMError(
+                "use MlflowCallback as a context manager: `with MlflowCallback() as tracker: "
+                "train(cfg, callbacks=[tracker])`"
+            )
         self._out_dir = Path(cfg.out_dir)
         with _mlflow_errors("starting the MLflow run"):
             client = check_store("starting the MLflow run")
             experiment_id = _experiment_id(client, self.experiment)
-            tags = {**_context_tags(), "rrm.kind": "train", "rrm.dataset": data.name,
-                    "rrm.dataset_digest": data.digest, "rrm.out_dir": str(self._out_dir.resolve()), **self.tags}
+            tags = {
+                **_context_tags(),
+                "rrm.kind": "train",
+                "rrm.dataset": data.name,
+                "rrm.dataset_digest": data.digest,
+                "rrm.out_dir": str(self._out_dir.resolve()),
+                **self.tags,
+            }
             nested = mlflow.active_run() is not None
             earlier = self._interrupted_run(client, cfg, experiment_id)
             if earlier is not None:
                 self._resume(client, earlier, cfg, tags, nested)
                 return
-            run = mlflow.start_run(experiment_id=experiment_id, nested=nested,
-                                   run_name=self.run_name or f"{cfg.method}-{cfg.model}-{data.name}", tags=tags)
+            run = mlflow.start_run(
+                experiment_id=experiment_id,
+                nested=nested,
+                run_name=self.run_name or f"{cfg.method}-{cfg.model}-{data.name}",
+                tags=tags,
+            )
             self.run_id, self._active = run.info.run_id, True
-            write_json(self._out_dir / RUN_FILE, {"run_id": self.run_id, "experiment_id": experiment_id,
-                                                  "tracking_uri": tracking_label()})
+            write_json(
+                self._out_dir / RUN_FILE,
+                {"run_id": self.run_id, "experiment_id": experiment_id, "tracking_uri": tracking_label()},
+            )
             mlflow.log_params(_params(cfg.to_dict()))
             mlflow.log_input(_dataset_input(data, cfg.dataset), context="train", tags={"rrm.digest": data.digest})
             if cfg.teacher:
@@ -158,13 +177,21 @@ class MlflowCallback(Callback):
             if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # another store's run
                 return None
             raise
-        if (run.info.experiment_id != experiment_id or run.info.lifecycle_stage == "deleted"
-                or run.info.status == "FINISHED"):
+        if (
+            run.info.experiment_id != experiment_id
+            or run.info.lifecycle_stage == "deleted"
+            or run.info.status == "FINISHED"
+        ):
             return None
-        if run.info.status == "RUNNING" and _process_alive(run.data.tags) and \
-                run.data.tags.get("rrm.pid") != str(os.getpid()):
-            raise RRMError(f"MLflow run {run_id} of {str(self._out_dir)!r} is RUNNING in process "
-                           f"{run.data.tags['rrm.pid']} on this host; wait for it or stop it before resuming")
+        if (
+            run.info.status == "RUNNING"
+            and _process_alive(run.data.tags)
+            and run.data.tags.get("rrm.pid") != str(os.getpid())
+        ):
+            raise RRMError(
+                f"MLflow run {run_id} of {str(self._out_dir)!r} is RUNNING in process "
+                f"{run.data.tags['rrm.pid']} on this host; wait for it or stop it before resuming"
+            )
         return run
 
     def _resume(self, client: MlflowClient, run: Run, cfg: TrainConfig, tags: dict, nested: bool) -> None:
@@ -221,8 +248,10 @@ class MlflowCallback(Callback):
     def _store_lost(self, when: str, exc: StoreUnreachable) -> None:
         """Go on without the store; say so once."""
         self._lost = when
-        _warn(f"the MLflow tracking store at {tracking_label()} stopped answering {when} ({_one_line(exc, 120)}); "
-              f"training goes on without it and writes its checkpoint and model to {self._out_dir}")
+        _warn(
+            f"the MLflow tracking store at {tracking_label()} stopped answering {when} ({_one_line(exc, 120)}); "
+            f"training goes on without it and writes its checkpoint and model to {self._out_dir}"
+        )
 
     def on_train_end(self, result: TrainResult) -> None:
         try:
@@ -244,8 +273,14 @@ class MlflowCallback(Callback):
         with _mlflow_errors("logging the trained model to MLflow"):
             epoch_keys = set(result.history[-1])
             mlflow.log_metrics({k: v for k, v in _numbers(result.summary).items() if k not in epoch_keys})
-            mlflow.set_tags({"rrm.precision": result.summary["precision"], "rrm.schedule": result.summary["schedule"],
-                             "rrm.device": result.summary["device"], "rrm.model_path": str(result.model_path)})
+            mlflow.set_tags(
+                {
+                    "rrm.precision": result.summary["precision"],
+                    "rrm.schedule": result.summary["schedule"],
+                    "rrm.device": result.summary["device"],
+                    "rrm.model_path": str(result.model_path),
+                }
+            )
             if self.log_model:  # the sha256 tag says "this run logged that model file" (the registry looks it up)
                 mlflow.set_tag("rrm.model_sha256", sha256_file(result.model_path))
                 mlflow.log_artifact(str(result.checkpoint_path))
@@ -264,11 +299,13 @@ class MlflowCallback(Callback):
 
     def _leave_unfinished(self) -> None:
         """The store stopped answering: forget the run in this process and say how to finish it."""
-        self.unfinished = (f"MLflow run {self.run_id} in {tracking_label()} was left unfinished (RUNNING): the "
-                           f"tracking store stopped answering {self._lost}. The training's files are in "
-                           f"{self._out_dir}. Once the store answers, rerun the same command with --resume to record "
-                           "the rest in that run; until then the next rrm command on this host that records a run, "
-                           "or `rrm runs clean`, marks it FAILED")
+        self.unfinished = (
+            f"MLflow run {self.run_id} in {tracking_label()} was left unfinished (RUNNING): the "
+            f"tracking store stopped answering {self._lost}. The training's files are in "
+            f"{self._out_dir}. Once the store answers, rerun the same command with --resume to record "
+            "the rest in that run; until then the next rrm command on this host that records a run, "
+            "or `rrm runs clean`, marks it FAILED"
+        )
         # end_run pops the run from MLflow's stack of active runs, then tells the store, which fails (or, back by
         # now, keeps the run RUNNING as the message says).
         with contextlib.suppress(Exception):

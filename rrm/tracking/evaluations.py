@@ -51,8 +51,10 @@ def log_evaluation(
     """
     sha256 = sha256_file(model_path)
     if result.model_sha256 is not None and result.model_sha256 != sha256:
-        raise RRMError(f"the evaluation measured the model file with sha256 {result.model_sha256[:12]}, not "
-                       f"{str(model_path)!r} ({sha256[:12]}); record it with the model file it measured")
+        raise RRMError(
+            f"the evaluation measured the model file with sha256 {result.model_sha256[:12]}, not "
+            f"{str(model_path)!r} ({sha256[:12]}); record it with the model file it measured"
+        )
     metrics = result.to_json()
     with _mlflow_errors("recording the evaluation in MLflow"):
         client = _client()
@@ -61,8 +63,12 @@ def log_evaluation(
             experiment_id = _experiment_id(client, experiment or DEFAULT_EXPERIMENT)
         else:
             experiment_id = train_run.info.experiment_id
-        tags = {**_context_tags(), "rrm.kind": "evaluate", "rrm.evaluated_sha256": sha256,
-                "rrm.model_path": str(model_path)}
+        tags = {
+            **_context_tags(),
+            "rrm.kind": "evaluate",
+            "rrm.evaluated_sha256": sha256,
+            "rrm.model_path": str(model_path),
+        }
         if train_run is not None:
             tags["rrm.train_run_id"] = train_run.info.run_id
             if train_run.info.experiment_id == experiment_id:
@@ -74,7 +80,7 @@ def log_evaluation(
             params = [Param(k, _one_line(v, 6000)) for k, v in _flat_text(metrics).items()]
             numbers = [Metric(k, v, now, 0) for k, v in _numbers(metrics).items()]
             for i in range(0, max(len(params), 1), 100):
-                client.log_batch(run_id, metrics=numbers if i == 0 else (), params=params[i: i + 100])
+                client.log_batch(run_id, metrics=numbers if i == 0 else (), params=params[i : i + 100])
             if metrics_path is not None:
                 client.log_artifact(run_id, str(metrics_path))
             else:
@@ -93,8 +99,11 @@ def log_evaluation(
 
 def _flat_text(values: Mapping) -> dict[str, str]:
     """The non-numeric leaves (text, flags, lists) of a nested mapping."""
-    return {k: json.dumps(v) if isinstance(v, (list, tuple, bool)) or v is None else str(v)
-            for k, v in _leaves(values) if not _is_number(v)}
+    return {
+        k: json.dumps(v) if isinstance(v, (list, tuple, bool)) or v is None else str(v)
+        for k, v in _leaves(values)
+        if not _is_number(v)
+    }
 
 
 def _logged_evaluation(params: Mapping, metrics: Mapping) -> EvalResult | None:

@@ -77,14 +77,20 @@ class TeacherVersion:
 
     @classmethod
     def of(cls, version: ModelVersion) -> TeacherVersion:
-        return cls(name=version.name, version=str(version.version), aliases=list(version.aliases or []),
-                   tags=dict(version.tags or {}), description=version.description or "", run_id=version.run_id,
-                   created=int(version.creation_timestamp or 0))
+        return cls(
+            name=version.name,
+            version=str(version.version),
+            aliases=list(version.aliases or []),
+            tags=dict(version.tags or {}),
+            description=version.description or "",
+            run_id=version.run_id,
+            created=int(version.creation_timestamp or 0),
+        )
 
 
 def _parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
     """``models:/name@alias`` -> (name, None, alias); ``models:/name/3`` -> (name, "3", None)."""
-    body = uri[len("models:/"):].strip("/")
+    body = uri[len("models:/") :].strip("/")
     if "@" in body:
         name, alias = body.split("@", 1)
         if name and alias and "/" not in alias:
@@ -93,8 +99,10 @@ def _parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
         name, version = body.rsplit("/", 1)
         if name and version.isdigit():
             return name, version, None
-    raise RRMError(f"{uri!r} names no version; use models:/NAME@ALIAS (e.g. models:/{DEFAULT_TEACHER_NAME}@champion) "
-                   f"or models:/NAME/VERSION")
+    raise RRMError(
+        f"{uri!r} names no version; use models:/NAME@ALIAS (e.g. models:/{DEFAULT_TEACHER_NAME}@champion) "
+        f"or models:/NAME/VERSION"
+    )
 
 
 def _resolve_version(client: MlflowClient, uri: str) -> ModelVersion:
@@ -120,7 +128,7 @@ def _version_model_id(version: ModelVersion) -> str | None:
 
 def _run_model(client: MlflowClient, uri: str) -> LoggedModel:
     """The logged model behind ``runs:/RUN_ID/NAME``."""
-    parts = uri[len("runs:/"):].strip("/").split("/", 1)
+    parts = uri[len("runs:/") :].strip("/").split("/", 1)
     run_id, name = parts[0], parts[1] if len(parts) > 1 else LOGGED_MODEL_NAME
     try:
         run = client.get_run(run_id)
@@ -136,8 +144,11 @@ def _run_model(client: MlflowClient, uri: str) -> LoggedModel:
 
 
 def _download(logged: LoggedModel, relative: str, dst: str) -> Path:
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{logged.artifact_location}/{relative}",
-                                                    dst_path=dst, tracking_uri=tracking_uri()))
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{logged.artifact_location}/{relative}", dst_path=dst, tracking_uri=tracking_uri()
+        )
+    )
 
 
 def _fetch_rrm_file(logged: LoggedModel, dst: str, what: str) -> Path:
@@ -145,8 +156,10 @@ def _fetch_rrm_file(logged: LoggedModel, dst: str, what: str) -> Path:
     mlmodel = yaml.safe_load(_download(logged, "MLmodel", dst).read_text()) or {}
     info = mlmodel.get("metadata") or {}
     if info.get("rrm_format") != MODEL_FORMAT or not info.get("rrm_file"):
-        raise RRMError(f"{what} is not an rrm model (its MLmodel has no {MODEL_FORMAT} file); register models "
-                       "trained by `rrm train`")
+        raise RRMError(
+            f"{what} is not an rrm model (its MLmodel has no {MODEL_FORMAT} file); register models "
+            "trained by `rrm train`"
+        )
     return _download(logged, info["rrm_file"], dst)
 
 
@@ -155,9 +168,11 @@ def _run_file(client: MlflowClient, logged: LoggedModel, dst: str, uri: str) -> 
     path = _fetch_rrm_file(logged, dst, uri)
     recorded = client.get_run(logged.source_run_id).data.tags.get("rrm.model_sha256")
     if recorded and sha256_file(path) != recorded:
-        raise RRMError(f"{uri}: the downloaded model file has sha256 {sha256_file(path)[:12]}, not the "
-                       f"{recorded[:12]} run {logged.source_run_id} recorded: its artifact was replaced or damaged; "
-                       "use the model.pt that run wrote (or train it again)")
+        raise RRMError(
+            f"{uri}: the downloaded model file has sha256 {sha256_file(path)[:12]}, not the "
+            f"{recorded[:12]} run {logged.source_run_id} recorded: its artifact was replaced or damaged; "
+            "use the model.pt that run wrote (or train it again)"
+        )
     return path
 
 
@@ -167,8 +182,9 @@ def _teacher_file(client: MlflowClient, uri: str, dst: str) -> tuple[Path, Model
     if uri.startswith("runs:/"):
         return _run_file(client, _run_model(client, uri), dst, uri), None
     if not uri.startswith("models:/"):
-        raise RRMError(f"{uri!r} is not a registry URI; use models:/NAME@ALIAS, models:/NAME/VERSION or "
-                       "runs:/RUN_ID/model")
+        raise RRMError(
+            f"{uri!r} is not a registry URI; use models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model"
+        )
     version = _resolve_version(client, uri)
     model_id = _version_model_id(version)
     what = f"{uri} (version {version.version} of {version.name!r})"
@@ -177,10 +193,12 @@ def _teacher_file(client: MlflowClient, uri: str, dst: str) -> tuple[Path, Model
     path = _fetch_rrm_file(client.get_logged_model(model_id), dst, uri)
     recorded, found = (version.tags or {}).get("model_sha256"), sha256_file(path)
     if found != recorded:
-        raise RRMError(f"{what}: the downloaded model file has sha256 {found[:12]}, not the "
-                       f"{(recorded or 'none recorded')[:12]} recorded at registration: the registry's artifact was "
-                       f"replaced or damaged; register the teacher again from its model.pt (`rrm teacher register`) "
-                       f"and point the alias at the new version (`rrm teacher promote`)")
+        raise RRMError(
+            f"{what}: the downloaded model file has sha256 {found[:12]}, not the "
+            f"{(recorded or 'none recorded')[:12]} recorded at registration: the registry's artifact was "
+            f"replaced or damaged; register the teacher again from its model.pt (`rrm teacher register`) "
+            f"and point the alias at the new version (`rrm teacher promote`)"
+        )
     return path, version
 
 
@@ -209,8 +227,9 @@ def pull_teacher(uri: str, out: str | os.PathLike) -> tuple[Path, dict]:
     return out, meta
 
 
-def _card(meta: dict, spec: dict, feature_dim: int, evaluation: EvalResult | None, run_id: str, sha256: str,
-          forced: list[str]) -> str:
+def _card(
+    meta: dict, spec: dict, feature_dim: int, evaluation: EvalResult | None, run_id: str, sha256: str, forced: list[str]
+) -> str:
     summary = meta.get("summary") or {}
     config = meta.get("config") or {}
 
@@ -228,8 +247,11 @@ def _card(meta: dict, spec: dict, feature_dim: int, evaluation: EvalResult | Non
     rows = [
         ("architecture", f"{spec.get('name')} (width {spec.get('width', 1.0)})"),
         ("feature size", str(feature_dim)),
-        ("input", f"{spec.get('in_channels')}x{spec.get('image_size')}x{spec.get('image_size')} in [0, 1], "
-                  f"{spec.get('num_classes')} classes"),
+        (
+            "input",
+            f"{spec.get('in_channels')}x{spec.get('image_size')}x{spec.get('image_size')} in [0, 1], "
+            f"{spec.get('num_classes')} classes",
+        ),
         ("threat model (training)", f"{meta.get('norm', '?')}, eps {meta.get('eps', '?')}"),
         ("training method", f"{meta.get('method', '?')}, {summary.get('epochs', config.get('epochs', '?'))} epochs"),
         ("dataset", f"{meta.get('dataset', '?')} (digest {meta.get('dataset_digest', '?')})"),
@@ -241,9 +263,11 @@ def _card(meta: dict, spec: dict, feature_dim: int, evaluation: EvalResult | Non
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     title = f"{spec.get('name')} trained with {meta.get('method', '?')} on {meta.get('dataset', '?')}"
     overridden = f"**Registered with --force**, overriding: {'; '.join(forced)}.\n\n" if forced else ""
-    return (f"# rrm teacher: {title}\n\n"
-            f"| field | value |\n|---|---|\n{table}\n\n{overridden}"
-            f"Load it with `rrm teacher pull` or `rrm train --method rrm --teacher models:/NAME@ALIAS`.\n")
+    return (
+        f"# rrm teacher: {title}\n\n"
+        f"| field | value |\n|---|---|\n{table}\n\n{overridden}"
+        f"Load it with `rrm teacher pull` or `rrm train --method rrm --teacher models:/NAME@ALIAS`.\n"
+    )
 
 
 def _same_number(a: object, b: object) -> bool:
@@ -256,27 +280,38 @@ def _refusals(meta: dict, spec: dict, sha256: str, evaluation: EvalResult | None
     method = meta.get("method")
     if not may_teach(method):
         what = f"trained with {method!r}" if method else "without training metadata (a checkpoint?)"
-        problems.append(f"it was {what}; a teacher must be adversarially trained "
-                        f"({', '.join(sorted(teacher_methods()))})")
+        problems.append(
+            f"it was {what}; a teacher must be adversarially trained ({', '.join(sorted(teacher_methods()))})"
+        )
     if evaluation is None or evaluation.worst_attack is None:
-        problems.append("it has no evaluation: run `rrm evaluate` on it (and pass --evaluation with its metrics file "
-                        "if it was not tracked)")
+        problems.append(
+            "it has no evaluation: run `rrm evaluate` on it (and pass --evaluation with its metrics file "
+            "if it was not tracked)"
+        )
         return problems
-    problems += evaluation.binding_problems(model_sha256=sha256, model_spec=spec,
-                                            dataset_digest=meta.get("dataset_digest"))
+    problems += evaluation.binding_problems(
+        model_sha256=sha256, model_spec=spec, dataset_digest=meta.get("dataset_digest")
+    )
     if not meta.get("dataset_digest"):
-        problems.append("the model file records no training data digest, so the data of its evaluation cannot be "
-                        "checked")
+        problems.append(
+            "the model file records no training data digest, so the data of its evaluation cannot be checked"
+        )
     norm, eps = meta.get("norm"), meta.get("eps")
     if evaluation.norm != norm or not _same_number(evaluation.eps, eps):
-        problems.append(f"its evaluation is for {evaluation.norm or '?'} eps {evaluation.eps}, not the threat model "
-                        f"the model was trained for and the card states ({norm or '?'} eps {eps})")
+        problems.append(
+            f"its evaluation is for {evaluation.norm or '?'} eps {evaluation.eps}, not the threat model "
+            f"the model was trained for and the card states ({norm or '?'} eps {eps})"
+        )
     if evaluation.sanity_passed is False:
-        problems.append("its evaluation failed its gradient-masking sanity checks, so its adversarial accuracy is not "
-                        "trustworthy (see `sanity` in its metrics)")
+        problems.append(
+            "its evaluation failed its gradient-masking sanity checks, so its adversarial accuracy is not "
+            "trustworthy (see `sanity` in its metrics)"
+        )
     elif evaluation.masking_checks_passed is None:
-        problems.append("its gradient-masking sanity checks did not run (`rrm evaluate --no-sanity`, eps 0 or a file "
-                        "that does not say), so nothing shows its gradients are not masked")
+        problems.append(
+            "its gradient-masking sanity checks did not run (`rrm evaluate --no-sanity`, eps 0 or a file "
+            "that does not say), so nothing shows its gradients are not masked"
+        )
     return problems
 
 
@@ -315,8 +350,10 @@ def register_teacher(
             local = _run_file(client, logged, tmp, uri)
             run = client.get_run(logged.source_run_id)
         else:
-            raise RRMError(f"{str(source)!r} is neither a model file nor an MLflow run id; pass the model.pt that "
-                           "`rrm train` wrote or the run id shown in `mlflow ui`")
+            raise RRMError(
+                f"{str(source)!r} is neither a model file nor an MLflow run id; pass the model.pt that "
+                "`rrm train` wrote or the run id shown in `mlflow ui`"
+            )
         model, meta = load_model(local)
         sha256 = sha256_file(local)
         evaluation_run = None
@@ -332,8 +369,10 @@ def register_teacher(
             result = None
         problems = _refusals(meta, model.spec, sha256, result)
         if problems and not force:
-            raise RRMError(f"refusing to register {str(source)!r} as a teacher: {'; '.join(problems)}. Fix that, or "
-                           "pass --force to register it anyway (the card then says what was overridden)")
+            raise RRMError(
+                f"refusing to register {str(source)!r} as a teacher: {'; '.join(problems)}. Fix that, or "
+                "pass --force to register it anyway (the card then says what was overridden)"
+            )
         evaluated = result is not None and result.worst_attack is not None
 
         if run is None:
@@ -344,8 +383,11 @@ def register_teacher(
         # Keep the evidence next to the training run; an evaluation of another file is no evidence about this one.
         if evaluation is not None and evaluated and result.model_sha256 in (None, sha256):
             evaluation_run = log_evaluation(
-                result, model_path=local, train_run_id=run_id,
-                metrics_path=None if isinstance(evaluation, (Mapping, EvalResult)) else evaluation)
+                result,
+                model_path=local,
+                train_run_id=run_id,
+                metrics_path=None if isinstance(evaluation, (Mapping, EvalResult)) else evaluation,
+            )
 
         tags = {
             TEACHER_TAG: "true",
@@ -356,8 +398,9 @@ def register_teacher(
             "method": str(meta.get("method")),
             "dataset": str(meta.get("dataset")),
             "dataset_digest": str(meta.get("dataset_digest")),
-            "natural_accuracy": str(result.natural_accuracy if evaluated else (meta.get("summary") or {}).get(
-                "test_accuracy")),
+            "natural_accuracy": str(
+                result.natural_accuracy if evaluated else (meta.get("summary") or {}).get("test_accuracy")
+            ),
             "adversarial_accuracy": str(result.worst_accuracy) if evaluated else "not evaluated",
             "evaluated": str(evaluated).lower(),
             "attack": str(result.worst_attack) if evaluated else "none",
@@ -375,12 +418,17 @@ def register_teacher(
 def _import_run(client: MlflowClient, path: Path, meta: dict, experiment: str) -> tuple[str, str]:
     """Log a model file that no tracked run produced, so the registry can point at it; returns (run id, model id)."""
     experiment_id = _experiment_id(client, experiment)
-    tags = {**_context_tags(), "rrm.kind": "import", "rrm.model_sha256": sha256_file(path),
-            "rrm.imported_from": str(path.resolve())}
+    tags = {
+        **_context_tags(),
+        "rrm.kind": "import",
+        "rrm.model_sha256": sha256_file(path),
+        "rrm.imported_from": str(path.resolve()),
+    }
     if meta.get("dataset_digest"):
         tags.update({"rrm.dataset": str(meta.get("dataset")), "rrm.dataset_digest": str(meta["dataset_digest"])})
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"import {path.name}", tags=tags,
-                          nested=mlflow.active_run() is not None) as run:
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=f"import {path.name}", tags=tags, nested=mlflow.active_run() is not None
+    ) as run:
         if meta.get("config"):
             mlflow.log_params(_params(meta["config"]))
         mlflow.log_metrics(_numbers(meta.get("summary") or {}))
@@ -388,8 +436,9 @@ def _import_run(client: MlflowClient, path: Path, meta: dict, experiment: str) -
     return run.info.run_id, model_id
 
 
-def _create_version(client: MlflowClient, name: str, model_id: str, run_id: str, tags: dict,
-                    description: str) -> TeacherVersion:
+def _create_version(
+    client: MlflowClient, name: str, model_id: str, run_id: str, tags: dict, description: str
+) -> TeacherVersion:
     """Create the version with its tags and card in one call, and the registered model with its first version.
 
     On any failure whatever was made is deleted. A process killed in between cannot delete: the registered model it
@@ -400,15 +449,21 @@ def _create_version(client: MlflowClient, name: str, model_id: str, run_id: str,
     created_model = False
     try:
         try:
-            client.create_registered_model(name, tags={_CREATING_TAG: f"{socket.gethostname()}:{os.getpid()}"},
-                                           description=_DESCRIPTION)
+            client.create_registered_model(
+                name, tags={_CREATING_TAG: f"{socket.gethostname()}:{os.getpid()}"}, description=_DESCRIPTION
+            )
             created_model = True
         except MlflowException as exc:
             if not _is(exc, "RESOURCE_ALREADY_EXISTS"):
                 raise
-        version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id,
-                                              tags={**tags, "rrm.registration": token}, description=description,
-                                              model_id=model_id)
+        version = client.create_model_version(
+            name,
+            source=f"models:/{model_id}",
+            run_id=run_id,
+            tags={**tags, "rrm.registration": token},
+            description=description,
+            model_id=model_id,
+        )
         if created_model:  # the model has a version now; a cleanup may have dropped the tag already
             with contextlib.suppress(MlflowException):
                 client.delete_registered_model_tag(name, _CREATING_TAG)
@@ -478,8 +533,9 @@ def promote(name: str, version: str | int, alias: str) -> TeacherVersion:
         client = _client()
         current = _resolve_version(client, f"models:/{name}/{version}")
         if (current.tags or {}).get(TEACHER_TAG) != "true":
-            raise RRMError(f"version {version} of {name!r} is not an rrm teacher; register one with "
-                           "`rrm teacher register`")
+            raise RRMError(
+                f"version {version} of {name!r} is not an rrm teacher; register one with `rrm teacher register`"
+            )
         try:
             client.set_registered_model_alias(name, alias, str(version))
         except MlflowException as exc:

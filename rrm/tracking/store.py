@@ -39,17 +39,35 @@ from rrm.secrets import mask_url
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "rrm"
 LOGGED_MODEL_NAME = "model"
-_VERSIONED_PACKAGES = {"torch": "torch", "torchvision": "torchvision", "art": "adversarial-robustness-toolbox",
-                       "mlflow": "mlflow"}
+_VERSIONED_PACKAGES = {
+    "torch": "torch",
+    "torchvision": "torchvision",
+    "art": "adversarial-robustness-toolbox",
+    "mlflow": "mlflow",
+}
 # Store URIs that MLflow opens with SQLAlchemy and rrm checks first (their drivers take connect_timeout).
 _DATABASE_SCHEMES = ("postgresql", "mysql")
 DATABASE_CONNECT_SECONDS = 5
 _reached: set[str] = set()  # database stores this process has connected to
-_UNREACHABLE = ("Max retries exceeded", "Connection refused", "Failed to establish a new connection", "Read timed out",
-                "ConnectTimeout", "Connection aborted", "RemoteDisconnected", "Connection reset",
-                "No route to host", "Network is unreachable", "failed to resolve host", "could not translate host",
-                "server closed the connection", "terminating connection", "timeout expired",
-                "Can't connect to MySQL server", "Lost connection to MySQL server")
+_UNREACHABLE = (
+    "Max retries exceeded",
+    "Connection refused",
+    "Failed to establish a new connection",
+    "Read timed out",
+    "ConnectTimeout",
+    "Connection aborted",
+    "RemoteDisconnected",
+    "Connection reset",
+    "No route to host",
+    "Network is unreachable",
+    "failed to resolve host",
+    "could not translate host",
+    "server closed the connection",
+    "terminating connection",
+    "timeout expired",
+    "Can't connect to MySQL server",
+    "Lost connection to MySQL server",
+)
 
 
 class StoreUnreachable(RRMError):
@@ -94,16 +112,21 @@ def _check_database(uri: str) -> None:
             engine.dispose()
     except ImportError as exc:
         driver = getattr(exc, "name", None) or str(exc)
-        raise RRMError(f"the MLflow tracking store {label} needs the database driver {driver!r}, which is not "
-                       "installed; install it (PostgreSQL: pip install 'psycopg[binary]' for postgresql+psycopg://)") \
-            from None
+        raise RRMError(
+            f"the MLflow tracking store {label} needs the database driver {driver!r}, which is not "
+            "installed; install it (PostgreSQL: pip install 'psycopg[binary]' for postgresql+psycopg://)"
+        ) from None
     except Exception as exc:
         message = mask_url(_one_line(getattr(exc, "orig", None) or exc))
         if _unreachable(exc):
-            raise StoreUnreachable(f"cannot reach the MLflow tracking database at {label} ({message}); start the "
-                                   "database server, or fix MLFLOW_TRACKING_URI") from None
-        raise RRMError(f"cannot connect to the MLflow tracking database at {label} ({message}); fix "
-                       "MLFLOW_TRACKING_URI (user, password, database name) or the database's access rules") from None
+            raise StoreUnreachable(
+                f"cannot reach the MLflow tracking database at {label} ({message}); start the "
+                "database server, or fix MLFLOW_TRACKING_URI"
+            ) from None
+        raise RRMError(
+            f"cannot connect to the MLflow tracking database at {label} ({message}); fix "
+            "MLFLOW_TRACKING_URI (user, password, database name) or the database's access rules"
+        ) from None
 
 
 def _one_line(text: object, limit: int = 300) -> str:
@@ -118,9 +141,11 @@ def _warn(message: str) -> None:
 
 def _unreachable(exc: BaseException) -> bool:
     text = str(exc)
-    return (isinstance(exc, requests.ConnectionError)
-            or getattr(exc, "error_code", None) == "TEMPORARILY_UNAVAILABLE"  # MLflow: the database went away
-            or any(s in text for s in _UNREACHABLE))
+    return (
+        isinstance(exc, requests.ConnectionError)
+        or getattr(exc, "error_code", None) == "TEMPORARILY_UNAVAILABLE"  # MLflow: the database went away
+        or any(s in text for s in _UNREACHABLE)
+    )
 
 
 @contextlib.contextmanager
@@ -135,14 +160,20 @@ def _mlflow_errors(action: str) -> Iterator[None]:
         uri = tracking_label()
         if _unreachable(exc):
             if _is_database(tracking_uri()):
-                raise StoreUnreachable(f"{action}: cannot reach the MLflow tracking database at {uri}; start the "
-                                       "database server, or fix MLFLOW_TRACKING_URI") from None
-            raise StoreUnreachable(f"{action}: cannot reach the MLflow tracking server at {uri}; start it "
-                                   "(`mlflow server`) or point MLFLOW_TRACKING_URI at a running one") from None
+                raise StoreUnreachable(
+                    f"{action}: cannot reach the MLflow tracking database at {uri}; start the "
+                    "database server, or fix MLFLOW_TRACKING_URI"
+                ) from None
+            raise StoreUnreachable(
+                f"{action}: cannot reach the MLflow tracking server at {uri}; start it "
+                "(`mlflow server`) or point MLFLOW_TRACKING_URI at a running one"
+            ) from None
         code = getattr(exc, "error_code", "")
         if code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
-            raise RRMError(f"{action}: the tracking server at {uri} refused ({mask_url(_one_line(exc))}); check "
-                           "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN") from None
+            raise RRMError(
+                f"{action}: the tracking server at {uri} refused ({mask_url(_one_line(exc))}); check "
+                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
+            ) from None
         raise RRMError(f"{action} failed on {uri}: {mask_url(_one_line(getattr(exc, 'message', exc)))}") from None
 
 
@@ -160,8 +191,10 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
                 raise
             experiment = client.get_experiment_by_name(name)
     if experiment.lifecycle_stage == "deleted":
-        raise RRMError(f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments restore`) or "
-                       "choose another --experiment")
+        raise RRMError(
+            f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments restore`) or "
+            "choose another --experiment"
+        )
     return experiment.experiment_id
 
 
@@ -243,8 +276,9 @@ class StaleRuns:
     left: list[tuple[str, str]] = field(default_factory=list)
 
 
-def clean_stale_runs(run_ids: tuple[str, ...] | list[str] = (), *, dry_run: bool = False,
-                     client: MlflowClient | None = None) -> StaleRuns:
+def clean_stale_runs(
+    run_ids: tuple[str, ...] | list[str] = (), *, dry_run: bool = False, client: MlflowClient | None = None
+) -> StaleRuns:
     """Mark FAILED, with the reason in tag ``rrm.error``, the runs left RUNNING by a process that died.
 
     Without ``run_ids``: every RUNNING run of an rrm process on this host that is gone (rrm tags each run with its
@@ -257,8 +291,11 @@ def clean_stale_runs(run_ids: tuple[str, ...] | list[str] = (), *, dry_run: bool
             runs = [client.get_run(run_id) for run_id in run_ids]
         else:
             experiments = [e.experiment_id for e in client.search_experiments()]
-            runs = list(client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=1000)) \
-                if experiments else []
+            runs = (
+                list(client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=1000))
+                if experiments
+                else []
+            )
         found = _stale(runs, explicit=bool(run_ids))
         if not dry_run:
             for run_id, reason in found.marked:
@@ -280,11 +317,21 @@ def _stale(runs: list[Run], explicit: bool) -> StaleRuns:
             found.left.append((run_id, f"its process ({where}) is still running"))
         elif alive is None and not explicit:
             if "rrm.pid" in tags:
-                found.left.append((run_id, f"its process ({where}) cannot be checked from this host: run `rrm runs "
-                                           "clean` there, or pass the run id"))
+                found.left.append(
+                    (
+                        run_id,
+                        f"its process ({where}) cannot be checked from this host: run `rrm runs "
+                        "clean` there, or pass the run id",
+                    )
+                )
         elif alive is False:
-            found.marked.append((run_id, f"left RUNNING by {where}, which is gone (killed by SIGKILL or out of "
-                                         "memory, a power loss, or a tracking store that did not answer at its end)"))
+            found.marked.append(
+                (
+                    run_id,
+                    f"left RUNNING by {where}, which is gone (killed by SIGKILL or out of "
+                    "memory, a power loss, or a tracking store that did not answer at its end)",
+                )
+            )
         else:
             found.marked.append((run_id, f"left RUNNING by {where}; marked FAILED by `rrm runs clean`"))
     return found
@@ -347,10 +394,8 @@ def _end_active_run(exc: BaseException | None) -> None:
         mlflow.end_run("FINISHED")
         return
     # Already failing: a store that fails too must not hide the original error.
-    try:
+    with contextlib.suppress(Exception):
         mlflow.set_tag("rrm.error", _one_line(f"{type(exc).__name__}: {exc}"))
-    except Exception:
-        pass
     try:
         mlflow.end_run(_status(type(exc)))  # pops the run from the active stack before writing its status
     except Exception as end_exc:
@@ -383,8 +428,7 @@ def _search_runs(client: MlflowClient, filter_string: str) -> list[Run]:
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
         return []
-    return list(client.search_runs(experiments, filter_string, order_by=["attributes.start_time DESC"],
-                                   max_results=50))
+    return list(client.search_runs(experiments, filter_string, order_by=["attributes.start_time DESC"], max_results=50))
 
 
 def _model_run(client: MlflowClient, sha256: str) -> Run | None:

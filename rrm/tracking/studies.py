@@ -25,8 +25,9 @@ from rrm.tracking.store import (
 )
 
 
-def open_study_run(study: str, storage: str, *, params: Mapping[str, object],
-                   experiment: str = DEFAULT_EXPERIMENT) -> tuple[str, str]:
+def open_study_run(
+    study: str, storage: str, *, params: Mapping[str, object], experiment: str = DEFAULT_EXPERIMENT
+) -> tuple[str, str]:
     """The parent run of tuning study ``study`` in ``storage`` (its password masked here too), set RUNNING: its id and
     the name of its experiment, where the trial runs belong (``mlflow ui`` nests runs within one experiment).
 
@@ -38,8 +39,13 @@ def open_study_run(study: str, storage: str, *, params: Mapping[str, object],
     storage = mask_url(storage)
     key = hashlib.sha256(f"{storage}\n{study}".encode()).hexdigest()[:32]
     # Workers on many hosts share the parent run: no process of its own that the stale-run clean-up could check.
-    tags = {**{k: v for k, v in _context_tags().items() if k not in PROCESS_TAGS}, "rrm.kind": "study",
-            "rrm.study": study, "rrm.study_storage": storage, "rrm.study_key": key}
+    tags = {
+        **{k: v for k, v in _context_tags().items() if k not in PROCESS_TAGS},
+        "rrm.kind": "study",
+        "rrm.study": study,
+        "rrm.study_storage": storage,
+        "rrm.study_key": key,
+    }
     project_run = os.environ.pop("MLFLOW_RUN_ID", None)
     with _mlflow_errors("opening the study's MLflow run"):
         client = check_store("opening the study's MLflow run")
@@ -66,8 +72,14 @@ def open_study_run(study: str, storage: str, *, params: Mapping[str, object],
     return run_id, experiment
 
 
-def update_run(run_id: str, *, tags: Mapping[str, object] | None = None, metrics: Mapping[str, float] | None = None,
-               artifacts: tuple[Path, ...] | list[Path] = (), status: str | None = None) -> None:
+def update_run(
+    run_id: str,
+    *,
+    tags: Mapping[str, object] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    artifacts: tuple[Path, ...] | list[Path] = (),
+    status: str | None = None,
+) -> None:
     """Add tags, metrics and artifact files to a finished or running run; ``status`` (FINISHED, FAILED, KILLED)
     ends it. Used for a study's parent run and for the final state of its trial runs."""
     with _mlflow_errors("updating an MLflow run"):

@@ -15,7 +15,24 @@ from rrm.train.methods import (
 from rrm.train.trainer import Callback, TrainResult, accuracy, load_teacher, resolve_device, train
 
 __all__ = [
-    "FEATURE_LOSSES", "MATCH_INPUTS", "METHODS", "PRECISIONS", "SCHEDULES", "TRAINING_KNOBS", "Callback", "Knob",
-    "Method", "TrainConfig", "TrainResult", "accuracy", "get_method", "knobs_of", "load_teacher", "may_teach",
-    "resolve_device", "teacher_methods", "train", "tunable_methods",
+    "FEATURE_LOSSES",
+    "MATCH_INPUTS",
+    "METHODS",
+    "PRECISIONS",
+    "SCHEDULES",
+    "TRAINING_KNOBS",
+    "Callback",
+    "Knob",
+    "Method",
+    "TrainConfig",
+    "TrainResult",
+    "accuracy",
+    "get_method",
+    "knobs_of",
+    "load_teacher",
+    "may_teach",
+    "resolve_device",
+    "teacher_methods",
+    "train",
+    "tunable_methods",
 ]

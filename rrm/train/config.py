@@ -18,9 +18,16 @@ FEATURE_LOSSES = ("cosine", "l2", "direction-norm")
 MATCH_INPUTS = ("clean", "noise", "teacher-fgsm", "teacher-pgd")
 # Options that only some methods read (Method.options), with the value that leaves them off: setting one for
 # another method is refused rather than silently ignored.
-SWITCHED_OFF = {"match_inputs": "clean", "match_layers": ("penultimate",), "kd_weight": 0.0, "iga_weight": 0.0, "noise_magnitude": None,
-                "project_to_eps": False, "grad_align_weight": 0.0,
-                "eps_warmup_epochs": 0}
+SWITCHED_OFF = {
+    "match_inputs": "clean",
+    "match_layers": ("penultimate",),
+    "kd_weight": 0.0,
+    "iga_weight": 0.0,
+    "noise_magnitude": None,
+    "project_to_eps": False,
+    "grad_align_weight": 0.0,
+    "eps_warmup_epochs": 0,
+}
 # Options that change how a run executes, not what it computes: a resumed run or a tuning study may differ in them.
 RUNTIME_OPTIONS = ("resume", "resume_or_start", "progress", "device", "compile", "data_on_device")
 # Field names users know by another name (the paper's), in messages.
@@ -137,15 +144,20 @@ class TrainConfig:
         need(self.attack_steps >= 1, f"attack_steps must be >= 1, got {self.attack_steps}")
         need(self.replays >= 1, f"replays must be >= 1, got {self.replays}")
         need(self.eps_warmup_epochs >= 0, f"eps_warmup_epochs must be >= 0, got {self.eps_warmup_epochs}")
-        need(self.lam > 0, f"lambda must be > 0 (got {self.lam}): with lambda <= 0 the last layer gets no gradient; "
-                           "the paper's plateau is 5e-5 to 1e-2")
+        need(
+            self.lam > 0,
+            f"lambda must be > 0 (got {self.lam}): with lambda <= 0 the last layer gets no gradient; "
+            "the paper's plateau is 5e-5 to 1e-2",
+        )
         if self.feature_loss not in FEATURE_LOSSES:
             raise unknown("feature loss", self.feature_loss, FEATURE_LOSSES)
         if self.match_inputs not in MATCH_INPUTS:
             raise unknown("match inputs", self.match_inputs, MATCH_INPUTS)
         for name in ("kd_weight", "iga_weight"):
             value = getattr(self, name)
-            need(value >= 0 and math.isfinite(value), f"{name} must be a number >= 0 (0 turns the term off), got {value}")
+            need(
+                value >= 0 and math.isfinite(value), f"{name} must be a number >= 0 (0 turns the term off), got {value}"
+            )
         self._check_method_options()
         from rrm.models.transplant import TRANSPLANTS
         from rrm.train.stages import parse_match_layers
@@ -153,10 +165,14 @@ class TrainConfig:
         parse_match_layers(self.match_layers)
         if self.transplant is not None and self.transplant not in TRANSPLANTS:
             raise unknown("transplant", self.transplant, TRANSPLANTS)
-        need(self.noise_magnitude is None or (self.noise_magnitude >= 0 and math.isfinite(self.noise_magnitude)),
-             f"noise_magnitude must be a number >= 0 (or unset for 2 * eps), got {self.noise_magnitude}")
-        need(self.grad_align_weight >= 0 and math.isfinite(self.grad_align_weight),
-             f"grad_align_weight must be a number >= 0 (0 turns GradAlign off), got {self.grad_align_weight}")
+        need(
+            self.noise_magnitude is None or (self.noise_magnitude >= 0 and math.isfinite(self.noise_magnitude)),
+            f"noise_magnitude must be a number >= 0 (or unset for 2 * eps), got {self.noise_magnitude}",
+        )
+        need(
+            self.grad_align_weight >= 0 and math.isfinite(self.grad_align_weight),
+            f"grad_align_weight must be a number >= 0 (0 turns GradAlign off), got {self.grad_align_weight}",
+        )
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         need(0 <= self.alpha <= 1, f"alpha must be in [0, 1], got {self.alpha}")
         need(self.gamma >= 0, f"gamma must be >= 0, got {self.gamma}")
@@ -165,8 +181,10 @@ class TrainConfig:
         need(self.monitor_examples >= 0, f"monitor_examples must be >= 0, got {self.monitor_examples}")
         need(self.monitor_steps >= 1, f"monitor_steps must be >= 1, got {self.monitor_steps}")
         need(self.feature_dim is None or self.feature_dim >= 1, f"feature_dim must be >= 1, got {self.feature_dim}")
-        need(not self.early_stop_on_co or self.monitor_examples > 0,
-             "early_stop_on_co watches the per-epoch PGD monitor; set monitor_examples > 0")
+        need(
+            not self.early_stop_on_co or self.monitor_examples > 0,
+            "early_stop_on_co watches the per-epoch PGD monitor; set monitor_examples > 0",
+        )
         return self
 
     def _check_method_options(self) -> None:
@@ -188,20 +206,33 @@ class TrainConfig:
         method = get_method(self.method)
         owned = {name for cls in METHODS.values() for name in cls.options}
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        changed = [name for name in dict.fromkeys(names) if name in owned and name not in method.options
-                   and _as_tuple(getattr(self, name)) != SWITCHED_OFF.get(name, defaults[name])]
+        changed = [
+            name
+            for name in dict.fromkeys(names)
+            if name in owned
+            and name not in method.options
+            and _as_tuple(getattr(self, name)) != SWITCHED_OFF.get(name, defaults[name])
+        ]
         if "early_stop_on_co" in names and self.early_stop_on_co and not method.single_step:
             changed.append("early_stop_on_co")
         if not changed:
             return
-        owners = sorted({m for name in changed for m, cls in METHODS.items()
-                         if name in cls.options or (name == "early_stop_on_co" and cls.single_step)},
-                        key=list(METHODS).index)
+        owners = sorted(
+            {
+                m
+                for name in changed
+                for m, cls in METHODS.items()
+                if name in cls.options or (name == "early_stop_on_co" and cls.single_step)
+            },
+            key=list(METHODS).index,
+        )
         one = len(changed) == 1
-        raise RRMError(f"{', '.join(SPELLED.get(c, c) for c in changed)} {'is an option' if one else 'are options'} "
-                       "of method "
-                       f"{' or '.join(repr(m) for m in owners)}, not {self.method!r}; use --method {owners[0]}, or "
-                       f"leave {'it' if one else 'them'} at the default")
+        raise RRMError(
+            f"{', '.join(SPELLED.get(c, c) for c in changed)} {'is an option' if one else 'are options'} "
+            "of method "
+            f"{' or '.join(repr(m) for m in owners)}, not {self.method!r}; use --method {owners[0]}, or "
+            f"leave {'it' if one else 'them'} at the default"
+        )
 
 
 def _as_tuple(value: object) -> object:
@@ -222,8 +253,9 @@ def check_fields(config: object) -> None:
         if not _conforms(value, kind):
             raise RRMError(f"{name} must be {_describe(kind)}, got {value!r}")
         items = value if isinstance(value, (tuple, list)) else [value]
-        if any(isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral) and not math.isfinite(v)
-               for v in items):
+        if any(
+            isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral) and not math.isfinite(v) for v in items
+        ):
             raise RRMError(f"{name} must be a finite number, got {value!r}; pass a finite value")
 
 
@@ -257,4 +289,5 @@ def _describe(kind: object) -> str:
         item = _describe(typing.get_args(kind)[0]).removeprefix("a ").removeprefix("an ")
         return f"a list of {item if item == 'text' else item + 's'}"
     return {bool: "true or false", int: "an integer", float: "a number", str: "text", dict: "a mapping"}.get(
-        kind, f"a {getattr(kind, '__name__', kind)}")
+        kind, f"a {getattr(kind, '__name__', kind)}"
+    )

@@ -7,7 +7,8 @@ group (gloo on CPU, NCCL on CUDA, each process on ``cuda:LOCAL_RANK``).
 Semantics, chosen so that a run on N processes follows the trajectory of a single process:
 
 - ``batch_size`` is the *global* batch. Every rank draws the same shuffled order (the (seed, epoch) generator) and
-  takes its contiguous share of each global batch (:func:`rrm.data.core.shard_bounds`), augmented exactly as the whole batch would be.
+  takes its contiguous share of each global batch (:func:`rrm.data.core.shard_bounds`), augmented exactly as the
+  whole batch would be.
   ``batch_size`` must be divisible by the world size.
 - After each backward the gradients of all ranks are summed in one ``all_reduce`` of a flat buffer, each rank's
   weighted by its share of the global batch (``n_rank / n_global``: 1/N for full batches, exact for a short last
@@ -80,21 +81,26 @@ def setup(device: torch.device, batch_size: int) -> tuple[Context, torch.device]
         return SINGLE, device
     missing = [k for k in ENV if k not in os.environ]
     if missing and not dist.is_initialized():
-        raise RRMError(f"WORLD_SIZE is set but {', '.join(missing)} is not; start distributed training with "
-                       "`torchrun --nproc-per-node N -m rrm.cli train ...`")
+        raise RRMError(
+            f"WORLD_SIZE is set but {', '.join(missing)} is not; start distributed training with "
+            "`torchrun --nproc-per-node N -m rrm.cli train ...`"
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     owns = not dist.is_initialized()
     if owns:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+        )
     ctx = Context(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, owns_group=owns)
     if batch_size % ctx.world_size:
         teardown(ctx)
-        raise RRMError(f"batch_size {batch_size} is the global batch and must be divisible by the {ctx.world_size} "
-                       f"processes; use --batch-size {batch_size - batch_size % ctx.world_size or ctx.world_size}")
+        raise RRMError(
+            f"batch_size {batch_size} is the global batch and must be divisible by the {ctx.world_size} "
+            f"processes; use --batch-size {batch_size - batch_size % ctx.world_size or ctx.world_size}"
+        )
     return ctx, device
 
 
@@ -118,7 +124,7 @@ def _sum_over_ranks(tensors: list[torch.Tensor], scale: float) -> None:
     dist.all_reduce(flat)
     offset = 0
     for t in tensors:
-        t.copy_(flat[offset: offset + t.numel()].view_as(t))
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
 
 
@@ -137,8 +143,16 @@ def sum_tensors(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def average_batchnorm_stats(model: torch.nn.Module, ctx: Context) -> None:
     """Average BatchNorm running means and variances over ranks (they saw different shards)."""
-    _sum_over_ranks([b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                     for b in (m.running_mean, m.running_var) if b is not None], 1 / ctx.world_size)
+    _sum_over_ranks(
+        [
+            b
+            for m in model.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            for b in (m.running_mean, m.running_var)
+            if b is not None
+        ],
+        1 / ctx.world_size,
+    )
 
 
 def broadcast_parameters(model: torch.nn.Module) -> None:

@@ -22,8 +22,24 @@ from rrm.train.losses import gradient_alignment, input_gradient
 from rrm.train.strategy import TRAINING_KNOBS, Knob, Method, StepFn, Terms
 from rrm.train.transfer import KD, KDIGA, RDT, RRM, TeacherMethod
 
-__all__ = ["KD", "KDIGA", "METHODS", "RDT", "RRM", "TRAINING_KNOBS", "Knob", "Method", "StepFn", "TeacherMethod",
-           "Terms", "get_method", "knobs_of", "may_teach", "teacher_methods", "tunable_methods"]
+__all__ = [
+    "KD",
+    "KDIGA",
+    "METHODS",
+    "RDT",
+    "RRM",
+    "TRAINING_KNOBS",
+    "Knob",
+    "Method",
+    "StepFn",
+    "TeacherMethod",
+    "Terms",
+    "get_method",
+    "knobs_of",
+    "may_teach",
+    "teacher_methods",
+    "tunable_methods",
+]
 
 
 class AdversarialMethod(Method):
@@ -50,8 +66,16 @@ class SAT(AdversarialMethod):
 
     def craft(self, model, x, y):
         c = self.cfg
-        return pgd(model, x, y, norm=c.norm, eps=self.eps, step_size=self.step_size, steps=c.attack_steps,
-                   random_start=c.random_start)
+        return pgd(
+            model,
+            x,
+            y,
+            norm=c.norm,
+            eps=self.eps,
+            step_size=self.step_size,
+            steps=c.attack_steps,
+            random_start=c.random_start,
+        )
 
 
 class PGDFast(SAT):
@@ -112,8 +136,16 @@ class NFGSM(AdversarialMethod):
 
     def craft(self, model, x, y):
         c = self.cfg
-        return n_fgsm(model, x, y, norm=c.norm, eps=self.eps, noise_magnitude=self.noise_magnitude,
-                      step_size=self.step_size, project_to_eps=c.project_to_eps)
+        return n_fgsm(
+            model,
+            x,
+            y,
+            norm=c.norm,
+            eps=self.eps,
+            noise_magnitude=self.noise_magnitude,
+            step_size=self.step_size,
+            project_to_eps=c.project_to_eps,
+        )
 
 
 class Free(Method):
@@ -153,9 +185,7 @@ class Free(Method):
 
 
 # In the order the reports list them: no teacher first, then those that learn from one.
-METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (Method, SAT, PGDFast, Fast, NFGSM, Free, RDT, KD, KDIGA, RRM)
-}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Method, SAT, PGDFast, Fast, NFGSM, Free, RDT, KD, KDIGA, RRM)}
 
 
 def get_method(name: str) -> type[Method]:

@@ -45,8 +45,10 @@ def stage_adapter(student: Sequence[int], teacher: Sequence[int]) -> nn.Module |
     if len(student) == 1 and len(teacher) == 1:
         return nn.Linear(student[0], teacher[0])
     if len(student) != 3 or len(teacher) != 3:
-        raise RRMError(f"cannot match a stage of shape {list(student)} to one of shape {list(teacher)}; match stages "
-                       "of the same kind (maps with maps, vectors with vectors)")
+        raise RRMError(
+            f"cannot match a stage of shape {list(student)} to one of shape {list(teacher)}; match stages "
+            "of the same kind (maps with maps, vectors with vectors)"
+        )
     layers: list[nn.Module] = []
     if student[0] != teacher[0]:
         layers.append(nn.Conv2d(student[0], teacher[0], 1))

@@ -90,7 +90,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if deterministic != torch.are_deterministic_algorithms_enabled():  # the call costs ~2.5 s (it imports torch's compiler config)
+    if (
+        deterministic != torch.are_deterministic_algorithms_enabled()
+    ):  # the call costs ~2.5 s (it imports torch's compiler config)
         torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.benchmark = not deterministic
 
@@ -102,8 +104,10 @@ def load_teacher(path: str | os.PathLike, device: torch.device) -> Classifier:
     that training never needs MLflow; pass the loaded model as ``train(..., teacher=)`` or the pulled file here.
     """
     if str(path).startswith(("models:/", "runs:/")):
-        raise RRMError(f"registry URI {str(path)!r} must be resolved before training: load it with "
-                       "rrm.jobs.load_model_ref and pass it as teacher=, or pass the file `rrm teacher pull` wrote")
+        raise RRMError(
+            f"registry URI {str(path)!r} must be resolved before training: load it with "
+            "rrm.jobs.load_model_ref and pass it as teacher=, or pass the file `rrm teacher pull` wrote"
+        )
     teacher, _ = load_model(path)
     teacher.to(device).eval()
     for p in teacher.parameters():
@@ -111,7 +115,9 @@ def load_teacher(path: str | os.PathLike, device: torch.device) -> Classifier:
     return teacher
 
 
-def lr_factor(schedule: str, progress: float, epoch_progress: float, milestones: tuple[int, ...], gamma: float) -> float:
+def lr_factor(
+    schedule: str, progress: float, epoch_progress: float, milestones: tuple[int, ...], gamma: float
+) -> float:
     """The learning-rate multiplier at ``progress`` (fraction of all steps) / ``epoch_progress`` (in epochs)."""
     if schedule == "cosine":
         return 0.5 * (1 + math.cos(math.pi * progress))
@@ -137,8 +143,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def monitored_robust_accuracy(model: Classifier, data: ImageData, cfg: TrainConfig,
-                              steps: int | None = None) -> float:
+def monitored_robust_accuracy(model: Classifier, data: ImageData, cfg: TrainConfig, steps: int | None = None) -> float:
     """PGD accuracy on the first ``monitor_examples`` test images: a cheap per-epoch robustness signal.
 
     ``steps=1`` gives the single-step (FGSM, step eps, no random start) accuracy that the catastrophic-overfitting
@@ -187,11 +192,16 @@ def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
         raise RRMError(f"{str(path)!r} is not an rrm training checkpoint; delete it to start over")
     saved = {k: v for k, v in state["config"].items() if k not in (*RUNTIME_OPTIONS, "epochs")}
     now = {k: v for k, v in cfg.to_dict().items() if k in saved}
-    changed = sorted(k for k in saved if saved[k] != now[k] and not (isinstance(saved[k], (list, tuple))
-                                                                      and list(saved[k]) == list(now[k] or [])))
+    changed = sorted(
+        k
+        for k in saved
+        if saved[k] != now[k] and not (isinstance(saved[k], (list, tuple)) and list(saved[k]) == list(now[k] or []))
+    )
     if changed:
-        raise RRMError(f"checkpoint {str(path)!r} was written with other settings ({', '.join(changed)}); "
-                       "use the same settings to resume, or another --out-dir")
+        raise RRMError(
+            f"checkpoint {str(path)!r} was written with other settings ({', '.join(changed)}); "
+            "use the same settings to resume, or another --out-dir"
+        )
     return state
 
 
@@ -216,8 +226,10 @@ def train(
     method_cls = get_method(cfg.method)  # an unknown method fails before any process group is joined
     out_dir = Path(cfg.out_dir)
     if cfg.resume and not cfg.resume_or_start and not (out_dir / CHECKPOINT).is_file():
-        raise RRMError(f"--resume: there is no checkpoint in {str(out_dir)!r} to resume; drop --resume to start a new "
-                       "run there, or pass --resume-or-start to resume when there is one and start afresh otherwise")
+        raise RRMError(
+            f"--resume: there is no checkpoint in {str(out_dir)!r} to resume; drop --resume to start a new "
+            "run there, or pass --resume-or-start to resume when there is one and start afresh otherwise"
+        )
     check_writable(out_dir, directory=True)  # creates nothing: the directory is made once training starts
     ctx, device = distributed.setup(resolve_device(cfg.device), cfg.batch_size)
     output = _RunOutput(out_dir, ctx.is_main)
@@ -259,8 +271,10 @@ class _RunOutput:
             return None
         if self.epoch:
             names = self.written or [CHECKPOINT]
-            return (f"kept {', '.join(names)} in {str(self.path)!r} (epoch {self.epoch}, the last good one; --resume "
-                    "continues from it)")
+            return (
+                f"kept {', '.join(names)} in {str(self.path)!r} (epoch {self.epoch}, the last good one; --resume "
+                "continues from it)"
+            )
         removed = None
         with contextlib.suppress(OSError):  # never raise over the run's own error
             for made in self.made:  # innermost first; only directories this run created, and only if now empty
@@ -273,11 +287,21 @@ class _RunOutput:
         return f"kept nothing (no epoch finished){where}"
 
 
-def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context, device: torch.device, callbacks,
-           data: ImageData | None, teacher: Classifier | str | os.PathLike | None, output: _RunOutput) -> TrainResult:
+def _train(
+    cfg: TrainConfig,
+    method_cls: type[Method],
+    ctx: distributed.Context,
+    device: torch.device,
+    callbacks,
+    data: ImageData | None,
+    teacher: Classifier | str | os.PathLike | None,
+    output: _RunOutput,
+) -> TrainResult:
     if cfg.sync_batchnorm and not (ctx.enabled and device.type == "cuda"):
-        raise RRMError("--sync-batchnorm needs torchrun with several processes on CUDA; without it each rank "
-                       "normalises with its own share of the batch (drop the flag)")
+        raise RRMError(
+            "--sync-batchnorm needs torchrun with several processes on CUDA; without it each rank "
+            "normalises with its own share of the batch (drop the flag)"
+        )
     seed_everything(cfg.seed, cfg.deterministic)
     callbacks = callbacks if ctx.is_main else ()
     data = data if data is not None else load_dataset(cfg.dataset)
@@ -319,8 +343,9 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda it: lr_factor(schedule, it / total_steps, it / steps_per_pass * method.epochs_per_pass,
-                             cfg.milestones, cfg.lr_gamma),
+        lambda it: lr_factor(
+            schedule, it / total_steps, it / steps_per_pass * method.epochs_per_pass, cfg.milestones, cfg.lr_gamma
+        ),
     )
     precision = _precision(cfg, method, device)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -377,10 +402,20 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
         _sync(device)
         started = time.perf_counter()
         bar = tqdm(
-            batches(train_x, train_y, cfg.batch_size, shuffle=True, generator=generator, augment=data.augment,
-                    device=device, shard=(ctx.rank, ctx.world_size) if ctx.enabled else None),
-            total=math.ceil(len(train_y) / cfg.batch_size), desc=f"{cfg.method} {epoch + 1}/{passes}",
-            disable=True if not ctx.is_main else None if cfg.progress is None else not cfg.progress, leave=False,
+            batches(
+                train_x,
+                train_y,
+                cfg.batch_size,
+                shuffle=True,
+                generator=generator,
+                augment=data.augment,
+                device=device,
+                shard=(ctx.rank, ctx.world_size) if ctx.enabled else None,
+            ),
+            total=math.ceil(len(train_y) / cfg.batch_size),
+            desc=f"{cfg.method} {epoch + 1}/{passes}",
+            disable=True if not ctx.is_main else None if cfg.progress is None else not cfg.progress,
+            leave=False,
         )
         for i, (xb, yb) in enumerate(bar):
             if cfg.channels_last:
@@ -391,8 +426,10 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
                 n = distributed.share(n_global, ctx)
                 shard_weight = n / n_global
             counting = flops_per_image is None and len(yb) > 0  # count one real step, then multiply
-            with (torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
-                  FlopCounter() if counting else contextlib.nullcontext() as counter):
+            with (
+                torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
+                FlopCounter() if counting else contextlib.nullcontext() as counter,
+            ):
                 terms = method.train_batch(model, xb, yb, step)
             if counting:
                 flops_per_image = counter.get_total_flops() / len(yb)
@@ -412,8 +449,10 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
             distributed.average_batchnorm_stats(model, ctx)
         metrics = {key: float(value) / float(seen) for key, value in sums.items()}
         if not math.isfinite(metrics["loss"]):
-            raise RRMError(f"the training loss became {metrics['loss']} in epoch {epoch + 1} of {cfg.method!r}; "
-                           "lower --lr, or use --precision fp32")
+            raise RRMError(
+                f"the training loss became {metrics['loss']} in epoch {epoch + 1} of {cfg.method!r}; "
+                "lower --lr, or use --precision fp32"
+            )
         metrics = {
             "epoch": epoch + 1,
             "paper_epochs": (epoch + 1) * method.epochs_per_pass,
@@ -453,12 +492,27 @@ def _train(cfg: TrainConfig, method_cls: type[Method], ctx: distributed.Context,
             if net is not None:
                 net.__dict__.pop("features", None)
     summary = summarize(history, method.epochs_per_pass)
-    summary.update(method=cfg.method, model=cfg.model, dataset=data.name, dataset_digest=data.digest,
-                   precision=precision, schedule=schedule, device=str(device), processes=ctx.world_size)
+    summary.update(
+        method=cfg.method,
+        model=cfg.model,
+        dataset=data.name,
+        dataset_digest=data.digest,
+        precision=precision,
+        schedule=schedule,
+        device=str(device),
+        processes=ctx.world_size,
+    )
     meta = {
-        "method": cfg.method, "model": cfg.model, "dataset": data.name, "dataset_digest": data.digest,
-        "norm": cfg.norm, "eps": cfg.eps, "teacher": cfg.teacher, "feature_dim": model.feature_dim,
-        "config": cfg.to_dict(), "summary": summary,
+        "method": cfg.method,
+        "model": cfg.model,
+        "dataset": data.name,
+        "dataset_digest": data.digest,
+        "norm": cfg.norm,
+        "eps": cfg.eps,
+        "teacher": cfg.teacher,
+        "feature_dim": model.feature_dim,
+        "config": cfg.to_dict(),
+        "summary": summary,
     }
     if ctx.is_main:
         save_model(model, out_dir / MODEL, meta)
@@ -490,4 +544,3 @@ def summarize(history: list[dict], epochs_per_pass: int = 1) -> dict:
     if last.get("early_stopped"):
         summary["early_stopped_at_epoch"] = last["epoch"]
     return summary
-

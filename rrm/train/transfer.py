@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 
@@ -29,9 +31,11 @@ class TeacherMethod(Method):
         spec = self.teacher.spec
         shape = (spec.get("in_channels"), spec.get("image_size"), spec.get("image_size"))
         if shape != data.input_shape or spec.get("num_classes") != data.num_classes:
-            raise RRMError(f"teacher expects {shape[0]}x{shape[1]}x{shape[2]} images in {spec.get('num_classes')} "
-                           f"classes but {data.name!r} has {'x'.join(map(str, data.input_shape))} in "
-                           f"{data.num_classes}; use a teacher trained on this dataset")
+            raise RRMError(
+                f"teacher expects {shape[0]}x{shape[1]}x{shape[2]} images in {spec.get('num_classes')} "
+                f"classes but {data.name!r} has {'x'.join(map(str, data.input_shape))} in "
+                f"{data.num_classes}; use a teacher trained on this dataset"
+            )
 
 
 class RRM(TeacherMethod):
@@ -50,9 +54,19 @@ class RRM(TeacherMethod):
     """
 
     name = "rrm"
-    options = ("lam", "feature_loss", "match_inputs", "kd_weight", "iga_weight", "temperature", "step_size",
-               "attack_steps", "random_start", "match_layers")
-    knobs = {"lambda": Knob("lam", 1e-5, 1.0, log=True)}
+    options = (
+        "lam",
+        "feature_loss",
+        "match_inputs",
+        "kd_weight",
+        "iga_weight",
+        "temperature",
+        "step_size",
+        "attack_steps",
+        "random_start",
+        "match_layers",
+    )
+    knobs: ClassVar[dict[str, Knob]] = {"lambda": Knob("lam", 1e-5, 1.0, log=True)}
     tuned_by_default = ("lambda",)
 
     def __init__(self, cfg: TrainConfig, teacher: Classifier | None = None):
@@ -63,13 +77,17 @@ class RRM(TeacherMethod):
     def check(self, data: ImageData, model: Classifier) -> None:
         super().check(data, model)
         if "penultimate" in self.layers and model.feature_dim != self.teacher.feature_dim:
-            raise RRMError(f"student {model.spec['name']!r} has {model.feature_dim}-d features but the teacher has "
-                           f"{self.teacher.feature_dim}-d; pass --feature-dim {self.teacher.feature_dim}")
+            raise RRMError(
+                f"student {model.spec['name']!r} has {model.feature_dim}-d features but the teacher has "
+                f"{self.teacher.feature_dim}-d; pass --feature-dim {self.teacher.feature_dim}"
+            )
         for who, net in (("student", model), ("teacher", self.teacher)):
             missing = [name for name in self.layers if name not in net.stage_names]
             if missing:
-                raise RRMError(f"--match-layers names {', '.join(missing)}, which the {who} "
-                               f"{net.spec.get('name')!r} lacks; its stages: {', '.join(net.stage_names)}")
+                raise RRMError(
+                    f"--match-layers names {', '.join(missing)}, which the {who} "
+                    f"{net.spec.get('name')!r} lacks; its stages: {', '.join(net.stage_names)}"
+                )
         inner = [name for name in self.layers if name != "penultimate"]
         if inner:
             probe = torch.zeros(1, *data.input_shape, device=next(model.parameters()).device)
@@ -125,8 +143,16 @@ class RRM(TeacherMethod):
         elif c.match_inputs == "teacher-fgsm":  # attacks differentiate the input only: no gradient reaches the teacher
             perturbed = fgsm(self.teacher, x, y, norm=c.norm, eps=c.eps, step_size=self.step_size, random_start=True)
         else:
-            perturbed = pgd(self.teacher, x, y, norm=c.norm, eps=c.eps, step_size=self.step_size,
-                            steps=c.attack_steps, random_start=c.random_start)
+            perturbed = pgd(
+                self.teacher,
+                x,
+                y,
+                norm=c.norm,
+                eps=c.eps,
+                step_size=self.step_size,
+                steps=c.attack_steps,
+                random_start=c.random_start,
+            )
         return torch.cat([x, perturbed.detach()])
 
     def loss(self, model, x, y):
@@ -136,8 +162,9 @@ class RRM(TeacherMethod):
         if c.iga_weight:
             labels = y.repeat(len(inputs) // len(y))
             student, logits, student_grad = self._stages_and_input_gradient(model, inputs, labels, create_graph=True)
-            target, teacher_logits, teacher_grad = self._stages_and_input_gradient(self.teacher, inputs, labels,
-                                                                                 create_graph=False)
+            target, teacher_logits, teacher_grad = self._stages_and_input_gradient(
+                self.teacher, inputs, labels, create_graph=False
+            )
             target, teacher_logits = {k: v.detach() for k, v in target.items()}, teacher_logits.detach()
             terms["alignment"] = input_gradient_alignment(student_grad, teacher_grad)
         else:
@@ -147,8 +174,9 @@ class RRM(TeacherMethod):
                 target = self._stages(self.teacher, inputs)
                 teacher_logits = None
                 if c.kd_weight:
-                    teacher_logits = (self.teacher.head(target["penultimate"]) if "penultimate" in target
-                                      else self.teacher(inputs))
+                    teacher_logits = (
+                        self.teacher.head(target["penultimate"]) if "penultimate" in target else self.teacher(inputs)
+                    )
         clean_logits = logits[: len(y)]
         ce = F.cross_entropy(clean_logits.float(), y)
         representation, layer_terms = self.matching(student, target)
@@ -158,8 +186,14 @@ class RRM(TeacherMethod):
             loss = loss + c.kd_weight * terms["kd"]
         if c.iga_weight:
             loss = loss + c.iga_weight * terms["alignment"]
-        return {"loss": loss, "logits": clean_logits, "ce": ce, "representation": representation, **layer_terms,
-                **terms}
+        return {
+            "loss": loss,
+            "logits": clean_logits,
+            "ce": ce,
+            "representation": representation,
+            **layer_terms,
+            **terms,
+        }
 
     def _stages_and_input_gradient(
         self, net: Classifier, x: torch.Tensor, y: torch.Tensor, create_graph: bool
@@ -180,7 +214,7 @@ class KD(TeacherMethod):
     name = "kd"
     default_schedule = "step"
     options = ("temperature", "alpha")
-    knobs = {"temperature": _TEMPERATURE, "alpha": _ALPHA}
+    knobs: ClassVar[dict[str, Knob]] = {"temperature": _TEMPERATURE, "alpha": _ALPHA}
     tuned_by_default = ("temperature", "alpha")
 
     def loss(self, model, x, y):
@@ -204,7 +238,11 @@ class KDIGA(KD):
 
     name = "kdiga"
     options = ("temperature", "alpha", "gamma")
-    knobs = {"gamma": Knob("gamma", 0.5, 100.0, log=True), "temperature": _TEMPERATURE, "alpha": _ALPHA}
+    knobs: ClassVar[dict[str, Knob]] = {
+        "gamma": Knob("gamma", 0.5, 100.0, log=True),
+        "temperature": _TEMPERATURE,
+        "alpha": _ALPHA,
+    }
     tuned_by_default = ("gamma", "temperature")
 
     def loss(self, model, x, y):
@@ -226,5 +264,7 @@ class RDT(Method):
 
     def check(self, data: ImageData, model: Classifier) -> None:
         if data.source.get("kind") != "robustified":
-            raise RRMError(f"method 'rdt' trains on robustified data but {data.name!r} is not; "
-                           "run `rrm robustify` and pass its output file as the dataset")
+            raise RRMError(
+                f"method 'rdt' trains on robustified data but {data.name!r} is not; "
+                "run `rrm robustify` and pass its output file as the dataset"
+            )

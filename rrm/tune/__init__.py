@@ -24,9 +24,15 @@ from rrm.tune.config import DEFAULT_STORAGE, MODES, PRUNERS, TuneConfig, parse_r
 
 # The rest loads optuna, so it is imported on first use: the command line reads the configuration above without it.
 _LAZY = {
-    "open_storage": "storage", "storage_label": "storage",
-    "EpochScore": "study", "PruneOnScore": "study", "TrialSeededTPE": "study", "best_trials": "study",
-    "open_study": "study", "tune": "study", "TuneResult": "summary",
+    "open_storage": "storage",
+    "storage_label": "storage",
+    "EpochScore": "study",
+    "PruneOnScore": "study",
+    "TrialSeededTPE": "study",
+    "best_trials": "study",
+    "open_study": "study",
+    "tune": "study",
+    "TuneResult": "summary",
 }
 
 __all__ = ["DEFAULT_STORAGE", "MODES", "PRUNERS", "TuneConfig", "parse_range", *_LAZY]

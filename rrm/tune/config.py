@@ -21,6 +21,7 @@ MODES = ("pareto", "constrained")
 PRUNERS = ("median", "hyperband", "threshold", "none")
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 
+
 @dataclass
 class TuneConfig:
     """One study: what to tune, how to score and where to keep it. ``train`` holds every fixed training option."""
@@ -72,18 +73,34 @@ class TuneConfig:
         knobs = knobs_of(self.method)
         values = {knobs[name].field: value for name, value in params.items()}
         out_dir = self.directory / "trials" / f"{number:04d}"
-        return self.train.replace(method=self.method, **values, out_dir=str(out_dir), resume=False, progress=False,
-                                  monitor_examples=0)
+        return self.train.replace(
+            method=self.method, **values, out_dir=str(out_dir), resume=False, progress=False, monitor_examples=0
+        )
 
     def settings(self) -> dict:
         """What a study's trials depend on; a restart must match them (n_trials and the test budget may change)."""
-        base = {k: v for k, v in self.train.to_dict().items()
-                if k not in (*RUNTIME_OPTIONS, "out_dir", "monitor_examples", "monitor_steps")}
-        return json.loads(json.dumps({
-            "method": self.method, "mode": self.mode, "ranges": {k: list(self.range_of(k)) for k in self.tuned},
-            "min_natural_accuracy": self.min_natural_accuracy, "pruner": self.pruner_name,
-            "prune_below": self.prune_below, "seed": self.seed, "validation_size": self.validation_size,
-            "attack_examples": self.attack_examples, "attack_steps": self.attack_steps, "train": base}))
+        base = {
+            k: v
+            for k, v in self.train.to_dict().items()
+            if k not in (*RUNTIME_OPTIONS, "out_dir", "monitor_examples", "monitor_steps")
+        }
+        return json.loads(
+            json.dumps(
+                {
+                    "method": self.method,
+                    "mode": self.mode,
+                    "ranges": {k: list(self.range_of(k)) for k in self.tuned},
+                    "min_natural_accuracy": self.min_natural_accuracy,
+                    "pruner": self.pruner_name,
+                    "prune_below": self.prune_below,
+                    "seed": self.seed,
+                    "validation_size": self.validation_size,
+                    "attack_examples": self.attack_examples,
+                    "attack_steps": self.attack_steps,
+                    "train": base,
+                }
+            )
+        )
 
     def validate(self) -> TuneConfig:
         """Raise :class:`RRMError` naming the bad value and the fix; returns self for chaining."""
@@ -105,25 +122,39 @@ class TuneConfig:
         for name in self.tuned:  # each trial sets a tuned knob's field: a fixed value of it would be ignored
             knob_field = knobs_of(self.method)[name].field
             fixed = getattr(self.train, knob_field)
-            require(fixed == getattr(defaults, knob_field),
-                    f"{name} is tuned in {list(self.range_of(name))}, so its fixed value {fixed} would be ignored; "
-                    f"drop the fixed {name}, or stop tuning it")
-        require(0 <= self.min_natural_accuracy < 1,
-                f"min_natural_accuracy must be in [0, 1), got {self.min_natural_accuracy}")
-        require(self.mode == "constrained" or self.pruner_name == "none",
-                f"pruner {self.pruner_name!r} needs --mode constrained (Optuna cannot prune multi-objective "
-                "studies); pass --pruner none or --mode constrained")
-        require(self.pruner_name != "threshold" or 0 < self.prune_below <= 1,
-                f"the threshold pruner needs prune_below in (0, 1], got {self.prune_below}")
+            require(
+                fixed == getattr(defaults, knob_field),
+                f"{name} is tuned in {list(self.range_of(name))}, so its fixed value {fixed} would be ignored; "
+                f"drop the fixed {name}, or stop tuning it",
+            )
+        require(
+            0 <= self.min_natural_accuracy < 1,
+            f"min_natural_accuracy must be in [0, 1), got {self.min_natural_accuracy}",
+        )
+        require(
+            self.mode == "constrained" or self.pruner_name == "none",
+            f"pruner {self.pruner_name!r} needs --mode constrained (Optuna cannot prune multi-objective "
+            "studies); pass --pruner none or --mode constrained",
+        )
+        require(
+            self.pruner_name != "threshold" or 0 < self.prune_below <= 1,
+            f"the threshold pruner needs prune_below in (0, 1], got {self.prune_below}",
+        )
         require(0 < self.validation_size < 1, f"validation_size must be in (0, 1), got {self.validation_size}")
         for name in ("attack_examples", "attack_steps", "best_trials", "test_steps", "test_restarts"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        require(self.test_examples is None or self.test_examples >= 1,
-                f"test_examples must be >= 1 (or unset for the whole test split), got {self.test_examples}")
-        require(bool(re.fullmatch(r"[\w.@+-]{1,200}", self.name)),
-                f"study name {self.name!r} may hold only letters, digits and . _ - + @; pass another --study-name")
-        require(bool(self.train.teacher),
-                f"method {self.method!r} needs a teacher; pass --teacher <model file or models:/ URI>")
+        require(
+            self.test_examples is None or self.test_examples >= 1,
+            f"test_examples must be >= 1 (or unset for the whole test split), got {self.test_examples}",
+        )
+        require(
+            bool(re.fullmatch(r"[\w.@+-]{1,200}", self.name)),
+            f"study name {self.name!r} may hold only letters, digits and . _ - + @; pass another --study-name",
+        )
+        require(
+            bool(self.train.teacher),
+            f"method {self.method!r} needs a teacher; pass --teacher <model file or models:/ URI>",
+        )
         self.train.replace(method=self.method).validate()
         return self
 
@@ -136,11 +167,15 @@ class TuneConfig:
             raise RRMError(f"range of {name} must be two numbers LOW,HIGH, got {bounds!r}") from None
         if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
             what = "empty" if low == high else "inverted" if low > high else "not finite"
-            raise RRMError(f"range of {name} [{low:g}, {high:g}] is {what}; pass LOW < HIGH, e.g. --range "
-                           f"{name}={knob.low:g},{knob.high:g}")
+            raise RRMError(
+                f"range of {name} [{low:g}, {high:g}] is {what}; pass LOW < HIGH, e.g. --range "
+                f"{name}={knob.low:g},{knob.high:g}"
+            )
         if knob.log and low <= 0:
-            raise RRMError(f"range of {name} [{low:g}, {high:g}] is searched on a log scale and must be > 0; "
-                           f"e.g. --range {name}={knob.low:g},{high:g}")
+            raise RRMError(
+                f"range of {name} [{low:g}, {high:g}] is searched on a log scale and must be > 0; "
+                f"e.g. --range {name}={knob.low:g},{high:g}"
+            )
         if knob.integer and (low != int(low) or high != int(high)):
             raise RRMError(f"range of {name} [{low:g}, {high:g}] must be whole numbers")
         for bound in (low, high):  # the training config's own rules (alpha <= 1, epochs >= 1, ...)

@@ -39,7 +39,7 @@ def storage_label(url: str) -> str:
 
 def _journal_path(url: str) -> Path | None:
     if url.startswith("journal:"):
-        return Path(url[len("journal:"):].removeprefix("//"))
+        return Path(url[len("journal:") :].removeprefix("//"))
     return Path(url) if "://" not in url and url.endswith(".log") else None
 
 
@@ -57,17 +57,20 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             journal.parent.mkdir(parents=True, exist_ok=True)
             return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
         except OSError as exc:
-            raise RRMError(f"cannot open the journal file {str(journal)!r}: {exc.strerror or exc}; check the path") \
-                from None
+            raise RRMError(
+                f"cannot open the journal file {str(journal)!r}: {exc.strerror or exc}; check the path"
+            ) from None
     if "://" not in url:
         if url.endswith((".db", ".sqlite", ".sqlite3")):
             url = f"sqlite:///{url}"
         else:
-            raise RRMError(f"storage {label!r} is not a URL; use sqlite:///FILE.db, journal:FILE.log or "
-                           "postgresql://USER:PASSWORD@HOST:PORT/DB")
+            raise RRMError(
+                f"storage {label!r} is not a URL; use sqlite:///FILE.db, journal:FILE.log or "
+                "postgresql://USER:PASSWORD@HOST:PORT/DB"
+            )
     engine_kwargs: dict = {}
     if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     elif url.startswith(("postgresql", "mysql")):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails in seconds
     try:
@@ -75,8 +78,12 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # the heartbeat options are marked experimental
-                    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
-                                                      heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
+                    return optuna.storages.RDBStorage(
+                        url,
+                        engine_kwargs=engine_kwargs,
+                        heartbeat_interval=HEARTBEAT_SECONDS,
+                        grace_period=GRACE_SECONDS,
+                    )
             except Exception as exc:
                 # Workers started together on an empty database race to create Optuna's tables; the losers see
                 # "already exists" or a duplicate key. The winner's schema is there a moment later: open again.
@@ -86,15 +93,20 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                 time.sleep(0.5 + random.random())
     except ImportError as exc:
         driver = getattr(exc, "name", None) or str(exc)
-        raise RRMError(f"storage {label} needs the database driver {driver!r}, which is not installed; install it "
-                       "(PostgreSQL: pip install 'psycopg[binary]' for postgresql+psycopg://)") from None
+        raise RRMError(
+            f"storage {label} needs the database driver {driver!r}, which is not installed; install it "
+            "(PostgreSQL: pip install 'psycopg[binary]' for postgresql+psycopg://)"
+        ) from None
     except Exception as exc:
         text = " ".join(mask_url(_database_message(exc)).split())[:300]  # SQLAlchemy quotes a URL it cannot parse
         if "Can't load plugin" in text:
-            raise RRMError(f"storage {label}: unknown database kind {url.split(':')[0]!r}; use sqlite:///FILE.db, "
-                           "journal:FILE.log or postgresql://USER:PASSWORD@HOST:PORT/DB") from None
-        raise RRMError(f"cannot open the Optuna storage {label}: {text}; check the URL and that the database "
-                       "server is running") from None
+            raise RRMError(
+                f"storage {label}: unknown database kind {url.split(':')[0]!r}; use sqlite:///FILE.db, "
+                "journal:FILE.log or postgresql://USER:PASSWORD@HOST:PORT/DB"
+            ) from None
+        raise RRMError(
+            f"cannot open the Optuna storage {label}: {text}; check the URL and that the database server is running"
+        ) from None
 
 
 def _database_message(exc: BaseException) -> str:
@@ -103,6 +115,7 @@ def _database_message(exc: BaseException) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------- workers
+
 
 def this_worker() -> dict:
     """This process, as trials name the worker that runs them (``rrm.worker``)."""

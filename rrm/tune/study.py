@@ -50,8 +50,9 @@ class EpochScore(Callback):
         self.model = model
 
     def on_epoch_end(self, epoch: int, metrics: dict) -> None:
-        self.last = apgd_accuracy(self.model, self.x, self.y, norm=self.norm, eps=self.eps, steps=self.steps,
-                                  seed=self.seed)
+        self.last = apgd_accuracy(
+            self.model, self.x, self.y, norm=self.norm, eps=self.eps, steps=self.steps, seed=self.seed
+        )
         self.epochs = epoch
         metrics["val_apgd_accuracy"] = self.last
 
@@ -116,11 +117,19 @@ def open_study(cfg: TuneConfig, storage: optuna.storages.BaseStorage) -> optuna.
     """Create the study or load it to resume; a study made with other settings is refused."""
     directions = ["maximize", "maximize"] if cfg.mode == "pareto" else ["maximize"]
     try:
-        study = optuna.create_study(storage=storage, study_name=cfg.name, directions=directions,
-                                    load_if_exists=True, sampler=TrialSeededTPE(cfg.seed), pruner=_pruner(cfg))
+        study = optuna.create_study(
+            storage=storage,
+            study_name=cfg.name,
+            directions=directions,
+            load_if_exists=True,
+            sampler=TrialSeededTPE(cfg.seed),
+            pruner=_pruner(cfg),
+        )
     except Exception as exc:
-        raise RRMError(f"cannot create or load study {cfg.name!r} in {storage_label(cfg.storage)}: "
-                       f"{' '.join(str(exc).split())[:300]}") from None
+        raise RRMError(
+            f"cannot create or load study {cfg.name!r} in {storage_label(cfg.storage)}: "
+            f"{' '.join(str(exc).split())[:300]}"
+        ) from None
     settings = cfg.settings()
     saved = study.user_attrs.get("rrm.settings")
     if saved is not None and isinstance(saved.get("train"), dict):
@@ -133,10 +142,15 @@ def open_study(cfg: TuneConfig, storage: optuna.storages.BaseStorage) -> optuna.
         changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
         if "train" in changed:
             changed.remove("train")
-            changed += sorted(f"train.{k}" for k in set(saved["train"]) | set(settings["train"])
-                              if saved["train"].get(k) != settings["train"].get(k))
-        raise RRMError(f"study {cfg.name!r} in {storage_label(cfg.storage)} was made with other settings "
-                       f"({', '.join(changed)}); use the same settings to resume it, or another --study-name")
+            changed += sorted(
+                f"train.{k}"
+                for k in set(saved["train"]) | set(settings["train"])
+                if saved["train"].get(k) != settings["train"].get(k)
+            )
+        raise RRMError(
+            f"study {cfg.name!r} in {storage_label(cfg.storage)} was made with other settings "
+            f"({', '.join(changed)}); use the same settings to resume it, or another --study-name"
+        )
     return study
 
 
@@ -152,8 +166,7 @@ def best_trials(study: optuna.Study, cfg: TuneConfig) -> list[FrozenTrial]:
     return sorted(chosen, key=key, reverse=True)[: cfg.best_trials]
 
 
-def scores_on_test_split(study: optuna.Study, trial: FrozenTrial, cfg: TuneConfig,
-                         data: ImageData) -> dict | None:
+def scores_on_test_split(study: optuna.Study, trial: FrozenTrial, cfg: TuneConfig, data: ImageData) -> dict | None:
     """The trial's model on the test split (cached in the study); None when its model file is not on this host."""
     key = f"rrm.test.{trial.number}"
     if key in study.user_attrs:
@@ -163,13 +176,26 @@ def scores_on_test_split(study: optuna.Study, trial: FrozenTrial, cfg: TuneConfi
         return None
     model, _ = load_model(path, map_location=resolve_device(cfg.train.device))
     n = len(data.test_y) if cfg.test_examples is None else min(cfg.test_examples, len(data.test_y))
-    config = EvalConfig(norm=cfg.train.norm, eps=cfg.train.eps, attacks=("apgd",), n_examples=n,
-                        steps=cfg.test_steps, restarts=cfg.test_restarts, sanity=True,
-                        sanity_examples=min(100, n), sanity_steps=10, seed=cfg.seed)
+    config = EvalConfig(
+        norm=cfg.train.norm,
+        eps=cfg.train.eps,
+        attacks=("apgd",),
+        n_examples=n,
+        steps=cfg.test_steps,
+        restarts=cfg.test_restarts,
+        sanity=True,
+        sanity_examples=min(100, n),
+        sanity_steps=10,
+        seed=cfg.seed,
+    )
     result = evaluate(model, data, config, progress=False)
-    scores = {"natural_accuracy": result.natural_accuracy, "adversarial_accuracy": result.adversarial_accuracy["apgd"],
-              "n_examples": result.n_examples, "attack": f"apgd {cfg.test_steps} steps x {cfg.test_restarts}",
-              "sanity_passed": result.sanity_passed}
+    scores = {
+        "natural_accuracy": result.natural_accuracy,
+        "adversarial_accuracy": result.adversarial_accuracy["apgd"],
+        "n_examples": result.n_examples,
+        "attack": f"apgd {cfg.test_steps} steps x {cfg.test_restarts}",
+        "sanity_passed": result.sanity_passed,
+    }
     study.set_user_attr(key, scores)
     return scores
 
@@ -178,8 +204,15 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def _objective(cfg: TuneConfig, validation: ImageData, teacher: Classifier, ran: list[int], tracking,
-               experiment: str, parent: str | None) -> Callable[[optuna.Trial], float | tuple[float, float]]:
+def _objective(
+    cfg: TuneConfig,
+    validation: ImageData,
+    teacher: Classifier,
+    ran: list[int],
+    tracking,
+    experiment: str,
+    parent: str | None,
+) -> Callable[[optuna.Trial], float | tuple[float, float]]:
     """The study's objective: train a trial on ``validation``'s training part and score it; each trial it starts
     is appended to ``ran``. ``tracking`` is :mod:`rrm.tracking` (each trial a child run of ``parent``) or None."""
     x_attack = validation.test_x[: cfg.attack_examples]
@@ -191,20 +224,34 @@ def _objective(cfg: TuneConfig, validation: ImageData, teacher: Classifier, ran:
         for name in cfg.tuned:
             low, high = cfg.range_of(name)
             knob = knobs_of(cfg.method)[name]
-            params[name] = (trial.suggest_int(name, int(low), int(high)) if knob.integer
-                            else trial.suggest_float(name, low, high, log=knob.log))
+            params[name] = (
+                trial.suggest_int(name, int(low), int(high))
+                if knob.integer
+                else trial.suggest_float(name, low, high, log=knob.log)
+            )
         ran.append(trial.number)
         train_cfg = cfg.trial_config(params, trial.number)
-        score = EpochScore(x_attack, y_attack, norm=train_cfg.norm, eps=train_cfg.eps, steps=cfg.attack_steps,
-                           seed=cfg.seed)
+        score = EpochScore(
+            x_attack, y_attack, norm=train_cfg.norm, eps=train_cfg.eps, steps=cfg.attack_steps, seed=cfg.seed
+        )
         tracker = None
         if tracking is not None:
             tracker = tracking.MlflowCallback(
-                experiment=experiment, run_name=f"trial {trial.number}", log_model=False,
-                tags={"mlflow.parentRunId": parent, "rrm.kind": "trial", "optuna.study": cfg.name,
-                      "optuna.trial": str(trial.number)})
-        callbacks = [score, *([tracker] if tracker else []),
-                     *([PruneOnScore(trial, score)] if cfg.mode == "constrained" else [])]
+                experiment=experiment,
+                run_name=f"trial {trial.number}",
+                log_model=False,
+                tags={
+                    "mlflow.parentRunId": parent,
+                    "rrm.kind": "trial",
+                    "optuna.study": cfg.name,
+                    "optuna.trial": str(trial.number),
+                },
+            )
+        callbacks = [
+            score,
+            *([tracker] if tracker else []),
+            *([PruneOnScore(trial, score)] if cfg.mode == "constrained" else []),
+        ]
         begun = time.perf_counter()
 
         def finish(state: str, **metrics: float) -> None:
@@ -240,8 +287,14 @@ def _objective(cfg: TuneConfig, validation: ImageData, teacher: Classifier, ran:
     return objective
 
 
-def tune(cfg: TuneConfig, *, track: bool = True, experiment: str = "rrm",
-         log: Callable[[str], None] | None = None, teacher: Classifier | None = None) -> TuneResult:
+def tune(
+    cfg: TuneConfig,
+    *,
+    track: bool = True,
+    experiment: str = "rrm",
+    log: Callable[[str], None] | None = None,
+    teacher: Classifier | None = None,
+) -> TuneResult:
     """Run the study until it has ``cfg.n_trials`` finished trials; evaluate its best trials on the test split;
     write ``trials.csv``, ``results.json`` and the plots to ``cfg.directory``; record it all in MLflow.
 
@@ -267,8 +320,7 @@ def tune(cfg: TuneConfig, *, track: bool = True, experiment: str = "rrm",
     if track:
         from rrm import tracking  # MLflow only when tracking
 
-        parent, experiment = tracking.open_study_run(cfg.name, label, params=parent_params(cfg),
-                                                     experiment=experiment)
+        parent, experiment = tracking.open_study_run(cfg.name, label, params=parent_params(cfg), experiment=experiment)
         study.set_user_attr("mlflow_parent_run_id", parent)
 
     ran: list[int] = []
@@ -278,8 +330,9 @@ def tune(cfg: TuneConfig, *, track: bool = True, experiment: str = "rrm",
             for dead in abandon_dead_trials(study):
                 log(f"trial {dead.number} was left running by a worker that died; marked FAIL")
                 if tracking is not None and dead.user_attrs.get("mlflow_run_id"):
-                    tracking.update_run(dead.user_attrs["mlflow_run_id"], tags={"optuna.state": "FAIL"},
-                                        status="FAILED")
+                    tracking.update_run(
+                        dead.user_attrs["mlflow_run_id"], tags={"optuna.state": "FAIL"}, status="FAILED"
+                    )
             finished, running = trial_counts(study)
             if finished + running >= cfg.n_trials:
                 break
@@ -290,8 +343,7 @@ def tune(cfg: TuneConfig, *, track: bool = True, experiment: str = "rrm",
                 log(_trial_line(trial, cfg, finished + is_finished(trial)))
         if finished < cfg.n_trials:
             log(f"the study has {finished} of {cfg.n_trials} finished trials; {running} are running in other workers")
-        best = [{**trial_record(t), "test": scores_on_test_split(study, t, cfg, data)}
-                for t in best_trials(study, cfg)]
+        best = [{**trial_record(t), "test": scores_on_test_split(study, t, cfg, data)} for t in best_trials(study, cfg)]
         result = summarise(study, cfg, best, label, ran, started)
     except BaseException as exc:
         if parent is not None:
@@ -301,9 +353,13 @@ def tune(cfg: TuneConfig, *, track: bool = True, experiment: str = "rrm",
     if parent is not None:
         result.parent_run_id = parent
         # The worker that sees the study complete ends the parent run; others leave it running.
-        tracking.update_run(parent, tags=parent_tags(result), metrics=parent_metrics(result),
-                            artifacts=list(result.files.values()),
-                            status="FINISHED" if finished >= cfg.n_trials else None)
+        tracking.update_run(
+            parent,
+            tags=parent_tags(result),
+            metrics=parent_metrics(result),
+            artifacts=list(result.files.values()),
+            status="FINISHED" if finished >= cfg.n_trials else None,
+        )
     return result
 
 
@@ -317,5 +373,7 @@ def _trial_line(trial: FrozenTrial, cfg: TuneConfig, finished: int) -> str:
         scores += f" adversarial {attrs['val_adversarial_accuracy']:.4f}"
     if attrs.get("rrm.error"):
         scores += f" ({attrs['rrm.error'][:120]})"
-    return (f"trial {trial.number} {trial.state.name.lower()}: {params}{scores} "
-            f"[{attrs.get('seconds', 0):.1f} s; {finished}/{cfg.n_trials} finished]")
+    return (
+        f"trial {trial.number} {trial.state.name.lower()}: {params}{scores} "
+        f"[{attrs.get('seconds', 0):.1f} s; {finished}/{cfg.n_trials} finished]"
+    )

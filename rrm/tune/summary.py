@@ -39,17 +39,23 @@ def trial_record(trial: FrozenTrial) -> dict:
     """A trial as the CSV, results.json and the plots read it."""
     attrs = trial.user_attrs
     return {
-        "number": trial.number, "state": trial.state.name, "params": dict(trial.params),
+        "number": trial.number,
+        "state": trial.state.name,
+        "params": dict(trial.params),
         "natural_accuracy": attrs.get("val_natural_accuracy"),
         "adversarial_accuracy": attrs.get("val_adversarial_accuracy"),
         "feasible": all(v <= 0 for v in trial.constraints.values()),
-        "epochs": attrs.get("epochs"), "seconds": attrs.get("seconds"), "error": attrs.get("rrm.error"),
-        "mlflow_run_id": attrs.get("mlflow_run_id"), "model_path": attrs.get("model_path"),
+        "epochs": attrs.get("epochs"),
+        "seconds": attrs.get("seconds"),
+        "error": attrs.get("rrm.error"),
+        "mlflow_run_id": attrs.get("mlflow_run_id"),
+        "model_path": attrs.get("model_path"),
     }
 
 
-def summarise(study: optuna.Study, cfg: TuneConfig, best: list[dict], label: str, ran: list[int],
-              started: float) -> TuneResult:
+def summarise(
+    study: optuna.Study, cfg: TuneConfig, best: list[dict], label: str, ran: list[int], started: float
+) -> TuneResult:
     """Write the study's files to ``cfg.directory``; ``best`` holds the best trials' records with their ``test``
     scores. ``label`` names the storage; a password in it is masked all the same."""
     trials = [trial_record(t) for t in study.get_trials(deepcopy=False)]
@@ -57,34 +63,81 @@ def summarise(study: optuna.Study, cfg: TuneConfig, best: list[dict], label: str
     out.mkdir(parents=True, exist_ok=True)
     files = {"trials": out / "trials.csv", "results": out / "results.json"}
     _write_csv(files["trials"], trials, cfg.tuned)
-    counts = {state.name.lower(): sum(t["state"] == state.name for t in trials)
-              for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
+    counts = {
+        state.name.lower(): sum(t["state"] == state.name for t in trials)
+        for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+    }
     finished = sum(map(is_finished, study.get_trials(deepcopy=False)))
-    write_json(files["results"], {
-        "study": cfg.name, "storage": mask_url(label), "method": cfg.method, "mode": cfg.mode,
-        "target_trials": cfg.n_trials, "finished_trials": finished, "trials": {"total": len(trials), **counts},
-        "knobs": {k: list(cfg.range_of(k)) for k in cfg.tuned}, "min_natural_accuracy": cfg.min_natural_accuracy,
-        "best": {f"trial_{b['number']}": {"params": b["params"],
-                                           "validation": {"natural_accuracy": b["natural_accuracy"],
-                                                          "adversarial_accuracy": b["adversarial_accuracy"]},
-                                           "test": b["test"]} for b in best},
-    })
+    write_json(
+        files["results"],
+        {
+            "study": cfg.name,
+            "storage": mask_url(label),
+            "method": cfg.method,
+            "mode": cfg.mode,
+            "target_trials": cfg.n_trials,
+            "finished_trials": finished,
+            "trials": {"total": len(trials), **counts},
+            "knobs": {k: list(cfg.range_of(k)) for k in cfg.tuned},
+            "min_natural_accuracy": cfg.min_natural_accuracy,
+            "best": {
+                f"trial_{b['number']}": {
+                    "params": b["params"],
+                    "validation": {
+                        "natural_accuracy": b["natural_accuracy"],
+                        "adversarial_accuracy": b["adversarial_accuracy"],
+                    },
+                    "test": b["test"],
+                }
+                for b in best
+            },
+        },
+    )
     from rrm.plots import plot_history, plot_knob, plot_pareto  # matplotlib only when writing
 
     knob = cfg.tuned[0]
-    files["pareto"] = plot_pareto(trials, out / "pareto_front.png", floor=cfg.min_natural_accuracy,
-                                  title=f"{cfg.name}: validation accuracy of each trial")
-    files["knob"] = plot_knob(trials, knob, knobs_of(cfg.method)[knob].log, out / f"{knob}_vs_accuracy.png",
-                              title=f"{cfg.name}: accuracy against {knob}")
-    files["history"] = plot_history(trials, cfg.mode, out / "optimization_history.png",
-                                    title=f"{cfg.name}: optimisation history")
-    return TuneResult(study_name=cfg.name, storage=mask_url(label), out_dir=out, ran=ran, trials=trials, best=best,
-                      files=files, finished=finished, seconds=time.perf_counter() - started)
+    files["pareto"] = plot_pareto(
+        trials,
+        out / "pareto_front.png",
+        floor=cfg.min_natural_accuracy,
+        title=f"{cfg.name}: validation accuracy of each trial",
+    )
+    files["knob"] = plot_knob(
+        trials,
+        knob,
+        knobs_of(cfg.method)[knob].log,
+        out / f"{knob}_vs_accuracy.png",
+        title=f"{cfg.name}: accuracy against {knob}",
+    )
+    files["history"] = plot_history(
+        trials, cfg.mode, out / "optimization_history.png", title=f"{cfg.name}: optimisation history"
+    )
+    return TuneResult(
+        study_name=cfg.name,
+        storage=mask_url(label),
+        out_dir=out,
+        ran=ran,
+        trials=trials,
+        best=best,
+        files=files,
+        finished=finished,
+        seconds=time.perf_counter() - started,
+    )
 
 
 def _write_csv(path: Path, trials: list[dict], knobs: tuple[str, ...]) -> None:
-    columns = ["number", "state", *knobs, "natural_accuracy", "adversarial_accuracy", "feasible", "epochs",
-               "seconds", "mlflow_run_id", "error"]
+    columns = [
+        "number",
+        "state",
+        *knobs,
+        "natural_accuracy",
+        "adversarial_accuracy",
+        "feasible",
+        "epochs",
+        "seconds",
+        "mlflow_run_id",
+        "error",
+    ]
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, columns, extrasaction="ignore")
         writer.writeheader()
@@ -105,20 +158,31 @@ def parent_params(cfg: TuneConfig) -> dict:
 
 
 def parent_tags(result: TuneResult) -> dict:
-    return {"rrm.best_trials": json.dumps([b["number"] for b in result.best]),
-            "rrm.best": json.dumps([{k: b[k] for k in ("number", "params", "natural_accuracy",
-                                                       "adversarial_accuracy", "test")} for b in result.best])}
+    return {
+        "rrm.best_trials": json.dumps([b["number"] for b in result.best]),
+        "rrm.best": json.dumps(
+            [
+                {k: b[k] for k in ("number", "params", "natural_accuracy", "adversarial_accuracy", "test")}
+                for b in result.best
+            ]
+        ),
+    }
 
 
 def parent_metrics(result: TuneResult) -> dict:
-    metrics = {f"trials_{state}": sum(t["state"] == state.upper() for t in result.trials)
-               for state in ("complete", "pruned", "fail")}
+    metrics = {
+        f"trials_{state}": sum(t["state"] == state.upper() for t in result.trials)
+        for state in ("complete", "pruned", "fail")
+    }
     metrics["trials_finished"] = result.finished
     if result.best:
         top = result.best[0]
-        metrics.update(best_val_natural_accuracy=top["natural_accuracy"],
-                       best_val_adversarial_accuracy=top["adversarial_accuracy"])
+        metrics.update(
+            best_val_natural_accuracy=top["natural_accuracy"], best_val_adversarial_accuracy=top["adversarial_accuracy"]
+        )
         if top["test"]:
-            metrics.update(best_test_natural_accuracy=top["test"]["natural_accuracy"],
-                           best_test_adversarial_accuracy=top["test"]["adversarial_accuracy"])
+            metrics.update(
+                best_test_natural_accuracy=top["test"]["natural_accuracy"],
+                best_test_adversarial_accuracy=top["test"]["adversarial_accuracy"],
+            )
     return metrics
