@@ -2,7 +2,7 @@
 
 Trains a small model on mnist5k, then attacks the first ``--examples`` test images with both implementations
 (same norm, eps, iterations, restarts, batch and seed) and prints both accuracies, both times and the time ratio.
-Target (issue 3): native at least 5x faster, accuracy within 1 point.
+Target: native at least 5x faster, accuracy within 1 point.
 
 Where to expect what: the native attack stops working on an image once it is fooled, while ART runs every
 iteration on the whole batch; so a naturally trained model at Linf 0.3 (every image falls within a few iterations)
@@ -12,7 +12,7 @@ the native attack one forward/backward, so on a CPU, where numpy is not the bott
 informative comparison of accuracy. Wall times on shared machines vary a lot: CPU seconds of this process are
 printed too, and "image passes" counts the images through the model's forward for each side.
 
-    PYTHONPATH=. python benchmarks/bench_apgd.py              # natural model, Linf 0.3 (the issue's setting)
+    PYTHONPATH=. python benchmarks/bench_apgd.py              # natural model, Linf 0.3 (the setting of the comparison)
     PYTHONPATH=. python benchmarks/bench_apgd.py --eps 0.1    # about two thirds of the images survive
 """
 

@@ -13,7 +13,7 @@ without it.
   - ``optimization_history.png``: each trial's accuracies by trial number and the best so far.
 
 - A report's students (``rrm report``): accuracy against training time (the paper's Figures 2 and 3,
-  ``accuracy_vs_time.png``) or, over seeds, the frontier with issue 8's target region (``frontier.png``).
+  ``accuracy_vs_time.png``) or, over seeds, the frontier with the variants study's target region (``frontier.png``).
 """
 
 from __future__ import annotations
@@ -226,11 +226,11 @@ def plot_students(
 
     Rows holding ``<key>_ci95`` (means over seeds) get 95% CI error bars; rows whose evaluation failed the
     gradient-masking checks are crosses. ``frontier`` joins the points that passed them and that no other such
-    point beats on both time and accuracy; ``target_box`` ``(max x, min y)`` shades issue 8's target region on the
+    point beats on both time and accuracy; ``target_box`` ``(max x, min y)`` shades the target region on the
     first panel.
     """
     # One colour and marker per student in every panel, named in a legend beside the panels; with many students
-    # (issue 8's thirteen, most at 0% at eps 0.3) labels next to the points would overlap, so only few get them.
+    # (the variants study's 13, most at 0% at eps 0.3) labels next to the points would overlap, so only few get them.
     failed = {r["name"] for r in rows if r.get("sanity_passed") is False}
     style = {
         r["name"]: (f"C{k % 10}", "x" if r["name"] in failed else MARKERS[k % len(MARKERS)]) for k, r in enumerate(rows)

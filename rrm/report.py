@@ -13,7 +13,7 @@ methods rdt, kd, kdiga and rrm against sat), ``report.json`` (the rows, for ``dv
 
 With seed directories (``runs/students/seed<N>/<name>/``, ``metrics/students/seed<N>/<name>.json``: what
 ``pipelines/variants/dvc.yaml`` writes) every number is a mean +- 95% CI over the seeds instead, written as
-``table.md``/``table.csv``, ``report.json`` (with issue 8's target check) and ``frontier.png`` (AutoPGD accuracy
+``table.md``/``table.csv``, ``report.json`` (with the target check) and ``frontier.png`` (AutoPGD accuracy
 against training time).
 
 The adversarial column is IBM ART's AutoPGD (``art-apgd``, the paper's reference) where the evaluation ran it,
@@ -52,7 +52,7 @@ CLAIM_OF_SAT_PCT = 80.0
 CLAIM_MARGIN_POINTS = 20.0
 CLAIM_BASELINES = ("natural", "kd", "rdt")
 CLAIM_TIME_FRACTION = 0.25
-# Issue 8's target for a cheap variant: a student that uses the teacher, at least 80% of the SAT student's mean
+# The target for a cheap variant: a student that uses the teacher, at least 80% of the SAT student's mean
 # AutoPGD accuracy in at most a third of SAT's mean student training time, its evaluations passing the checks.
 TARGET_OF_SAT_PCT = 80.0
 TARGET_TIME_FRACTION = 1 / 3
@@ -197,7 +197,7 @@ def collect(
     """Read the layout under ``root``: ``{"teacher": row or None, "students": [rows in the paper's order]}``.
 
     With ``seed<N>`` directories under ``students_dir`` the rows are means over the seeds (:func:`over_seeds`),
-    ``"seeds"`` lists them and ``"target"`` holds issue 8's check; otherwise ``"claims"`` holds the paper's.
+    ``"seeds"`` lists them and ``"target"`` holds the target check; otherwise ``"claims"`` holds the paper's.
     """
     root = Path(root)
     students_dir, evaluations_dir, teacher_dir = root / students_dir, root / evaluations_dir, root / teacher_dir
@@ -257,7 +257,7 @@ def over_seeds(per_seed: list[list[dict]]) -> list[dict]:
 
 
 def target(students: list[dict]) -> dict:
-    """Issue 8's target on rows averaged over seeds: which students that use the teacher reach at least 80% of the
+    """The target on rows averaged over seeds: which students that use the teacher reach at least 80% of the
     SAT student's (the row named sat) mean AutoPGD accuracy in at most a third of its mean student training time,
     with every evaluation passing the gradient-masking checks. Each candidate comes with what was measured, and so
     does every student that needs no teacher (``without_teacher``; SAT itself excepted), checked against the same bar:
@@ -492,7 +492,7 @@ def table2(report: dict) -> str:
 
 
 def seeds_table(report: dict) -> str:
-    """Markdown: every student's means +- 95% CI over the seeds, against SAT, and issue 8's target check."""
+    """Markdown: every student's means +- 95% CI over the seeds, against SAT, and the variants study's target check."""
 
     def ci(r: dict, key: str, digits: int) -> str:
         return "-" if r[key] is None else f"{r[key]:.{digits}f} ± {r[key + '_ci95']:.{digits}f}"
@@ -546,7 +546,7 @@ def seeds_table(report: dict) -> str:
     unbound = _unbound_note(([t] if t else []) + report["students"])
     notes += [*unbound, ""] if unbound else []
     goal = report["target"]
-    notes += [f"Issue 8's target: {goal['rule']}.", ""]
+    notes += [f"Target: {goal['rule']}.", ""]
     if goal["sat"] is None:
         notes.append("Not checked: no sat student with an adversarial accuracy.")
         return _markdown("Students: accuracy and training cost over seeds", header, rows, notes)

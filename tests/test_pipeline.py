@@ -69,7 +69,7 @@ def test_train_sections_validate(section: str) -> None:
 
 @pytest.mark.parametrize("name", VARIANT_STUDENTS)
 def test_variant_sections_validate(name: str) -> None:
-    """Each named student of issue 8's study is a valid run of the method its name starts with, at every eps, and
+    """Each named student of the variants study is a valid run of the method its name starts with, at every eps, and
     sits in the list (with or without the teacher) that its method needs."""
     values = {("lam" if k == "lambda" else k): v for k, v in read_section(PARAMS, f"variants.students.{name}").items()}
     assert "eps" not in values and "seed" not in values, "eps and seed come from the variants lists"
@@ -144,7 +144,7 @@ def test_tune_section_and_optional_stage() -> None:
 
 
 def test_variants_pipeline_stages(tmp_path: Path) -> None:
-    """Issue 8's optional pipeline: thin `rrm` stages from the root, each student evaluated against its eps's
+    """The variants study's optional pipeline: thin `rrm` stages from the root, each student evaluated against its eps's
     teacher, outputs where the report reads them, no MLflow store among them; `dvc status` accepts it."""
     text = (ROOT / "pipelines" / "variants" / "dvc.yaml").read_text()
     stages = yaml.safe_load(text)["stages"]
@@ -443,12 +443,12 @@ def test_dvc_repro_smoke(tmp_path: Path) -> None:
         "measured 2026-11-27 on the default pipeline (mnist5k, Linf eps 0.2, cnn-bn students, 3 epochs): "
         "the RRM student "
         "reached 1.8% APGD against SAT's 83.8% (natural 14.4%, KD 19.8%, RDT 0.0%) while matching the teacher's "
-        "features (transfer attack 75.6%); plain RRM does not transfer robustness on this data (README, issue 8). "
+        "features (transfer attack 75.6%); plain RRM does not transfer robustness on this data (docs/studies.md). "
         "strict: if it ever passes, the README's statement is out of date"
     ),
 )
 def test_default_pipeline_shows_the_papers_ordering(tmp_path: Path) -> None:
-    """Issue 5's targets on the default (mnist5k) pipeline, as `rrm report` checks them: the RRM student reaches at
+    """The paper's claims on the default (mnist5k) pipeline, as `rrm report` checks them: the RRM student reaches at
     least 80% of the SAT student's adversarial accuracy, 20 points above the natural, KD and RDT students, in at most
     a quarter of SAT's training time."""
     work, env, dvc = _pipeline(tmp_path, shrink=False)
@@ -461,7 +461,7 @@ def test_default_pipeline_shows_the_papers_ordering(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_variants_pipeline_smoke(tmp_path: Path) -> None:
-    """Issue 8's pipeline on the digits with one eps, one seed and three students (a variant among them): the report
+    """The variants pipeline on the digits with one eps, one seed and three students (a variant among them): the report
     per eps (tables, frontier plot, report.json with the target check) appears; a second repro does nothing."""
     work, env, dvc = _pipeline(tmp_path)
     _shrink_variants(work, ("sat", "rrm", "rrm-teacher-pgd"))

@@ -191,7 +191,7 @@ def test_paper_claims_checked_against_the_rows(layout: Path, tmp_path: Path) -> 
     assert "**not met**: rrm adversarial >= 80% of sat's — measured 12.8% (10.0 vs 78.0)" in table
 
 
-# Issue 8's layout: runs/variants/eps0.3/seed<N>/<name>/, metrics/variants/eps0.3/seed<N>/<name>.json.
+# The variants study's layout: runs/variants/eps0.3/seed<N>/<name>/, metrics/variants/eps0.3/seed<N>/<name>.json.
 # name: (method, {seed: (total seconds, natural, {attack: accuracy}, sanity passed)})
 SEEDED = {
     "natural": (
