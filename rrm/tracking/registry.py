@@ -1,18 +1,25 @@
 """Reusable teachers in MLflow's model registry: register, promote, show, list, pull and load them, and the card.
 
-:func:`register_teacher` makes a model version with a model card (description) and tags, refusing an unevaluated
-or non-adversarially-trained model unless forced (who may teach is :func:`rrm.train.may_teach`), and never leaving a
-half-made version behind; aliases (``champion``, ``candidate``) replace MLflow's deprecated stages.
+:func:`register_teacher` makes a model version with a model card (description) and tags. Unless forced, it refuses a
+model that was not adversarially trained (who may teach is :func:`rrm.train.may_teach`) or whose evaluation does not
+back the card: none, one of another model file, architecture or dataset, one for another threat model than the
+model was trained for, or one whose gradient-masking checks failed or did not run. A forced registration says on
+the card and in the ``forced`` tag what it overrode. A registration never leaves a half-made version behind, and
+after one killed at any point the next ``register`` or ``list`` leaves no empty registered model nor RUNNING run.
+
+A pulled or loaded teacher is checked against the sha256 recorded when it was registered (the version's
+``model_sha256`` tag; a run's ``rrm.model_sha256``): a replaced or damaged artifact is refused. Aliases
+(``champion``, ``candidate``) replace MLflow's deprecated stages.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import re
-import socket
 import tempfile
 import time
 import uuid
@@ -44,6 +51,9 @@ from rrm.tracking.store import (
     _numbers,
     _one_line,
     _params,
+    _process_alive,
+    _process_tags,
+    check_store,
     tracking_uri,
 )
 from rrm.train import may_teach, teacher_methods
@@ -52,7 +62,8 @@ DEFAULT_TEACHER_NAME = "rrm-teacher"
 TEACHER_TAG = "rrm.teacher"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _DESCRIPTION = "Adversarially trained teachers registered by rrm."
-# A registered model that rrm is creating, until its first version exists: "host:pid" of the registering process.
+# A registered model that rrm is creating, until its first version exists: the registering process's tags
+# (rrm.tracking.store's rrm.host, rrm.pid, rrm.process_start) as JSON.
 _CREATING_TAG = "rrm.creating"
 # An empty registered model whose creator cannot be checked (another host, or rrm before the tag) is abandoned after
 # this long: a registration takes seconds.
@@ -334,10 +345,12 @@ def register_teacher(
     (:func:`rrm.train.may_teach`) or its evaluation does not back the card: missing; not of this model file, its
     architecture and its training data's test split; of another norm or eps than it was trained for; or with
     gradient-masking checks that failed or did not run. With ``force`` every such reason is written to the card and
-    the ``forced`` tag. Empty registered models left by a killed registration are removed first.
+    the ``forced`` tag. What a killed registration left is cleaned first: its RUNNING runs are marked FAILED
+    (:func:`rrm.tracking.store.check_store`) and its empty registered model is removed.
     """
-    with _mlflow_errors(f"registering {str(source)!r} as {name!r}"), tempfile.TemporaryDirectory() as tmp:
-        client = _client()
+    action = f"registering {str(source)!r} as {name!r}"
+    with _mlflow_errors(action), tempfile.TemporaryDirectory() as tmp:
+        client = check_store(action)
         _remove_abandoned_models(client)
         path = Path(source)
         run = None
@@ -442,7 +455,7 @@ def _create_version(
     """Create the version with its tags and card in one call, and the registered model with its first version.
 
     On any failure whatever was made is deleted. A process killed in between cannot delete: the registered model it
-    created carries ``rrm.creating`` (host and pid) until its first version exists, and the next register or list
+    created carries ``rrm.creating`` (its process) until its first version exists, and the next register or list
     removes it (:func:`_remove_abandoned_models`).
     """
     token = uuid.uuid4().hex
@@ -450,7 +463,7 @@ def _create_version(
     try:
         try:
             client.create_registered_model(
-                name, tags={_CREATING_TAG: f"{socket.gethostname()}:{os.getpid()}"}, description=_DESCRIPTION
+                name, tags={_CREATING_TAG: json.dumps(_process_tags())}, description=_DESCRIPTION
             )
             created_model = True
         except MlflowException as exc:
@@ -478,18 +491,13 @@ def _create_version(
         raise
 
 
-def _process_gone(creator: str) -> bool:
-    """Whether the process "host:pid" is known to have ended (it ran on this host and no such process exists)."""
-    host, _, pid = creator.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
+def _creator_gone(tag: str) -> bool:
+    """Whether the process an ``rrm.creating`` tag names is known to have ended (it ran on this host and is gone)."""
     try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # it exists but belongs to someone else
+        process = json.loads(tag)
+    except ValueError:
         return False
-    return False
+    return isinstance(process, dict) and _process_alive(process) is False
 
 
 def _abandoned(model: RegisteredModel) -> bool:
@@ -498,7 +506,7 @@ def _abandoned(model: RegisteredModel) -> bool:
     if model.latest_versions or (_CREATING_TAG not in tags and model.description != _DESCRIPTION):
         return False
     old = time.time() * 1000 - (model.creation_timestamp or 0) > _ABANDONED_AFTER_S * 1000
-    return old or _process_gone(tags.get(_CREATING_TAG, ""))
+    return old or _creator_gone(tags.get(_CREATING_TAG, ""))
 
 
 def _registered_models(client: MlflowClient, filter_string: str | None = None) -> list[RegisteredModel]:
@@ -554,10 +562,10 @@ def show_teacher(uri: str) -> TeacherVersion:
 
 
 def list_teachers(name: str | None = None) -> list[TeacherVersion]:
-    """Registered teachers (all, or the versions of ``name``), newest first; empty registered models left by a killed
-    registration are removed first."""
+    """Registered teachers (all, or the versions of ``name``), newest first. What a killed registration left is
+    cleaned first, as in :func:`register_teacher`."""
     with _mlflow_errors("listing teachers"):
-        client = _client()
+        client = check_store("listing teachers")
         _remove_abandoned_models(client)
         found = client.search_model_versions(f"name = '{name}'" if name else f"tags.`{TEACHER_TAG}` = 'true'")
         teachers = [TeacherVersion.of(v) for v in found if (v.tags or {}).get(TEACHER_TAG) == "true"]
