@@ -329,7 +329,7 @@ def evaluate(model: str | None, no_track: bool, experiment: str | None, **option
         f"{result.n_examples} images): {attacks or 'no attacks'}; sanity checks {sanity}; wrote {done.out}"
     )
     if done.run_id:
-        click.echo(f"MLflow run {done.run_id} ({jobs.tracking().tracking_uri()})")
+        click.echo(f"MLflow run {done.run_id} ({jobs.tracking().store.tracking_label()})")
 
 
 # ------------------------------------------------------------------------------------------------------------ tune
@@ -474,7 +474,9 @@ def tune(ranges: tuple[str, ...], options: tuple[str, ...], no_track: bool, expe
         )
     click.echo(f"wrote {', '.join(str(p) for p in result.files.values())}")
     if result.parent_run_id:
-        click.echo(f"MLflow run {result.parent_run_id} in experiment {experiment!r} ({jobs.tracking().tracking_uri()})")
+        click.echo(
+            f"MLflow run {result.parent_run_id} in experiment {experiment!r} ({jobs.tracking().store.tracking_label()})"
+        )
 
 
 def _check_tune_options(fixed: dict) -> None:
