@@ -118,11 +118,11 @@ class EvalConfig:
 
     def validate(self) -> EvalConfig:
         """Raise :class:`RRMError` for any value out of range; returns self for chaining."""
-        from rrm.train.config import check_fields  # types and finite numbers, by the training config's rules
+        from rrm.train.config import check_finite, check_types  # the training config's rules
 
-        check_fields(self)
-        check_threat(self.norm, self.eps)
         require(not isinstance(self.attacks, str), f"attacks must be a list of names, got the string {self.attacks!r}")
+        check_types(self)
+        check_threat(self.norm, self.eps)
         for name in self.attacks:
             if name not in ATTACKS:
                 raise unknown("attack", name, ATTACKS)
@@ -144,6 +144,7 @@ class EvalConfig:
             0 <= self.sanity_zero_accuracy < 1,
             f"sanity_zero_accuracy must be in [0, 1), got {self.sanity_zero_accuracy}",
         )
+        check_finite(self)
         return self
 
 

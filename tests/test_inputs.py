@@ -26,6 +26,7 @@ from rrm.data import load_dataset, save_dataset
 from rrm.errors import RRMError
 from rrm.io import OutputError, atomic_path, check_writable
 from rrm.models import build_model, load_model, save_model
+from rrm.results import EvalResult
 from rrm.train import trainer
 
 TRAIN = [
@@ -224,24 +225,12 @@ def test_a_loader_that_cannot_use_an_option_is_one_line(project):
         ),
         ([*TRAIN, "--weight-decay", "inf"], "weight_decay must be a finite number"),
         ([*TRAIN, "--method", "sat", "--norm", "l2", "--eps", "inf"], "eps must be a finite number"),
-        ([*TRAIN, "--lr", "nan"], "lr must be a finite number"),
+        ([*TRAIN, "--lr", "nan"], "lr must be a positive number, got nan"),
         (["evaluate", "m.pt", "--pgd-step-size", "inf"], "pgd_step_size must be a finite number"),
         (["evaluate", "m.pt", "--norm", "l2", "--eps", "inf"], "eps must be a finite number"),
         (
-            [
-                "tune",
-                "--teacher",
-                "t.pt",
-                "--dataset",
-                "digits",
-                "--mode",
-                "constrained",
-                "--pruner",
-                "threshold",
-                "--prune-below",
-                "nan",
-            ],
-            "prune_below must be a finite number",
+            ["tune", "--teacher", "t.pt", "--dataset", "digits", "--prune-below", "nan"],
+            "prune_below must be a finite number",  # unused without the threshold pruner, and still refused
         ),
         (
             ["tune", "--teacher", "t.pt", "--dataset", "digits", "-o", "weight_decay=inf"],
@@ -289,7 +278,8 @@ def test_build_model_refuses_a_width_that_is_not_finite():
         ({"epochs": True}, "must be an integer, got True"),
         ({"epochs": None}, "epochs in section 'train' of 'p.yaml' has no value"),
         ({"lr": "fast"}, "lr in section 'train' of 'p.yaml' must be a number, got 'fast'"),
-        ({"lr": float("nan")}, "lr must be a finite number, got nan"),
+        ({"lr": float("nan")}, "lr must be a positive number, got nan"),
+        ({"weight_decay": float("inf")}, "weight_decay must be a finite number, got inf"),
         ({"no_track": 1}, "no_track in section 'train' of 'p.yaml' must be true or false, got 1"),
         ({"milestones": [1.5, 2]}, "milestones in section 'train' of 'p.yaml' must be a list of integers"),
         ({"dataset": ["digits"]}, "dataset in section 'train' of 'p.yaml' must be text, got ['digits']"),
@@ -380,6 +370,18 @@ def test_a_run_that_diverges_in_its_first_epoch_leaves_nothing(project):
         rrm(*TRAIN, "--lr", "1e12", "--momentum", "0", "--out-dir", "mine"), "kept nothing (no epoch finished)"
     )
     assert "removed" not in line and files(project / "mine") == ["notes.txt"]
+
+
+def test_a_tracked_run_that_diverges_in_its_first_epoch_leaves_nothing_either(project):
+    tracked = [a for a in TRAIN if a != "--no-track"]  # MLflow writes its run file into the directory first
+    for out_dir in ("runs/tracked", "mine"):
+        if out_dir == "mine":
+            (project / "mine").mkdir()
+            (project / "mine" / "notes.txt").write_text("the user's\n")
+        assert_one_line_error(
+            rrm(*tracked, "--lr", "1e12", "--momentum", "0", "--out-dir", out_dir), "kept nothing (no epoch finished)"
+        )
+    assert not (project / "runs").exists() and files(project / "mine") == ["notes.txt"]
 
 
 def test_a_run_that_diverges_later_keeps_its_last_good_checkpoint_and_says_so(project, monkeypatch):
@@ -477,9 +479,7 @@ def _stub_jobs(monkeypatch) -> None:
 
     def evaluate_job(job, track=None):
         job.attack.validate()
-        result = types.SimpleNamespace(
-            adversarial_accuracy={}, natural_accuracy=0.5, sanity_passed=True, n_examples=job.attack.n_examples or 0
-        )
+        result = EvalResult(natural_accuracy=0.5, adversarial_accuracy={}, n_examples=job.attack.n_examples or 0)
         return types.SimpleNamespace(result=result, out=Path(job.out or "eval_metrics.json"), run_id=None)
 
     monkeypatch.setattr(jobs, "train_job", train_job)

@@ -178,6 +178,7 @@ def train(no_track: bool, experiment: str, run_name: str | None, **options) -> N
 
     cfg = TrainConfig.from_dict(options).validate()
     cfg.check_read(_typed(options))  # a flag typed for a method that ignores it
+    check_writable(cfg.out_dir, directory=True)  # now, before the store, the data and the teacher are reached
     result, run_id = jobs.train_job(cfg, jobs.Tracking(not no_track, experiment, run_name))
     if not is_main():
         return

@@ -129,7 +129,7 @@ class TrainConfig:
             if not ok:
                 raise RRMError(message)
 
-        check_fields(self)
+        check_types(self)
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
@@ -185,11 +185,12 @@ class TrainConfig:
             not self.early_stop_on_co or self.monitor_examples > 0,
             "early_stop_on_co watches the per-epoch PGD monitor; set monitor_examples > 0",
         )
+        check_finite(self)
         return self
 
     def _check_method_options(self) -> None:
         """Refuse an option switched on for a method that does not read it (see ``Method.options``)."""
-        self.check_read(SWITCHED_OFF)
+        self.check_read([*SWITCHED_OFF, "early_stop_on_co"])
 
     def check_read(self, names: Iterable[str]) -> None:
         """Refuse any of the options ``names`` that is set away from its default (its "off" value in
@@ -239,24 +240,29 @@ def _as_tuple(value: object) -> object:
     return tuple(value) if isinstance(value, list) else value
 
 
-def check_fields(config: object) -> None:
-    """Raise :class:`RRMError` for a field of the dataclass ``config`` whose value does not have the field's type, or
-    is a float that is nan or infinite (no option of rrm means anything at nan or infinity).
+def check_types(config: object) -> None:
+    """Raise :class:`RRMError` for a field of the dataclass ``config`` whose value does not have the field's type.
 
     Library callers and ``-o KEY=VALUE`` pass values that no command-line parser has typed; a wrong type would
-    otherwise fail deep inside training, or be silently coerced.
+    otherwise fail deep inside training, or be silently coerced. Validation starts with it.
     """
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value, kind = getattr(config, f.name), hints[f.name]
-        name = SPELLED.get(f.name, f.name)
         if not _conforms(value, kind):
-            raise RRMError(f"{name} must be {_describe(kind)}, got {value!r}")
+            raise RRMError(f"{SPELLED.get(f.name, f.name)} must be {_describe(kind)}, got {value!r}")
+
+
+def check_finite(config: object) -> None:
+    """Raise :class:`RRMError` for a number field of the dataclass ``config`` that is nan or infinite: no option of
+    rrm means anything there. Validation ends with it, so the range checks before it name their own fix first."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
         items = value if isinstance(value, (tuple, list)) else [value]
         if any(
             isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral) and not math.isfinite(v) for v in items
         ):
-            raise RRMError(f"{name} must be a finite number, got {value!r}; pass a finite value")
+            raise RRMError(f"{SPELLED.get(f.name, f.name)} must be a finite number, got {value!r}; pass a finite value")
 
 
 def _conforms(value: object, kind: object) -> bool:

@@ -245,12 +245,15 @@ def train(
 
 
 class _RunOutput:
-    """The run directory: made when training starts; a run that fails keeps its last good checkpoint, or else
-    leaves the file system as it found it (the directories it made are removed)."""
+    """The run directory: made when training starts. A run that fails keeps its last good checkpoint (and what it
+    wrote beside it), or else leaves the directory as it found it: the files that appeared in it during the run (a
+    callback's too) are removed, and so are the directories the run created."""
 
     def __init__(self, path: Path, main: bool):
         self.path, self.main = path, main
-        self.made: list[Path] = []  # directories this run created, innermost first
+        # taken before the callbacks start, which may write into the directory (MLflow's run file)
+        self.made = missing_parents(path) if main else []  # the directories this run may create, innermost first
+        self.before = {p.name for p in path.iterdir()} if main and path.is_dir() else set()
         self.written: list[str] = []  # files of a good epoch (or of the finished run) that this run wrote
         self.epoch = 0  # the epoch of the checkpoint on disk: saved by this run, or resumed from
         self.opened = False
@@ -258,7 +261,6 @@ class _RunOutput:
     def open(self, resumed_epoch: int) -> None:
         self.epoch, self.opened = resumed_epoch, True
         if self.main:
-            self.made = missing_parents(self.path)
             ensure_dir(self.path)
 
     def wrote(self, name: str, epoch: int | None = None) -> None:
@@ -266,8 +268,8 @@ class _RunOutput:
         self.epoch = epoch if epoch is not None else self.epoch
 
     def clean_up(self) -> str | None:
-        """Undo what a failed run left; returns what it kept and why (None if it never got to the directory)."""
-        if not (self.main and self.opened):
+        """Undo what a failed run left; returns what it kept and why (None if it changed nothing on disk)."""
+        if not self.main:
             return None
         if self.epoch:
             names = self.written or [CHECKPOINT]
@@ -275,14 +277,22 @@ class _RunOutput:
                 f"kept {', '.join(names)} in {str(self.path)!r} (epoch {self.epoch}, the last good one; --resume "
                 "continues from it)"
             )
-        removed = None
+        changed, removed = self.opened, None
         with contextlib.suppress(OSError):  # never raise over the run's own error
-            for made in self.made:  # innermost first; only directories this run created, and only if now empty
+            if self.path.is_dir() and self.path not in self.made:
+                for new in sorted(p for p in self.path.iterdir() if p.name not in self.before and p.is_file()):
+                    new.unlink()
+                    changed = True
+            for made in self.made:  # innermost first, and only while they are empty of anything else
+                if not made.exists():
+                    continue
                 if made == self.path:
                     shutil.rmtree(made)
                 else:
                     made.rmdir()
-                removed = made
+                changed, removed = True, made
+        if not changed:
+            return None
         where = f"; removed {str(removed)!r}, which this run had created" if removed is not None else ""
         return f"kept nothing (no epoch finished){where}"
 

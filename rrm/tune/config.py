@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rrm.errors import RRMError, require, unknown
 from rrm.train import TrainConfig, knobs_of, tunable_methods
-from rrm.train.config import RUNTIME_OPTIONS, check_fields
+from rrm.train.config import RUNTIME_OPTIONS, check_finite, check_types
 from rrm.train.methods import get_method
 
 MODES = ("pareto", "constrained")
@@ -104,10 +104,10 @@ class TuneConfig:
 
     def validate(self) -> TuneConfig:
         """Raise :class:`RRMError` naming the bad value and the fix; returns self for chaining."""
-        check_fields(self)
-        check_fields(self.train)  # before the ranges, whose checks validate the training config with each bound
+        check_types(self)
         if self.method not in tunable_methods():
             raise unknown("tuning method", self.method, tunable_methods())
+        self.train.replace(method=self.method).validate()  # before the ranges, which validate it with each bound
         if self.mode not in MODES:
             raise unknown("tuning mode", self.mode, MODES)
         if self.pruner is not None and self.pruner not in PRUNERS:
@@ -155,7 +155,7 @@ class TuneConfig:
             bool(self.train.teacher),
             f"method {self.method!r} needs a teacher; pass --teacher <model file or models:/ URI>",
         )
-        self.train.replace(method=self.method).validate()
+        check_finite(self)
         return self
 
     def _check_range(self, name: str) -> None:
