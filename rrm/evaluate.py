@@ -375,7 +375,7 @@ def sanity_checks(
             "accuracy": growth,
             "largest_eps": min(EPS_MULTIPLES[-1] * eps, cap),
             "threshold": config.sanity_zero_accuracy,
-        },
+        }
     }
     more_steps = attacked(_native_apgd(model, norm, eps, MORE_STEPS_FACTOR * steps, 1), eps, "more steps", seed + 1)
     checks["more_steps"] = {

@@ -6,13 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from rrm.train.losses import (
-    cosine_feature_loss,
-    input_gradient,
-    input_gradient_alignment,
-    kd_loss,
-    l2_feature_loss,
-)
+from rrm.train.losses import cosine_feature_loss, input_gradient, input_gradient_alignment, kd_loss, l2_feature_loss
 
 
 def test_cosine_feature_loss_is_mean_of_one_minus_cosine():

@@ -31,10 +31,7 @@ class Knob:
 
 
 # Knobs of the training loop, tunable for every method.
-TRAINING_KNOBS = {
-    "lr": Knob("lr", 1e-3, 0.5, log=True),
-    "epochs": Knob("epochs", 1, 20, log=False, integer=True),
-}
+TRAINING_KNOBS = {"lr": Knob("lr", 1e-3, 0.5, log=True), "epochs": Knob("epochs", 1, 20, log=False, integer=True)}
 
 # ``step(loss)`` back-propagates ``loss`` and takes one optimiser and scheduler step.
 StepFn = Callable[[torch.Tensor], None]
