@@ -306,7 +306,7 @@ CODE = {
     "rrm evaluate": TRAIN_CODE | {"rrm/evaluate.py"},
     "rrm teacher register": {"rrm/models", "rrm/train"},
     "rrm robustify": TRAIN_CODE | {"rrm/robustify.py"},
-    "rrm report": {"rrm/report.py", "rrm/stats.py", "rrm/plots.py", "rrm/train"},
+    "rrm report": {"rrm/report.py", "rrm/tables.py", "rrm/stats.py", "rrm/plots.py", "rrm/train"},
     "rrm tune": TRAIN_CODE | {"rrm/evaluate.py"},
 }
 

@@ -17,11 +17,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import re
 import tempfile
-import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,13 +28,21 @@ import mlflow
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModel
-from mlflow.entities.model_registry import ModelVersion, RegisteredModel
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from rrm.errors import RRMError
 from rrm.io import atomic_path, sha256_file
 from rrm.models import MODEL_FORMAT, Classifier, load_model
 from rrm.results import EvalResult
+from rrm.tracking.card import _card, _refusals
+from rrm.tracking.cleanup import (  # noqa: F401  (the creation tag and description are part of the registry's API)
+    _ABANDONED_AFTER_S,
+    _CREATING_TAG,
+    _DESCRIPTION,
+    _registered_models,
+    _remove_abandoned_models,
+)
 from rrm.tracking.evaluations import _evaluation_of_run, log_evaluation
 from rrm.tracking.store import (
     DEFAULT_EXPERIMENT,
@@ -51,23 +57,14 @@ from rrm.tracking.store import (
     _numbers,
     _one_line,
     _params,
-    _process_alive,
     _process_tags,
     check_store,
     tracking_uri,
 )
-from rrm.train import may_teach, teacher_methods
 
 DEFAULT_TEACHER_NAME = "rrm-teacher"
 TEACHER_TAG = "rrm.teacher"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-_DESCRIPTION = "Adversarially trained teachers registered by rrm."
-# A registered model that rrm is creating, until its first version exists: the registering process's tags
-# (rrm.tracking.store's rrm.host, rrm.pid, rrm.process_start) as JSON.
-_CREATING_TAG = "rrm.creating"
-# An empty registered model whose creator cannot be checked (another host, or rrm before the tag) is abandoned after
-# this long: a registration takes seconds.
-_ABANDONED_AFTER_S = 3600
 
 
 @dataclasses.dataclass
@@ -238,94 +235,6 @@ def pull_teacher(uri: str, out: str | os.PathLike) -> tuple[Path, dict]:
     return out, meta
 
 
-def _card(
-    meta: dict, spec: dict, feature_dim: int, evaluation: EvalResult | None, run_id: str, sha256: str, forced: list[str]
-) -> str:
-    summary = meta.get("summary") or {}
-    config = meta.get("config") or {}
-
-    def pct(value: object) -> str:
-        return f"{100 * float(value):.2f}%" if isinstance(value, (int, float)) else "not evaluated"
-
-    attack = "not evaluated (registered with --force)"
-    if evaluation is not None:
-        details = [f"worst attack {evaluation.worst_attack}"]
-        details += [f"{evaluation.norm} eps {evaluation.eps}"] if evaluation.norm else []
-        details += [f"{evaluation.n_examples} examples"] if evaluation.n_examples else []
-        details.append(f"sanity checks {evaluation.sanity_status}")
-        attack = f"{pct(evaluation.worst_accuracy)} ({', '.join(details)})"
-    natural = evaluation.natural_accuracy if evaluation else summary.get("test_accuracy")
-    rows = [
-        ("architecture", f"{spec.get('name')} (width {spec.get('width', 1.0)})"),
-        ("feature size", str(feature_dim)),
-        (
-            "input",
-            f"{spec.get('in_channels')}x{spec.get('image_size')}x{spec.get('image_size')} in [0, 1], "
-            f"{spec.get('num_classes')} classes",
-        ),
-        ("threat model (training)", f"{meta.get('norm', '?')}, eps {meta.get('eps', '?')}"),
-        ("training method", f"{meta.get('method', '?')}, {summary.get('epochs', config.get('epochs', '?'))} epochs"),
-        ("dataset", f"{meta.get('dataset', '?')} (digest {meta.get('dataset_digest', '?')})"),
-        ("natural accuracy", pct(natural)),
-        ("adversarial accuracy", attack),
-        ("source run", run_id),
-        ("model file sha256", sha256),
-    ]
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    title = f"{spec.get('name')} trained with {meta.get('method', '?')} on {meta.get('dataset', '?')}"
-    overridden = f"**Registered with --force**, overriding: {'; '.join(forced)}.\n\n" if forced else ""
-    return (
-        f"# rrm teacher: {title}\n\n"
-        f"| field | value |\n|---|---|\n{table}\n\n{overridden}"
-        f"Load it with `rrm teacher pull` or `rrm train --method rrm --teacher models:/NAME@ALIAS`.\n"
-    )
-
-
-def _same_number(a: object, b: object) -> bool:
-    return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-9)
-
-
-def _refusals(meta: dict, spec: dict, sha256: str, evaluation: EvalResult | None) -> list[str]:
-    """Why the card of this model would claim what nobody measured: one phrase each, empty when nothing does."""
-    problems = []
-    method = meta.get("method")
-    if not may_teach(method):
-        what = f"trained with {method!r}" if method else "without training metadata (a checkpoint?)"
-        problems.append(
-            f"it was {what}; a teacher must be adversarially trained ({', '.join(sorted(teacher_methods()))})"
-        )
-    if evaluation is None or evaluation.worst_attack is None:
-        problems.append(
-            "it has no evaluation: run `rrm evaluate` on it (and pass --evaluation with its metrics file "
-            "if it was not tracked)"
-        )
-        return problems
-    problems += evaluation.binding_problems(
-        model_sha256=sha256, model_spec=spec, dataset_digest=meta.get("dataset_digest")
-    )
-    if not meta.get("dataset_digest"):
-        problems.append(
-            "the model file records no training data digest, so the data of its evaluation cannot be checked"
-        )
-    norm, eps = meta.get("norm"), meta.get("eps")
-    if evaluation.norm != norm or not _same_number(evaluation.eps, eps):
-        problems.append(
-            f"its evaluation is for {evaluation.norm or '?'} eps {evaluation.eps}, not the threat model "
-            f"the model was trained for and the card states ({norm or '?'} eps {eps})"
-        )
-    if evaluation.sanity_passed is False:
-        problems.append(
-            "its evaluation failed its gradient-masking sanity checks, so its adversarial accuracy is not "
-            "trustworthy (see `sanity` in its metrics)"
-        )
-    elif evaluation.masking_checks_passed is None:
-        problems.append(
-            "its gradient-masking sanity checks did not run (`rrm evaluate --no-sanity`, eps 0 or a file "
-            "that does not say), so nothing shows its gradients are not masked"
-        )
-    return problems
-
-
 def register_teacher(
     source: str | os.PathLike,
     name: str = DEFAULT_TEACHER_NAME,
@@ -489,48 +398,6 @@ def _create_version(
             if created_model and not client.search_model_versions(f"name = '{name}'"):
                 client.delete_registered_model(name)
         raise
-
-
-def _creator_gone(tag: str) -> bool:
-    """Whether the process an ``rrm.creating`` tag names is known to have ended (it ran on this host and is gone)."""
-    try:
-        process = json.loads(tag)
-    except ValueError:
-        return False
-    return isinstance(process, dict) and _process_alive(process) is False
-
-
-def _abandoned(model: RegisteredModel) -> bool:
-    """Whether an rrm registered model without versions was left by a registration that will never finish."""
-    tags = model.tags or {}
-    if model.latest_versions or (_CREATING_TAG not in tags and model.description != _DESCRIPTION):
-        return False
-    old = time.time() * 1000 - (model.creation_timestamp or 0) > _ABANDONED_AFTER_S * 1000
-    return old or _creator_gone(tags.get(_CREATING_TAG, ""))
-
-
-def _registered_models(client: MlflowClient, filter_string: str | None = None) -> list[RegisteredModel]:
-    found, token = [], None
-    while True:
-        page = client.search_registered_models(filter_string, max_results=1000, page_token=token)
-        found += list(page)
-        token = page.token
-        if not token:
-            return found
-
-
-def _remove_abandoned_models(client: MlflowClient) -> None:
-    """Delete the empty registered models that killed registrations left, and drop the creation tag of any whose
-    registration was killed after its first version. Best effort: a store that refuses (permissions, a concurrent
-    cleanup) leaves them for the next command."""
-    for model in _registered_models(client, f"tags.`{_CREATING_TAG}` LIKE '%'"):
-        if model.latest_versions:
-            with contextlib.suppress(MlflowException):
-                client.delete_registered_model_tag(model.name, _CREATING_TAG)
-    for model in _registered_models(client):
-        if _abandoned(model) and not client.search_model_versions(f"name = '{model.name}'", max_results=1):
-            with contextlib.suppress(MlflowException):
-                client.delete_registered_model(model.name)
 
 
 def promote(name: str, version: str | int, alias: str) -> TeacherVersion:

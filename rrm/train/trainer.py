@@ -12,8 +12,6 @@ import os
 import random
 import shutil
 import time
-from bisect import bisect_right
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,109 +21,30 @@ from tqdm.auto import tqdm
 from rrm.attacks import pgd
 from rrm.data import ImageData, batches, load_dataset
 from rrm.errors import RRMError
-from rrm.io import atomic_path, check_writable, ensure_dir, missing_parents, write_json
+from rrm.io import check_writable, ensure_dir, missing_parents, write_json
 from rrm.metrics import accuracy
-from rrm.models import Classifier, build_model, load_model, save_model
+from rrm.models import Classifier, build_model, save_model
 from rrm.models.transplant import transplant_stem
 from rrm.stats import epoch_time_stats
 from rrm.train import distributed
-from rrm.train.config import RUNTIME_OPTIONS, TrainConfig
+from rrm.train.basics import (  # noqa: F401  (re-exported: the trainer's public names)
+    CHECKPOINT,
+    CHECKPOINT_FORMAT,
+    METRICS,
+    MODEL,
+    Callback,
+    TrainResult,
+    load_checkpoint,
+    load_teacher,
+    lr_factor,
+    resolve_device,
+    save_checkpoint,
+    seed_everything,
+)
+from rrm.train.config import TrainConfig
 from rrm.train.flops import FlopCounter
 from rrm.train.methods import Method, get_method
 from rrm.train.overfitting import collapse_epoch
-
-CHECKPOINT_FORMAT = "rrm-checkpoint/1"
-CHECKPOINT, MODEL, METRICS = "checkpoint.pt", "model.pt", "train_metrics.json"
-
-
-class Callback:
-    """Hooks for tracking and tuning; every method is optional. Raising from a hook stops training."""
-
-    def on_train_start(self, cfg: TrainConfig, data: ImageData, model: Classifier) -> None: ...
-
-    def on_epoch_end(self, epoch: int, metrics: dict) -> None: ...
-
-    def on_train_end(self, result: TrainResult) -> None: ...
-
-
-@dataclass
-class TrainResult:
-    model: Classifier
-    config: TrainConfig
-    history: list[dict]
-    summary: dict
-    out_dir: Path
-    data: ImageData = field(repr=False)
-
-    @property
-    def model_path(self) -> Path:
-        return self.out_dir / MODEL
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.out_dir / CHECKPOINT
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.out_dir / METRICS
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise RRMError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RRMError(f"device {name!r} asked for but CUDA is not available here; use --device cpu or auto")
-    return device
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if (
-        deterministic != torch.are_deterministic_algorithms_enabled()
-    ):  # the call costs ~2.5 s (it imports torch's compiler config)
-        torch.use_deterministic_algorithms(deterministic)
-    torch.backends.cudnn.benchmark = not deterministic
-
-
-def load_teacher(path: str | os.PathLike, device: torch.device) -> Classifier:
-    """A frozen teacher from a model file.
-
-    Registry URIs (``models:/name@alias``, ``runs:/id/model``) are resolved by the caller (``rrm.jobs``), so
-    that training never needs MLflow; pass the loaded model as ``train(..., teacher=)`` or the pulled file here.
-    """
-    if str(path).startswith(("models:/", "runs:/")):
-        raise RRMError(
-            f"registry URI {str(path)!r} must be resolved before training: load it with "
-            "rrm.jobs.load_model_ref and pass it as teacher=, or pass the file `rrm teacher pull` wrote"
-        )
-    teacher, _ = load_model(path)
-    teacher.to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
-
-
-def lr_factor(
-    schedule: str, progress: float, epoch_progress: float, milestones: tuple[int, ...], gamma: float
-) -> float:
-    """The learning-rate multiplier at ``progress`` (fraction of all steps) / ``epoch_progress`` (in epochs)."""
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    if schedule == "cyclic":  # Wong et al.'s triangle: 0 -> peak at 2/5 of training -> 0
-        return float(np.interp(progress, [0, 0.4, 1], [0, 1, 0]))
-    if schedule == "step":
-        return gamma ** bisect_right(sorted(milestones), epoch_progress)
-    return 1.0
 
 
 def _precision(cfg: TrainConfig, method: Method, device: torch.device) -> str:
@@ -158,51 +77,6 @@ def monitored_robust_accuracy(model: Classifier, data: ImageData, cfg: TrainConf
         return pgd(model, x, y, norm=cfg.norm, eps=cfg.eps, step_size=step_size, steps=steps, random_start=steps > 1)
 
     return accuracy(model, data.test_x[:n], data.test_y[:n], attack=attack, batch_size=256)
-
-
-def _save_checkpoint(path: Path, model, method, optimizer, scheduler, scaler, epoch: int, history: list, cfg) -> None:
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "spec": model.spec,
-        "state_dict": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "method": method.state_dict(),
-        "epoch": epoch,
-        "history": history,
-        "config": cfg.to_dict(),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-            "python": list(random.getstate()[1]),
-        },
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated or foreign files raise many types
-        raise RRMError(f"checkpoint {str(path)!r} is corrupt ({type(exc).__name__}); delete it to start over") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise RRMError(f"{str(path)!r} is not an rrm training checkpoint; delete it to start over")
-    saved = {k: v for k, v in state["config"].items() if k not in (*RUNTIME_OPTIONS, "epochs")}
-    now = {k: v for k, v in cfg.to_dict().items() if k in saved}
-    changed = sorted(
-        k
-        for k in saved
-        if saved[k] != now[k] and not (isinstance(saved[k], (list, tuple)) and list(saved[k]) == list(now[k] or []))
-    )
-    if changed:
-        raise RRMError(
-            f"checkpoint {str(path)!r} was written with other settings ({', '.join(changed)}); "
-            "use the same settings to resume, or another --out-dir"
-        )
-    return state
 
 
 def train(
@@ -366,7 +240,7 @@ def _train(
     history: list[dict] = []
     start = 0
     if (cfg.resume or cfg.resume_or_start) and checkpoint_path.exists():
-        state = _load_checkpoint(checkpoint_path, cfg)
+        state = load_checkpoint(checkpoint_path, cfg)
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -489,7 +363,7 @@ def _train(
             model.load_state_dict(before)
             metrics["early_stopped"] = True
         if ctx.is_main:
-            _save_checkpoint(checkpoint_path, model, method, optimizer, scheduler, scaler, epoch + 1, history, cfg)
+            save_checkpoint(checkpoint_path, model, method, optimizer, scheduler, scaler, epoch + 1, history, cfg)
             output.wrote(CHECKPOINT, epoch + 1)
         for cb in callbacks:
             cb.on_epoch_end(epoch + 1, metrics)
