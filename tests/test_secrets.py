@@ -236,3 +236,16 @@ def test_cannot_reach_errors_mask_the_tracking_uri(monkeypatch, uri):
     line = result.stderr.strip()
     assert line.startswith("Error: ") and "cannot reach the MLflow tracking" in line and "\n" not in line, line
     assert_hidden(line, "p%2Fss", "p/ss")
+
+
+def test_a_sqlite_store_in_a_missing_directory_is_an_error_not_a_new_store(cli_project, monkeypatch):
+    from click.testing import CliRunner
+
+    from rrm import cli as rrm_cli
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{cli_project}/nowhere/mlflow.db")
+    result = CliRunner().invoke(rrm_cli.cli, ["teacher", "list"])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is in a directory that does not exist" in lines[0], result.stderr
+    assert not (cli_project / "nowhere").exists()

@@ -89,11 +89,25 @@ def _is_database(uri: str) -> bool:
 
 def _client() -> MlflowClient:
     uri = tracking_uri()
+    _check_sqlite_directory(uri)
     if _is_database(uri) and uri not in _reached:
         _check_database(uri)
         _reached.add(uri)
     mlflow.set_tracking_uri(uri)  # fluent calls (runs, log_model) write to the same store as the client
     return MlflowClient(tracking_uri=uri)
+
+
+def _check_sqlite_directory(uri: str) -> None:
+    """A SQLite store in a directory that does not exist is a typo, not a new store: MLflow would create the
+    directories and an empty store, and every listing would come back empty."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///") :].split("?", 1)[0])
+    if path.name and not path.parent.is_dir():
+        raise RRMError(
+            f"the MLflow store {mask_url(uri)} is in a directory that does not exist ({str(path.parent)!r}); "
+            "create it, or fix MLFLOW_TRACKING_URI"
+        )
 
 
 def _check_database(uri: str) -> None:
