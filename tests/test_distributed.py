@@ -105,7 +105,13 @@ def test_two_processes_follow_the_single_process_trajectory_and_write_one_run(tm
 
     assert_same_trajectory(_history(tmp_path / "ddp"), single_natural.history)
     assert_same_weights(tmp_path / "ddp" / "model.pt", single_natural.model)
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["checkpoint.pt", "model.pt", "train_metrics.json"]
+    # mlflow_run.json: the run's id, so that --resume continues the same MLflow run
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
+        "checkpoint.pt",
+        "mlflow_run.json",
+        "model.pt",
+        "train_metrics.json",
+    ]
 
     from mlflow import MlflowClient
 

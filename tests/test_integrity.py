@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from rrm import cli as rrm_cli
 from rrm.io import sha256_file
 from rrm.models import build_model, load_model, save_model
-from rrm.tracking import registry, store
+from rrm.tracking import cleanup, registry, store
 
 # `rrm evaluate` at a test budget: APGD on 100 test images, the masking checks on 100 of them.
 EVALUATE = [
@@ -304,6 +304,6 @@ def test_only_abandoned_empty_registered_models_are_removed(project, monkeypatch
     assert rrm("teacher", "list").exit_code == 0
     assert sorted(_registered_models()) == ["in-progress", "older-rrm", "plain"], "too young to be abandoned"
 
-    monkeypatch.setattr(registry, "_ABANDONED_AFTER_S", -1)  # an hour later
+    monkeypatch.setattr(cleanup, "_ABANDONED_AFTER_S", -1)  # an hour later
     assert rrm("teacher", "list").exit_code == 0
     assert sorted(_registered_models()) == ["plain"]
