@@ -105,7 +105,8 @@ def train_job(cfg, track: Tracking = Tracking()):
         if (method.needs_teacher or cfg.transplant) and is_registry_uri(cfg.teacher):
             teacher = tracking().pull_teacher(cfg.teacher, Path(tmp) / "teacher.pt")[0]
         if not track.enabled or not is_main():
-            if is_main() and not cfg.resume:  # a fresh training is not the one a tracked run recorded: never resume
+            # a fresh training is not the one a tracked run recorded: never resume that run
+            if is_main() and not (cfg.resume or cfg.resume_or_start):
                 (Path(cfg.out_dir) / "mlflow_run.json").unlink(missing_ok=True)  # rrm.tracking.callback.RUN_FILE
             return train(cfg, data=data, teacher=teacher), None
         with tracking().MlflowCallback(experiment=track.experiment, run_name=track.run_name) as tracker:

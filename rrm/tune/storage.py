@@ -22,6 +22,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from rrm.errors import RRMError
+from rrm.io import ensure_dir
 from rrm.secrets import mask_url
 
 HEARTBEAT_SECONDS, GRACE_SECONDS = 60, 180
@@ -70,7 +71,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             )
     engine_kwargs: dict = {}
     if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(Path(url[len("sqlite:///") :]).parent)  # one line, not a traceback, when it cannot be made
     elif url.startswith(("postgresql", "mysql")):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails in seconds
     try:
