@@ -16,8 +16,15 @@ With seed directories (``runs/students/seed<N>/<name>/``, ``metrics/students/see
 ``table.md``/``table.csv``, ``report.json`` (with the target check) and ``frontier.png`` (AutoPGD accuracy
 against training time).
 
-The adversarial column is IBM ART's AutoPGD (``art-apgd``, the paper's reference) where the evaluation ran it,
-else the native APGD-CE (``apgd``); the ``attack`` column says which.
+The adversarial column is AutoAttack (``autoattack``) where the evaluation ran it, else IBM ART's AutoPGD
+(``art-apgd``, the paper's reference), else the native APGD-CE (``apgd``); ``attack`` and ``attack_examples`` say
+which and on how many test images.
+
+Cost is counted: every speedup and cost target is a ratio of the FLOPs the runs counted (``total_flops`` in
+train_metrics.json), which a loaded machine cannot change; rdt's cost with the teacher adds the ``robustify_flops``
+of the robustified dataset its model file names. Measured seconds stay beside them, and a per-epoch time whose 95% CI
+exceeds 25% of its mean is flagged (``timing_noisy``). Runs without FLOP counts (older files) put every ratio back
+on seconds; ``cost_basis`` says which.
 
 Each evaluation must be of the model beside its training metrics (``model.pt``): one whose ``model_sha256`` differs
 from that file's is refused with a one-line error. An evaluation that records no ``model_sha256`` (written by hand,
@@ -38,12 +45,17 @@ from rrm.io import sha256_file
 from rrm.results import EvalResult
 from rrm.stats import mean_ci
 from rrm.tables import (
+    LEARNS_FROM_TEACHER_DATA,
+    NOISY_TIMING_CI,
     SEED_MEANS,
     SEEDS_COLUMNS,
     TABLE1_COLUMNS,
     TABLE2_COLUMNS,
     TRANSFER_METHODS,
     _csv,
+    _ratio,
+    _tflops,
+    add_speedups,
     seeds_table,
     table1,
     table2,
@@ -52,7 +64,7 @@ from rrm.train.methods import METHODS
 
 # Methods that need the teacher: their cost "with the teacher" adds the teacher's training time.
 USES_TEACHER = frozenset(TRANSFER_METHODS)
-ATTACK_PREFERENCE = ("art-apgd", "apgd")
+ATTACK_PREFERENCE = ("autoattack", "art-apgd", "apgd")
 METHOD_ORDER = tuple(METHODS)
 # The paper's claim for RRM, as checkable targets: robustness close to a SAT student of the same architecture,
 # far above the students that get no robustness signal, at a fraction of SAT's training time.
@@ -88,11 +100,34 @@ def _number(data: dict, key: str, path: Path) -> float:
     return float(value)
 
 
-def _adversarial(evaluation: EvalResult) -> tuple[float | None, str]:
+def _adversarial(evaluation: EvalResult) -> tuple[float | None, str, int | None]:
+    """The headline attack's accuracy, name and test images."""
     for name in ATTACK_PREFERENCE:
         if name in evaluation.adversarial_accuracy:
-            return float(evaluation.adversarial_accuracy[name]), name
-    return None, "-"
+            examples = (evaluation.autoattack or {}).get("n_examples") if name == "autoattack" else None
+            return float(evaluation.adversarial_accuracy[name]), name, examples or evaluation.n_examples
+    return None, "-", None
+
+
+def _optional_number(data: dict, key: str) -> float | None:
+    value = data.get(key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def _data_flops(train_dir: Path, root: Path) -> float | None:
+    """What making a run's training data cost: the ``robustify_flops`` of the dataset its model file names (relative
+    to ``root``, where the pipeline runs); None where the model file, the dataset or the count is missing."""
+    import torch
+    from safetensors import safe_open
+
+    try:
+        meta = torch.load(train_dir / "model.pt", map_location="cpu", weights_only=True).get("meta", {})
+        path = root / str((meta.get("config") or {})["dataset"])  # an absolute path stays itself
+        with safe_open(str(path), framework="pt") as fh:
+            return _optional_number(json.loads((fh.metadata() or {}).get("source", "{}")), "robustify_flops")
+    except Exception:  # absent or foreign files: the cost is unknown and the report says "-", not an error
+        return None
 
 
 def _pct(value: float | None) -> float | None:
@@ -113,15 +148,17 @@ def _bound(evaluation: EvalResult, eval_path: Path, model_path: Path) -> bool:
     return True
 
 
-def _row(name: str, train_path: Path, eval_path: Path) -> dict:
+def _row(name: str, train_path: Path, eval_path: Path, root: Path | None = None) -> dict:
     """One run: ``name`` is its directory (``rrm-teacher-pgd``), ``method`` what it trained with (``rrm``)."""
     train = _read_json(train_path, "training metrics")
     evaluation = EvalResult.read(eval_path)
     bound = _bound(evaluation, eval_path, train_path.with_name("model.pt"))
-    adversarial, attack = _adversarial(evaluation)
+    adversarial, attack, examples = _adversarial(evaluation)
+    method = train.get("method", name)
+    seconds_mean = _number(train, "epoch_seconds_mean", train_path)
     return {
         "name": name,
-        "method": train.get("method", name),
+        "method": method,
         "model": train.get("model", "?"),
         "epochs": _number(train, "epochs", train_path),
         "epoch_seconds_mean": _number(train, "epoch_seconds_mean", train_path),
@@ -131,19 +168,24 @@ def _row(name: str, train_path: Path, eval_path: Path) -> dict:
         "natural_pct": 100 * float(evaluation.natural_accuracy),
         "adversarial_pct": _pct(adversarial),
         "attack": attack,
+        "attack_examples": examples,
+        "apgd_pct": _pct(evaluation.adversarial_accuracy.get("apgd")),
         "transfer_pct": _pct(evaluation.adversarial_accuracy.get("transfer")),
         "sanity_passed": evaluation.sanity_passed,
         "evaluation_bound": bound,
+        "total_flops": _optional_number(train, "total_flops"),
+        "data_flops": _data_flops(train_path.parent, root) if method in LEARNS_FROM_TEACHER_DATA and root else None,
+        "timing_noisy": _number(train, "epoch_seconds_ci95", train_path) > NOISY_TIMING_CI * seconds_mean,
     }
 
 
-def _students(students_dir: Path, evaluations_dir: Path, teacher: dict | None) -> list[dict]:
+def _students(students_dir: Path, evaluations_dir: Path, teacher: dict | None, root: Path) -> list[dict]:
     """The rows of every ``<name>/train_metrics.json`` under ``students_dir``, in the paper's order of methods."""
     found = sorted(p.parent.name for p in students_dir.glob("*/train_metrics.json"))
-    rows = [_row(n, students_dir / n / "train_metrics.json", evaluations_dir / f"{n}.json") for n in found]
+    rows = [_row(n, students_dir / n / "train_metrics.json", evaluations_dir / f"{n}.json", root) for n in found]
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     rows.sort(key=lambda r: (order.get(r["method"], len(order)), r["name"] != r["method"], r["name"]))
-    _add_speedups(rows, teacher)
+    add_speedups(rows, teacher)
     return rows
 
 
@@ -174,10 +216,10 @@ def collect(
         teacher = _row("teacher", teacher_dir / "train_metrics.json", root / teacher_evaluation)
     seeds = _seed_dirs(students_dir) if students_dir.is_dir() else []
     if seeds:
-        per_seed = [_students(students_dir / d, evaluations_dir / d, teacher) for _, d in seeds]
+        per_seed = [_students(students_dir / d, evaluations_dir / d, teacher, root) for _, d in seeds]
         students = over_seeds(per_seed)
         return {"teacher": teacher, "students": students, "seeds": [s for s, _ in seeds], "target": target(students)}
-    students = _students(students_dir, evaluations_dir, teacher) if students_dir.is_dir() else []
+    students = _students(students_dir, evaluations_dir, teacher, root) if students_dir.is_dir() else []
     if not students:
         raise RRMError(
             f"no student runs under {str(students_dir)!r} (expected <name>/train_metrics.json or "
@@ -207,6 +249,8 @@ def over_seeds(per_seed: list[list[dict]]) -> list[dict]:
             "attack": ",".join(sorted({r["attack"] for r in runs})),
             "sanity_passed": all(r["sanity_passed"] is True for r in runs),
             "evaluation_bound": all(r["evaluation_bound"] for r in runs),
+            "cost_basis": "flops" if all(r["cost_basis"] == "flops" for r in runs) else "seconds",
+            "timing_noisy": any(r["timing_noisy"] for r in runs),
         }
         for key in SEED_MEANS:
             values = [r[key] for r in runs]
@@ -221,6 +265,7 @@ def over_seeds(per_seed: list[list[dict]]) -> list[dict]:
             else None
         )
         row["time_of_sat"] = _ratio(row["total_minutes"], sat and sat["total_minutes"])
+        row["cost_of_sat"] = _ratio(row["total_flops"], sat and sat["total_flops"])
     return out
 
 
@@ -231,15 +276,17 @@ def target(students: list[dict]) -> dict:
     does every student that needs no teacher (``without_teacher``; SAT itself excepted), checked against the same bar:
     where the teacher's students fail, those are what to use instead."""
     sat = next((r for r in students if r["name"] == "sat"), None)
+    counted = bool(students) and all(r["cost_basis"] == "flops" for r in students)
     rule = (
         f"a student using the teacher with mean adversarial accuracy >= {TARGET_OF_SAT_PCT:.0f}% of sat's and "
-        f"mean student training time <= 1/{1 / TARGET_TIME_FRACTION:.0f} of sat's, every evaluation passing "
-        f"the gradient-masking checks"
+        f"mean student training {'cost (counted FLOPs)' if counted else 'time'} <= 1/{1 / TARGET_TIME_FRACTION:.0f} "
+        f"of sat's, every evaluation passing the gradient-masking checks"
     )
     if sat is None or sat["adversarial_pct"] is None:
         return {"rule": rule, "sat": None, "candidates": {}, "met_by": [], "met": False}
     need_pct = TARGET_OF_SAT_PCT / 100 * sat["adversarial_pct"]
     max_minutes = TARGET_TIME_FRACTION * sat["total_minutes"]
+    max_flops = TARGET_TIME_FRACTION * sat["total_flops"] if counted else None
     candidates, others = {}, {}
     for r in students:
         if r["name"] == "sat" or r["adversarial_pct"] is None:
@@ -251,7 +298,11 @@ def target(students: list[dict]) -> dict:
             "total_minutes": r["total_minutes"],
             "time_of_sat": r["time_of_sat"],
             "sanity_passed": r["sanity_passed"],
-            "met": r["adversarial_pct"] >= need_pct and r["total_minutes"] <= max_minutes and r["sanity_passed"],
+            "total_flops": r["total_flops"],
+            "cost_of_sat": r["cost_of_sat"],
+            "met": r["adversarial_pct"] >= need_pct
+            and (r["total_flops"] <= max_flops if counted else r["total_minutes"] <= max_minutes)
+            and r["sanity_passed"],
         }
     met_by = [name for name, c in candidates.items() if c["met"]]
     # Where a naturally trained student already clears the accuracy bar (MNIST at small eps), meeting the target
@@ -271,8 +322,14 @@ def target(students: list[dict]) -> dict:
             "adversarial_pct": sat["adversarial_pct"],
             "total_minutes": sat["total_minutes"],
             "sanity_passed": sat["sanity_passed"],
+            **({"total_flops": sat["total_flops"]} if counted else {}),
         },
-        "thresholds": {"adversarial_pct": need_pct, "total_minutes": max_minutes},
+        "thresholds": {
+            "adversarial_pct": need_pct,
+            "total_minutes": max_minutes,
+            **({"total_flops": max_flops} if counted else {}),
+        },
+        "cost_basis": "flops" if counted else "seconds",
         "natural_adversarial_pct": natural["adversarial_pct"] if natural else None,
         "discriminating": natural is None or natural["adversarial_pct"] < need_pct,
     }
@@ -282,7 +339,8 @@ def claims(students: list[dict], method: str = "rrm") -> list[dict]:
     """The paper's claim for ``method`` checked against these rows: one entry per target, with what was measured.
 
     Targets: adversarial accuracy at least 80% of the SAT student's; at least 20 points above the natural, KD and
-    RDT students; student training time at most a quarter of SAT's. Targets whose rows are missing are left out.
+    RDT students; student training cost (counted FLOPs, else time) at most a quarter of SAT's. Targets whose rows are
+    missing are left out.
     """
     rows = {r["name"]: r for r in students}
     subject, sat = rows.get(method), rows.get("sat")
@@ -312,7 +370,18 @@ def claims(students: list[dict], method: str = "rrm") -> list[dict]:
                 "met": margin >= CLAIM_MARGIN_POINTS,
             }
         )
-    if sat:
+    if sat and subject["cost_basis"] == "flops":
+        fraction, seconds = subject["total_flops"] / sat["total_flops"], subject["total_seconds"] / sat["total_seconds"]
+        out.append(
+            {
+                "claim": f"{method} training cost <= {CLAIM_TIME_FRACTION:g} x sat's (counted FLOPs)",
+                "measured": fraction,
+                "text": f"{fraction:.2f} x ({_tflops(subject['total_flops'])} vs {_tflops(sat['total_flops'])} "
+                f"TFLOPs; measured time {seconds:.2f} x)",
+                "met": fraction <= CLAIM_TIME_FRACTION,
+            }
+        )
+    elif sat:
         fraction = subject["total_seconds"] / sat["total_seconds"]
         out.append(
             {
@@ -323,27 +392,6 @@ def claims(students: list[dict], method: str = "rrm") -> list[dict]:
             }
         )
     return out
-
-
-def _add_speedups(students: list[dict], teacher: dict | None) -> None:
-    sat = next((r for r in students if r["name"] == "sat"), None)
-    teacher_seconds = teacher["total_seconds"] if teacher else None
-    for row in students:
-        with_teacher = row["total_seconds"]
-        if row["method"] in USES_TEACHER:
-            with_teacher = None if teacher_seconds is None else with_teacher + teacher_seconds
-        row["total_minutes_with_teacher"] = None if with_teacher is None else with_teacher / 60
-        row["speedup_vs_sat"] = _ratio(sat and sat["total_seconds"], row["total_seconds"])
-        row["speedup_vs_sat_with_teacher"] = _ratio(sat and sat["total_seconds"], with_teacher)
-        row["adversarial_of_sat_pct"] = (
-            100 * row["adversarial_pct"] / sat["adversarial_pct"]
-            if sat and sat["adversarial_pct"] and row["adversarial_pct"] is not None
-            else None
-        )
-
-
-def _ratio(num: float | None, den: float | None) -> float | None:
-    return num / den if num is not None and den else None
 
 
 def write_report(root: str | os.PathLike, out_dir: str | os.PathLike, **layout: str | os.PathLike) -> dict:

@@ -4,10 +4,14 @@ For each training image x, start from a random *other* training image x_r and mi
 ``||g_T(x_r) - g_T(x)||_2`` over x_r with normalised-gradient L2 steps, clamped to [0, 1]; x_r keeps x's label.
 The work is batched, shows a progress bar, and is resumable: finished batches are saved to a partial file, so an
 interrupted run continues from its last save (at most ``save_every_s`` seconds of work are lost).
+
+Its cost is counted as training's is (:mod:`rrm.train.flops`): the FLOPs of one batch, per image, times the training
+images, stored as ``robustify_flops`` in the dataset's ``source``; ``rrm report`` adds them to rdt's cost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -22,6 +26,7 @@ from rrm.data import ImageData, save_dataset, to_float
 from rrm.errors import RRMError
 from rrm.io import atomic_path, check_writable
 from rrm.models import Classifier
+from rrm.train.flops import FlopCounter
 
 
 def _partners(n: int, seed: int) -> torch.Tensor:
@@ -118,13 +123,17 @@ def robustify(
     if partial.exists():
         done, result = _resume(partial, settings, result)
     partners = _partners(n, seed)
+    flops_per_image = None
     last_save = time.monotonic()
     bar = tqdm(total=n, initial=done, desc="robustify", unit="img", disable=None if progress is None else not progress)
     for start in range(done, n, batch_size):
         idx = torch.arange(start, min(start + batch_size, n))
         target = to_float(data.train_x[idx]).to(device)
         begin = to_float(data.train_x[partners[idx]]).to(device)
-        result[idx] = match_features(teacher, begin, target, steps, step_size).cpu()
+        with FlopCounter() if flops_per_image is None else contextlib.nullcontext() as counter:
+            result[idx] = match_features(teacher, begin, target, steps, step_size).cpu()
+        if flops_per_image is None:
+            flops_per_image = counter.get_total_flops() / len(idx)
         done = int(idx[-1]) + 1
         if time.monotonic() - last_save > save_every_s or done == n:
             with atomic_path(partial) as tmp:
@@ -132,11 +141,27 @@ def robustify(
             last_save = time.monotonic()
         bar.update(len(idx))
     bar.close()
+    if flops_per_image is None:  # every batch was done before a resume: count one image
+        with FlopCounter() as counter:
+            match_features(
+                teacher,
+                to_float(data.train_x[partners[:1]]).to(device),
+                to_float(data.train_x[:1]).to(device),
+                steps,
+                step_size,
+            )
+        flops_per_image = counter.get_total_flops()
     robust = dataclasses.replace(
         data,
         name=f"{data.name}-robust",
         train_x=result,
-        source={"kind": "robustified", "from": data.name, "teacher": teacher_ref, **settings},
+        source={
+            "kind": "robustified",
+            "from": data.name,
+            "teacher": teacher_ref,
+            **settings,
+            "robustify_flops": flops_per_image * n,
+        },
     )
     save_dataset(robust, out)
     partial.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from rrm.cli import cli
+from rrm.data import read_dataset, to_float
 from rrm.errors import RRMError
 from rrm.io import sha256_file
 from rrm.report import collect, write_report
@@ -387,3 +388,110 @@ def test_cli_report_over_seeds(seeded: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "over seeds" in result.output and "Met by: rrm-teacher-pgd." in result.output
     assert (out / "frontier.png").is_file()
+
+
+# Counted cost: FLOPs per run, in TFLOPs. SAT costs 8x natural by count but its time was measured on a busy machine.
+FLOPS = {"natural": 1e12, "sat": 8e12, "rrm": 1.2e12, "kd": 1.1e12, "teacher": 6e12}
+
+
+def _count_flops(root: Path, flops: dict[str, float]) -> None:
+    for name, value in flops.items():
+        path = root / "runs" / ("teacher" if name == "teacher" else f"students/{name}") / "train_metrics.json"
+        metrics = json.loads(path.read_text())
+        path.write_text(json.dumps({**metrics, "total_flops": value, "flops_per_epoch": value / metrics["epochs"]}))
+
+
+def test_speedups_and_cost_targets_come_from_counted_flops(layout: Path, tmp_path: Path) -> None:
+    _count_flops(layout, FLOPS)
+    report = write_report(layout, tmp_path / "reports")
+    rows = {r["name"]: r for r in report["students"]}
+    rrm = rows["rrm"]
+    assert rrm["cost_basis"] == "flops"
+    assert rrm["speedup_vs_sat"] == pytest.approx(8e12 / 1.2e12)  # counted, not 120 s / 24 s
+    assert rrm["speedup_vs_sat_measured"] == pytest.approx(5.0)  # the measured seconds stay beside it
+    assert rrm["total_flops_with_teacher"] == pytest.approx(7.2e12)
+    assert rrm["speedup_vs_sat_with_teacher"] == pytest.approx(8 / 7.2)
+    assert rows["natural"]["speedup_vs_sat_with_teacher"] == pytest.approx(8.0)  # no teacher needed
+    cost = next(c for c in report["claims"] if "cost" in c["claim"])
+    assert cost["claim"] == "rrm training cost <= 0.25 x sat's (counted FLOPs)"
+    assert cost["measured"] == pytest.approx(0.15) and cost["met"]
+    assert "measured time 0.20 x" in cost["text"]
+    md = (tmp_path / "reports" / "table1.md").read_text()
+    assert "| rrm | cnn-bn | 4 | 6.00 ± 0.50 | 0.40 | 98.0 | 70.0 | apgd | 6.67 | 1.11 | 1.2 | 7.2 | 5.00 |" in md
+    assert "ratios of counted training FLOPs" in md
+    with (tmp_path / "reports" / "table2.csv").open() as f:
+        table2 = {r["name"]: r for r in csv.DictReader(f)}
+    assert float(table2["rrm"]["total_flops"]) == 1.2e12 and table2["rrm"]["cost_basis"] == "flops"
+    assert float(table2["rrm"]["speedup_vs_sat_measured"]) == pytest.approx(5.0)
+
+    # one run without a count (an older metrics file): every ratio falls back to seconds, and says so
+    _write(layout, "kd", STUDENTS["kd"], "cnn-bn")
+    report = write_report(layout, tmp_path / "reports")
+    assert {r["cost_basis"] for r in report["students"]} == {"seconds"}
+    assert {r["name"]: r for r in report["students"]}["rrm"]["speedup_vs_sat"] == pytest.approx(5.0)
+    assert "ratios of measured training time" in (tmp_path / "reports" / "table1.md").read_text()
+
+
+def test_a_timing_measured_on_a_busy_machine_is_flagged(layout: Path, tmp_path: Path) -> None:
+    _write(layout, "kd", (4, 4.0, 1.2, 16.0, 0.98, {"apgd": 0.05}), "cnn-bn")  # CI 30% of the mean
+    report = write_report(layout, tmp_path / "reports")
+    noisy = {r["name"]: r["timing_noisy"] for r in report["students"]}
+    assert noisy == {"natural": False, "sat": False, "kd": True, "rrm": False}  # rrm: 0.5 of 6.0 is 8%
+    md = (tmp_path / "reports" / "table1.md").read_text()
+    assert "| kd | cnn-bn | 4 | 4.00 ± 1.20 (noisy) |" in md
+    assert "**Noisy timing** (per-epoch 95% CI wider than 25% of the mean: a busy machine): kd." in md
+    assert json.loads((tmp_path / "reports" / "report.json").read_text())["kd"]["timing_noisy"] is True
+
+
+def test_autoattack_is_the_headline_column(layout: Path, tmp_path: Path) -> None:
+    path = layout / "metrics" / "students" / "sat.json"
+    path.write_text(
+        json.dumps(
+            {
+                "natural_accuracy": 0.97,
+                "n_examples": 500,
+                "eps": 0.2,
+                "adversarial_accuracy": {"apgd": 0.80, "art-apgd": 0.78, "autoattack": 0.75},
+                "autoattack": {"n_examples": 100, "version": "standard"},
+            }
+        )
+    )
+    rows = {r["name"]: r for r in write_report(layout, tmp_path / "reports")["students"]}
+    assert rows["sat"]["attack"] == "autoattack" and rows["sat"]["adversarial_pct"] == pytest.approx(75.0)
+    assert rows["sat"]["attack_examples"] == 100 and rows["sat"]["apgd_pct"] == pytest.approx(80.0)
+    assert rows["rrm"]["attack"] == "apgd" and rows["rrm"]["attack_examples"] is None  # no count in that file
+    md = (tmp_path / "reports" / "table1.md").read_text()
+    sat_line = next(line for line in md.splitlines() if line.startswith("| sat |"))
+    assert "| 75.0 | autoattack |" in sat_line and sat_line.endswith("| 80.0 | 100 |")
+
+
+def test_rdt_pays_for_robustifying_its_data(layout: Path, tmp_path: Path, digits_teacher, digits) -> None:
+    from rrm.models import save_model
+    from rrm.robustify import match_features, robustify
+    from rrm.train.flops import FlopCounter
+
+    teacher = digits_teacher.model
+    small = digits.subset(n_train=24, n_test=8)
+    robust = robustify(
+        teacher, small, layout / "data" / "robust.safetensors", steps=3, step_size=0.1, batch_size=10, progress=False
+    )
+    with FlopCounter() as counter:  # by hand: one image's feature matching, as robustify counts a batch per image
+        match_features(teacher, to_float(small.train_x[:1]), to_float(small.train_x[1:2]), 3, 0.1)
+    assert counter.get_total_flops() > 0
+    assert robust.source["robustify_flops"] == pytest.approx(24 * counter.get_total_flops())
+    assert (
+        read_dataset(layout / "data" / "robust.safetensors").source["robustify_flops"]
+        == robust.source["robustify_flops"]
+    )
+
+    _write(layout, "rdt", (4, 3.0, 0.2, 12.0, 0.90, {"apgd": 0.0}), "cnn-bn")
+    save_model(
+        teacher,
+        layout / "runs" / "students" / "rdt" / "model.pt",
+        {"method": "rdt", "config": {"dataset": "data/robust.safetensors"}},
+    )  # relative to the root
+    _count_flops(layout, {**FLOPS, "rdt": 1e12})
+    rdt = {r["name"]: r for r in collect(layout)["students"]}["rdt"]
+    assert rdt["data_flops"] == robust.source["robustify_flops"]
+    assert rdt["total_flops_with_teacher"] == pytest.approx(1e12 + 6e12 + robust.source["robustify_flops"])
+    assert rdt["speedup_vs_sat"] == pytest.approx(8.0)  # the student alone
