@@ -180,15 +180,8 @@ def test_native_apgd_ce_agrees_with_autoattacks_within_a_point(teacher, digits, 
 
 def test_square_flags_a_gradient_masked_model_that_apgd_ce_alone_passes(teacher, digits):
     masked = LogitScaled(teacher)
-    config = EvalConfig(
-        eps=EPS,
-        attacks=("apgd",),
-        n_examples=100,
-        steps=10,
-        restarts=1,
-        sanity_examples=100,
-        sanity_steps=10,
-        sanity_square_queries=300,
+    config = EvalConfig(  # Square's default budget: 100 queries per image
+        eps=EPS, attacks=("apgd",), n_examples=100, steps=10, restarts=1, sanity_examples=100, sanity_steps=10
     )
     alone = evaluate(masked, digits, config.replace(sanity=False))
     assert alone.sanity_passed is None, "APGD-CE alone: no check runs, so nothing flags it"
@@ -196,7 +189,7 @@ def test_square_flags_a_gradient_masked_model_that_apgd_ce_alone_passes(teacher,
 
     flagged = evaluate(masked, digits, config).sanity["square"]
     assert not flagged["passed"]
-    assert flagged["square_accuracy"] < flagged["whitebox_accuracy"] - 0.1
+    assert flagged["square_accuracy"] < flagged["whitebox_accuracy"] - 0.05 and flagged["queries"] == 100
     honest = evaluate(teacher, digits, config).sanity["square"]
     assert honest["passed"], honest
     # Square sees the model through its outputs only: masked or not, it measures the same robustness
