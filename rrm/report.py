@@ -176,6 +176,9 @@ def _row(name: str, train_path: Path, eval_path: Path, root: Path | None = None)
         "total_flops": _optional_number(train, "total_flops"),
         "data_flops": _data_flops(train_path.parent, root) if method in LEARNS_FROM_TEACHER_DATA and root else None,
         "timing_noisy": _number(train, "epoch_seconds_ci95", train_path) > NOISY_TIMING_CI * seconds_mean,
+        # catastrophic overfitting seen by the single-step methods' monitor, and where --early-stop-on-co stopped
+        "co_epoch": train.get("catastrophic_overfitting_epoch"),
+        "early_stopped_at_epoch": train.get("early_stopped_at_epoch"),
     }
 
 
@@ -251,6 +254,8 @@ def over_seeds(per_seed: list[list[dict]]) -> list[dict]:
             "evaluation_bound": all(r["evaluation_bound"] for r in runs),
             "cost_basis": "flops" if all(r["cost_basis"] == "flops" for r in runs) else "seconds",
             "timing_noisy": any(r["timing_noisy"] for r in runs),
+            "co_seeds": sum(r["co_epoch"] is not None for r in runs),
+            "adversarial_min_pct": None if None in (a := [r["adversarial_pct"] for r in runs]) else min(a),
         }
         for key in SEED_MEANS:
             values = [r[key] for r in runs]
@@ -266,6 +271,7 @@ def over_seeds(per_seed: list[list[dict]]) -> list[dict]:
         )
         row["time_of_sat"] = _ratio(row["total_minutes"], sat and sat["total_minutes"])
         row["cost_of_sat"] = _ratio(row["total_flops"], sat and sat["total_flops"])
+        row["worst_seed_of_sat_pct"] = _ratio(row["adversarial_min_pct"], sat and sat["adversarial_pct"] / 100)
     return out
 
 
@@ -300,6 +306,7 @@ def target(students: list[dict]) -> dict:
             "sanity_passed": r["sanity_passed"],
             "total_flops": r["total_flops"],
             "cost_of_sat": r["cost_of_sat"],
+            "worst_seed_of_sat_pct": r.get("worst_seed_of_sat_pct"),
             "met": r["adversarial_pct"] >= need_pct
             and (r["total_flops"] <= max_flops if counted else r["total_minutes"] <= max_minutes)
             and r["sanity_passed"],

@@ -48,6 +48,8 @@ TABLE1_COLUMNS = (
     *COST_COLUMNS,
     "attack_examples",
     "apgd_pct",
+    "co_epoch",
+    "early_stopped_at_epoch",
 )
 TABLE2_COLUMNS = (
     "name",
@@ -64,6 +66,8 @@ TABLE2_COLUMNS = (
     *COST_COLUMNS,
     "attack_examples",
     "apgd_pct",
+    "co_epoch",
+    "early_stopped_at_epoch",
 )
 SEEDS_COLUMNS = (
     "name",
@@ -78,6 +82,9 @@ SEEDS_COLUMNS = (
     "cost_of_sat",
     "cost_basis",
     "timing_noisy",
+    "adversarial_min_pct",
+    "worst_seed_of_sat_pct",
+    "co_seeds",
 )
 
 
@@ -133,8 +140,8 @@ def _cost_notes(rows: list[dict]) -> list[str]:
     """What the adversarial column and the speedups are, and which timings were measured on a busy machine."""
     notes = [
         "adversarial %: AutoAttack (`autoattack`) where evaluated, else ART AutoPGD (`art-apgd`), else native "
-        "APGD-CE (`apgd`); the attack column says which and images on how many test images. APGD %: the native "
-        "APGD-CE, the monitor of training and tuning."
+        "APGD-CE (`apgd`); the attack column says which, and `attack_examples` on how many test images. "
+        "APGD %: the native APGD-CE, the monitor of training and tuning."
     ]
     if rows and all(r.get("cost_basis") == "flops" for r in rows):
         notes.append(
@@ -176,6 +183,16 @@ def _fmt(value: object, digits: int = 2) -> str:
     return str(value)
 
 
+def _name(r: dict) -> str:
+    """The row's name, marked where the monitor saw catastrophic overfitting (one run, or some of the seeds)."""
+    if r.get("co_seeds"):
+        return f"{r['name']} (CO in {r['co_seeds']} of {r['seeds']} seeds)"
+    if r.get("co_epoch") is None:
+        return r["name"]
+    stopped = r.get("early_stopped_at_epoch")
+    return f"{r['name']} (CO at epoch {r['co_epoch']}" + ("" if stopped is None else f", kept epoch {stopped}") + ")"
+
+
 def _markdown(title: str, header: list[str], rows: list[list[str]], notes: list[str]) -> str:
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -198,7 +215,7 @@ def table1(report: dict) -> str:
     for r in runs:
         rows.append(
             [
-                r["name"],
+                _name(r),
                 r["model"],
                 _fmt(r["epochs"], 0),
                 _epoch_time(r),
@@ -241,7 +258,7 @@ def table2(report: dict) -> str:
     chosen = [r for r in report["students"] if r["method"] in ("sat", *TRANSFER_METHODS)]
     rows = [
         [
-            r["name"],
+            _name(r),
             r["model"],
             _fmt(r["natural_pct"], 1),
             _fmt(r["adversarial_pct"], 1),
@@ -293,12 +310,13 @@ def seeds_table(report: dict) -> str:
 
     rows = [
         [
-            r["name"],
+            _name(r),
             r["method"],
             r["model"],
             str(r["seeds"]),
             ci(r, "natural_pct", 1),
             ci(r, "adversarial_pct", 1),
+            _fmt(r["adversarial_min_pct"], 1),
             r["attack"],
             ci(r, "transfer_pct", 1),
             ci(r, "total_minutes", 2),
@@ -318,6 +336,7 @@ def seeds_table(report: dict) -> str:
         "seeds",
         "natural %",
         "adversarial %",
+        "worst seed %",
         "attack",
         "transfer %",
         "student (min)",
@@ -332,9 +351,10 @@ def seeds_table(report: dict) -> str:
     notes = [
         f"Mean ± 95% CI (Student's t) over seeds {', '.join(map(str, report['seeds']))}. adversarial %: "
         "AutoAttack (`autoattack`) where evaluated, else ART AutoPGD (`art-apgd`), else native APGD-CE (`apgd`); "
-        "transfer %: APGD crafted on the teacher. incl. teacher adds the teacher's whole training time to every "
-        "student that uses it. FLOPs / SAT's: the counted training cost, on which the target is checked where every "
-        "run counted it.",
+        "worst seed %: the lowest seed's adversarial accuracy; (CO in k of n seeds): catastrophic overfitting seen by "
+        "the per-epoch monitor. transfer %: APGD crafted on the teacher. incl. teacher adds the teacher's whole "
+        "training time to every student that uses it. FLOPs / SAT's: the counted training cost, on which the target "
+        "is checked where every run counted it.",
         "",
         f"Teacher: {t['method']} {t['model']}, natural {t['natural_pct']:.1f}%, adversarial "
         f"{_fmt(t['adversarial_pct'], 1)}% ({t['attack']}), {t['total_minutes']:.2f} min, checks "

@@ -288,6 +288,9 @@ def test_seeds_are_averaged_with_their_ci(seeded: Path, tmp_path: Path) -> None:
     assert pgd["total_minutes_with_teacher_ci95"] == pytest.approx(T_975_1 * 0.25)
     assert pgd["adversarial_of_sat_pct"] == pytest.approx(100 * 64 / 78)
     assert pgd["time_of_sat"] == pytest.approx(2.75 / 9)
+    assert pgd["adversarial_min_pct"] == pytest.approx(62.0) and pgd["worst_seed_of_sat_pct"] == pytest.approx(
+        6200 / 78
+    )
     assert rows["rrm"]["transfer_pct"] is None  # seed 1 did not run the transfer attack
     assert rows["kd"]["sanity_passed"] is False and rows["natural"]["sanity_passed"] is True
     out = tmp_path / "out"
@@ -295,8 +298,8 @@ def test_seeds_are_averaged_with_their_ci(seeded: Path, tmp_path: Path) -> None:
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "table.md").read_text()
     assert (
-        f"| rrm-teacher-pgd | rrm | cnn-bn | 2 | 96.0 ± {T_975_1:.1f} | 64.0 ± {T_975_1 * 2:.1f} | apgd | 85.0 ± "
-        f"0.0 | 2.75 ± {T_975_1 * 0.25:.2f} | 17.75 ± {T_975_1 * 0.25:.2f} | 82.1 | 0.31 | passed |"
+        f"| rrm-teacher-pgd | rrm | cnn-bn | 2 | 96.0 ± {T_975_1:.1f} | 64.0 ± {T_975_1 * 2:.1f} | 62.0 | apgd | "
+        f"85.0 ± 0.0 | 2.75 ± {T_975_1 * 0.25:.2f} | 17.75 ± {T_975_1 * 0.25:.2f} | 82.1 | 0.31 | passed |"
     ) in md
     with (out / "table.csv").open() as f:
         table = {r["name"]: r for r in csv.DictReader(f)}
@@ -495,3 +498,24 @@ def test_rdt_pays_for_robustifying_its_data(layout: Path, tmp_path: Path, digits
     assert rdt["data_flops"] == robust.source["robustify_flops"]
     assert rdt["total_flops_with_teacher"] == pytest.approx(1e12 + 6e12 + robust.source["robustify_flops"])
     assert rdt["speedup_vs_sat"] == pytest.approx(8.0)  # the student alone
+
+
+def test_catastrophic_overfitting_is_marked_in_the_tables(seeded: Path, layout: Path, tmp_path: Path) -> None:
+    # one seed of the seeded study's kd student collapsed; in the one-run layout, fast collapsed and was stopped
+    metrics = seeded / LAYOUT["students_dir"] / "seed1" / "kd" / "train_metrics.json"
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "catastrophic_overfitting_epoch": 3}))
+    report = write_report(seeded, tmp_path / "seeds", **LAYOUT)
+    rows = {r["name"]: r for r in report["students"]}
+    assert rows["kd"]["co_seeds"] == 1 and rows["sat"]["co_seeds"] == 0
+    md = (tmp_path / "seeds" / "table.md").read_text()
+    assert "| kd (CO in 1 of 2 seeds) | kd |" in md and "| sat | sat |" in md
+
+    kd = layout / "runs" / "students" / "kd" / "train_metrics.json"
+    values = json.loads(kd.read_text())
+    kd.write_text(json.dumps({**values, "catastrophic_overfitting_epoch": 4, "early_stopped_at_epoch": 3}))
+    write_report(layout, tmp_path / "one")
+    assert "| kd (CO at epoch 4, kept epoch 3) | cnn-bn |" in (tmp_path / "one" / "table1.md").read_text()
+    assert "| rrm | cnn-bn |" in (tmp_path / "one" / "table1.md").read_text()
+    with (tmp_path / "one" / "table1.csv").open() as f:
+        row = next(r for r in csv.DictReader(f) if r["name"] == "kd")
+    assert (row["co_epoch"], row["early_stopped_at_epoch"]) == ("4", "3")
