@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from sklearn.model_selection import train_test_split
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-from torchvision.transforms import v2
 from tqdm import tqdm
 
-from rrm.data.core import ImageData
-from rrm.errors import RRMError
+from rrm.data.core import AUGMENTATIONS, ImageData
+from rrm.data.decode import decode_image
+from rrm.errors import RRMError, unknown
 
 Samples = list[tuple[str, int]]
 
@@ -108,40 +108,92 @@ def _nchw(split: CIFAR10) -> torch.Tensor:
     return torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous()
 
 
+@dataclass(frozen=True)
+class FolderPlan:
+    """What a folder dataset will hold, before any image is decoded: its (path, label) lists and metadata.
+
+    :func:`rrm.data.shards.write_shards` decodes it in worker processes; :meth:`load` decodes it here, into memory.
+    """
+
+    name: str
+    train: Samples
+    test: Samples
+    classes: tuple[str, ...]
+    image_size: int
+    augment: str
+    source: dict
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def load(self) -> ImageData:
+        train_x, train_y = _load_images(self.train, self.image_size, f"{self.name} train")
+        test_x, test_y = _load_images(self.test, self.image_size, f"{self.name} test")
+        return ImageData(name=self.name, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y,
+                         classes=self.classes, augment=self.augment, mean=self.mean, std=self.std,
+                         source=self.source)
+
+
 def imagefolder(
     root: str | os.PathLike, image_size: int = 64, test_fraction: float = 0.2, seed: int = 0,
+    augment: str = "crop-flip",
 ) -> ImageData:
     """Images in ``root/<class>/*`` (split here, seeded and stratified) or ``root/{train,val|test}/<class>/*``.
 
     Each image is converted to RGB, its shorter side resized to ``image_size`` and centre-cropped to a square.
     ``seed`` fixes both the split and the order of the examples, so a prepared file is reproducible.
     """
-    root = _tree_root(root, image_size, test_fraction)
+    return imagefolder_plan(root, image_size, test_fraction, seed, augment).load()
+
+
+def imagefolder_plan(
+    root: str | os.PathLike, image_size: int = 64, test_fraction: float = 0.2, seed: int = 0,
+    augment: str = "crop-flip",
+) -> FolderPlan:
+    """:func:`imagefolder`'s samples and metadata, without decoding."""
+    root = _tree_root(root, image_size, test_fraction, augment)
     train, test, class_to_idx = _split_samples(root, _folder_classes, test_fraction, seed)
-    return _image_data(
-        "imagefolder", train, test, tuple(sorted(class_to_idx, key=class_to_idx.__getitem__)), image_size,
-        source={"root": str(root), "image_size": image_size, "test_fraction": test_fraction, "seed": seed},
+    return FolderPlan(
+        "imagefolder", train, test, tuple(sorted(class_to_idx, key=class_to_idx.__getitem__)), image_size, augment,
+        source=_source(root, image_size, test_fraction, seed, augment),
     )
 
 
 def restricted_imagenet(
     root: str | os.PathLike, image_size: int = 64, test_fraction: float = 0.2, seed: int = 0,
+    augment: str = "crop-flip",
 ) -> ImageData:
     """The 9 super-classes of Restricted ImageNet from an ImageNet tree (``root/{train,val}/<wnid>/*``).
 
     WordNet-ID folders outside the 9 super-classes are ignored, so the full ILSVRC-2012 tree or any part of it works.
+    ``augment="resized-crop-flip"`` trains with ImageNet's random-resized crop instead of padding and shifting.
     """
-    root = _tree_root(root, image_size, test_fraction)
+    return restricted_imagenet_plan(root, image_size, test_fraction, seed, augment).load()
+
+
+def restricted_imagenet_plan(
+    root: str | os.PathLike, image_size: int = 64, test_fraction: float = 0.2, seed: int = 0,
+    augment: str = "crop-flip",
+) -> FolderPlan:
+    """:func:`restricted_imagenet`'s samples and metadata, without decoding."""
+    root = _tree_root(root, image_size, test_fraction, augment)
     train, test, _ = _split_samples(root, _restricted_classes, test_fraction, seed)
-    return _image_data(
-        "restricted-imagenet", train, test, tuple(RESTRICTED_IMAGENET_WNIDS), image_size,
+    return FolderPlan(
+        "restricted-imagenet", train, test, tuple(RESTRICTED_IMAGENET_WNIDS), image_size, augment,
+        source=_source(root, image_size, test_fraction, seed, augment),
         mean=RESTRICTED_IMAGENET_MEAN, std=RESTRICTED_IMAGENET_STD,
-        source={"root": str(root), "image_size": image_size, "test_fraction": test_fraction, "seed": seed},
     )
 
 
-def _tree_root(root: str | os.PathLike, image_size: int, test_fraction: float) -> Path:
+def _source(root: Path, image_size: int, test_fraction: float, seed: int, augment: str) -> dict:
+    """Provenance; the augmentation only when it is not the default, so files prepared before it stay identical."""
+    source = {"root": str(root), "image_size": image_size, "test_fraction": test_fraction, "seed": seed}
+    return source if augment == "crop-flip" else {**source, "augment": augment}
+
+
+def _tree_root(root: str | os.PathLike, image_size: int, test_fraction: float, augment: str) -> Path:
     """Check the options before walking a tree that may hold a million files."""
+    if augment not in AUGMENTATIONS:
+        raise unknown("augmentation", augment, AUGMENTATIONS)
     if image_size < 1:
         raise RRMError(f"image_size must be a positive number of pixels, got {image_size}")
     if not 0 < test_fraction < 1:
@@ -223,29 +275,9 @@ def _shuffled(samples: Samples, seed: int) -> Samples:
     return [samples[i] for i in order.tolist()]
 
 
-def _image_data(
-    name: str, train: Samples, test: Samples, classes: tuple[str, ...], image_size: int, **kw,
-) -> ImageData:
-    train_x, train_y = _load_images(train, image_size, f"{name} train")
-    test_x, test_y = _load_images(test, image_size, f"{name} test")
-    return ImageData(name=name, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes,
-                     augment="crop-flip", **kw)
-
-
 def _load_images(samples: Samples, image_size: int, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode every image into one preallocated uint8 tensor, so peak memory is the dataset and not twice it."""
-    square = v2.Compose([v2.Resize(image_size), v2.CenterCrop(image_size), v2.PILToTensor()])
     x = torch.empty((len(samples), 3, image_size, image_size), dtype=torch.uint8)
     for i, (path, _) in enumerate(tqdm(samples, desc=desc, unit="img", disable=None, leave=False)):
-        x[i] = square(_open_rgb(path, image_size))
+        x[i] = decode_image(path, image_size)
     return x, torch.tensor([label for _, label in samples], dtype=torch.int64)
-
-
-def _open_rgb(path: str, image_size: int) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            # Lets JPEG decode at a reduced scale that still covers image_size: several times faster on ImageNet.
-            image.draft("RGB", (image_size, image_size))
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise RRMError(f"cannot read image {path!r} ({exc}): replace or delete the file") from None
