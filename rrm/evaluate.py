@@ -48,7 +48,7 @@ from rrm.attacks.config import (  # noqa: F401  (re-exported: the evaluation's s
     TRANSFER_ATTACKS,
     EvalConfig,
 )
-from rrm.data import ImageData, to_float
+from rrm.data import ImageData, as_tensor, to_float
 from rrm.errors import RRMError
 from rrm.metrics import Attack, accuracy, device_of
 from rrm.models import Classifier, load_model
@@ -336,9 +336,11 @@ def _autoattack(
 ) -> tuple[float, dict]:
     """AutoAttack on the first ``autoattack_examples`` images: its accuracy and what the metrics keep of it."""
     k = len(y) if config.autoattack_examples is None else min(config.autoattack_examples, len(y))
-    run = attack.run(to_float(x[:k]), y[:k], state_path=state, progress=progress)
+    run = attack.run(to_float(as_tensor(x[:k])), y[:k], state_path=state, progress=progress)
     if k:
-        constraint.record(run.max_distance - config.eps, run.min_pixel, run.max_pixel, run.finite, x[0].numel())
+        constraint.record(
+            run.max_distance - config.eps, run.min_pixel, run.max_pixel, run.finite, math.prod(x.shape[1:])
+        )
     if state is not None:
         Path(state).unlink(missing_ok=True)
     return run.accuracy, settings_summary(run, attack)

@@ -75,7 +75,8 @@ def load_model_ref(ref: str | os.PathLike, device):
 
 
 def prepare_job(dataset: str, out: str | os.PathLike, options: dict):
-    """Load a registered dataset and write it to one file; returns the data and its digest."""
+    """Load a registered dataset and write it to one file (or shards: ``options`` holds ``shards=True``); returns the
+    data and its digest."""
     from rrm.data import prepare_dataset
 
     return prepare_dataset(dataset, out, **options)
@@ -381,10 +382,10 @@ def probe_job(cfg: ProbeConfig) -> dict:
         require(dataset, "--dataset (the model file does not say what it was trained on)")
         data = load_dataset(dataset)
         x, y = data.test_x[: cfg.n_examples], data.test_y[: cfg.n_examples]
-        from rrm.data import to_float
+        from rrm.data import as_tensor, to_float
 
         result["agreement"] = layer_agreement(
-            model, teacher, to_float(x), y, eps=cfg.eps, norm=cfg.norm, steps=cfg.steps, seed=cfg.seed
+            model, teacher, to_float(as_tensor(x)), y, eps=cfg.eps, norm=cfg.norm, steps=cfg.steps, seed=cfg.seed
         )
         result["agreement"]["n_examples"] = len(y)
     if cfg.out:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rrm.data import ImageData, save_dataset, to_float
+from rrm.data import ImageData, as_tensor, save_dataset, to_float
 from rrm.errors import RRMError
 from rrm.io import atomic_path, check_writable
 from rrm.models import Classifier
@@ -128,8 +128,8 @@ def robustify(
     bar = tqdm(total=n, initial=done, desc="robustify", unit="img", disable=None if progress is None else not progress)
     for start in range(done, n, batch_size):
         idx = torch.arange(start, min(start + batch_size, n))
-        target = to_float(data.train_x[idx]).to(device)
-        begin = to_float(data.train_x[partners[idx]]).to(device)
+        target = to_float(as_tensor(data.train_x[idx])).to(device)
+        begin = to_float(as_tensor(data.train_x[partners[idx]])).to(device)
         with FlopCounter() if flops_per_image is None else contextlib.nullcontext() as counter:
             result[idx] = match_features(teacher, begin, target, steps, step_size).cpu()
         if flops_per_image is None:
@@ -145,8 +145,8 @@ def robustify(
         with FlopCounter() as counter:
             match_features(
                 teacher,
-                to_float(data.train_x[partners[:1]]).to(device),
-                to_float(data.train_x[:1]).to(device),
+                to_float(as_tensor(data.train_x[partners[:1]])).to(device),
+                to_float(as_tensor(data.train_x[:1])).to(device),
                 steps,
                 step_size,
             )
@@ -155,6 +155,7 @@ def robustify(
         data,
         name=f"{data.name}-robust",
         train_x=result,
+        test_x=as_tensor(data.test_x),  # a robustified set is one file, held in memory: shards read here
         source={
             "kind": "robustified",
             "from": data.name,

@@ -25,27 +25,61 @@ from rrm.tune import TuneConfig, parse_range
 
 @cli.group()
 def data() -> None:
-    """Datasets: prepare one versionable file per dataset."""
+    """Datasets: prepare one versionable file, or directory of shards, per dataset."""
 
 
 @data.command("prepare")
 @from_params("prepare")
 @click.option("--dataset", help="Registered dataset name (mnist5k, digits, ...).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Output .safetensors file.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output .safetensors file, or directory with --shards.")
+@click.option(
+    "--shards",
+    is_flag=True,
+    default=False,
+    help="Write a directory of shards that training reads batch by batch, for datasets larger than memory; "
+    "resumable: rerun the same command after an interruption.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Processes that decode the images of a folder dataset (--shards). [default: the CPUs]",
+)
+@click.option(
+    "--shard-images",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Images per shard (--shards); part of the digest. [default: about 32 MiB of pixels a shard]",
+)
 @key_value_option("Loader option, repeatable (e.g. -o seed=1 -o test_size=500; `root` for folder datasets).")
-def data_prepare(dataset: str | None, out: Path | None, options: tuple[str, ...]) -> None:
-    """Load a dataset and write it to one file whose digest every run records.
+def data_prepare(
+    dataset: str | None,
+    out: Path | None,
+    shards: bool,
+    workers: int | None,
+    shard_images: int | None,
+    options: tuple[str, ...],
+) -> None:
+    """Load a dataset and write it to one file (or a directory of shards) whose digest every run records.
 
     \b
-    Example:
+    Examples:
       rrm data prepare --dataset mnist5k --out data/mnist5k.safetensors -o seed=0
+      rrm data prepare --dataset restricted-imagenet --out data/rimagenet --shards -o root=~/imagenet -o image_size=224
     """
     jobs.require(dataset, "--dataset")
     jobs.require(out, "--out")
-    prepared, digest = jobs.prepare_job(dataset, out, key_values(options))
+    if not shards and out.is_dir():
+        raise RRMError(f"--out {str(out)!r} is a directory: pass a .safetensors file, or add --shards")
+    if not shards and (workers is not None or shard_images is not None):
+        raise RRMError("--workers and --shard-images apply to --shards; add --shards or drop them")
+    extra = {"shards": True, "workers": workers, "shard_images": shard_images} if shards else {}
+    prepared, digest = jobs.prepare_job(dataset, out, {**key_values(options), **extra})
     click.echo(
         f"wrote {out}: {prepared.name}, {len(prepared.train_y)} train / {len(prepared.test_y)} test images "
-        f"{'x'.join(map(str, prepared.input_shape))}, digest {digest[:12]}"
+        f"{'x'.join(map(str, prepared.input_shape))}"
+        f"{f' in {len(prepared.train_x.shards) + len(prepared.test_x.shards)} shards' if shards else ''}, "
+        f"digest {digest[:12]}"
     )
 
 

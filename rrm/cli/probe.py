@@ -14,7 +14,7 @@ PROBE = {
     "teacher": Spec(
         "model", "A teacher (file or registry URI) to compare with, stage by stage, on clean and attacked inputs."
     ),
-    "dataset": Spec("data", "Dataset name or prepared file. [default: the one the model was trained on]"),
+    "dataset": Spec("data", "Dataset name, prepared file or shards. [default: the one the model was trained on]"),
     "norm": Spec("attack", "Threat model norm.", NORMS, "norm"),
     "eps": Spec("attack", "Threat model radius in [0, 1] pixel units."),
     "n_examples": Spec("data", "Test images for the agreement."),

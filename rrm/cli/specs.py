@@ -18,7 +18,7 @@ THREAT = {
     "eps": Spec("attack", "Threat model radius in [0, 1] pixel units (8/255 = 0.0314)."),
 }
 TRAIN = {
-    "dataset": Spec("data", "Registered dataset name, or a file from `rrm data prepare` / `rrm robustify`."),
+    "dataset": Spec("data", "Registered dataset name, or a file or shards from `rrm data prepare` / `rrm robustify`."),
     "model": Spec("model", "Architecture.", tuple(ARCHITECTURES), "model"),
     "width": Spec("model", "Channel width multiplier (small models)."),
     "feature_dim": Spec("model", "Add a linear layer so the features have this size (match the teacher's)."),
@@ -113,7 +113,7 @@ TRAIN = {
 
 ROBUSTIFY = {
     "teacher": Spec("method", "Robust teacher: a model file or a registry URI such as models:/rrm-teacher@champion."),
-    "dataset": Spec("data", "Registered dataset name or a prepared .safetensors file."),
+    "dataset": Spec("data", "Registered dataset name, a prepared .safetensors file or a directory of shards."),
     "out": Spec("data", "Output .safetensors file."),
     "steps": Spec("method", "Feature-matching steps per image."),
     "step_size": Spec("method", "L2 step of each update."),
@@ -157,7 +157,7 @@ EVALUATE = {
     "sanity_tolerance": Spec("attack", "Accuracy slack of the monotonicity checks."),
     "sanity_zero_accuracy": Spec("attack", "Accuracy the largest eps must push the model down to."),
     "seed": Spec("runtime", "Random seed of the attacks."),
-    "dataset": Spec("data", "Dataset name or prepared file. [default: the one the model was trained on]"),
+    "dataset": Spec("data", "Dataset name, prepared file or shards. [default: the one the model was trained on]"),
     "transfer_from": Spec(
         "model", "Model that crafts the `transfer` attack and check (file or registry URI): for a student, its teacher."
     ),

@@ -215,6 +215,11 @@ def _train(
         if teacher is not None:
             teacher.features = torch.compile(teacher.features)
     train_x, train_y = data.train_x, data.train_y
+    if cfg.data_on_device and data.lazy:
+        raise RRMError(
+            f"--data-on-device copies the whole training set to the device, but {data.name!r} is read from shards "
+            "batch by batch; drop --data-on-device"
+        )
     if cfg.data_on_device:  # batches are then gathered on the device: no host-to-device copy per step
         train_x, train_y = train_x.to(device), train_y.to(device)
 

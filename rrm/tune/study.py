@@ -24,7 +24,7 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from rrm.data import ImageData, load_dataset
+from rrm.data import ImageData, as_tensor, load_dataset
 from rrm.errors import RRMError
 from rrm.evaluate import EvalConfig, apgd_accuracy, evaluate
 from rrm.models import Classifier, load_model
@@ -215,7 +215,7 @@ def _objective(
 ) -> Callable[[optuna.Trial], float | tuple[float, float]]:
     """The study's objective: train a trial on ``validation``'s training part and score it; each trial it starts
     is appended to ``ran``. ``tracking`` is :mod:`rrm.tracking` (each trial a child run of ``parent``) or None."""
-    x_attack = validation.test_x[: cfg.attack_examples]
+    x_attack = as_tensor(validation.test_x[: cfg.attack_examples])
     y_attack = validation.test_y[: cfg.attack_examples]
 
     def objective(trial: optuna.Trial):

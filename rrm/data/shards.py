@@ -1,0 +1,523 @@
+"""Prepared datasets larger than memory: pre-decoded uint8 images in safetensors shards, read row by row.
+
+A sharded dataset is a directory::
+
+    dataset.json                  the manifest: the metadata of a prepared file (name, classes, augment, mean, std,
+                                  source), the image shape, each split's shards with their image count and sha256,
+                                  and the dataset digest
+    train-00000.safetensors ...   tensors ``x`` (uint8 NCHW) and ``y`` (int64 labels), no metadata, so the bytes
+    test-00000.safetensors  ...   depend on the images alone and a second prepare writes the same files
+
+Why this format: images are decoded, resized and labelled once (:func:`write_shards`, in worker processes), and a
+row of ``x`` is a fixed number of bytes at a known offset, so any image is one ``preadv`` away. Training therefore
+keeps its exact shuffle over the whole dataset (the same batches as in memory, on one process or many), each
+torchrun rank reads only its rows, and nothing is mapped into the process: memory stays the reader's few batches
+however large the dataset (a memory map would count every page touched). safetensors is already how rrm stores data
+and models: no pickle, a documented header, readable from any language. The shards are plain immutable files that
+DVC versions as one directory output, storing a shard once however many versions share it.
+
+Checks: opening a dataset compares every shard's size with its header (a truncated file is named) and, unless
+``verify=False``, its sha256 with the manifest (hashed in threads; about one sequential read of the data).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import re
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save
+from tqdm.auto import tqdm
+
+from rrm.data.core import ImageData, channel_stats
+from rrm.errors import RRMError
+from rrm.io import atomic_path, check_writable, ensure_dir, sha256_file
+
+SHARDS_FORMAT = "rrm-shards/1"
+MANIFEST = "dataset.json"
+SPLITS = ("train", "test")
+# Shards of about this size: large enough for few files and sequential reads, small enough that an interrupted
+# prepare loses little and every worker gets several.
+SHARD_BYTES = 32 << 20
+# Open shard files kept per dataset (a Restricted ImageNet at 224 px has ~1,200 shards).
+_OPEN_FILES = 64
+_SHARD_NAME = re.compile(r"^(train|test)-\d{5}\.safetensors$")
+_PREPARE_FIX = "re-run `rrm data prepare --shards` to re-create it"
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.safetensors"
+
+
+# --- reading ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One shard file: its images' byte range, their count and the file's sha256."""
+
+    path: Path
+    count: int
+    x_offset: int  # where the first image's bytes start in the file
+    row_bytes: int
+    sha256: str
+
+
+class _Files:
+    """File descriptors of shards, opened on first read and kept (at most :data:`_OPEN_FILES`, least recent closed).
+
+    Shared by every view of one dataset and safe across threads: ``preadv`` has no file position to race on.
+    """
+
+    def __init__(self) -> None:
+        self._fds: OrderedDict[Path, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def fd(self, path: Path) -> int:
+        with self._lock:
+            fd = self._fds.pop(path, None)
+            if fd is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as exc:
+                    what = f"cannot read dataset shard {str(path)!r} ({exc.strerror})"
+                    raise RRMError(f"{what}; {_PREPARE_FIX}") from None
+            self._fds[path] = fd
+            while len(self._fds) > _OPEN_FILES:
+                os.close(self._fds.popitem(last=False)[1])
+            return fd
+
+    def close(self, _close=os.close) -> None:  # bound now, and no contextlib: __del__ may run as modules are torn down
+        with self._lock:
+            for fd in self._fds.values():
+                try:
+                    _close(fd)
+                except OSError:
+                    pass
+            self._fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class ShardedImages:
+    """uint8 NCHW images stored in shards, read on demand: a :class:`rrm.data.core.LazyImages`.
+
+    Indexing (a slice, a boolean mask, integer indices) gives a view of the selected rows without reading; only
+    :meth:`read` reads, with one ``preadv`` per run of consecutive rows straight into the returned tensor.
+    """
+
+    dtype = torch.uint8
+    ndim = 4
+    device = torch.device("cpu")
+
+    def __init__(
+        self,
+        shards: Sequence[Shard],
+        image_shape: tuple[int, int, int],
+        rows: np.ndarray | None = None,
+        files: _Files | None = None,
+    ):
+        self.shards = tuple(shards)
+        self.image_shape = tuple(image_shape)
+        self._starts = np.cumsum([0, *(s.count for s in self.shards)])
+        self.rows = np.arange(self._starts[-1], dtype=np.int64) if rows is None else rows
+        self._files = files or _Files()
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.rows), *self.image_shape))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key) -> ShardedImages:
+        if isinstance(key, torch.Tensor):
+            key = key.cpu().numpy()
+        if isinstance(key, (int, np.integer)):
+            raise TypeError("index a ShardedImages with a slice, a mask or an index array; read() gives the pixels")
+        return ShardedImages(self.shards, self.image_shape, self.rows[key], self._files)
+
+    def __repr__(self) -> str:
+        return f"ShardedImages({len(self)} x {'x'.join(map(str, self.image_shape))} uint8 in {len(self.shards)} shards)"
+
+    def __getstate__(self) -> dict:  # descriptors stay in their process
+        return {**self.__dict__, "_files": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _files=_Files())
+
+    def fingerprint(self) -> bytes:
+        """The shards' sha256s and image counts and, for a view, the rows it takes: the content, without reading it."""
+        h = hashlib.sha256()
+        for shard in self.shards:
+            h.update(f"{shard.sha256}:{shard.count};".encode())
+        if not np.array_equal(self.rows, np.arange(self._starts[-1])):
+            h.update(self.rows.tobytes())
+        return h.digest()
+
+    def read(self, index=None, *, pin: bool = False) -> torch.Tensor:
+        """Rows ``index`` of this view (all of them without it) as one uint8 tensor; ``pin`` page-locks it."""
+        rows = self.rows
+        if index is not None:
+            rows = rows[index.cpu().numpy() if isinstance(index, torch.Tensor) else np.asarray(index)]
+        out = torch.empty((len(rows), *self.image_shape), dtype=torch.uint8, pin_memory=pin)
+        if not len(rows):
+            return out
+        flat = memoryview(out.numpy()).cast("B")
+        which = np.searchsorted(self._starts, rows, side="right") - 1
+        local = rows - self._starts[which]
+        # runs of rows that follow each other in one shard are read in one call
+        breaks = np.flatnonzero((np.diff(rows) != 1) | (np.diff(which) != 0)) + 1
+        bounds = [0, *breaks.tolist(), len(rows)]
+        row_bytes = self.shards[0].row_bytes
+        for a, b in itertools.pairwise(bounds):
+            shard = self.shards[which[a]]
+            want = (b - a) * row_bytes
+            got = os.preadv(self._files.fd(shard.path), [flat[a * row_bytes : b * row_bytes]],
+                            shard.x_offset + int(local[a]) * row_bytes)
+            if got != want:
+                raise RRMError(f"dataset shard {str(shard.path)!r} is truncated (an image ends past its end); "
+                               f"{_PREPARE_FIX}")
+        return out
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """A shard's safetensors header and the offset of its data, checking that the file holds all the data."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+            raw = fh.read(length) if length is not None and length < size else b""
+        header = json.loads(raw) if raw and len(raw) == length else None
+    except FileNotFoundError:
+        raise RRMError(f"dataset shard {str(path)!r} is missing; {_PREPARE_FIX}") from None
+    except OSError as exc:
+        raise RRMError(f"cannot read dataset shard {str(path)!r} ({exc.strerror}); {_PREPARE_FIX}") from None
+    except (ValueError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict) or not {"x", "y"} <= set(header):
+        raise RRMError(f"dataset shard {str(path)!r} is truncated or not a shard (no readable header with tensors x "
+                       f"and y); {_PREPARE_FIX}")
+    data_start = 8 + length
+    end = max(int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__")
+    if size != data_start + end:
+        raise RRMError(f"dataset shard {str(path)!r} is truncated ({size} of {data_start + end} bytes); "
+                       f"{_PREPARE_FIX}")
+    return header, data_start
+
+
+def _open_shard(path: Path, count: int, image_shape: tuple[int, ...], sha256: str) -> tuple[Shard, np.ndarray]:
+    """The shard and its labels, checked against what the manifest says it holds."""
+    header, data_start = _header(path)
+    x, y = header["x"], header["y"]
+    if (x["dtype"], x["shape"], y["dtype"], y["shape"]) != ("U8", [count, *image_shape], "I64", [count]):
+        raise RRMError(f"dataset shard {str(path)!r} holds x {x['dtype']} {x['shape']} and y {y['dtype']} "
+                       f"{y['shape']}, not the {count} images {list(image_shape)} its manifest lists; {_PREPARE_FIX}")
+    y_start, y_end = (data_start + int(o) for o in y["data_offsets"])
+    with open(path, "rb") as fh:
+        fh.seek(y_start)
+        labels = np.frombuffer(fh.read(y_end - y_start), dtype="<i8").astype(np.int64)
+    shard = Shard(path, count, data_start + int(x["data_offsets"][0]), int(np.prod(image_shape)), sha256)
+    return shard, labels
+
+
+def is_sharded(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a sharded dataset's directory or its manifest."""
+    path = Path(path)
+    return (path / MANIFEST).is_file() if path.is_dir() else path.name == MANIFEST
+
+
+def read_manifest(path: str | os.PathLike) -> tuple[Path, dict]:
+    """The dataset directory and its manifest, checked for the keys this version reads."""
+    path = Path(path)
+    directory = path.parent if path.name == MANIFEST and not path.is_dir() else path
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        why = ("has no manifest: its prepare did not finish; re-run the same `rrm data prepare --shards` to resume"
+               if any(_SHARD_NAME.match(p.name) for p in directory.glob("*.safetensors"))
+               else f"is not a sharded dataset (no {MANIFEST}); write one with `rrm data prepare --shards`")
+        raise RRMError(f"dataset directory {str(directory)!r} {why}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RRMError(f"dataset manifest {str(manifest_path)!r} cannot be read ({type(exc).__name__}); "
+                       f"{_PREPARE_FIX}") from None
+    keys = ("name", "classes", "augment", "mean", "std", "source", "image_shape", "splits", "digest")
+    if not isinstance(manifest, dict) or manifest.get("format") != SHARDS_FORMAT:
+        raise RRMError(f"{str(manifest_path)!r} is not an rrm shards manifest (no format {SHARDS_FORMAT!r}); "
+                       f"{_PREPARE_FIX}")
+    missing = [k for k in keys if k not in manifest]
+    if missing or set(manifest["splits"]) != set(SPLITS):
+        what = f"lacks {', '.join(missing)}" if missing else f"has splits {sorted(manifest['splits'])}"
+        raise RRMError(f"dataset manifest {str(manifest_path)!r} is damaged (it {what}); {_PREPARE_FIX}")
+    return directory, manifest
+
+
+def open_shards(path: str | os.PathLike, verify: bool = True) -> ImageData:
+    """A sharded dataset as :class:`ImageData` whose images are :class:`ShardedImages`; labels are read now.
+
+    ``verify``: hash every shard and compare with the manifest (``False`` checks sizes and headers only).
+    """
+    directory, manifest = read_manifest(path)
+    try:
+        data = _assemble(directory, manifest)
+    except (KeyError, TypeError, ValueError) as exc:  # a manifest entry of the wrong shape
+        raise RRMError(f"dataset manifest {str(directory / MANIFEST)!r} is damaged ({type(exc).__name__}: "
+                       f"{(str(exc).splitlines() or [''])[0]}); {_PREPARE_FIX}") from None
+    if verify:
+        _verify(s for x in (data.train_x, data.test_x) for s in x.shards)
+    if data.digest != manifest["digest"]:
+        raise RRMError(f"dataset manifest {str(directory / MANIFEST)!r} does not match its digest (edited or "
+                       f"damaged); {_PREPARE_FIX}")
+    return data
+
+
+def _assemble(directory: Path, manifest: dict) -> ImageData:
+    """The dataset the manifest describes, its shards' sizes, headers and labels checked (not their hashes)."""
+    image_shape = tuple(int(v) for v in manifest["image_shape"])
+    files = _Files()
+    images, labels = {}, {}
+    for split in SPLITS:
+        opened = [
+            _open_shard(directory / entry["file"], int(entry["images"]), image_shape, str(entry["sha256"]))
+            for entry in manifest["splits"][split]
+        ]
+        images[split] = ShardedImages([s for s, _ in opened], image_shape, files=files)
+        labels[split] = torch.from_numpy(np.concatenate([y for _, y in opened] or [np.zeros(0, np.int64)]))
+    return ImageData(
+        name=manifest["name"], train_x=images["train"], train_y=labels["train"], test_x=images["test"],
+        test_y=labels["test"], classes=tuple(manifest["classes"]), augment=manifest["augment"],
+        mean=tuple(manifest["mean"]), std=tuple(manifest["std"]), source=dict(manifest["source"]),
+    )
+
+
+def _verify(shards: Iterable[Shard]) -> None:
+    """Hash the shards in threads (hashlib releases the GIL) and name the first that differs from its manifest."""
+    shards = list(shards)
+    with ThreadPoolExecutor(min(8, len(shards) or 1)) as pool:
+        for shard, actual in zip(shards, pool.map(lambda s: sha256_file(s.path), shards)):
+            if actual != shard.sha256:
+                raise RRMError(f"dataset shard {str(shard.path)!r} does not match its digest in {MANIFEST} "
+                               f"(modified or damaged); {_PREPARE_FIX}")
+
+
+# --- writing ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One shard to write: its images as files to decode (``paths``) or as pixels already in memory (``pixels``)."""
+
+    path: Path
+    labels: np.ndarray
+    image_size: int = 0
+    paths: tuple[str, ...] = ()
+    pixels: np.ndarray | None = None
+
+
+def _write_shard(task: _Task) -> str:
+    """Decode (or take) the task's images, write its shard atomically and return the file's sha256."""
+    if task.pixels is None:
+        from rrm.data.decode import decode_image
+
+        x = np.empty((len(task.paths), 3, task.image_size, task.image_size), dtype=np.uint8)
+        for i, path in enumerate(task.paths):
+            x[i] = decode_image(path, task.image_size).numpy()
+    else:
+        x = task.pixels
+    # safetensors writes an array's buffer as it lies in memory, whatever its strides: C order first
+    blob = save({"x": np.ascontiguousarray(x), "y": np.ascontiguousarray(task.labels, dtype=np.int64)})
+    with atomic_path(task.path) as tmp:
+        tmp.write_bytes(blob)
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _finished(task: _Task, image_shape: tuple[int, ...]) -> str | None:
+    """The sha256 of the task's shard if a run before this one wrote it whole with these labels; else None."""
+    if not task.path.is_file():
+        return None
+    try:
+        _, labels = _open_shard(task.path, len(task.labels), image_shape, "")
+    except RRMError:
+        return None
+    return sha256_file(task.path) if np.array_equal(labels, task.labels) else None
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # parallelism is across processes; a thread pool per worker would oversubscribe
+
+
+def check_counts(workers: int | None, shard_images: int | None) -> None:
+    """Reject a worker count or shard size below one, before any image is loaded."""
+    for name, value in (("workers", workers), ("shard_images", shard_images)):
+        if value is not None and value < 1:
+            raise RRMError(f"{name} must be at least 1, got {value}")
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def write_shards(
+    source,
+    out: str | os.PathLike,
+    *,
+    workers: int | None = None,
+    shard_images: int | None = None,
+    progress: bool | None = None,
+) -> ImageData:
+    """Write ``source`` as a sharded dataset in directory ``out``; returns it, opened (lazily).
+
+    ``source`` is an :class:`ImageData` of uint8 images (written as they are) or a
+    :class:`rrm.data.folders.FolderPlan`, whose images ``workers`` processes decode (all CPUs by default). Each
+    shard is written atomically and the manifest last, so an interrupted prepare leaves only whole shards: run again
+    with the same arguments, it keeps them and writes the rest. Other arguments start over. ``shard_images``
+    (images per shard) defaults to about :data:`SHARD_BYTES` a shard; with the images it fixes the files and so the
+    digest, which the worker count does not change.
+    """
+    from rrm.data.folders import FolderPlan
+
+    check_counts(workers, shard_images)
+    workers = default_workers() if workers is None else workers
+    out = Path(out)
+    check_writable(out, directory=True)
+    foreign = [p.name for p in out.iterdir() if not _ours(p)] if out.is_dir() else []
+    if foreign:
+        raise RRMError(f"{str(out)!r} holds files that are not shards ({', '.join(sorted(foreign)[:3])}); choose a "
+                       "new or empty directory for the shards")
+    if isinstance(source, FolderPlan):
+        image_shape = (3, source.image_size, source.image_size)
+        splits = {
+            split: ([p for p, _ in samples], np.array([label for _, label in samples], dtype=np.int64))
+            for split, samples in (("train", source.train), ("test", source.test))
+        }
+        plan_of = json.dumps([[str(p), label] for samples in (source.train, source.test) for p, label in samples])
+    elif isinstance(source, ImageData):
+        if source.train_x.dtype != torch.uint8:
+            raise RRMError(f"{source.name!r} holds {source.train_x.dtype} images; shards hold uint8 photographs, so "
+                           "write this dataset as one file (drop --shards)")
+        image_shape = source.input_shape
+        splits = {
+            "train": (source.train_x.numpy(), source.train_y.numpy()),
+            "test": (source.test_x.numpy(), source.test_y.numpy()),
+        }
+        plan_of = source.digest
+    else:
+        raise TypeError(f"write_shards takes ImageData or FolderPlan, not {type(source).__name__}")
+    per_shard = shard_images or max(1, SHARD_BYTES // math.prod(image_shape))
+    meta = {"name": source.name, "classes": list(source.classes), "augment": source.augment,
+            "source": source.source}
+    plan = hashlib.sha256(json.dumps([meta, image_shape, per_shard, plan_of], sort_keys=True).encode()).hexdigest()
+    tasks: dict[str, list[_Task]] = {}
+    for split, (images, labels) in splits.items():
+        tasks[split] = []
+        for index, start in enumerate(range(0, len(labels), per_shard)):
+            chunk = slice(start, start + per_shard)
+            path = out / shard_name(split, index)
+            if isinstance(source, FolderPlan):
+                tasks[split].append(_Task(path, labels[chunk], source.image_size, paths=tuple(images[chunk])))
+            else:
+                tasks[split].append(_Task(path, labels[chunk], pixels=images[chunk]))
+    _start_or_resume(out, plan, {t.path.name for split in SPLITS for t in tasks[split]})
+    digests = _run_tasks([t for split in SPLITS for t in tasks[split]], image_shape, workers, progress, source.name)
+    manifest = {
+        "format": SHARDS_FORMAT, **meta, "image_shape": list(image_shape), "plan": plan,
+        "splits": {
+            split: [{"file": t.path.name, "images": len(t.labels), "sha256": digests[t.path]} for t in tasks[split]]
+            for split in SPLITS
+        },
+        "mean": list(source.mean), "std": list(source.std),
+    }
+    data = _assemble(out, manifest)
+    if not source.mean:  # computed as ImageData computes it in memory: from the first training images
+        data.mean, data.std = channel_stats(data.train_x)
+        manifest.update(mean=list(data.mean), std=list(data.std))
+    manifest["digest"] = data.digest
+    with atomic_path(out / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    (out / _PLAN).unlink(missing_ok=True)
+    return data
+
+
+# Written while a prepare runs: the plan its shards belong to (the manifest keeps it once finished).
+_PLAN = ".prepare-plan"
+
+
+def _ours(path: Path) -> bool:
+    """A file a prepare writes: a shard, the manifest, the plan, or a temporary file of one of them."""
+    name = path.name
+    return bool(_SHARD_NAME.match(name)) or name in (MANIFEST, _PLAN) or (
+        name.startswith(".") and name.endswith(".tmp") and path.is_file()
+    )
+
+
+def _start_or_resume(out: Path, plan: str, planned: set[str]) -> None:
+    """Keep the shards of this same plan (an interrupted or finished prepare); remove everything else of ours."""
+    ensure_dir(out)
+    previous = None
+    with contextlib.suppress(OSError, ValueError):
+        previous = json.loads((out / MANIFEST).read_text()).get("plan")
+    if previous is None and (out / _PLAN).is_file():
+        previous = (out / _PLAN).read_text().strip()
+    same = previous == plan
+    for path in out.iterdir():
+        temporary = path.name.endswith(".tmp")
+        if temporary or path.name == MANIFEST or (_SHARD_NAME.match(path.name) and not (same and path.name in planned)):
+            path.unlink()
+    with atomic_path(out / _PLAN) as tmp:
+        tmp.write_text(plan + "\n")
+
+
+def _run_tasks(
+    tasks: list[_Task], image_shape: tuple[int, ...], workers: int, progress: bool | None, name: str
+) -> dict[Path, str]:
+    """Write the tasks' shards (skipping those a previous run finished); returns each shard's sha256."""
+    digests: dict[Path, str] = {}
+    todo = []
+    for task in tasks:
+        done = _finished(task, image_shape)
+        if done is None:
+            todo.append(task)
+        else:
+            digests[task.path] = done
+    total = sum(len(t.labels) for t in tasks)
+    bar = tqdm(total=total, initial=total - sum(len(t.labels) for t in todo), unit="img", desc=f"prepare {name}",
+               disable=None if progress is None else not progress, leave=False)
+    with bar:
+        if workers == 1 or len(todo) <= 1 or todo[0].pixels is not None:
+            for task in todo:
+                digests[task.path] = _write_shard(task)
+                bar.update(len(task.labels))
+            return digests
+        context = multiprocessing.get_context("spawn")  # fork after torch has started threads may deadlock
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_worker_init) as pool:
+            running: dict[Future, _Task] = {pool.submit(_write_shard, t): t for t in todo}
+            try:
+                while running:
+                    finished, _ = wait(running, return_when=FIRST_EXCEPTION)
+                    for future in finished:
+                        task = running.pop(future)
+                        digests[task.path] = future.result()
+                        bar.update(len(task.labels))
+            except BaseException:
+                for future in running:
+                    future.cancel()
+                raise
+    return digests
+
