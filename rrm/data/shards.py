@@ -43,7 +43,7 @@ import torch
 from safetensors.numpy import save
 from tqdm.auto import tqdm
 
-from rrm.data.core import ImageData, channel_stats
+from rrm.data.core import ImageData
 from rrm.errors import RRMError
 from rrm.io import atomic_path, check_writable, ensure_dir, sha256_file
 
@@ -104,7 +104,7 @@ class _Files:
     def close(self, _close=os.close) -> None:  # bound now, and no contextlib: __del__ may run as modules are torn down
         with self._lock:
             for fd in self._fds.values():
-                try:
+                try:  # noqa: SIM105 (contextlib may be gone when this runs at exit)
                     _close(fd)
                 except OSError:
                     pass
@@ -188,11 +188,15 @@ class ShardedImages:
         for a, b in itertools.pairwise(bounds):
             shard = self.shards[which[a]]
             want = (b - a) * row_bytes
-            got = os.preadv(self._files.fd(shard.path), [flat[a * row_bytes : b * row_bytes]],
-                            shard.x_offset + int(local[a]) * row_bytes)
+            got = os.preadv(
+                self._files.fd(shard.path),
+                [flat[a * row_bytes : b * row_bytes]],
+                shard.x_offset + int(local[a]) * row_bytes,
+            )
             if got != want:
-                raise RRMError(f"dataset shard {str(shard.path)!r} is truncated (an image ends past its end); "
-                               f"{_PREPARE_FIX}")
+                raise RRMError(
+                    f"dataset shard {str(shard.path)!r} is truncated (an image ends past its end); {_PREPARE_FIX}"
+                )
         return out
 
 
@@ -212,13 +216,14 @@ def _header(path: Path) -> tuple[dict, int]:
     except (ValueError, UnicodeDecodeError):
         header = None
     if not isinstance(header, dict) or not {"x", "y"} <= set(header):
-        raise RRMError(f"dataset shard {str(path)!r} is truncated or not a shard (no readable header with tensors x "
-                       f"and y); {_PREPARE_FIX}")
+        raise RRMError(
+            f"dataset shard {str(path)!r} is truncated or not a shard (no readable header with tensors x "
+            f"and y); {_PREPARE_FIX}"
+        )
     data_start = 8 + length
     end = max(int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__")
     if size != data_start + end:
-        raise RRMError(f"dataset shard {str(path)!r} is truncated ({size} of {data_start + end} bytes); "
-                       f"{_PREPARE_FIX}")
+        raise RRMError(f"dataset shard {str(path)!r} is truncated ({size} of {data_start + end} bytes); {_PREPARE_FIX}")
     return header, data_start
 
 
@@ -227,8 +232,10 @@ def _open_shard(path: Path, count: int, image_shape: tuple[int, ...], sha256: st
     header, data_start = _header(path)
     x, y = header["x"], header["y"]
     if (x["dtype"], x["shape"], y["dtype"], y["shape"]) != ("U8", [count, *image_shape], "I64", [count]):
-        raise RRMError(f"dataset shard {str(path)!r} holds x {x['dtype']} {x['shape']} and y {y['dtype']} "
-                       f"{y['shape']}, not the {count} images {list(image_shape)} its manifest lists; {_PREPARE_FIX}")
+        raise RRMError(
+            f"dataset shard {str(path)!r} holds x {x['dtype']} {x['shape']} and y {y['dtype']} "
+            f"{y['shape']}, not the {count} images {list(image_shape)} its manifest lists; {_PREPARE_FIX}"
+        )
     y_start, y_end = (data_start + int(o) for o in y["data_offsets"])
     with open(path, "rb") as fh:
         fh.seek(y_start)
@@ -249,19 +256,23 @@ def read_manifest(path: str | os.PathLike) -> tuple[Path, dict]:
     directory = path.parent if path.name == MANIFEST and not path.is_dir() else path
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
-        why = ("has no manifest: its prepare did not finish; re-run the same `rrm data prepare --shards` to resume"
-               if any(_SHARD_NAME.match(p.name) for p in directory.glob("*.safetensors"))
-               else f"is not a sharded dataset (no {MANIFEST}); write one with `rrm data prepare --shards`")
+        why = (
+            "has no manifest: its prepare did not finish; re-run the same `rrm data prepare --shards` to resume"
+            if any(_SHARD_NAME.match(p.name) for p in directory.glob("*.safetensors"))
+            else f"is not a sharded dataset (no {MANIFEST}); write one with `rrm data prepare --shards`"
+        )
         raise RRMError(f"dataset directory {str(directory)!r} {why}")
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as exc:
-        raise RRMError(f"dataset manifest {str(manifest_path)!r} cannot be read ({type(exc).__name__}); "
-                       f"{_PREPARE_FIX}") from None
+        raise RRMError(
+            f"dataset manifest {str(manifest_path)!r} cannot be read ({type(exc).__name__}); {_PREPARE_FIX}"
+        ) from None
     keys = ("name", "classes", "augment", "mean", "std", "source", "image_shape", "splits", "digest")
     if not isinstance(manifest, dict) or manifest.get("format") != SHARDS_FORMAT:
-        raise RRMError(f"{str(manifest_path)!r} is not an rrm shards manifest (no format {SHARDS_FORMAT!r}); "
-                       f"{_PREPARE_FIX}")
+        raise RRMError(
+            f"{str(manifest_path)!r} is not an rrm shards manifest (no format {SHARDS_FORMAT!r}); {_PREPARE_FIX}"
+        )
     missing = [k for k in keys if k not in manifest]
     if missing or set(manifest["splits"]) != set(SPLITS):
         what = f"lacks {', '.join(missing)}" if missing else f"has splits {sorted(manifest['splits'])}"
@@ -278,13 +289,17 @@ def open_shards(path: str | os.PathLike, verify: bool = True) -> ImageData:
     try:
         data = _assemble(directory, manifest)
     except (KeyError, TypeError, ValueError) as exc:  # a manifest entry of the wrong shape
-        raise RRMError(f"dataset manifest {str(directory / MANIFEST)!r} is damaged ({type(exc).__name__}: "
-                       f"{(str(exc).splitlines() or [''])[0]}); {_PREPARE_FIX}") from None
+        raise RRMError(
+            f"dataset manifest {str(directory / MANIFEST)!r} is damaged ({type(exc).__name__}: "
+            f"{(str(exc).splitlines() or [''])[0]}); {_PREPARE_FIX}"
+        ) from None
     if verify:
         _verify(s for x in (data.train_x, data.test_x) for s in x.shards)
     if data.digest != manifest["digest"]:
-        raise RRMError(f"dataset manifest {str(directory / MANIFEST)!r} does not match its digest (edited or "
-                       f"damaged); {_PREPARE_FIX}")
+        raise RRMError(
+            f"dataset manifest {str(directory / MANIFEST)!r} does not match its digest (edited or "
+            f"damaged); {_PREPARE_FIX}"
+        )
     return data
 
 
@@ -301,9 +316,16 @@ def _assemble(directory: Path, manifest: dict) -> ImageData:
         images[split] = ShardedImages([s for s, _ in opened], image_shape, files=files)
         labels[split] = torch.from_numpy(np.concatenate([y for _, y in opened] or [np.zeros(0, np.int64)]))
     return ImageData(
-        name=manifest["name"], train_x=images["train"], train_y=labels["train"], test_x=images["test"],
-        test_y=labels["test"], classes=tuple(manifest["classes"]), augment=manifest["augment"],
-        mean=tuple(manifest["mean"]), std=tuple(manifest["std"]), source=dict(manifest["source"]),
+        name=manifest["name"],
+        train_x=images["train"],
+        train_y=labels["train"],
+        test_x=images["test"],
+        test_y=labels["test"],
+        classes=tuple(manifest["classes"]),
+        augment=manifest["augment"],
+        mean=tuple(manifest["mean"]),
+        std=tuple(manifest["std"]),
+        source=dict(manifest["source"]),
     )
 
 
@@ -313,8 +335,10 @@ def _verify(shards: Iterable[Shard]) -> None:
     with ThreadPoolExecutor(min(8, len(shards) or 1)) as pool:
         for shard, actual in zip(shards, pool.map(lambda s: sha256_file(s.path), shards)):
             if actual != shard.sha256:
-                raise RRMError(f"dataset shard {str(shard.path)!r} does not match its digest in {MANIFEST} "
-                               f"(modified or damaged); {_PREPARE_FIX}")
+                raise RRMError(
+                    f"dataset shard {str(shard.path)!r} does not match its digest in {MANIFEST} "
+                    f"(modified or damaged); {_PREPARE_FIX}"
+                )
 
 
 # --- writing ----------------------------------------------------------------------------------------------------
@@ -399,8 +423,10 @@ def write_shards(
     check_writable(out, directory=True)
     foreign = [p.name for p in out.iterdir() if not _ours(p)] if out.is_dir() else []
     if foreign:
-        raise RRMError(f"{str(out)!r} holds files that are not shards ({', '.join(sorted(foreign)[:3])}); choose a "
-                       "new or empty directory for the shards")
+        raise RRMError(
+            f"{str(out)!r} holds files that are not shards ({', '.join(sorted(foreign)[:3])}); choose a "
+            "new or empty directory for the shards"
+        )
     if isinstance(source, FolderPlan):
         image_shape = (3, source.image_size, source.image_size)
         splits = {
@@ -410,8 +436,10 @@ def write_shards(
         plan_of = json.dumps([[str(p), label] for samples in (source.train, source.test) for p, label in samples])
     elif isinstance(source, ImageData):
         if source.train_x.dtype != torch.uint8:
-            raise RRMError(f"{source.name!r} holds {source.train_x.dtype} images; shards hold uint8 photographs, so "
-                           "write this dataset as one file (drop --shards)")
+            raise RRMError(
+                f"{source.name!r} holds {source.train_x.dtype} images; shards hold uint8 photographs, so "
+                "write this dataset as one file (drop --shards)"
+            )
         image_shape = source.input_shape
         splits = {
             "train": (source.train_x.numpy(), source.train_y.numpy()),
@@ -421,8 +449,7 @@ def write_shards(
     else:
         raise TypeError(f"write_shards takes ImageData or FolderPlan, not {type(source).__name__}")
     per_shard = shard_images or max(1, SHARD_BYTES // math.prod(image_shape))
-    meta = {"name": source.name, "classes": list(source.classes), "augment": source.augment,
-            "source": source.source}
+    meta = {"name": source.name, "classes": list(source.classes), "augment": source.augment, "source": source.source}
     plan = hashlib.sha256(json.dumps([meta, image_shape, per_shard, plan_of], sort_keys=True).encode()).hexdigest()
     tasks: dict[str, list[_Task]] = {}
     for split, (images, labels) in splits.items():
@@ -435,20 +462,27 @@ def write_shards(
             else:
                 tasks[split].append(_Task(path, labels[chunk], pixels=images[chunk]))
     _start_or_resume(out, plan, {t.path.name for split in SPLITS for t in tasks[split]})
-    digests = _run_tasks([t for split in SPLITS for t in tasks[split]], image_shape, workers, progress, source.name)
+    try:
+        digests = _run_tasks([t for split in SPLITS for t in tasks[split]], image_shape, workers, progress, source.name)
+    except RRMError as exc:
+        kept = sum(1 for p in out.iterdir() if _SHARD_NAME.match(p.name))
+        raise RRMError(
+            f"{exc}; the {kept} finished shards stay in {str(out)!r}, and the same command run again resumes from them"
+        ) from None
     manifest = {
-        "format": SHARDS_FORMAT, **meta, "image_shape": list(image_shape), "plan": plan,
+        "format": SHARDS_FORMAT,
+        **meta,
+        "image_shape": list(image_shape),
+        "plan": plan,
         "splits": {
             split: [{"file": t.path.name, "images": len(t.labels), "sha256": digests[t.path]} for t in tasks[split]]
             for split in SPLITS
         },
-        "mean": list(source.mean), "std": list(source.std),
+        "mean": list(source.mean),
+        "std": list(source.std),
     }
-    data = _assemble(out, manifest)
-    if not source.mean:  # computed as ImageData computes it in memory: from the first training images
-        data.mean, data.std = channel_stats(data.train_x)
-        manifest.update(mean=list(data.mean), std=list(data.std))
-    manifest["digest"] = data.digest
+    data = _assemble(out, manifest)  # without statistics, ImageData computes them as in memory: first training images
+    manifest.update(mean=list(data.mean), std=list(data.std), digest=data.digest)
     with atomic_path(out / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     (out / _PLAN).unlink(missing_ok=True)
@@ -459,12 +493,13 @@ def write_shards(
 _PLAN = ".prepare-plan"
 
 
+# rrm.io.atomic_path's temporary files of a shard, the manifest or the plan
+_TEMPORARY = re.compile(r"^\.((train|test)-\d{5}\.safetensors|dataset\.json|\.prepare-plan)\.\d+\.tmp$")
+
+
 def _ours(path: Path) -> bool:
     """A file a prepare writes: a shard, the manifest, the plan, or a temporary file of one of them."""
-    name = path.name
-    return bool(_SHARD_NAME.match(name)) or name in (MANIFEST, _PLAN) or (
-        name.startswith(".") and name.endswith(".tmp") and path.is_file()
-    )
+    return bool(_SHARD_NAME.match(path.name) or _TEMPORARY.match(path.name)) or path.name in (MANIFEST, _PLAN)
 
 
 def _start_or_resume(out: Path, plan: str, planned: set[str]) -> None:
@@ -477,8 +512,11 @@ def _start_or_resume(out: Path, plan: str, planned: set[str]) -> None:
         previous = (out / _PLAN).read_text().strip()
     same = previous == plan
     for path in out.iterdir():
-        temporary = path.name.endswith(".tmp")
-        if temporary or path.name == MANIFEST or (_SHARD_NAME.match(path.name) and not (same and path.name in planned)):
+        if (
+            _TEMPORARY.match(path.name)
+            or path.name == MANIFEST
+            or (_SHARD_NAME.match(path.name) and not (same and path.name in planned))
+        ):
             path.unlink()
     with atomic_path(out / _PLAN) as tmp:
         tmp.write_text(plan + "\n")
@@ -497,15 +535,24 @@ def _run_tasks(
         else:
             digests[task.path] = done
     total = sum(len(t.labels) for t in tasks)
-    bar = tqdm(total=total, initial=total - sum(len(t.labels) for t in todo), unit="img", desc=f"prepare {name}",
-               disable=None if progress is None else not progress, leave=False)
+    bar = tqdm(
+        total=total,
+        initial=total - sum(len(t.labels) for t in todo),
+        unit="img",
+        desc=f"prepare {name}",
+        disable=None if progress is None else not progress,
+        leave=False,
+    )
     with bar:
         if workers == 1 or len(todo) <= 1 or todo[0].pixels is not None:
             for task in todo:
                 digests[task.path] = _write_shard(task)
                 bar.update(len(task.labels))
             return digests
-        context = multiprocessing.get_context("spawn")  # fork after torch has started threads may deadlock
+        # Workers fork from a server process that imported the decoder once, before any thread started: cheaper than
+        # spawning (an import of torch each) and safe, unlike a fork of this process after torch started its threads.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["rrm.data.shards", "rrm.data.decode"])
         with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_worker_init) as pool:
             running: dict[Future, _Task] = {pool.submit(_write_shard, t): t for t in todo}
             try:
@@ -520,4 +567,3 @@ def _run_tasks(
                     future.cancel()
                 raise
     return digests
-
