@@ -63,9 +63,19 @@ def main() -> None:
         model = load_for_evaluation(args.model)[0]
     else:
         with tempfile.TemporaryDirectory() as out:
-            cfg = TrainConfig(dataset=args.dataset, model="cnn", method=args.method, epochs=args.epochs, lr=0.05,
-                              norm=args.norm, eps=args.eps, monitor_examples=0, seed=args.seed, out_dir=out,
-                              progress=False)
+            cfg = TrainConfig(
+                dataset=args.dataset,
+                model="cnn",
+                method=args.method,
+                epochs=args.epochs,
+                lr=0.05,
+                norm=args.norm,
+                eps=args.eps,
+                monitor_examples=0,
+                seed=args.seed,
+                out_dir=out,
+                progress=False,
+            )
             model = train(cfg, data=data).model.eval()
     x, y = to_float(data.test_x[: args.examples]), data.test_y[: args.examples]
     threat = dict(norm=args.norm, eps=args.eps)
@@ -76,12 +86,21 @@ def main() -> None:
 
     def autoattack(version: str, components: tuple[str, ...] = ()):
         with frozen(model):
-            return AutoAttack(model, **threat, num_classes=data.num_classes, version=version, components=components,
-                              seed=args.seed, batch_size=args.batch_size).run(x, y)
+            return AutoAttack(
+                model,
+                **threat,
+                num_classes=data.num_classes,
+                version=version,
+                components=components,
+                seed=args.seed,
+                batch_size=args.batch_size,
+            ).run(x, y)
 
     accuracy(model, x, y)  # warm-up
-    print(f"model={args.model or args.method} dataset={data.name} {args.norm} eps={args.eps} images={len(y)} "
-          f"threads={torch.get_num_threads()} pyautoattack={package_version()}")
+    print(
+        f"model={args.model or args.method} dataset={data.name} {args.norm} eps={args.eps} images={len(y)} "
+        f"threads={torch.get_num_threads()} pyautoattack={package_version()}"
+    )
     print(f"clean accuracy {accuracy(model, x, y):.4f}")
     print(f"{'attack':<34}{'accuracy':>9}{'wall s':>9}{'cpu s':>8}")
     for steps in sorted({args.steps, 100}):
@@ -91,16 +110,17 @@ def main() -> None:
             native_100 = acc
     run, wall, cpu = timed(lambda: autoattack("custom", ("apgd-ce",)))
     print(f"{'AutoAttack APGD-CE 100 it':<34}{run.accuracy:>9.4f}{wall:>9.1f}{cpu:>8.1f}")
-    print(f"agreement native - AutoAttack APGD-CE: {100 * (native_100 - run.accuracy):+.1f} points "
-          f"(target: within 1)")
+    print(f"agreement native - AutoAttack APGD-CE: {100 * (native_100 - run.accuracy):+.1f} points (target: within 1)")
     run, wall, cpu = timed(lambda: autoattack("standard"))
     print(f"{'AutoAttack standard':<34}{run.accuracy:>9.4f}{wall:>9.1f}{cpu:>8.1f}")
     for component, seconds in run.seconds.items():
         print(f"  after {component:<26}{run.accuracy_after[component]:>9.4f}{seconds:>9.1f}")
     survivors = run.accuracy_after["apgd-ce"] * len(y)
     rest = sum(s for c, s in run.seconds.items() if c != "apgd-ce")
-    print(f"per image: {wall / len(y):.3f} s wall; APGD-CE {run.seconds['apgd-ce'] / len(y):.3f} s per image, "
-          f"the rest {rest / max(survivors, 1):.3f} s per image still robust after it ({survivors:.0f} images)")
+    print(
+        f"per image: {wall / len(y):.3f} s wall; APGD-CE {run.seconds['apgd-ce'] / len(y):.3f} s per image, "
+        f"the rest {rest / max(survivors, 1):.3f} s per image still robust after it ({survivors:.0f} images)"
+    )
 
 
 if __name__ == "__main__":

@@ -56,8 +56,16 @@ def main() -> None:
     kw = data.model_kwargs()
     teacher = build_model(args.teacher, **kw).eval().requires_grad_(False)
     feature_dim = teacher.feature_dim if build_model(args.student, **kw).feature_dim != teacher.feature_dim else None
-    batch_list = list(batches(data.train_x, data.train_y, args.batch_size, shuffle=True,
-                              generator=torch.Generator().manual_seed(0), drop_last=True))[: args.steps + 1]
+    batch_list = list(
+        batches(
+            data.train_x,
+            data.train_y,
+            args.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(0),
+            drop_last=True,
+        )
+    )[: args.steps + 1]
 
     runners, flops = {}, {}
     for name in names:
@@ -90,19 +98,25 @@ def main() -> None:
                 wall[name].append((time.perf_counter() - started) / per)
                 cpu[name].append((time.process_time() - started_cpu) / per)
 
-    print(f"dataset={args.dataset} student={args.student} teacher={args.teacher} batch={args.batch_size} "
-          f"eps={args.eps} attack_steps={args.attack_steps} threads={torch.get_num_threads()} rounds={args.rounds} "
-          f"steps={args.steps}")
-    print(f"{'method':<10}{'GFLOP/step':>11}{'x nat':>7}{'ms/step':>9}{'x nat':>7}{'cpu ms':>8}{'x nat':>7}"
-          f"{'wall/FLOPs':>11}{'cpu/FLOPs':>10}  within {AGREEMENT:.0%}")
+    print(
+        f"dataset={args.dataset} student={args.student} teacher={args.teacher} batch={args.batch_size} "
+        f"eps={args.eps} attack_steps={args.attack_steps} threads={torch.get_num_threads()} rounds={args.rounds} "
+        f"steps={args.steps}"
+    )
+    print(
+        f"{'method':<10}{'GFLOP/step':>11}{'x nat':>7}{'ms/step':>9}{'x nat':>7}{'cpu ms':>8}{'x nat':>7}"
+        f"{'wall/FLOPs':>11}{'cpu/FLOPs':>10}  within {AGREEMENT:.0%}"
+    )
     natural_wall, natural_cpu = statistics.median(wall["natural"]), statistics.median(cpu["natural"])
     for name in names:
         w, c = statistics.median(wall[name]), statistics.median(cpu[name])
         ratio_flops, ratio_wall, ratio_cpu = flops[name] / flops["natural"], w / natural_wall, c / natural_cpu
         agree_wall, agree_cpu = ratio_wall / ratio_flops, ratio_cpu / ratio_flops
         ok = "yes" if abs(agree_cpu - 1) <= AGREEMENT else "no"
-        print(f"{name:<10}{flops[name] / 1e9:>11.2f}{ratio_flops:>7.2f}{w * 1000:>9.1f}{ratio_wall:>7.2f}"
-              f"{c * 1000:>8.1f}{ratio_cpu:>7.2f}{agree_wall:>11.2f}{agree_cpu:>10.2f}  {ok}")
+        print(
+            f"{name:<10}{flops[name] / 1e9:>11.2f}{ratio_flops:>7.2f}{w * 1000:>9.1f}{ratio_wall:>7.2f}"
+            f"{c * 1000:>8.1f}{ratio_cpu:>7.2f}{agree_wall:>11.2f}{agree_cpu:>10.2f}  {ok}"
+        )
 
 
 if __name__ == "__main__":
