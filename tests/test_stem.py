@@ -137,6 +137,24 @@ def test_a_transplanted_stem_computes_the_teachers_pre_activations(teacher_name,
     )
 
 
+@pytest.mark.parametrize("teacher_name", ["cnn", "cnn-bn"])
+def test_stem_filters_copies_the_filters_the_teachers_next_layer_reads_most(teacher_name):
+    teacher, student = _model(teacher_name, 0), _model("resnet8", 1)  # 32 filters into 16
+    following = [m for m in teacher.body.modules() if isinstance(m, torch.nn.Conv2d)][1]
+    by_hand = sorted(
+        sorted(range(32), key=lambda j: -following.weight[:, j].pow(2).sum().item())[:16]
+    )  # the 16 input channels with the largest squared weights
+    index = transplant_stem(teacher, student, filters=True)
+    assert index.tolist() == by_hand
+    x = torch.rand(5, 1, 8, 8)
+    teacher_maps = teacher.stages(x, ["stem"])["stem"]
+    assert torch.allclose(student.stages(x, ["stem"])["stem"], teacher_maps[:, index], atol=1e-5)
+    with pytest.raises(RRMError, match="--transplant stem-filters"):
+        transplant_stem(teacher, _model("resnet8", 1))  # the whole stem does not fit, and the error says what does
+    with pytest.raises(RRMError, match=r"channels \(1, 16\) in the teacher, \(1, 32\) in the student"):
+        transplant_stem(student, _model("cnn", 2), filters=True)  # more filters than the teacher has: refused
+
+
 def test_a_frozen_transplanted_stem_is_bit_identical_after_training(tmp_path, digits, digits_teacher):
     cfg = TrainConfig(
         dataset="digits",

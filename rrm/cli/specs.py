@@ -55,9 +55,10 @@ TRAIN = {
     ),
     "transplant": Spec(
         "method",
-        "Copy the teacher's first layer into the student before training (any method; "
-        "the stems must have the same shape).",
-        ("stem",),
+        "Copy the teacher's first layer into the student before training (any method): stem, the whole "
+        "layer (the same shape); stem-filters, the filters the teacher's next layer reads most, into a "
+        "stem with as many or fewer.",
+        ("stem", "stem-filters"),
         "transplant",
     ),
     "transplant_frozen": Spec("method", "Keep the transplanted stem frozen (--no-transplant-frozen fine-tunes it)."),

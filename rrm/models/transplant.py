@@ -14,7 +14,9 @@ from torch import nn
 from rrm.errors import RRMError
 from rrm.models.base import Classifier
 
-TRANSPLANTS = ("stem",)
+# stem: the teacher's first layer whole; stem-filters: the k filters the teacher's next layer reads most, for a student
+# whose first layer has k <= the teacher's filters and otherwise the same shape.
+TRANSPLANTS = ("stem", "stem-filters")
 
 
 def stem_layers(model: Classifier) -> tuple[nn.Conv2d, nn.BatchNorm2d | None]:
@@ -40,6 +42,20 @@ def folded_stem(model: Classifier) -> tuple[torch.Tensor, torch.Tensor]:
     return weight, bias
 
 
+def most_read_filters(model: Classifier, k: int) -> torch.Tensor:
+    """The ``k`` stem filters that ``model``'s next convolution weighs most (L2 norm of its weights over each input
+    channel), in ascending order of index."""
+    conv, _ = stem_layers(model)
+    following = [m for m in model.body.modules() if isinstance(m, nn.Conv2d) and m is not conv]
+    if not following or following[0].in_channels != conv.out_channels:
+        raise RRMError(
+            f"model {model.spec.get('name')!r} has no convolution reading its stem; transplant the whole stem"
+        )
+    weight = following[0].weight.detach()
+    norms = weight.transpose(0, 1).flatten(1).norm(dim=1)
+    return norms.topk(k).indices.sort().values
+
+
 def _shape(conv: nn.Conv2d) -> dict:
     return {
         "channels": (conv.in_channels, conv.out_channels),
@@ -55,21 +71,30 @@ def _keep_eval(module: nn.Module, args) -> None:
     module.training = False  # a frozen BatchNorm normalises with its (transplanted) running statistics
 
 
-def transplant_stem(teacher: Classifier, student: Classifier, frozen: bool = True) -> None:
+def transplant_stem(
+    teacher: Classifier, student: Classifier, frozen: bool = True, filters: bool = False
+) -> torch.Tensor:
     """Copy the teacher's stem into ``student`` in place; ``frozen``: it is not trained further (BatchNorm in eval).
+    ``filters``: a student stem with fewer filters takes the teacher's most-read ones (:func:`most_read_filters`).
 
-    Raises :class:`RRMError` naming what differs when the student's stem cannot take the teacher's.
+    Returns the indices of the teacher's filters copied, in the student's order. Raises :class:`RRMError` naming what
+    differs when the student's stem cannot take the teacher's.
     """
     t_conv, _ = stem_layers(teacher)
     s_conv, s_bn = stem_layers(student)
     t_shape, s_shape = _shape(t_conv), _shape(s_conv)
+    (t_in, t_out), (s_in, s_out) = t_shape["channels"], s_shape["channels"]
+    if filters and t_in == s_in and s_out <= t_out:
+        t_shape["channels"] = s_shape["channels"]  # fewer filters are what stem-filters is for
     differs = [key for key in t_shape if t_shape[key] != s_shape[key]]
     if differs:
         what = "; ".join(f"{key} {t_shape[key]} in the teacher, {s_shape[key]} in the student" for key in differs)
+        fewer = not filters and s_in == t_in and s_out < t_out and list(differs) == ["channels"]
         raise RRMError(
             f"cannot transplant the teacher's stem ({teacher.spec.get('name')!r}) into "
             f"{student.spec.get('name')!r}: {what}; use a student whose first layer has the same shape, "
-            "or match the stem instead (--match-layers stem,penultimate)"
+            + ("copy the teacher's most-read filters (--transplant stem-filters), " if fewer else "")
+            + "or match the stem instead (--match-layers stem,penultimate)"
         )
     if (teacher.spec.get("mean"), teacher.spec.get("std")) != (student.spec.get("mean"), student.spec.get("std")):
         raise RRMError("the teacher and the student normalise their inputs differently; train both on one dataset")
@@ -79,6 +104,8 @@ def transplant_stem(teacher: Classifier, student: Classifier, frozen: bool = Tru
             "teacher's thresholds; use another student"
         )
     weight, bias = folded_stem(teacher)
+    index = most_read_filters(teacher, s_out) if s_out < t_out else torch.arange(t_out)
+    weight, bias = weight[index.to(weight.device)], bias[index.to(bias.device)]
     with torch.no_grad():
         s_conv.weight.copy_(weight)
         if s_bn is None:
@@ -96,3 +123,4 @@ def transplant_stem(teacher: Classifier, student: Classifier, frozen: bool = Tru
                 layer.requires_grad_(False)
         if s_bn is not None:
             s_bn.register_forward_pre_hook(_keep_eval)
+    return index

@@ -81,7 +81,7 @@ class TrainConfig:
     alpha: float = 1.0  # KD / KDIGA: weight of the distillation term
     gamma: float = 1.0  # KDIGA: weight of input-gradient alignment
     # stem transplant (any method): the teacher's first layer copied into a student whose first layer has its shape
-    transplant: str | None = None  # stem
+    transplant: str | None = None  # stem | stem-filters
     transplant_frozen: bool = True  # keep the transplanted stem as it is (False: fine-tune it with the rest)
     # runtime
     precision: str | None = None  # fp32 | bf16 | fp16 autocast; None: the method's default

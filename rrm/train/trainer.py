@@ -200,7 +200,7 @@ def _train(
     method = method_cls(cfg, teacher if method_cls.needs_teacher else None)
     model = build_model(cfg.model, **data.model_kwargs(), feature_dim=cfg.feature_dim, width=cfg.width).to(device)
     if cfg.transplant:
-        transplant_stem(teacher, model, frozen=cfg.transplant_frozen)
+        transplant_stem(teacher, model, frozen=cfg.transplant_frozen, filters=cfg.transplant == "stem-filters")
     method.check(data, model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
