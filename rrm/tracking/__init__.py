@@ -19,6 +19,7 @@ from rrm.tracking.registry import (
     load_registered_model,
     promote,
     pull_teacher,
+    pull_teacher_version,
     register_teacher,
     show_teacher,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "open_study_run",
     "promote",
     "pull_teacher",
+    "pull_teacher_version",
     "register_teacher",
     "show_teacher",
     "tracking_uri",
