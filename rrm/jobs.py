@@ -19,6 +19,7 @@ from rrm.errors import RRMError, unknown
 from rrm.evaluate import EvalConfig
 from rrm.io import write_json
 from rrm.results import EvalResult
+from rrm.tracking.uri import check_sqlite_directory, is_local_store, tracking_uri
 
 # MLflow retries an unreachable server 7 times with exponential backoff (minutes) and waits up to 120 s for each
 # answer; jobs give up in seconds instead (under a minute for a server that accepts but never answers). Values the
@@ -137,8 +138,14 @@ def train_job(cfg, track: Tracking = Tracking(), teacher_pin: str | os.PathLike 
             f"--teacher-pin checks a teacher, and method {cfg.method!r} takes none (rrm, kd, kdiga or --transplant "
             "do); drop it"
         )
-    if track.enabled and is_main():  # a store that does not answer fails now, before data and model load
-        tracking().store.check_store("starting the MLflow run")
+    # A store that does not answer fails now, before data and model load. A local store (SQLite) cannot go away:
+    # MLflow is imported and the run started in the background while the training runs (seconds of a short one).
+    local = is_local_store(tracking_uri())
+    if track.enabled and is_main():
+        if local:
+            check_sqlite_directory(tracking_uri())
+        else:
+            tracking().store.check_store("starting the MLflow run")
     data = load_dataset(cfg.dataset)
     with tempfile.TemporaryDirectory() as tmp:
         # a file teacher is loaded by the trainer (after seeding); a registry one is pulled for it
@@ -151,11 +158,19 @@ def train_job(cfg, track: Tracking = Tracking(), teacher_pin: str | os.PathLike 
             if is_main() and not (cfg.resume or cfg.resume_or_start):
                 (Path(cfg.out_dir) / "mlflow_run.json").unlink(missing_ok=True)  # rrm.tracking.callback.RUN_FILE
             return train(cfg, data=data, teacher=teacher), None
-        with tracking().MlflowCallback(
-            experiment=track.experiment, run_name=track.run_name, teacher_version=version
-        ) as tracker:
-            result = train(cfg, data=data, teacher=teacher, callbacks=[tracker])
-    return result, None if tracker.unfinished else tracker.run_id
+        from rrm.background import BackgroundCallback
+
+        def tracker():
+            return tracking().MlflowCallback(
+                experiment=track.experiment, run_name=track.run_name, teacher_version=version
+            )
+
+        # a resumed training must know which run it continues before it goes on, a server that it answers
+        wait = cfg.resume or cfg.resume_or_start or not local
+        with BackgroundCallback(tracker, wait_for_start=wait) as background:
+            result = train(cfg, data=data, teacher=teacher, callbacks=[background])
+    recorded = background.callback
+    return result, None if recorded.unfinished else recorded.run_id
 
 
 @dataclass

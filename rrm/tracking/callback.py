@@ -80,7 +80,7 @@ class MlflowCallback(Callback):
     ``models:/`` teacher was pulled from (else it is looked up again when the run starts). :meth:`stop` ends a run
     that was stopped on purpose (a pruned trial).
 
-    The run's id is kept in ``mlflow_run.json`` beside the checkpoint: a ``resume`` of an unfinished training
+    The run's id is kept in ``mlflow_run.json`` beside the first checkpoint: a ``resume`` of an unfinished training
     continues that run (same id, metrics appended by epoch) where it still exists in this store and experiment.
     Starting a run first marks FAILED the runs that dead processes of this host left RUNNING. A store that stops
     answering during training does not stop it: one warning, the training goes on and writes its files, and at
@@ -108,6 +108,7 @@ class MlflowCallback(Callback):
         self._logged_epochs: set[int] = set()
         self._lost: str | None = None  # the store stopped answering: what failed, when
         self._out_dir: Path | None = None
+        self._run_record: dict | None = None  # mlflow_run.json of a new run, until the first epoch ends
 
     def __enter__(self) -> MlflowCallback:
         self._entered = True
@@ -160,10 +161,8 @@ class MlflowCallback(Callback):
                 tags=tags,
             )
             self.run_id, self._active = run.info.run_id, True
-            write_json(
-                self._out_dir / RUN_FILE,
-                {"run_id": self.run_id, "experiment_id": experiment_id, "tracking_uri": tracking_label()},
-            )
+            # written beside the first checkpoint (a run with no good epoch leaves nothing to resume, nor this file)
+            self._run_record = {"run_id": self.run_id, "experiment_id": experiment_id, "tracking_uri": tracking_label()}
             mlflow.log_params(_training_params(cfg.to_dict(), _device(model)))
             mlflow.log_input(_dataset_input(data, cfg.dataset), context="train", tags={"rrm.digest": data.digest})
             if cfg.teacher:
@@ -242,6 +241,9 @@ class MlflowCallback(Callback):
             mlflow.log_input(model=LoggedModelInput(model_id))
 
     def on_epoch_end(self, epoch: int, metrics: dict) -> None:
+        if self._run_record is not None:
+            write_json(self._out_dir / RUN_FILE, self._run_record)
+            self._run_record = None
         if self._lost is not None:
             return
         try:

@@ -39,9 +39,10 @@ import rrm
 from rrm.errors import RRMError
 from rrm.models import MODEL_FORMAT, Classifier, load_model
 from rrm.secrets import mask_url
+from rrm.tracking.uri import check_sqlite_directory as _check_sqlite_directory
+from rrm.tracking.uri import tracking_uri
 from rrm.train.basics import MODEL
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "rrm"
 LOGGED_MODEL_NAME = "model"
 RRM_FILE_ARTIFACT = MODEL  # the rrm model file every tracked training run logs, at the root of its artifacts
@@ -82,10 +83,6 @@ class StoreUnreachable(RRMError):
     """The tracking store (an MLflow server or the database behind a store URI) does not answer."""
 
 
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
 def tracking_label() -> str:
     """The tracking URI with its password masked: what messages, tags and files show."""
     return mask_url(tracking_uri())
@@ -103,19 +100,6 @@ def _client() -> MlflowClient:
         _reached.add(uri)
     mlflow.set_tracking_uri(uri)  # fluent calls (runs, log_model) write to the same store as the client
     return MlflowClient(tracking_uri=uri)
-
-
-def _check_sqlite_directory(uri: str) -> None:
-    """A SQLite store in a directory that does not exist is a typo, not a new store: MLflow would create the
-    directories and an empty store, and every listing would come back empty."""
-    if not uri.startswith("sqlite:///"):
-        return
-    path = Path(uri[len("sqlite:///") :].split("?", 1)[0])
-    if path.name and not path.parent.is_dir():
-        raise RRMError(
-            f"the MLflow store {mask_url(uri)} is in a directory that does not exist ({str(path.parent)!r}); "
-            "create it, or fix MLFLOW_TRACKING_URI"
-        )
 
 
 def _check_database(uri: str) -> None:
