@@ -19,6 +19,7 @@ from rrm.errors import RRMError, unknown
 from rrm.evaluate import EvalConfig
 from rrm.io import write_json
 from rrm.results import EvalResult
+from rrm.tracking.uri import check_sqlite_directory, is_local_store, tracking_uri
 
 # MLflow retries an unreachable server 7 times with exponential backoff (minutes) and waits up to 120 s for each
 # answer; jobs give up in seconds instead (under a minute for a server that accepts but never answers). Values the
@@ -74,6 +75,38 @@ def load_model_ref(ref: str | os.PathLike, device):
     return load_teacher(ref, device)
 
 
+def teacher_file(ref: str | os.PathLike, directory: str | os.PathLike, pin: str | os.PathLike | None = None):
+    """The model file of teacher ``ref`` (a file, or a registry URI pulled into ``directory``) and the registry
+    version it came from (None for a file), checked against ``pin``.
+
+    ``pin`` (``--teacher-pin``) is a model file the teacher must equal, byte for byte: a DVC stage names the copy a
+    pull stage wrote as its dependency, so ``dvc repro`` reruns it when the champion changes, and the stage fails
+    here, before any work, when the alias has moved since that copy was pulled.
+    """
+    from rrm.io import sha256_file
+
+    version = None
+    if is_registry_uri(ref):
+        path, _, version = tracking().pull_teacher_version(str(ref), Path(directory) / "teacher.pt")
+    else:
+        path = Path(ref)
+    if pin is None or not path.is_file():  # a missing teacher file: loading it says so
+        return path, version
+    if not Path(pin).is_file():
+        raise RRMError(
+            f"the pinned teacher file {str(pin)!r} does not exist; pull it: rrm teacher pull {ref} --out {pin}"
+        )
+    found, pinned = sha256_file(path), sha256_file(pin)
+    if found != pinned:
+        which = f" (version {version.version} of {version.name!r})" if version is not None else ""
+        raise RRMError(
+            f"the teacher {ref}{which} has sha256 {found[:12]}, not that of the pinned file {str(pin)!r} "
+            f"({pinned[:12]}): the alias moved since the file was pulled; pull it again (rrm teacher pull {ref} "
+            f"--out {pin}, or dvc repro --force on the pull stage) and rerun"
+        )
+    return path, version
+
+
 def prepare_job(dataset: str, out: str | os.PathLike, options: dict):
     """Load a registered dataset and write it to one file (or shards: ``options`` holds ``shards=True``); returns the
     data and its digest."""
@@ -82,8 +115,9 @@ def prepare_job(dataset: str, out: str | os.PathLike, options: dict):
     return prepare_dataset(dataset, out, **options)
 
 
-def train_job(cfg, track: Tracking = Tracking()):
-    """Train ``cfg`` (a :class:`rrm.train.TrainConfig`), teacher resolved from the registry where it is a URI.
+def train_job(cfg, track: Tracking = Tracking(), teacher_pin: str | os.PathLike | None = None):
+    """Train ``cfg`` (a :class:`rrm.train.TrainConfig`), teacher resolved from the registry where it is a URI and
+    checked against ``teacher_pin`` where given (:func:`teacher_file`).
 
     Returns the :class:`rrm.train.TrainResult` and the MLflow run id (None when not tracked, on ranks other than
     the first under torchrun: only rank 0 records the run, and when the tracking store stopped answering during
@@ -98,21 +132,45 @@ def train_job(cfg, track: Tracking = Tracking()):
     method = get_method(cfg.method)
     if cfg.model not in ARCHITECTURES:
         raise unknown("model", cfg.model, ARCHITECTURES)
-    if track.enabled and is_main():  # a store that does not answer fails now, before data and model load
-        tracking().store.check_store("starting the MLflow run")
+    takes_teacher = method.needs_teacher or bool(cfg.transplant)
+    if teacher_pin is not None and not takes_teacher:
+        raise RRMError(
+            f"--teacher-pin checks a teacher, and method {cfg.method!r} takes none (rrm, kd, kdiga or --transplant "
+            "do); drop it"
+        )
+    # A store that does not answer fails now, before data and model load. A local store (SQLite) cannot go away:
+    # MLflow is imported and the run started in the background while the training runs (seconds of a short one).
+    local = is_local_store(tracking_uri())
+    if track.enabled and is_main():
+        if local:
+            check_sqlite_directory(tracking_uri())
+        else:
+            tracking().store.check_store("starting the MLflow run")
     data = load_dataset(cfg.dataset)
     with tempfile.TemporaryDirectory() as tmp:
-        teacher = None  # a file teacher is loaded by the trainer (after seeding); a registry one is pulled for it
-        if (method.needs_teacher or cfg.transplant) and is_registry_uri(cfg.teacher):
-            teacher = tracking().pull_teacher(cfg.teacher, Path(tmp) / "teacher.pt")[0]
+        # a file teacher is loaded by the trainer (after seeding); a registry one is pulled for it
+        teacher, version = None, None
+        if takes_teacher and cfg.teacher:
+            path, version = teacher_file(cfg.teacher, tmp, teacher_pin)
+            teacher = path if is_registry_uri(cfg.teacher) else None
         if not track.enabled or not is_main():
             # a fresh training is not the one a tracked run recorded: never resume that run
             if is_main() and not (cfg.resume or cfg.resume_or_start):
                 (Path(cfg.out_dir) / "mlflow_run.json").unlink(missing_ok=True)  # rrm.tracking.callback.RUN_FILE
             return train(cfg, data=data, teacher=teacher), None
-        with tracking().MlflowCallback(experiment=track.experiment, run_name=track.run_name) as tracker:
-            result = train(cfg, data=data, teacher=teacher, callbacks=[tracker])
-    return result, None if tracker.unfinished else tracker.run_id
+        from rrm.background import BackgroundCallback
+
+        def tracker():
+            return tracking().MlflowCallback(
+                experiment=track.experiment, run_name=track.run_name, teacher_version=version
+            )
+
+        # a resumed training must know which run it continues before it goes on, a server that it answers
+        wait = cfg.resume or cfg.resume_or_start or not local
+        with BackgroundCallback(tracker, wait_for_start=wait) as background:
+            result = train(cfg, data=data, teacher=teacher, callbacks=[background])
+    recorded = background.callback
+    return result, None if recorded.unfinished else recorded.run_id
 
 
 @dataclass
@@ -120,6 +178,7 @@ class RobustifyConfig:
     """Ilyas et al.'s robustified dataset: a teacher, the data and the feature-matching budget."""
 
     teacher: str | None = None  # a model file or a registry URI such as models:/rrm-teacher@champion
+    teacher_pin: str | None = None  # a model file the teacher must equal (see teacher_file)
     dataset: str | None = None
     out: str | None = None
     steps: int = 1000
@@ -134,14 +193,15 @@ def robustify_job(cfg: RobustifyConfig):
     """Write the robustified dataset of ``cfg``; returns it."""
     from rrm.data import load_dataset
     from rrm.robustify import robustify
-    from rrm.train import resolve_device
+    from rrm.train import load_teacher, resolve_device
 
     require(cfg.teacher, "--teacher")
     require(cfg.dataset, "--dataset")
     require(cfg.out, "--out")
     data = load_dataset(cfg.dataset)
     device = resolve_device(cfg.device)
-    model = load_model_ref(cfg.teacher, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = load_teacher(teacher_file(cfg.teacher, tmp, cfg.teacher_pin)[0], device)
     return robustify(
         model,
         data,

@@ -451,7 +451,7 @@ def test_a_corrupt_robustify_resume_file_says_to_delete_it(project, model_file):
 def _stub_jobs(monkeypatch) -> None:
     from rrm.train import resolve_device
 
-    def train_job(cfg, track=None):
+    def train_job(cfg, track=None, teacher_pin=None):
         cfg.validate()
         resolve_device(cfg.device)
         check_writable(cfg.out_dir, directory=True)

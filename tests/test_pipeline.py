@@ -92,6 +92,7 @@ def test_dvc_yaml_stages_and_outputs() -> None:
         "train_teacher",
         "evaluate_teacher",
         "register_teacher",
+        "pull_teacher",
         "robustify",
         "train_student",
         "distill_student",
@@ -113,33 +114,45 @@ def test_dvc_yaml_stages_and_outputs() -> None:
                 assert not any(s in path for s in ("mlflow.db", "mlruns", "mlartifacts", "optuna")), path
     assert "transfer-from" in stages["evaluate_distilled"]["do"]["cmd"]
     assert "mlflow.db" not in text.split("stages:")[1].replace("(mlflow.db", "")
+    # Through the registry: every stage that uses the teacher takes the alias of `register`, pinned to the pulled copy
+    # it depends on; none reads the training run's model.pt.
+    champion, pinned = "models:/${register.name}@${register.alias}", "${train_teacher.out_dir}/${register.alias}.pt"
+    assert stages["pull_teacher"]["outs"] == [pinned]
+    for name in ("robustify", "distill_student"):
+        body = stages[name].get("do", stages[name])
+        assert f"--teacher {champion} --teacher-pin {pinned}" in " ".join(body["cmd"].split()), name
+        assert pinned in body["deps"] and "${train_teacher.out_dir}/model.pt" not in body["deps"], name
+    assert not any("teacher" in read_section(PARAMS, f"students.{m}") for m in STUDENTS), "the pipeline passes it"
+    assert read_section(PARAMS, "register")["alias"] == "champion"
 
 
 def test_tune_section_and_optional_stage() -> None:
     from rrm.tune import TuneConfig, parse_range
 
     values = read_section(PARAMS, "tune")
-    train_keys = {"dataset", "teacher", "model", "eps", "epochs", "lr"}
+    train_keys = {"dataset", "model", "eps", "epochs", "lr"}
     cfg = TuneConfig(
         **{k: v for k, v in values.items() if k not in train_keys | {"ranges"}},
         ranges={k: parse_range(v) for k, v in values["ranges"].items()},
-        train=TrainConfig.from_dict({k: values[k] for k in train_keys} | {"method": values["method"]}),
+        train=TrainConfig.from_dict(
+            {k: values[k] for k in train_keys} | {"method": values["method"], "teacher": "models:/rrm-teacher@champion"}
+        ),
     )
     cfg.validate()
     assert cfg.tuned == ("lambda",)
     main = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert not any("tune" in name for name in main), "plain `dvc repro` must not tune"
     stage = yaml.safe_load((ROOT / "pipelines" / "tune" / "dvc.yaml").read_text())["stages"]["tune"]
-    assert stage["wdir"] == "../.." and stage["cmd"] == "rrm tune --params params.yaml --section tune"
-    declared = [
-        next(iter(o)) if isinstance(o, dict) else o
-        for kind in ("outs", "metrics", "plots")
-        for o in stage.get(kind, [])
-    ]
+    assert stage["wdir"] == "../.." and stage["cmd"] == (
+        "rrm tune --params params.yaml --section tune --teacher models:/${register.name}@${register.alias}"
+    )
+    assert set(stage) & {"metrics", "plots"} == set(), "plain outputs: the default dvc views list the main pipeline's"
+    declared = [next(iter(o)) if isinstance(o, dict) else o for o in stage["outs"]]
     assert all(path.startswith(f"{cfg.out_dir}/") for path in declared)
     assert not any(s in path for path in declared for s in ("optuna", ".db", ".log", "/trials/", "mlflow"))
-    assert {"data/mnist5k.safetensors", values["teacher"], values["dataset"]} >= {
-        d for d in stage["deps"] if not d.startswith("rrm/")
+    assert {d for d in stage["deps"] if not d.startswith("rrm/")} == {
+        "${tune.dataset}",
+        "${train_teacher.out_dir}/${register.alias}.pt",
     }
 
 
@@ -152,6 +165,7 @@ def test_variants_pipeline_stages(tmp_path: Path) -> None:
         "teacher",
         "evaluate_teacher",
         "register_teacher",
+        "pull_teacher",
         "train",
         "distill",
         "evaluate",
@@ -161,6 +175,7 @@ def test_variants_pipeline_stages(tmp_path: Path) -> None:
     for name, stage in stages.items():
         body = stage.get("do", stage)
         assert body["wdir"] == "../.." and body["cmd"].startswith("rrm "), name
+        assert set(body) & {"metrics", "plots"} == set(), f"{name}: plain outputs, out of the default dvc views"
         for kind in ("outs", "metrics", "plots"):
             for out in body.get(kind, []):
                 path = out if isinstance(out, str) else next(iter(out))
@@ -168,8 +183,11 @@ def test_variants_pipeline_stages(tmp_path: Path) -> None:
                     ("runs/variants/eps${item", "metrics/variants/eps${item", "reports/variants/eps${item}/")
                 ), path
                 assert not any(s in path for s in ("mlflow", "mlruns", "mlartifacts", "optuna")), path
+    pinned = "runs/variants/eps${item.eps}/teacher/${variants.register.alias}.pt"
     for name in ("evaluate", "evaluate_distilled"):
-        assert "--transfer-from runs/variants/eps${item.eps}/teacher/model.pt" in stages[name]["cmd"]
+        assert f"--transfer-from {pinned}" in stages[name]["cmd"]
+    champion = "models:/${variants.register.name}-eps${item.eps}@${variants.register.alias}"
+    assert f"--teacher {champion} --teacher-pin {pinned}" in " ".join(stages["distill"]["cmd"].split())
     assert (
         stages["evaluate"]["matrix"]["student"] == stages["train"]["matrix"]["student"] == "${variants.without_teacher}"
     )
@@ -186,7 +204,7 @@ def test_variants_pipeline_stages(tmp_path: Path) -> None:
     )
     assert status.returncode == 0, status.stderr
     n_runs = len(VARIANTS["eps"]) * len(VARIANTS["seeds"]) * len(VARIANT_STUDENTS)
-    assert status.stdout.count("pipelines/variants/dvc.yaml:") == 4 * len(VARIANTS["eps"]) + 2 * n_runs
+    assert status.stdout.count("pipelines/variants/dvc.yaml:") == 5 * len(VARIANTS["eps"]) + 2 * n_runs
 
 
 def _shrink_variants(work: Path, students: tuple[str, ...]) -> None:
@@ -305,6 +323,7 @@ CODE = {
     "rrm train": TRAIN_CODE,
     "rrm evaluate": TRAIN_CODE | {"rrm/evaluate.py"},
     "rrm teacher register": {"rrm/models", "rrm/train"},
+    "rrm teacher pull": {"rrm/models", "rrm/train"},
     "rrm robustify": TRAIN_CODE | {"rrm/robustify.py"},
     "rrm report": {"rrm/report.py", "rrm/tables.py", "rrm/stats.py", "rrm/plots.py", "rrm/train"},
     "rrm tune": TRAIN_CODE | {"rrm/evaluate.py"},
@@ -372,7 +391,7 @@ def test_code_edits_change_the_stages_that_run_that_code(tmp_path: Path) -> None
     evaluated = {n for n in names if n.startswith("evaluate_")}
     assert {"train_teacher", "train_rdt", "train_student@natural", "distill_student@rrm"} <= trained
     assert {"evaluate_teacher", "evaluate_distilled@rrm"} <= evaluated
-    assert trained | evaluated | {"robustify", "register_teacher", "report", "prepare"} == names
+    assert trained | evaluated | {"robustify", "register_teacher", "pull_teacher", "report", "prepare"} == names
 
     methods = work / "rrm" / "train" / "methods.py"
     source = _append(methods, "# an edit\n")
@@ -402,11 +421,11 @@ def _set(work: Path, section: str, **values) -> None:
 def test_dvc_repro_stops_on_bad_params_and_keeps_earlier_outputs(tmp_path: Path) -> None:
     """Each bad student setting stops `dvc repro` at that stage with the CLI's one-line error; upstream stays intact."""
     work, env, dvc = _pipeline(tmp_path)
-    upstream = ["data/digits.safetensors", "runs/teacher/model.pt", "metrics/teacher.json"]
+    upstream = ["data/digits.safetensors", "runs/teacher/model.pt", "metrics/teacher.json", "runs/teacher/champion.pt"]
     cases = [
         ({"lambda": -0.5}, "lambda must be > 0"),
         ({"method": "rmm"}, "unknown method 'rmm'"),
-        ({"teacher": "runs/teacher/missing.pt"}, "model file 'runs/teacher/missing.pt' does not exist"),
+        ({"feature_loss": "cos"}, "unknown feature loss 'cos'"),
     ]
     digests = None
     for values, message in cases:
@@ -421,7 +440,7 @@ def test_dvc_repro_stops_on_bad_params_and_keeps_earlier_outputs(tmp_path: Path)
         now = {path: (work / path).read_bytes() for path in upstream}
         assert digests in (None, now)  # upstream outputs untouched by the failing stage
         digests = now
-        _set(work, "rrm", **{"lambda": 0.05, "method": "rrm", "teacher": "runs/teacher/model.pt"})
+        _set(work, "rrm", **{"lambda": 0.05, "method": "rrm", "feature_loss": "cosine"})
     status = subprocess.run([dvc, "status", "register_teacher"], cwd=work, env=env, capture_output=True, text=True)
     assert "up to date" in status.stdout, status.stdout  # prepare -> register stayed reproduced
 
@@ -478,3 +497,91 @@ def test_variants_pipeline_smoke(tmp_path: Path) -> None:
         [dvc, "repro", "pipelines/variants/dvc.yaml"], cwd=work, env=env, check=True, capture_output=True, text=True
     )
     assert "Running stage" not in second.stdout
+
+
+def _rrm(work: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("rrm")), *args], cwd=work, env=env, capture_output=True, text=True
+    )
+
+
+def test_the_pipeline_goes_through_the_registry(tmp_path: Path) -> None:
+    """A shrunk `dvc repro` of a student of the teacher: the teacher is registered and promoted to the alias of
+    params.yaml, then pulled; `rrm teacher pull models:/rrm-teacher@champion` works afterwards; the student's run names
+    the teacher's name, version and run; the teacher's run is named and tagged as a teacher's and carries its
+    evaluation once; an alias that moved stops a student before any work; what ran is up to date for `dvc status`, and
+    `dvc metrics show` lists the default pipeline's files only."""
+    from mlflow import MlflowClient
+
+    from rrm.io import sha256_file
+
+    work, env, dvc = _pipeline(tmp_path)
+    run = subprocess.run([dvc, "repro", "distill_student@kd"], cwd=work, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    teacher, pinned = work / "runs" / "teacher" / "model.pt", work / "runs" / "teacher" / "champion.pt"
+    pulled = _rrm(work, env, "teacher", "pull", "models:/rrm-teacher@champion", "--out", "again.pt")
+    assert pulled.returncode == 0, pulled.stderr
+    assert sha256_file(work / "again.pt") == sha256_file(pinned) == sha256_file(teacher)
+    assert "models:/rrm-teacher@champion -> version 1" in (work / "runs" / "teacher" / "registered.txt").read_text()
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (student,) = client.search_runs(experiments, "tags.`rrm.teacher_uri` = 'models:/rrm-teacher@champion'")
+    (trained,) = client.search_runs(experiments, "tags.`rrm.role` = 'teacher'")
+    tags = student.data.tags
+    assert (tags["rrm.teacher_name"], tags["rrm.teacher_version"]) == ("rrm-teacher", "1")
+    assert tags["rrm.teacher_run_id"] == trained.info.run_id and tags["rrm.teacher_sha256"] == sha256_file(teacher)
+    assert trained.info.run_name == "teacher · sat-cnn-digits" and student.info.run_name == "kd-cnn-bn-digits"
+    assert {"eval_apgd_accuracy", "eval_autoattack_accuracy", "sanity_passed"} <= set(trained.data.metrics)
+    evaluations = client.search_runs(experiments, f"tags.`rrm.train_run_id` = '{trained.info.run_id}'")
+    assert len(evaluations) == 1, "registering with the evaluation's metrics file logged it a second time"
+    assert evaluations[0].info.run_name == "apgd+autoattack linf eps=0.2 · sat-cnn-digits"  # named before registering
+
+    # The champion moved since it was pulled (the pin is another file): one line, nothing written, no run.
+    moved = _rrm(
+        work,
+        env,
+        *("train", "--params", "params.yaml", "--section", "students.kd", "--out-dir", "runs/moved"),
+        *("--teacher", "models:/rrm-teacher@champion", "--teacher-pin", "runs/students/kd/model.pt"),
+    )
+    assert moved.returncode == 1 and moved.stderr.count("\n") == 1, moved.stderr
+    assert "the alias moved since the file was pulled" in moved.stderr and "version 1 of 'rrm-teacher'" in moved.stderr
+    assert not (work / "runs" / "moved").exists()
+    assert len(client.search_runs(experiments)) == 3  # teacher, its evaluation, the student
+    bad_alias = _rrm(
+        work,
+        env,
+        "teacher",
+        "register",
+        "runs/teacher/model.pt",
+        "--evaluation",
+        "metrics/teacher.json",
+        "--alias",
+        "latest",
+    )
+    assert bad_alias.returncode == 1 and "invalid alias 'latest'" in bad_alias.stderr
+    assert len(client.search_model_versions("name = 'rrm-teacher'")) == 1
+
+    status = subprocess.run(
+        [dvc, "status", "--with-deps", "distill_student@kd"], cwd=work, env=env, capture_output=True, text=True
+    )
+    assert status.stdout.strip() == "Data and pipelines are up to date.", status.stdout
+    shown = subprocess.run([dvc, "metrics", "show", "--json"], cwd=work, env=env, capture_output=True, text=True)
+    (workspace,) = json.loads(shown.stdout).values()  # one revision: the workspace
+    files = set(workspace["data"])
+    declared = _declared_metrics(work)
+    assert files and files <= declared, sorted(files - declared)
+    assert {"runs/teacher/train_metrics.json", "runs/students/kd/train_metrics.json"} <= files
+
+
+def _declared_metrics(work: Path) -> set[str]:
+    """The metrics files the main dvc.yaml declares, as paths."""
+    from dvc.repo import Repo
+
+    with Repo(str(work)) as repo:
+        return {
+            str(Path(out.fs_path).relative_to(work))
+            for stage in repo.stage.collect(str(work / "dvc.yaml"))
+            for out in stage.outs
+            if out.metric
+        }

@@ -87,7 +87,13 @@ def test_training_run_reads_back(teacher_run, store):
     assert run.info.status == "FINISHED"
 
     params = run.data.params
-    assert (params["method"], params["eps"], params["lambda"], params["epochs"]) == ("sat", "0.1", "0.005", "2")
+    assert (params["method"], params["eps"], params["attack_steps"], params["epochs"]) == ("sat", "0.1", "7", "2")
+    # Only SAT's own knobs among the methods' options: no lambda, alpha or temperature; the schedule that ran.
+    assert not {"lambda", "alpha", "temperature", "replays", "feature_loss", "teacher"} & set(params)
+    assert params["schedule"] == run.data.tags["rrm.schedule"] == "step", "SAT's default, not None"
+    assert params["precision"] == run.data.tags["rrm.precision"] == "fp32"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development", "the UI's training view"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == [1, 2]
     for key in ("loss", "train_accuracy", "monitor_robust_accuracy", "epoch_seconds", "lr"):
         assert len(client.get_metric_history(run.info.run_id, key)) == 2, key
@@ -108,16 +114,10 @@ def test_training_run_reads_back(teacher_run, store):
     assert {t.key: t.value for t in dataset_input.tags}["rrm.digest"] == result.data.digest
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"checkpoint.pt", "train_metrics.json", "curves.png"} <= artifacts
-
-    # The logged model: MLflow consumers get forward (pt2), rrm gets the whole feature protocol from its file.
-    (output,) = run.outputs.model_outputs
-    assert output.model_id == tracker.model_id
-    import mlflow.pytorch
-
-    served = mlflow.pytorch.load_model(f"models:/{tracker.model_id}")
+    assert {"checkpoint.pt", "train_metrics.json", "model.pt"} <= artifacts
+    # rrm's model file only: the pt2 export (seconds) waits until the model is registered as a teacher.
+    assert not run.outputs or not run.outputs.model_outputs
     x = torch.rand(3, 1, 8, 8)
-    assert torch.allclose(served(x), result.model.cpu()(x), atol=1e-5)
     same = tracking.load_registered_model(f"runs:/{tracker.run_id}/model")
     assert torch.allclose(same.features(x), result.model.features(x), atol=1e-6)
 
@@ -129,9 +129,19 @@ def test_register_promote_pull_then_train_student(teacher_run, store, monkeypatc
         tracking.register_teacher(tracker.run_id)
     metrics = _evaluate(result)
     evaluation_run = tracking.log_evaluation(metrics, model_path=result.model_path)
-    linked = client.get_run(evaluation_run).data.tags
+    evaluated = client.get_run(evaluation_run)
+    linked = evaluated.data.tags
     assert linked["rrm.train_run_id"] == linked["mlflow.parentRunId"] == tracker.run_id
     assert _evaluation_of_run(client, tracker.run_id) == (metrics, evaluation_run), "the run gives the result back"
+    assert evaluated.info.run_name == f"apgd+pgd linf eps=0.1 · {client.get_run(tracker.run_id).info.run_name}"
+    # The training run carries its evaluation's headline numbers, so runs sort by robustness in the UI; the checks
+    # did not run, so there is no sanity_passed to read as passed.
+    trained = client.get_run(tracker.run_id).data
+    assert trained.metrics["eval_apgd_accuracy"] == metrics.adversarial_accuracy["apgd"]
+    assert trained.metrics["eval_natural_accuracy"] == metrics.natural_accuracy
+    assert trained.metrics["eval_worst_accuracy"] == metrics.worst_accuracy
+    assert "sanity_passed" not in trained.metrics and trained.tags["rrm.sanity_checks"] == "not run"
+    assert tracking.log_evaluation(metrics, model_path=result.model_path) == evaluation_run, "logged once"
 
     # Its masking checks did not run: registering it is refused, and forcing it says so on the card.
     with pytest.raises(RRMError, match="sanity checks did not run"):
@@ -142,6 +152,16 @@ def test_register_promote_pull_then_train_student(teacher_run, store, monkeypatc
         version.description
     )
     assert version.uri == "models:/rrm-teacher/1"
+    # Registering gave the training run its pt2 model and marked it as a teacher's; the evaluation was not logged again.
+    source = client.get_run(tracker.run_id)
+    (output,) = source.outputs.model_outputs
+    assert source.data.tags["rrm.role"] == "teacher" and source.info.run_name.startswith("teacher · sat-cnn")
+    assert source.data.tags["rrm.registered_as"] == "models:/rrm-teacher/1"
+    import mlflow.pytorch
+
+    served = mlflow.pytorch.load_model(f"models:/{output.model_id}")
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.allclose(served(x), result.model.cpu()(x), atol=1e-5)
     tags = version.tags
     assert (tags["architecture"], tags["feature_dim"], tags["method"], tags["norm"], tags["eps"]) == (
         "cnn",
@@ -183,7 +203,8 @@ def test_register_promote_pull_then_train_student(teacher_run, store, monkeypatc
     assert run.info.status == "FINISHED"
     assert run.data.tags["rrm.teacher_uri"] == "models:/rrm-teacher@champion"
     assert (run.data.tags["rrm.teacher_version"], run.data.tags["rrm.teacher_run_id"]) == ("1", tracker.run_id)
-    assert [m.model_id for m in run.inputs.model_inputs] == [tracker.model_id]
+    assert run.data.tags["rrm.teacher_sha256"] == sha256_file(result.model_path)
+    assert [m.model_id for m in run.inputs.model_inputs] == [output.model_id]
     assert {"ce", "representation"} <= set(run.data.metrics)
     assert trained.model.feature_dim == registered.feature_dim
 
@@ -318,8 +339,9 @@ def test_bad_references_are_one_line_errors(teacher_run):
     # A version registered by plain MLflow is no rrm teacher: loading and promoting it are refused.
     client = MlflowClient()
     client.create_registered_model("plain")
+    (output,) = client.get_run(tracker.run_id).outputs.model_outputs  # the pt2 model registering logged
     client.create_model_version(
-        "plain", source=f"models:/{tracker.model_id}", run_id=tracker.run_id, model_id=tracker.model_id
+        "plain", source=f"models:/{output.model_id}", run_id=tracker.run_id, model_id=output.model_id
     )
     with pytest.raises(RRMError, match="not an rrm teacher"):
         tracking.load_registered_model("models:/plain/1")

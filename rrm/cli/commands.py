@@ -86,16 +86,29 @@ def data_prepare(
 # ----------------------------------------------------------------------------------------------------------- train
 
 
+_TEACHER_PIN = cloup.option(
+    "--teacher-pin",
+    type=click.Path(dir_okay=False),
+    help="A model file the teacher must equal (a copy `rrm teacher pull` wrote, a DVC dependency): fail, before "
+    "any work, when the alias of a models:/ teacher has moved since. [default: none]",
+)
+
+
 @cli.command()
 @from_params("train")
-@config_options(TRAIN, TrainConfig, extra=tracking_options("MLflow experiment of the run.", run_name=True))
-def train(no_track: bool, experiment: str, run_name: str | None, **options) -> None:
+@config_options(
+    TRAIN,
+    TrainConfig,
+    extra={"method": [_TEACHER_PIN], **tracking_options("MLflow experiment of the run.", run_name=True)},
+)
+def train(no_track: bool, experiment: str, run_name: str | None, teacher_pin: str | None, **options) -> None:
     """Train a model with one method; the run (params, metrics, model) is recorded in MLflow.
 
     \b
     Examples:
       rrm train --method sat --dataset mnist5k --eps 0.3 --epochs 15 --out-dir runs/teacher
       rrm train --method rrm --model cnn-bn --teacher models:/rrm-teacher@champion --lambda 0.5 --out-dir runs/rrm
+      rrm train --method rrm --teacher models:/rrm-teacher@champion --teacher-pin runs/teacher/champion.pt ...
       rrm train --params params.yaml --section train_teacher --epochs 2    # file values, one flag overridden
       torchrun --nproc-per-node 2 -m rrm.cli train --method rrm ...       # data-parallel; --batch-size is global
     """
@@ -104,7 +117,7 @@ def train(no_track: bool, experiment: str, run_name: str | None, **options) -> N
     cfg = TrainConfig.from_dict(options).validate()
     cfg.check_read(_typed(options))  # a flag typed for a method that ignores it
     check_writable(cfg.out_dir, directory=True)  # now, before the store, the data and the teacher are reached
-    result, run_id = jobs.train_job(cfg, jobs.Tracking(not no_track, experiment, run_name))
+    result, run_id = jobs.train_job(cfg, jobs.Tracking(not no_track, experiment, run_name), teacher_pin=teacher_pin)
     if not is_main():
         return
     s = result.summary

@@ -114,6 +114,11 @@ TRAIN = {
 
 ROBUSTIFY = {
     "teacher": Spec("method", "Robust teacher: a model file or a registry URI such as models:/rrm-teacher@champion."),
+    "teacher_pin": Spec(
+        "method",
+        "A model file the teacher must equal (a copy `rrm teacher pull` wrote, a DVC dependency): fail when the "
+        "alias of a models:/ teacher has moved since.",
+    ),
     "dataset": Spec("data", "Registered dataset name, a prepared .safetensors file or a directory of shards."),
     "out": Spec("data", "Output .safetensors file."),
     "steps": Spec("method", "Feature-matching steps per image."),

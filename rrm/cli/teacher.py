@@ -41,7 +41,10 @@ def teacher() -> None:
     show_default=True,
     help="Experiment for the import run of a model file that no tracked run produced.",
 )
-def teacher_register(source: str | None, name: str, evaluation: Path | None, force: bool, experiment: str) -> None:
+@click.option("--alias", help="Point this alias (e.g. champion) at the new version. [default: none]")
+def teacher_register(
+    source: str | None, name: str, evaluation: Path | None, force: bool, experiment: str, alias: str | None
+) -> None:
     """Register SOURCE (a training run id or a model.pt) as a new teacher version with a model card.
 
     The evaluation must be of this model file (its sha256 and architecture), on the test split of the data it was
@@ -51,15 +54,19 @@ def teacher_register(source: str | None, name: str, evaluation: Path | None, for
     \b
     Examples:
       rrm teacher register 3f2a9c...                      # a tracked run, evaluated by `rrm evaluate`
-      rrm teacher register runs/teacher/model.pt --evaluation runs/teacher/eval_metrics.json
+      rrm teacher register runs/teacher/model.pt --evaluation runs/teacher/eval_metrics.json --alias champion
     """
     jobs.require(source, "SOURCE (a run id or a model file)")
-    version = jobs.tracking().register_teacher(source, name, evaluation=evaluation, force=force, experiment=experiment)
-    click.echo(
-        f"registered {version.uri} (natural {version.tags['natural_accuracy']}, adversarial "
-        f"{version.tags['adversarial_accuracy']}); promote it with `rrm teacher promote {version.version} "
-        f"champion --name {name}`"
+    version = jobs.tracking().register_teacher(
+        source, name, evaluation=evaluation, force=force, experiment=experiment, alias=alias
     )
+    natural, adversarial = version.tags["natural_accuracy"], version.tags["adversarial_accuracy"]
+    then = (
+        f"models:/{name}@{alias} -> version {version.version}"
+        if alias
+        else f"promote it with `rrm teacher promote {version.version} champion --name {name}`"
+    )
+    click.echo(f"registered {version.uri} (natural {natural}, adversarial {adversarial}); {then}")
     if "forced" in version.tags:
         click.echo(f"forced, overriding: {version.tags['forced']}")
 

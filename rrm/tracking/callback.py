@@ -1,11 +1,10 @@
-"""The training callback: one MLflow run per :func:`rrm.train.train`, with its params, metrics, model and teacher."""
+"""The training callback: one MLflow run per :func:`rrm.train.train`: params, metrics, model file, teacher."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +15,7 @@ from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import LoggedModelInput, Run
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from rrm.data import ImageData
@@ -30,12 +30,11 @@ from rrm.tracking.store import (
     _context_tags,
     _end_active_run,
     _experiment_id,
-    _log_model,
     _mlflow_errors,
     _numbers,
     _one_line,
-    _params,
     _process_alive,
+    _training_params,
     _warn,
     check_store,
     tracking_label,
@@ -44,6 +43,10 @@ from rrm.train import Callback, TrainConfig, TrainResult
 from rrm.train.trainer import CHECKPOINT
 
 RUN_FILE = "mlflow_run.json"  # beside the checkpoint: the run a --resume continues
+
+
+def _device(model: Classifier) -> str:
+    return str(next(model.parameters()).device)
 
 
 def _dataset_input(data: ImageData, ref: str) -> MetaDataset:
@@ -60,7 +63,7 @@ def _dataset_input(data: ImageData, ref: str) -> MetaDataset:
 
 
 class MlflowCallback(Callback):
-    """Record one training run in MLflow: params, per-epoch metrics, tags, dataset, teacher, artifacts and model.
+    """Record one training run in MLflow: params, per-epoch metrics, tags, dataset, teacher, artifacts and model file.
 
     Use it as a context manager around :func:`rrm.train.train`, so that a run that raises ends FAILED (KILLED on
     Ctrl-C or SIGTERM) instead of staying RUNNING::
@@ -71,10 +74,13 @@ class MlflowCallback(Callback):
 
     The run starts when training starts (after data, model and teacher loaded) and ends FINISHED when it ends.
     An active run of the caller becomes the parent; so does the run named by a ``mlflow.parentRunId`` tag.
-    ``log_model=False`` (tuning trials) skips the checkpoint and the MLflow model, the costly artifacts, and tags
-    only the model file's path. :meth:`stop` ends a run that was stopped on purpose (a pruned trial).
+    The run keeps rrm's model file (artifact ``model.pt``) and the checkpoint; the MLflow (pt2) model, seconds to
+    export, is logged only when the model is registered as a teacher. ``log_model=False`` (tuning trials) skips the
+    checkpoint and the model file and tags only the model file's path. ``teacher_version``: the registry version a
+    ``models:/`` teacher was pulled from (else it is looked up again when the run starts). :meth:`stop` ends a run
+    that was stopped on purpose (a pruned trial).
 
-    The run's id is kept in ``mlflow_run.json`` beside the checkpoint: a ``resume`` of an unfinished training
+    The run's id is kept in ``mlflow_run.json`` beside the first checkpoint: a ``resume`` of an unfinished training
     continues that run (same id, metrics appended by epoch) where it still exists in this store and experiment.
     Starting a run first marks FAILED the runs that dead processes of this host left RUNNING. A store that stops
     answering during training does not stop it: one warning, the training goes on and writes its files, and at
@@ -87,13 +93,14 @@ class MlflowCallback(Callback):
         run_name: str | None = None,
         tags: Mapping[str, str] | None = None,
         log_model: bool = True,
+        teacher_version: ModelVersion | None = None,
     ):
         self.experiment = experiment
         self.run_name = run_name
         self.tags = dict(tags or {})
         self.log_model = log_model
+        self.teacher_version = teacher_version
         self.run_id: str | None = None
-        self.model_id: str | None = None
         self.resumed = False
         self.unfinished: str | None = None  # why the run was left RUNNING when the store stopped answering
         self._entered = False
@@ -101,6 +108,7 @@ class MlflowCallback(Callback):
         self._logged_epochs: set[int] = set()
         self._lost: str | None = None  # the store stopped answering: what failed, when
         self._out_dir: Path | None = None
+        self._run_record: dict | None = None  # mlflow_run.json of a new run, until the first epoch ends
 
     def __enter__(self) -> MlflowCallback:
         self._entered = True
@@ -144,7 +152,7 @@ class MlflowCallback(Callback):
             nested = mlflow.active_run() is not None
             earlier = self._interrupted_run(client, cfg, experiment_id)
             if earlier is not None:
-                self._resume(client, earlier, cfg, tags, nested)
+                self._resume(client, earlier, cfg, tags, nested, _device(model))
                 return
             run = mlflow.start_run(
                 experiment_id=experiment_id,
@@ -153,11 +161,9 @@ class MlflowCallback(Callback):
                 tags=tags,
             )
             self.run_id, self._active = run.info.run_id, True
-            write_json(
-                self._out_dir / RUN_FILE,
-                {"run_id": self.run_id, "experiment_id": experiment_id, "tracking_uri": tracking_label()},
-            )
-            mlflow.log_params(_params(cfg.to_dict()))
+            # written beside the first checkpoint (a run with no good epoch leaves nothing to resume, nor this file)
+            self._run_record = {"run_id": self.run_id, "experiment_id": experiment_id, "tracking_uri": tracking_label()}
+            mlflow.log_params(_training_params(cfg.to_dict(), _device(model)))
             mlflow.log_input(_dataset_input(data, cfg.dataset), context="train", tags={"rrm.digest": data.digest})
             if cfg.teacher:
                 self._log_teacher(client, cfg.teacher)
@@ -194,12 +200,12 @@ class MlflowCallback(Callback):
             )
         return run
 
-    def _resume(self, client: MlflowClient, run: Run, cfg: TrainConfig, tags: dict, nested: bool) -> None:
+    def _resume(self, client: MlflowClient, run: Run, cfg: TrainConfig, tags: dict, nested: bool, device: str) -> None:
         """Continue ``run``: RUNNING again with this process's tags, params it lacks logged, changed ones (more
         epochs, say) in tag ``rrm.resumed_with``, and its logged epochs remembered so none is logged twice."""
         run_id = run.info.run_id
         logged = run.data.params
-        params = _params(cfg.to_dict())
+        params = _training_params(cfg.to_dict(), device)
         changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
         if changed:
             tags["rrm.resumed_with"] = _one_line(", ".join(f"{k}={v}" for k, v in sorted(changed.items())), 5000)
@@ -217,15 +223,17 @@ class MlflowCallback(Callback):
         tags = {"rrm.teacher_uri": ref}
         model_id = None
         if ref.startswith("models:/"):
-            version = _resolve_version(client, ref)
+            version = self.teacher_version or _resolve_version(client, ref)
             tags.update({"rrm.teacher_name": version.name, "rrm.teacher_version": str(version.version)})
             if version.run_id:
                 tags["rrm.teacher_run_id"] = version.run_id
+            if (version.tags or {}).get("model_sha256"):
+                tags["rrm.teacher_sha256"] = version.tags["model_sha256"]
             model_id = _version_model_id(version)
         elif ref.startswith("runs:/"):
-            logged = _run_model(client, ref)
-            tags["rrm.teacher_run_id"] = logged.source_run_id
-            model_id = logged.model_id
+            logged = _run_model(client, ref, required=False)
+            tags["rrm.teacher_run_id"] = logged.source_run_id if logged else ref[len("runs:/") :].split("/")[0]
+            model_id = logged.model_id if logged else None
         else:
             tags["rrm.teacher_sha256"] = sha256_file(ref)
         mlflow.set_tags(tags)
@@ -233,6 +241,9 @@ class MlflowCallback(Callback):
             mlflow.log_input(model=LoggedModelInput(model_id))
 
     def on_epoch_end(self, epoch: int, metrics: dict) -> None:
+        if self._run_record is not None:
+            write_json(self._out_dir / RUN_FILE, self._run_record)
+            self._run_record = None
         if self._lost is not None:
             return
         try:
@@ -284,16 +295,8 @@ class MlflowCallback(Callback):
             if self.log_model:  # the sha256 tag says "this run logged that model file" (the registry looks it up)
                 mlflow.set_tag("rrm.model_sha256", sha256_file(result.model_path))
                 mlflow.log_artifact(str(result.checkpoint_path))
+                mlflow.log_artifact(str(result.model_path))  # RRM_FILE_ARTIFACT: the registry reads it there
             mlflow.log_artifact(str(result.metrics_path))
-            from rrm.plots import plot_training_curves  # matplotlib only once a run ends
-
-            cfg = result.config
-            with tempfile.TemporaryDirectory() as tmp:
-                plot = Path(tmp) / "curves.png"
-                plot_training_curves(result.history, plot, title=f"{cfg.method} {cfg.model} on {result.data.name}")
-                mlflow.log_artifact(str(plot))
-            if self.log_model:
-                self.model_id = _log_model(result.model_path)
             self._active = False
             _end_active_run(None)
 

@@ -1,8 +1,16 @@
-"""Evaluations in MLflow: ``rrm evaluate``'s metrics as a run linked to the training run, and read back from one."""
+"""Evaluations in MLflow: ``rrm evaluate``'s metrics as a run linked to the training run, and read back from one.
+
+An evaluation run is named after what it measured ("apgd+autoattack linf eps=0.2 · rrm-cnn-bn-mnist5k"), and its
+headline numbers are copied onto the training run (``eval_natural_accuracy``, ``eval_<attack>_accuracy``,
+``sanity_passed``: 1 or 0, absent when the checks did not run; tag ``rrm.sanity_checks``: passed, FAILED or not run),
+so training runs can be sorted and compared by robustness in ``mlflow ui``. The same result is logged once: logging
+it again (registering a teacher with the metrics file ``rrm evaluate`` wrote) returns the run already there.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -11,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, Run, RunTag
 
 from rrm.errors import RRMError
 from rrm.io import sha256_file
@@ -47,7 +55,8 @@ def log_evaluation(
     result bound to another model file (its ``model_sha256``) is refused. Numbers in the result's JSON (nested ones as
     ``a/b``) become metrics, text, flags and None become params; the metrics JSON (``metrics_path``, else the
     result's) is an artifact. With no ``experiment`` the evaluation joins its training run's experiment and is nested
-    under it in ``mlflow ui``.
+    under it in ``mlflow ui``. The headline numbers also go onto the training run. A result identical to one already
+    logged for the same training run (tag ``rrm.evaluation_sha256``) is not logged again: its run id is returned.
     """
     sha256 = sha256_file(model_path)
     if result.model_sha256 is not None and result.model_sha256 != sha256:
@@ -56,9 +65,18 @@ def log_evaluation(
             f"{str(model_path)!r} ({sha256[:12]}); record it with the model file it measured"
         )
     metrics = result.to_json()
+    fingerprint = hashlib.sha256(json.dumps(metrics, sort_keys=True, default=str).encode()).hexdigest()
     with _mlflow_errors("recording the evaluation in MLflow"):
         client = _client()
         train_run = client.get_run(train_run_id) if train_run_id else _model_run(client, sha256)
+        if train_run is not None:
+            logged = _search_runs(
+                client,
+                f"tags.`rrm.evaluation_sha256` = '{fingerprint}' and tags.`rrm.train_run_id` = "
+                f"'{train_run.info.run_id}' and attributes.status = 'FINISHED'",
+            )
+            if logged:
+                return logged[0].info.run_id
         if experiment is not None or train_run is None:
             experiment_id = _experiment_id(client, experiment or DEFAULT_EXPERIMENT)
         else:
@@ -67,13 +85,14 @@ def log_evaluation(
             **_context_tags(),
             "rrm.kind": "evaluate",
             "rrm.evaluated_sha256": sha256,
+            "rrm.evaluation_sha256": fingerprint,
             "rrm.model_path": str(model_path),
         }
         if train_run is not None:
             tags["rrm.train_run_id"] = train_run.info.run_id
             if train_run.info.experiment_id == experiment_id:
                 tags["mlflow.parentRunId"] = train_run.info.run_id
-        run = client.create_run(experiment_id, run_name=run_name or f"evaluate {Path(model_path).name}", tags=tags)
+        run = client.create_run(experiment_id, run_name=run_name or _run_name(result, model_path, train_run), tags=tags)
         run_id = run.info.run_id
         try:
             now = int(time.time() * 1000)
@@ -94,7 +113,43 @@ def log_evaluation(
                 client.set_terminated(run_id, _status(type(exc)))
             raise
         client.set_terminated(run_id, "FINISHED")
+        if train_run is not None:
+            _copy_headline(client, train_run.info.run_id, result, run_id)
     return run_id
+
+
+def _run_name(result: EvalResult, model_path: str | os.PathLike, train_run: Run | None) -> str:
+    """What was measured, on what: "apgd+autoattack linf eps=0.2 · rrm-cnn-bn-mnist5k" (the training run's name, else
+    the model's directory)."""
+    what = ["+".join(result.adversarial_accuracy) or "natural", result.norm]
+    what.append(f"eps={result.eps:g}" if result.eps is not None else None)
+    path = Path(model_path)
+    model = (train_run.info.run_name if train_run is not None else None) or path.parent.name or path.name
+    return f"{' '.join(w for w in what if w)} · {model}"
+
+
+def headline_metrics(result: EvalResult) -> dict[str, float]:
+    """The numbers of an evaluation a training run carries: natural and per-attack accuracy, and whether the
+    gradient-masking checks passed (1 or 0; left out when they did not run, so "not run" never reads as passed)."""
+    values = {"eval_natural_accuracy": result.natural_accuracy}
+    values |= {f"eval_{attack.replace('-', '_')}_accuracy": v for attack, v in result.adversarial_accuracy.items()}
+    if result.worst_accuracy is not None:
+        values["eval_worst_accuracy"] = result.worst_accuracy
+    if result.eps is not None:
+        values["eval_eps"] = float(result.eps)
+    status = result.sanity_status
+    if status != "not run":
+        values["sanity_passed"] = float(status == "passed")
+    return values
+
+
+def _copy_headline(client: MlflowClient, train_run_id: str, result: EvalResult, evaluation_run_id: str) -> None:
+    now = int(time.time() * 1000)
+    client.log_batch(
+        train_run_id,
+        metrics=[Metric(k, v, now, 0) for k, v in headline_metrics(result).items()],
+        tags=[RunTag("rrm.sanity_checks", result.sanity_status), RunTag("rrm.evaluation_run", evaluation_run_id)],
+    )
 
 
 def _flat_text(values: Mapping) -> dict[str, str]:

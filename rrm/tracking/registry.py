@@ -9,7 +9,11 @@ after one killed at any point the next ``register`` or ``list`` leaves no empty 
 
 A pulled or loaded teacher is checked against the sha256 recorded when it was registered (the version's
 ``model_sha256`` tag; a run's ``rrm.model_sha256``): a replaced or damaged artifact is refused. Aliases
-(``champion``, ``candidate``) replace MLflow's deprecated stages.
+(``champion``, ``candidate``) replace MLflow's deprecated stages; ``register_teacher(alias=...)`` points one at the
+new version in the same step, so a pipeline never leaves a version without the alias it was registered for.
+
+Registering marks the source training run as a teacher's (tag ``rrm.role``, its name prefixed with "teacher"), and
+logs its MLflow (pt2) model there if the run has none: training runs keep only rrm's model file.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 import mlflow
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import LoggedModel
+from mlflow.entities import LoggedModel, Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
@@ -47,6 +51,7 @@ from rrm.tracking.evaluations import _evaluation_of_run, log_evaluation
 from rrm.tracking.store import (
     DEFAULT_EXPERIMENT,
     LOGGED_MODEL_NAME,
+    RRM_FILE_ARTIFACT,
     _client,
     _context_tags,
     _experiment_id,
@@ -64,7 +69,11 @@ from rrm.tracking.store import (
 
 DEFAULT_TEACHER_NAME = "rrm-teacher"
 TEACHER_TAG = "rrm.teacher"
+TEACHER_RUN_PREFIX = "teacher · "  # a registered teacher's training run, named so beside its students
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+# MLflow's rule for aliases, checked before anything is written: letters, digits, "_" and "-"; not "latest" nor "v3".
+_ALIAS = re.compile(r"^[\w\-]{1,255}$")
+_RESERVED_ALIAS = re.compile(r"^(latest|[vV]\d+)$", re.IGNORECASE)
 
 
 @dataclasses.dataclass
@@ -134,8 +143,18 @@ def _version_model_id(version: ModelVersion) -> str | None:
     return version.model_id or (match.group(1) if match else None)
 
 
-def _run_model(client: MlflowClient, uri: str) -> LoggedModel:
-    """The logged model behind ``runs:/RUN_ID/NAME``."""
+def check_alias(alias: str) -> str:
+    """``alias`` if MLflow accepts it as an alias, else a one-line error naming the rule."""
+    if not _ALIAS.match(alias) or _RESERVED_ALIAS.match(alias):
+        raise RRMError(
+            f"invalid alias {alias!r}: use letters, digits, '_' and '-' (not 'latest' nor 'v' and a number), "
+            "e.g. champion"
+        )
+    return alias
+
+
+def _run_model(client: MlflowClient, uri: str, required: bool = True) -> LoggedModel | None:
+    """The logged model behind ``runs:/RUN_ID/NAME``; None (unless ``required``) for a run that logged none."""
     parts = uri[len("runs:/") :].strip("/").split("/", 1)
     run_id, name = parts[0], parts[1] if len(parts) > 1 else LOGGED_MODEL_NAME
     try:
@@ -148,6 +167,8 @@ def _run_model(client: MlflowClient, uri: str) -> LoggedModel:
         logged = client.get_logged_model(output.model_id)
         if logged.name == name:
             return logged
+    if not required:
+        return None
     raise RRMError(f"run {run_id} logged no model named {name!r}; train with tracking on (no --no-track)")
 
 
@@ -171,24 +192,37 @@ def _fetch_rrm_file(logged: LoggedModel, dst: str, what: str) -> Path:
     return _download(logged, info["rrm_file"], dst)
 
 
-def _run_file(client: MlflowClient, logged: LoggedModel, dst: str, uri: str) -> Path:
-    """The rrm model file a run logged, checked against the sha256 the run recorded for it (where it did)."""
-    path = _fetch_rrm_file(logged, dst, uri)
-    recorded = client.get_run(logged.source_run_id).data.tags.get("rrm.model_sha256")
+def _run_file(client: MlflowClient, uri: str, dst: str) -> tuple[Path, Run]:
+    """The rrm model file of run ``runs:/RUN_ID/model`` and the run: inside its logged (pt2) model, or else the
+    ``model.pt`` artifact every tracked training keeps. Checked against the sha256 the run recorded for it; a run
+    without a logged model must have recorded one."""
+    run_id = uri[len("runs:/") :].strip("/").split("/", 1)[0]
+    logged = _run_model(client, uri, required=False)
+    run = client.get_run(logged.source_run_id if logged else run_id)
+    recorded = run.data.tags.get("rrm.model_sha256")
+    if logged is not None:
+        path = _fetch_rrm_file(logged, dst, uri)
+    elif recorded and RRM_FILE_ARTIFACT in {a.path for a in client.list_artifacts(run_id)}:
+        path = Path(client.download_artifacts(run_id, RRM_FILE_ARTIFACT, dst))
+    else:
+        raise RRMError(
+            f"run {run_id} logged no model (no MLflow model, no {RRM_FILE_ARTIFACT} with its sha256); train with "
+            "tracking on (no --no-track), or pass the model file"
+        )
     if recorded and sha256_file(path) != recorded:
         raise RRMError(
             f"{uri}: the downloaded model file has sha256 {sha256_file(path)[:12]}, not the "
-            f"{recorded[:12]} run {logged.source_run_id} recorded: its artifact was replaced or damaged; "
+            f"{recorded[:12]} run {run.info.run_id} recorded: its artifact was replaced or damaged; "
             "use the model.pt that run wrote (or train it again)"
         )
-    return path
+    return path, run
 
 
 def _teacher_file(client: MlflowClient, uri: str, dst: str) -> tuple[Path, ModelVersion | None]:
     """The rrm model file of a registered teacher (``models:/``) or of a run's model (``runs:/``), checked against
     the sha256 recorded for it."""
     if uri.startswith("runs:/"):
-        return _run_file(client, _run_model(client, uri), dst, uri), None
+        return _run_file(client, uri, dst)[0], None
     if not uri.startswith("models:/"):
         raise RRMError(
             f"{uri!r} is not a registry URI; use models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model"
@@ -226,13 +260,20 @@ def pull_teacher(uri: str, out: str | os.PathLike) -> tuple[Path, dict]:
 
     Returns the path and the model's meta (method, dataset, threat model, training summary).
     """
+    out, meta, _ = pull_teacher_version(uri, out)
+    return out, meta
+
+
+def pull_teacher_version(uri: str, out: str | os.PathLike) -> tuple[Path, dict, ModelVersion | None]:
+    """:func:`pull_teacher`, with the registry version the file came from (None for a ``runs:/`` URI): what a
+    student's run records, resolved once so an alias that moves meanwhile cannot make it name another version."""
     out = Path(out)
     with _mlflow_errors(f"pulling {uri}"), tempfile.TemporaryDirectory() as tmp:
-        path, _ = _teacher_file(_client(), uri, tmp)
+        path, version = _teacher_file(_client(), uri, tmp)
         _, meta = load_model(path)  # refuse to write a file that would not load
         with atomic_path(out) as target:
             target.write_bytes(path.read_bytes())
-    return out, meta
+    return out, meta, version
 
 
 def register_teacher(
@@ -242,8 +283,9 @@ def register_teacher(
     evaluation: str | os.PathLike | Mapping | EvalResult | None = None,
     force: bool = False,
     experiment: str = DEFAULT_EXPERIMENT,
+    alias: str | None = None,
 ) -> TeacherVersion:
-    """Register an adversarially trained, evaluated model as a new version of ``name``.
+    """Register an adversarially trained, evaluated model as a new version of ``name``; ``alias`` then points at it.
 
     ``source`` is a training run id (or ``runs:/ID/model``) or a model file written by ``rrm train``; a file whose
     training run is in the store (found by content) registers that run's model, otherwise the file is logged in an
@@ -255,9 +297,12 @@ def register_teacher(
     architecture and its training data's test split; of another norm or eps than it was trained for; or with
     gradient-masking checks that failed or did not run. With ``force`` every such reason is written to the card and
     the ``forced`` tag. What a killed registration left is cleaned first: its RUNNING runs are marked FAILED
-    (:func:`rrm.tracking.store.check_store`) and its empty registered model is removed.
+    (:func:`rrm.tracking.store.check_store`) and its empty registered model is removed. An evaluation that is
+    already logged (by ``rrm evaluate``) is linked, not logged a second time.
     """
     action = f"registering {str(source)!r} as {name!r}"
+    if alias is not None:
+        check_alias(alias)
     with _mlflow_errors(action), tempfile.TemporaryDirectory() as tmp:
         client = check_store(action)
         _remove_abandoned_models(client)
@@ -268,9 +313,7 @@ def register_teacher(
             run = _model_run(client, sha256_file(path))
         elif isinstance(source, str) and (_RUN_ID.match(source) or source.startswith("runs:/")):
             uri = source if source.startswith("runs:/") else f"runs:/{source}/{LOGGED_MODEL_NAME}"
-            logged = _run_model(client, uri)
-            local = _run_file(client, logged, tmp, uri)
-            run = client.get_run(logged.source_run_id)
+            local, run = _run_file(client, uri, tmp)
         else:
             raise RRMError(
                 f"{str(source)!r} is neither a model file nor an MLflow run id; pass the model.pt that "
@@ -301,7 +344,8 @@ def register_teacher(
             run_id, model_id = _import_run(client, local, meta, experiment)
         else:
             run_id = run.info.run_id
-            model_id = _run_model(client, f"runs:/{run_id}/{LOGGED_MODEL_NAME}").model_id
+            logged = _run_model(client, f"runs:/{run_id}/{LOGGED_MODEL_NAME}", required=False)
+            model_id = logged.model_id if logged else _log_model(local, run_id=run_id)
         # Keep the evidence next to the training run; an evaluation of another file is no evidence about this one.
         if evaluation is not None and evaluated and result.model_sha256 in (None, sha256):
             evaluation_run = log_evaluation(
@@ -334,7 +378,7 @@ def register_teacher(
         if problems:
             tags["forced"] = _one_line("; ".join(problems), 4000)
         card = _card(meta, model.spec, model.feature_dim, result if evaluated else None, run_id, sha256, problems)
-        return _create_version(client, name, model_id, run_id, tags, card)
+        return _create_version(client, name, model_id, run_id, tags, card, alias)
 
 
 def _import_run(client: MlflowClient, path: Path, meta: dict, experiment: str) -> tuple[str, str]:
@@ -359,9 +403,10 @@ def _import_run(client: MlflowClient, path: Path, meta: dict, experiment: str) -
 
 
 def _create_version(
-    client: MlflowClient, name: str, model_id: str, run_id: str, tags: dict, description: str
+    client: MlflowClient, name: str, model_id: str, run_id: str, tags: dict, description: str, alias: str | None = None
 ) -> TeacherVersion:
-    """Create the version with its tags and card in one call, and the registered model with its first version.
+    """Create the version with its tags and card in one call, and the registered model with its first version; point
+    ``alias`` at it and mark the source run as a teacher's.
 
     On any failure whatever was made is deleted. A process killed in between cannot delete: the registered model it
     created carries ``rrm.creating`` (its process) until its first version exists, and the next register or list
@@ -389,6 +434,9 @@ def _create_version(
         if created_model:  # the model has a version now; a cleanup may have dropped the tag already
             with contextlib.suppress(MlflowException):
                 client.delete_registered_model_tag(name, _CREATING_TAG)
+        if alias is not None:
+            client.set_registered_model_alias(name, alias, str(version.version))
+        _mark_teacher_run(client, run_id, f"models:/{name}/{version.version}")
         return TeacherVersion.of(client.get_model_version(name, version.version))
     except BaseException:
         with contextlib.suppress(Exception):
@@ -400,10 +448,21 @@ def _create_version(
         raise
 
 
+def _mark_teacher_run(client: MlflowClient, run_id: str, uri: str) -> None:
+    """Tag the source run as a registered teacher's and name it so, beside students of the same method."""
+    run = client.get_run(run_id)
+    client.set_tag(run_id, "rrm.role", "teacher")
+    client.set_tag(run_id, "rrm.registered_as", uri)
+    current = run.info.run_name or ""
+    if not current.startswith(TEACHER_RUN_PREFIX):
+        client.update_run(run_id, name=f"{TEACHER_RUN_PREFIX}{current}")
+
+
 def promote(name: str, version: str | int, alias: str) -> TeacherVersion:
     """Point ``alias`` (``champion``, ``candidate``, ...) of registered model ``name`` at ``version``."""
     if not str(version).isdigit():
         raise RRMError(f"version must be a number such as 3, got {version!r}; see `rrm teacher list --name {name}`")
+    check_alias(alias)
     with _mlflow_errors(f"setting alias {alias!r} on {name!r}"):
         client = _client()
         current = _resolve_version(client, f"models:/{name}/{version}")

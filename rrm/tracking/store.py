@@ -3,10 +3,15 @@
 Store: ``MLFLOW_TRACKING_URI`` when set, else a SQLite file in the current directory (``sqlite:///mlflow.db``), so
 ``mlflow ui`` in the project shows everything without a server.
 
-Model format: a trained model is logged with ``mlflow.pytorch.log_model`` in MLflow 3's safe ``pt2`` format (what
-MLflow serving and ``mlflow.pyfunc`` use; it keeps only ``forward``) and carries the rrm model file (architecture
-spec, weights, training meta; loaded with ``weights_only``) as an extra file. rrm loads teachers from that file, so
-``features()`` and ``head`` work and loading a teacher from a shared registry never unpickles code.
+Model format: every training run keeps the rrm model file (architecture spec, weights, training meta; loaded with
+``weights_only``) as its artifact ``model.pt``. A registered teacher is also logged with ``mlflow.pytorch.log_model``
+in MLflow 3's safe ``pt2`` format (what MLflow serving and ``mlflow.pyfunc`` use; it keeps only ``forward``), which
+carries the same rrm file as an extra file. Exporting pt2 costs seconds, so it is done once per registered teacher,
+not for every student. rrm loads models from the rrm file, so ``features()`` and ``head`` work and loading a teacher
+from a shared registry never unpickles code.
+
+Experiments rrm creates are tagged as model-training experiments (``mlflow.experimentKind``), so MLflow 3's UI opens
+them in its training view rather than its GenAI view.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ from importlib import metadata
 from pathlib import Path
 
 import mlflow
-import mlflow.pytorch
 import requests
 import torch
 from mlflow import MlflowClient
@@ -35,10 +39,15 @@ import rrm
 from rrm.errors import RRMError
 from rrm.models import MODEL_FORMAT, Classifier, load_model
 from rrm.secrets import mask_url
+from rrm.tracking.uri import check_sqlite_directory as _check_sqlite_directory
+from rrm.tracking.uri import tracking_uri
+from rrm.train.basics import MODEL
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "rrm"
 LOGGED_MODEL_NAME = "model"
+RRM_FILE_ARTIFACT = MODEL  # the rrm model file every tracked training run logs, at the root of its artifacts
+# The experiment tag MLflow 3's UI reads to pick its view; without it an experiment opens in the GenAI view.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 _VERSIONED_PACKAGES = {
     "torch": "torch",
     "torchvision": "torchvision",
@@ -74,10 +83,6 @@ class StoreUnreachable(RRMError):
     """The tracking store (an MLflow server or the database behind a store URI) does not answer."""
 
 
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
 def tracking_label() -> str:
     """The tracking URI with its password masked: what messages, tags and files show."""
     return mask_url(tracking_uri())
@@ -95,19 +100,6 @@ def _client() -> MlflowClient:
         _reached.add(uri)
     mlflow.set_tracking_uri(uri)  # fluent calls (runs, log_model) write to the same store as the client
     return MlflowClient(tracking_uri=uri)
-
-
-def _check_sqlite_directory(uri: str) -> None:
-    """A SQLite store in a directory that does not exist is a typo, not a new store: MLflow would create the
-    directories and an empty store, and every listing would come back empty."""
-    if not uri.startswith("sqlite:///"):
-        return
-    path = Path(uri[len("sqlite:///") :].split("?", 1)[0])
-    if path.name and not path.parent.is_dir():
-        raise RRMError(
-            f"the MLflow store {mask_url(uri)} is in a directory that does not exist ({str(path.parent)!r}); "
-            "create it, or fix MLFLOW_TRACKING_URI"
-        )
 
 
 def _check_database(uri: str) -> None:
@@ -196,10 +188,13 @@ def _is(exc: MlflowException, code: str) -> bool:
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created as a model-training experiment if it does not exist. An existing one
+    without a kind (made before rrm set it) gets the kind too; one whose kind someone chose is left as it is."""
+    key, kind = EXPERIMENT_KIND
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, tags={key: kind})
         except MlflowException as exc:  # another process created it first
             if not _is(exc, "RESOURCE_ALREADY_EXISTS"):
                 raise
@@ -209,6 +204,8 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
             f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments restore`) or "
             "choose another --experiment"
         )
+    if key not in (experiment.tags or {}):
+        client.set_experiment_tag(experiment.experiment_id, key, kind)
     return experiment.experiment_id
 
 
@@ -378,6 +375,28 @@ def _params(config: Mapping) -> dict[str, str]:
     return out
 
 
+def _training_params(config: Mapping, device: str | None = None) -> dict[str, str]:
+    """The params of a training run: the options every method reads, and of the method's own options only its
+    (:attr:`rrm.train.Method.options`), so a natural run shows no lambda or alpha. ``schedule`` and (given the
+    ``device``) ``precision`` are the ones that ran, as the run's tags say, not None for "the method's default";
+    ``teacher`` and ``transplant`` only where there is one."""
+    from rrm.train import METHODS, resolved_precision, resolved_schedule
+
+    method = METHODS.get(str(config.get("method")))
+    owned = {name for cls in METHODS.values() for name in cls.options}
+    kept = {
+        key: value
+        for key, value in config.items()
+        if (key not in owned or (method is not None and key in method.options))
+        and not (key in ("teacher", "transplant") and value is None)
+    }
+    if method is not None:
+        kept["schedule"] = resolved_schedule(config.get("schedule"), method)
+        if device is not None:
+            kept["precision"] = resolved_precision(config.get("precision"), method, device)
+    return _params(kept)
+
+
 def _leaves(values: Mapping, prefix: str = "") -> Iterator[tuple[str, object]]:
     """The leaves of a nested mapping, keyed by their ``/``-joined path."""
     for key, value in values.items():
@@ -422,8 +441,11 @@ def _example(model: Classifier) -> torch.Tensor:
     return torch.rand(2, c, side, side, generator=torch.Generator().manual_seed(0))
 
 
-def _log_model(model_path: Path) -> str:
-    """Log the rrm model file under the active run as an MLflow model; returns the logged model's id."""
+def _log_model(model_path: Path, run_id: str | None = None) -> str:
+    """Log the rrm model file as an MLflow model (pt2) of run ``run_id`` (default: the active run, which may also be
+    a finished one); returns the logged model's id."""
+    import mlflow.pytorch  # seconds to import and to export: only for registered teachers
+
     model, _ = load_model(model_path)
     info = mlflow.pytorch.log_model(
         model,
@@ -434,6 +456,7 @@ def _log_model(model_path: Path) -> str:
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         extra_files=[str(model_path)],
         metadata={"rrm_format": MODEL_FORMAT, "rrm_file": f"extra_files/{model_path.name}"},
+        **({"run_id": run_id} if run_id else {}),
     )
     return info.model_id
 

@@ -12,7 +12,16 @@ from rrm.train.methods import (
     teacher_methods,
     tunable_methods,
 )
-from rrm.train.trainer import Callback, TrainResult, accuracy, load_teacher, resolve_device, train
+from rrm.train.trainer import (
+    Callback,
+    TrainResult,
+    accuracy,
+    load_teacher,
+    resolve_device,
+    resolved_precision,
+    resolved_schedule,
+    train,
+)
 
 __all__ = [
     "FEATURE_LOSSES",
@@ -32,6 +41,8 @@ __all__ = [
     "load_teacher",
     "may_teach",
     "resolve_device",
+    "resolved_precision",
+    "resolved_schedule",
     "teacher_methods",
     "train",
     "tunable_methods",

@@ -47,10 +47,16 @@ from rrm.train.methods import Method, get_method
 from rrm.train.overfitting import collapse_epoch
 
 
-def _precision(cfg: TrainConfig, method: Method, device: torch.device) -> str:
-    if cfg.precision is not None:
-        return cfg.precision
-    return "fp16" if method.mixed_precision_on_gpu and device.type == "cuda" else "fp32"
+def resolved_precision(precision: str | None, method: type[Method] | Method, device: torch.device | str) -> str:
+    """The autocast precision a run uses: ``precision``, or None for the method's default on ``device``."""
+    if precision is not None:
+        return precision
+    return "fp16" if method.mixed_precision_on_gpu and torch.device(device).type == "cuda" else "fp32"
+
+
+def resolved_schedule(schedule: str | None, method: type[Method] | Method) -> str:
+    """The learning-rate schedule a run uses: ``schedule``, or None for the method's default."""
+    return schedule or method.default_schedule
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -226,7 +232,7 @@ def _train(
     passes = math.ceil(cfg.epochs / method.epochs_per_pass)
     steps_per_pass = math.ceil(len(data.train_y) / cfg.batch_size) * method.epochs_per_pass
     total_steps = passes * steps_per_pass
-    schedule = cfg.schedule or method.default_schedule
+    schedule = resolved_schedule(cfg.schedule, method)
     # the method's own parameters (RRM's adapters) train with the model and are not saved with it
     params = [*model.parameters(), *method.parameters()]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -236,7 +242,7 @@ def _train(
             schedule, it / total_steps, it / steps_per_pass * method.epochs_per_pass, cfg.milestones, cfg.lr_gamma
         ),
     )
-    precision = _precision(cfg, method, device)
+    precision = resolved_precision(cfg.precision, method, device)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
 
