@@ -8,7 +8,7 @@ Layout read (what ``dvc.yaml`` writes; every path is relative to ``root``, and e
     metrics/students/<name>.json               # `rrm evaluate` of that student
 
 Written to ``out_dir``: ``table1.md``/``table1.csv`` (every student), ``table2.md``/``table2.csv`` (the transfer
-methods rdt, kd, kdiga and rrm against sat), ``report.json`` (the rows, for ``dvc metrics``) and
+methods rdt, kd, kdiga and rrm, and stem transplants, against sat), ``report.json`` (the rows, for ``dvc metrics``) and
 ``accuracy_vs_time.png``.
 
 With seed directories (``runs/students/seed<N>/<name>/``, ``metrics/students/seed<N>/<name>.json``: what
@@ -130,6 +130,20 @@ def _data_flops(train_dir: Path, root: Path) -> float | None:
         return None
 
 
+def _transplant(train: dict, train_dir: Path) -> str | None:
+    """The stem transplant a run started from: its metrics say so (runs from before they did: the model file's
+    config)."""
+    if "transplant" in train or not (train_dir / "model.pt").is_file():
+        return train.get("transplant")
+    import torch
+
+    try:
+        meta = torch.load(train_dir / "model.pt", map_location="cpu", weights_only=True).get("meta", {})
+    except Exception:  # a foreign file: no transplant known
+        return None
+    return (meta.get("config") or {}).get("transplant")
+
+
 def _pct(value: float | None) -> float | None:
     return None if value is None else 100 * float(value)
 
@@ -156,9 +170,12 @@ def _row(name: str, train_path: Path, eval_path: Path, root: Path | None = None)
     adversarial, attack, examples = _adversarial(evaluation)
     method = train.get("method", name)
     seconds_mean = _number(train, "epoch_seconds_mean", train_path)
+    transplant = _transplant(train, train_path.parent)
     return {
         "name": name,
         "method": method,
+        "transplant": transplant,
+        "uses_teacher": method in USES_TEACHER or transplant is not None,
         "model": train.get("model", "?"),
         "epochs": _number(train, "epochs", train_path),
         "epoch_seconds_mean": _number(train, "epoch_seconds_mean", train_path),
@@ -248,6 +265,8 @@ def over_seeds(per_seed: list[list[dict]]) -> list[dict]:
             "name": first["name"],
             "method": first["method"],
             "model": first["model"],
+            "transplant": first["transplant"],
+            "uses_teacher": first["uses_teacher"],
             "seeds": len(runs),
             "attack": ",".join(sorted({r["attack"] for r in runs})),
             "sanity_passed": all(r["sanity_passed"] is True for r in runs),
@@ -297,7 +316,7 @@ def target(students: list[dict]) -> dict:
     for r in students:
         if r["name"] == "sat" or r["adversarial_pct"] is None:
             continue
-        group = candidates if r["method"] in USES_TEACHER else others
+        group = candidates if r["uses_teacher"] else others
         group[r["name"]] = {
             "adversarial_pct": r["adversarial_pct"],
             "adversarial_of_sat_pct": r["adversarial_of_sat_pct"],
@@ -430,7 +449,7 @@ def write_report(root: str | os.PathLike, out_dir: str | os.PathLike, **layout: 
             "table2.md": table2(report),
             "table1.csv": _csv(TABLE1_COLUMNS, rows),
             "table2.csv": _csv(
-                TABLE2_COLUMNS, [r for r in report["students"] if r["method"] in ("sat", *TRANSFER_METHODS)]
+                TABLE2_COLUMNS, [r for r in report["students"] if r["method"] == "sat" or r["uses_teacher"]]
             ),
             "report.json": json.dumps(
                 {

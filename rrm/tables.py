@@ -95,7 +95,7 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 def _with_teacher(row: dict, teacher: dict | None, key: str) -> float | None:
     """``row[key]`` plus the teacher's for a method that uses it, plus making the teacher's data (FLOPs only)."""
     own = row[key]
-    if row["method"] not in TRANSFER_METHODS or own is None:
+    if not row["uses_teacher"] or own is None:
         return own
     if teacher is None or teacher[key] is None:
         return None
@@ -146,14 +146,15 @@ def _cost_notes(rows: list[dict]) -> list[str]:
     if rows and all(r.get("cost_basis") == "flops" for r in rows):
         notes.append(
             "Speedups are ratios of counted training FLOPs (`total_flops`; a loaded machine does not change them); "
-            "incl. teacher adds the teacher's training FLOPs to rdt, kd, kdiga and rrm, and to rdt also the FLOPs "
-            "of robustifying its data. The measured-time speedup stands beside them."
+            "incl. teacher adds the teacher's training FLOPs to every student of the teacher (rdt, kd, kdiga, rrm and "
+            "a stem transplant), and to rdt also the FLOPs of robustifying its data. The measured-time speedup "
+            "stands beside them."
         )
     else:
         notes.append(
             "Speedups are ratios of measured training time (a run without FLOP counts: rerun `rrm train` to count "
-            "them); incl. teacher adds the teacher's training time to rdt, kd, kdiga and rrm (robustification time "
-            "not included)."
+            "them); incl. teacher adds the teacher's training time to every student of the teacher "
+            "(robustification time not included)."
         )
     noisy = [r["name"] for r in rows if r.get("timing_noisy")]
     if noisy:
@@ -255,7 +256,7 @@ def table1(report: dict) -> str:
 
 def table2(report: dict) -> str:
     """Markdown Table 2 analogue: the transfer methods against SAT."""
-    chosen = [r for r in report["students"] if r["method"] in ("sat", *TRANSFER_METHODS)]
+    chosen = [r for r in report["students"] if r["method"] == "sat" or r["uses_teacher"]]
     rows = [
         [
             _name(r),
@@ -299,7 +300,12 @@ def table2(report: dict) -> str:
         notes.insert(0, "The paper's claim for RRM on this data:\n")
         notes.append("")
     notes += _cost_notes(chosen)
-    return _markdown("Table 2: robustness transfer (rdt, kd, kdiga, rrm) against SAT", header, rows, notes)
+    return _markdown(
+        "Table 2: robustness transfer (the students of the teacher: rdt, kd, kdiga, rrm, stem transplants) against SAT",
+        header,
+        rows,
+        notes,
+    )
 
 
 def seeds_table(report: dict) -> str:

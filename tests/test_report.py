@@ -519,3 +519,27 @@ def test_catastrophic_overfitting_is_marked_in_the_tables(seeded: Path, layout: 
     with (tmp_path / "one" / "table1.csv").open() as f:
         row = next(r for r in csv.DictReader(f) if r["name"] == "kd")
     assert (row["co_epoch"], row["early_stopped_at_epoch"]) == ("4", "3")
+
+
+def test_a_stem_transplant_is_a_student_of_the_teacher_whatever_its_method(seeded: Path, tmp_path: Path) -> None:
+    # fast from the teacher's stem: its cost with the teacher includes the teacher's, and the target weighs it
+    for seed, (total, accuracy) in {0: (150, 0.74), 1: (150, 0.70)}.items():
+        train_dir = seeded / LAYOUT["students_dir"] / f"seed{seed}" / "transplant-fast"
+        _write_run(
+            train_dir,
+            seeded / LAYOUT["evaluations_dir"] / f"seed{seed}" / "transplant-fast.json",
+            "fast",
+            total,
+            0.97,
+            {"apgd": accuracy},
+            True,
+        )
+        metrics = json.loads((train_dir / "train_metrics.json").read_text())
+        (train_dir / "train_metrics.json").write_text(json.dumps({**metrics, "transplant": "stem"}))
+    report = write_report(seeded, tmp_path / "out", **LAYOUT)
+    row = next(r for r in report["students"] if r["name"] == "transplant-fast")
+    assert row["method"] == "fast" and row["uses_teacher"] and row["transplant"] == "stem"
+    assert row["total_minutes_with_teacher"] == pytest.approx(2.5 + 15)  # the teacher's 900 s added
+    goal = report["target"]
+    assert "transplant-fast" in goal["candidates"] and goal["candidates"]["transplant-fast"]["met"]  # 72% >= 62.4%
+    assert "transplant-fast" in goal["met_by"]

@@ -397,6 +397,8 @@ def _train(
         device=str(device),
         processes=ctx.world_size,
     )
+    if cfg.transplant:  # a transplant learns from the teacher whatever the method: the report adds the teacher's cost
+        summary["transplant"] = cfg.transplant
     meta = {
         "method": cfg.method,
         "model": cfg.model,
