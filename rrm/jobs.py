@@ -369,6 +369,7 @@ class ReportConfig:
     teacher_dir: str = "runs/teacher"
     teacher_evaluation: str = "metrics/teacher.json"
     out_dir: str = "reports"
+    attack: str | None = None  # the adversarial column: None, the strongest each evaluation ran
 
 
 def report_job(cfg: ReportConfig, track: Tracking = Tracking(enabled=False)) -> dict:
@@ -383,6 +384,7 @@ def report_job(cfg: ReportConfig, track: Tracking = Tracking(enabled=False)) -> 
         evaluations_dir=cfg.evaluations_dir,
         teacher_dir=cfg.teacher_dir,
         teacher_evaluation=cfg.teacher_evaluation,
+        attack=cfg.attack,
     )
     if track.enabled:
         tracking().log_report([out_dir / name for name in result["files"]], track.experiment or "rrm")

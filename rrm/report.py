@@ -100,9 +100,14 @@ def _number(data: dict, key: str, path: Path) -> float:
     return float(value)
 
 
-def _adversarial(evaluation: EvalResult) -> tuple[float | None, str, int | None]:
-    """The headline attack's accuracy, name and test images."""
-    for name in ATTACK_PREFERENCE:
+def _adversarial(evaluation: EvalResult, path: Path, attack: str | None = None) -> tuple[float | None, str, int | None]:
+    """The headline attack's accuracy, name and test images: ``attack``, else the strongest the evaluation ran."""
+    if attack is not None and attack not in evaluation.adversarial_accuracy:
+        raise RRMError(
+            f"evaluation {str(path)!r} has no {attack!r} accuracy; rerun `rrm evaluate --attacks {attack}` on its "
+            "model, or report another --attack"
+        )
+    for name in (attack,) if attack else ATTACK_PREFERENCE:
         if name in evaluation.adversarial_accuracy:
             examples = (evaluation.autoattack or {}).get("n_examples") if name == "autoattack" else None
             return float(evaluation.adversarial_accuracy[name]), name, examples or evaluation.n_examples
@@ -162,12 +167,12 @@ def _bound(evaluation: EvalResult, eval_path: Path, model_path: Path) -> bool:
     return True
 
 
-def _row(name: str, train_path: Path, eval_path: Path, root: Path | None = None) -> dict:
+def _row(name: str, train_path: Path, eval_path: Path, root: Path | None = None, attack: str | None = None) -> dict:
     """One run: ``name`` is its directory (``rrm-teacher-pgd``), ``method`` what it trained with (``rrm``)."""
     train = _read_json(train_path, "training metrics")
     evaluation = EvalResult.read(eval_path)
     bound = _bound(evaluation, eval_path, train_path.with_name("model.pt"))
-    adversarial, attack, examples = _adversarial(evaluation)
+    adversarial, attack, examples = _adversarial(evaluation, eval_path, attack)
     method = train.get("method", name)
     seconds_mean = _number(train, "epoch_seconds_mean", train_path)
     transplant = _transplant(train, train_path.parent)
@@ -199,10 +204,14 @@ def _row(name: str, train_path: Path, eval_path: Path, root: Path | None = None)
     }
 
 
-def _students(students_dir: Path, evaluations_dir: Path, teacher: dict | None, root: Path) -> list[dict]:
+def _students(
+    students_dir: Path, evaluations_dir: Path, teacher: dict | None, root: Path, attack: str | None = None
+) -> list[dict]:
     """The rows of every ``<name>/train_metrics.json`` under ``students_dir``, in the paper's order of methods."""
     found = sorted(p.parent.name for p in students_dir.glob("*/train_metrics.json"))
-    rows = [_row(n, students_dir / n / "train_metrics.json", evaluations_dir / f"{n}.json", root) for n in found]
+    rows = [
+        _row(n, students_dir / n / "train_metrics.json", evaluations_dir / f"{n}.json", root, attack) for n in found
+    ]
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     rows.sort(key=lambda r: (order.get(r["method"], len(order)), r["name"] != r["method"], r["name"]))
     add_speedups(rows, teacher)
@@ -223,6 +232,7 @@ def collect(
     evaluations_dir: str | os.PathLike = "metrics/students",
     teacher_dir: str | os.PathLike = "runs/teacher",
     teacher_evaluation: str | os.PathLike = "metrics/teacher.json",
+    attack: str | None = None,
 ) -> dict:
     """Read the layout under ``root``: ``{"teacher": row or None, "students": [rows in the paper's order]}``.
 
@@ -233,13 +243,13 @@ def collect(
     students_dir, evaluations_dir, teacher_dir = root / students_dir, root / evaluations_dir, root / teacher_dir
     teacher = None
     if (teacher_dir / "train_metrics.json").is_file():
-        teacher = _row("teacher", teacher_dir / "train_metrics.json", root / teacher_evaluation)
+        teacher = _row("teacher", teacher_dir / "train_metrics.json", root / teacher_evaluation, attack=attack)
     seeds = _seed_dirs(students_dir) if students_dir.is_dir() else []
     if seeds:
-        per_seed = [_students(students_dir / d, evaluations_dir / d, teacher, root) for _, d in seeds]
+        per_seed = [_students(students_dir / d, evaluations_dir / d, teacher, root, attack) for _, d in seeds]
         students = over_seeds(per_seed)
         return {"teacher": teacher, "students": students, "seeds": [s for s, _ in seeds], "target": target(students)}
-    students = _students(students_dir, evaluations_dir, teacher, root) if students_dir.is_dir() else []
+    students = _students(students_dir, evaluations_dir, teacher, root, attack) if students_dir.is_dir() else []
     if not students:
         raise RRMError(
             f"no student runs under {str(students_dir)!r} (expected <name>/train_metrics.json or "

@@ -468,6 +468,23 @@ def test_autoattack_is_the_headline_column(layout: Path, tmp_path: Path) -> None
     assert "| 75.0 | autoattack |" in sat_line and sat_line.endswith("| 80.0 | 100 |")
 
 
+def test_one_attack_can_be_chosen_for_every_row(layout: Path, tmp_path: Path) -> None:
+    sat = layout / "metrics" / "students" / "sat.json"
+    sat.write_text(
+        json.dumps({"natural_accuracy": 0.97, "adversarial_accuracy": {"apgd": 0.80, "autoattack": 0.75}, "eps": 0.2})
+    )
+    rows = {r["name"]: r for r in write_report(layout, tmp_path / "apgd", attack="apgd")["students"]}
+    assert {r["attack"] for r in rows.values()} == {"apgd"} and rows["sat"]["adversarial_pct"] == pytest.approx(80.0)
+    with pytest.raises(RRMError, match=r"metrics/teacher\.json' has no 'autoattack' accuracy; rerun"):
+        write_report(layout, tmp_path / "aa", attack="autoattack")
+    assert not (tmp_path / "aa").exists()
+    result = CliRunner().invoke(
+        cli, ["report", "--root", str(layout), "--out-dir", str(tmp_path / "cli"), "--attack", "apgd"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "| sat | cnn-bn |" in (tmp_path / "cli" / "table1.md").read_text()
+
+
 def test_rdt_pays_for_robustifying_its_data(layout: Path, tmp_path: Path, digits_teacher, digits) -> None:
     from rrm.models import save_model
     from rrm.robustify import match_features, robustify

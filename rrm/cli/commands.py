@@ -354,7 +354,7 @@ def report(track: bool, experiment: str, **options) -> None:
                  --teacher-dir runs/variants/eps0.3/teacher --teacher-evaluation metrics/variants/eps0.3/teacher.json \\
                  --out-dir reports/variants/eps0.3
     """
-    cfg = jobs.ReportConfig(**{k: str(v) for k, v in options.items()})
+    cfg = jobs.ReportConfig(**{k: None if v is None else str(v) for k, v in options.items()})
     check_writable(cfg.out_dir, directory=True)
     result = jobs.report_job(cfg, jobs.Tracking(track, experiment))
     out_dir = Path(cfg.out_dir)

@@ -235,4 +235,11 @@ REPORT = {
     "teacher_dir": Spec("data", "The teacher's run (train_metrics.json; optional)."),
     "teacher_evaluation": Spec("data", "The teacher's evaluation."),
     "out_dir": Spec("data", "Directory for the tables (.md, .csv), report.json and the plot."),
+    "attack": Spec(
+        "attack",
+        "The adversarial column, the same attack for every row (every evaluation must have run it). "
+        "[default: the strongest each evaluation ran: autoattack, else art-apgd, else apgd]",
+        ("autoattack", "art-apgd", "apgd"),
+        "attack",
+    ),
 }
