@@ -186,6 +186,10 @@ def _row(name: str, train_path: Path, eval_path: Path, root: Path | None = None)
         "adversarial_pct": _pct(adversarial),
         "attack": attack,
         "attack_examples": examples,
+        # the threat model the numbers are for (None in an evaluation file older than these fields)
+        "dataset": evaluation.dataset,
+        "norm": evaluation.norm,
+        "eps": evaluation.eps,
         "apgd_pct": _pct(evaluation.adversarial_accuracy.get("apgd")),
         "transfer_pct": _pct(evaluation.adversarial_accuracy.get("transfer")),
         "sanity_passed": evaluation.sanity_passed,
@@ -269,6 +273,9 @@ def over_seeds(per_seed: list[list[dict]]) -> list[dict]:
             "uses_teacher": first["uses_teacher"],
             "seeds": len(runs),
             "attack": ",".join(sorted({r["attack"] for r in runs})),
+            "dataset": first["dataset"],  # the same config on every seed
+            "norm": first["norm"],
+            "eps": first["eps"],
             "sanity_passed": all(r["sanity_passed"] is True for r in runs),
             "evaluation_bound": all(r["evaluation_bound"] for r in runs),
             "cost_basis": "flops" if all(r["cost_basis"] == "flops" for r in runs) else "seconds",
