@@ -126,12 +126,15 @@ def train_job(cfg, track: Tracking = Tracking(), teacher_pin: str | os.PathLike 
     from rrm.data import load_dataset
     from rrm.models import ARCHITECTURES
     from rrm.train import get_method, train
+    from rrm.train.basics import progress_shown, start_line
     from rrm.train.distributed import is_main
 
     cfg.validate()
     method = get_method(cfg.method)
     if cfg.model not in ARCHITECTURES:
         raise unknown("model", cfg.model, ARCHITECTURES)
+    if is_main() and progress_shown(cfg.progress):  # before the store, the data and the teacher: seconds
+        print(start_line(cfg), file=sys.stderr, flush=True)
     takes_teacher = method.needs_teacher or bool(cfg.transplant)
     if teacher_pin is not None and not takes_teacher:
         raise RRMError(

@@ -22,8 +22,26 @@ import math
 import os
 from pathlib import Path
 
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from rrm.errors import RRMError
+
+
+def threat_title(dataset, norm, eps, attack) -> str:
+    """What produced a figure's numbers, for its title: ``mnist5k, Linf eps 0.3, attack art-apgd``.
+
+    Each argument is one value or a list of them (one per plotted run): distinct values are joined with ``/``, and
+    one that no run recorded (an older evaluation file) shows as ``?``.
+    """
+
+    def one(values) -> str:
+        values = values if isinstance(values, (list, tuple)) else [values]
+        shown = dict.fromkeys(f"{v:g}" if isinstance(v, float) else str(v) for v in values if v not in (None, "", "-"))
+        return "/".join(shown) or "?"
+
+    return f"{one(dataset)}, {one(norm)} eps {one(eps)}, attack {one(attack)}"
 
 
 def _save(fig: Figure, path: str | os.PathLike, title: str) -> Path:
@@ -202,7 +220,10 @@ ACCURACY_PANELS = (
     ("total_minutes", "training time (min)", "adversarial_pct", "adversarial accuracy (%)"),
     ("total_minutes", "training time (min)", "natural_pct", "natural accuracy (%)"),
 )
+# Students cycle through tab20's colours and these markers together; as 20 and 9 share no factor, the first 180
+# students all differ in (colour, marker).
 MARKERS = "osD^vP*<>"
+COLOURS = tuple(colormaps["tab20"].colors)
 LABELLED_POINTS = 10  # up to this many students, each point is also labelled with its name
 FRONTIER_PANELS = (
     ("total_minutes", "student training time (min)", "adversarial_pct", "adversarial accuracy (%)"),
@@ -215,26 +236,41 @@ FRONTIER_PANELS = (
 )
 
 
+def student_styles(names: list[str]) -> dict[str, tuple[tuple[float, ...], str]]:
+    """One (colour, marker) pair per student, none shared (see :data:`MARKERS`)."""
+    return {name: (COLOURS[k % len(COLOURS)], MARKERS[k % len(MARKERS)]) for k, name in enumerate(names)}
+
+
+def _error(value: float, ci: float | None, low: float, high: float) -> list[list[float]] | None:
+    """Asymmetric error bars for ``value`` +- ``ci``, cut at ``low`` and ``high`` (0 and 100 for a percentage)."""
+    if ci is None:
+        return None
+    return [[min(ci, max(value - low, 0.0))], [min(ci, max(high - value, 0.0))]]
+
+
 def plot_students(
     rows: list[dict],
     path: Path,
     panels=ACCURACY_PANELS,
     target_box: tuple[float, float] | None = None,
     frontier: bool = False,
-) -> None:
-    """One panel per ``(x key, x label, y key, y label)``, a labelled point per row (Figures 2 and 3 by default).
+) -> Figure:
+    """One panel per ``(x key, x label, y key, y label)``, a point per row (Figures 2 and 3 by default); returns the
+    figure it saved.
 
-    Rows holding ``<key>_ci95`` (means over seeds) get 95% CI error bars; rows whose evaluation failed the
-    gradient-masking checks are crosses. ``frontier`` joins the points that passed them and that no other such
-    point beats on both time and accuracy; ``target_box`` ``(max x, min y)`` shades the target region on the
-    first panel.
+    Each student has its own colour and marker in every panel, named in a legend beside the panels; the title names
+    the dataset, threat model, eps and attack of the rows (``dataset``, ``norm``, ``eps``, ``attack``). Rows holding
+    ``<key>_ci95`` (means over seeds) get 95% CI error bars, cut at 0 and 100 for percentages (``*_pct``) and at 0
+    for times; rows whose evaluation failed the gradient-masking checks are hollow markers. ``frontier`` joins the
+    points that passed them and that no other such point beats on both time and accuracy; ``target_box`` ``(max x,
+    min y)`` shades the target region on the first panel.
     """
-    # One colour and marker per student in every panel, named in a legend beside the panels; with many students
-    # (the variants study's 13, most at 0% at eps 0.3) labels next to the points would overlap, so only few get them.
+    if not rows:
+        raise RRMError("no students to plot: the report found no train_metrics.json with an evaluation")
+    # with many students (the variants study's 13, most at 0% at eps 0.3) labels next to the points would overlap,
+    # so only few get them.
     failed = {r["name"] for r in rows if r.get("sanity_passed") is False}
-    style = {
-        r["name"]: (f"C{k % 10}", "x" if r["name"] in failed else MARKERS[k % len(MARKERS)]) for k, r in enumerate(rows)
-    }
+    style = student_styles([r["name"] for r in rows])
     fig = Figure(figsize=(5.5 * len(panels), 4.2))
     axes = fig.subplots(1, len(panels), squeeze=False)
     handles = {}
@@ -242,8 +278,16 @@ def plot_students(
         shown = sorted((r for r in rows if r.get(x) is not None and r.get(y) is not None), key=lambda r: (r[x], -r[y]))
         for r in shown:
             color, marker = style[r["name"]]
+            y_high = 100.0 if y.endswith("_pct") else math.inf
             handles[r["name"]] = ax.errorbar(
-                r[x], r[y], xerr=r.get(f"{x}_ci95"), yerr=r.get(f"{y}_ci95"), capsize=3, fmt=marker, color=color
+                r[x],
+                r[y],
+                xerr=_error(r[x], r.get(f"{x}_ci95"), 0.0, math.inf),
+                yerr=_error(r[y], r.get(f"{y}_ci95"), 0.0 if y.endswith("_pct") else -math.inf, y_high),
+                capsize=3,
+                fmt=marker,
+                color=color,
+                fillstyle="none" if r["name"] in failed else "full",
             )
             if len(rows) <= LABELLED_POINTS:
                 ax.annotate(r["name"], (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -270,6 +314,7 @@ def plot_students(
         ax.set_ylabel(y_label)
         ax.set_title(y_label.replace(" (%)", "") + " against " + x_label.replace(" (min)", ""), fontsize=10)
         ax.grid(alpha=0.3)
+    fig.suptitle(threat_title(*([r.get(key) for r in rows] for key in ("dataset", "norm", "eps", "attack"))))
     names = [r["name"] for r in rows if r["name"] in handles]
     fig.tight_layout()
     fig.legend(
@@ -282,3 +327,4 @@ def plot_students(
         title_fontsize=8,
     )
     fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig

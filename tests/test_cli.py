@@ -231,3 +231,21 @@ def test_untracked_training_runs_as_a_process_without_importing_mlflow(project):
     )
     assert done.returncode == 0, done.stderr
     assert "wrote out/model.pt" in done.stdout and not (project / "mlflow.db").exists()
+
+
+def test_training_says_what_it_does_before_loading_and_leaves_a_line_per_epoch(project):
+    args = ["--dataset", "digits", "--model", "cnn", "--epochs", "2", "--monitor-examples", "0", "--progress"]
+    done = subprocess.run(
+        [sys.executable, "-m", "rrm.cli", "train", "--no-track", *args, "--out-dir", "out"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    # the bar redraws itself with carriage returns; what is left on the screen is the text after the last one
+    shown = [part for line in done.stderr.splitlines() if (part := line.rsplit("\r", 1)[-1].strip())]
+    assert shown[0] == "training natural cnn on digits for 2 epochs: loading", done.stderr
+    epochs = [line for line in shown if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/2", "epoch 2/2"], done.stderr
+    assert all(" train acc " in line and " test acc " in line for line in epochs)

@@ -13,6 +13,7 @@ from rrm.cli import cli
 from rrm.data import read_dataset, to_float
 from rrm.errors import RRMError
 from rrm.io import sha256_file
+from rrm.plots import FRONTIER_PANELS, plot_students
 from rrm.report import collect, write_report
 
 # method: (epochs, epoch seconds mean, ci95, total seconds, natural, {attack: accuracy})
@@ -45,7 +46,17 @@ def _write(root: Path, name: str, values: tuple, model: str) -> None:
     )
     eval_path = root / "metrics" / ("teacher.json" if name == "teacher" else f"students/{name}.json")
     eval_path.parent.mkdir(parents=True, exist_ok=True)
-    eval_path.write_text(json.dumps({"natural_accuracy": natural, "adversarial_accuracy": attacks, "eps": 0.2}))
+    eval_path.write_text(
+        json.dumps(
+            {
+                "natural_accuracy": natural,
+                "adversarial_accuracy": attacks,
+                "dataset": "digits",
+                "norm": "Linf",
+                "eps": 0.2,
+            }
+        )
+    )
 
 
 @pytest.fixture
@@ -560,3 +571,66 @@ def test_a_stem_transplant_is_a_student_of_the_teacher_whatever_its_method(seede
     goal = report["target"]
     assert "transplant-fast" in goal["candidates"] and goal["candidates"]["transplant-fast"]["met"]  # 72% >= 62.4%
     assert "transplant-fast" in goal["met_by"]
+
+
+def _frontier_rows(n: int, **over) -> list[dict]:
+    return [
+        {
+            "name": f"student{k}",
+            "total_minutes": 1.0 + k,
+            "total_minutes_ci95": 0.5,
+            "total_minutes_with_teacher": 5.0 + k,
+            "total_minutes_with_teacher_ci95": 0.5,
+            "adversarial_pct": 40.0 + k,
+            "adversarial_pct_ci95": 3.0,
+            "sanity_passed": k not in (1, 11),  # two that failed the checks: hollow, never sharing a style
+            "dataset": "mnist5k",
+            "norm": "Linf",
+            "eps": 0.3,
+            "attack": "art-apgd",
+            **over,
+        }
+        for k in range(n)
+    ]
+
+
+def _points(fig) -> list:
+    """The data line of every error bar in the figure's first panel."""
+    return [container.lines[0] for container in fig.axes[0].containers]
+
+
+def test_report_rows_carry_the_threat_model_of_their_evaluation(layout: Path) -> None:
+    rows = {r["method"]: r for r in collect(layout)["students"]}
+    assert (rows["rrm"]["dataset"], rows["rrm"]["norm"], rows["rrm"]["eps"]) == ("digits", "Linf", 0.2)
+
+
+def test_every_student_has_its_own_colour_and_marker(tmp_path: Path) -> None:
+    from matplotlib.colors import to_rgba
+
+    fig = plot_students(_frontier_rows(14), tmp_path / "frontier.png", panels=FRONTIER_PANELS, frontier=True)
+    styles = [(to_rgba(line.get_color()), line.get_marker()) for line in _points(fig)]
+    assert len(styles) == 14 and len(set(styles)) == 14
+    assert sorted(line.get_fillstyle() for line in _points(fig)).count("none") == 2, "failed checks: hollow"
+
+
+def test_figure_title_names_dataset_threat_model_eps_and_attack(tmp_path: Path) -> None:
+    fig = plot_students(_frontier_rows(3), tmp_path / "frontier.png", panels=FRONTIER_PANELS)
+    assert fig.get_suptitle() == "mnist5k, Linf eps 0.3, attack art-apgd"
+    older = _frontier_rows(2, dataset=None, norm=None, eps=None)
+    older[1]["attack"] = "apgd"
+    assert plot_students(older, tmp_path / "older.png").get_suptitle() == "?, ? eps ?, attack art-apgd/apgd"
+
+
+def test_error_bars_stay_within_0_and_100_percent(tmp_path: Path) -> None:
+    row = _frontier_rows(1, adversarial_pct=99.0, adversarial_pct_ci95=5.0, total_minutes=0.2)[0]
+    fig = plot_students([row], tmp_path / "frontier.png", panels=FRONTIER_PANELS)
+    bars = [seg for collection in fig.axes[0].containers[0].lines[2] for seg in collection.get_segments()]
+    vertical = [seg[:, 1] for seg in bars if seg[0, 0] == seg[1, 0]]
+    horizontal = [seg[:, 0] for seg in bars if seg[0, 1] == seg[1, 1]]
+    assert [sorted(v) for v in vertical] == [[94.0, 100.0]], "99 +- 5 drawn as 94 .. 100"
+    assert [sorted(h) for h in horizontal] == [[0.0, 0.7]], "0.2 +- 0.5 minutes drawn from 0"
+
+
+def test_no_students_to_plot_is_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(RRMError, match="no students to plot"):
+        plot_students([], tmp_path / "empty.png")

@@ -1,6 +1,8 @@
 """The trainer: every method runs, checkpoints resume exactly, bad input fails cleanly."""
 
 import json
+import math
+import re
 
 import pytest
 import torch
@@ -152,3 +154,23 @@ def test_mean_ci_uses_the_t_quantile():
     # t_{0.975, 3} = 3.182446, sd = 1.290994, n = 4
     assert half == pytest.approx(3.182446 * 1.290994 / 2, rel=1e-5)
     assert mean_ci([7.0]) == (7.0, 0.0)
+
+
+def test_progress_shows_running_accuracy_a_whole_run_bar_and_a_line_per_epoch(tmp_path, digits, capsys):
+    result = train(_cfg(tmp_path, method="natural", epochs=3, batch_size=256, progress=True), data=digits)
+    err = capsys.readouterr().err
+    steps = 3 * math.ceil(len(digits.train_y) / 256)
+    assert f"/{steps} [" in err, "one bar over every step of every epoch, so its ETA is the whole run's"
+    assert re.search(r"acc=[01]\.\d{3}, loss=", err), "running accuracy beside the loss"
+    lines = [line.rsplit("\r", 1)[-1] for line in err.splitlines() if line.rsplit("\r", 1)[-1].startswith("epoch ")]
+    assert len(lines) == 3
+    for k, (line, h) in enumerate(zip(lines, result.history), start=1):
+        assert line.startswith(f"epoch {k}/3: loss {h['loss']:.4f}, train acc {h['train_accuracy']:.4f}, ")
+        assert f"test acc {h['test_accuracy']:.4f}, monitor robust acc {h['monitor_robust_accuracy']:.4f}, " in line
+        assert line.endswith(f"{h['epoch_seconds']:.1f} s")
+
+
+def test_no_progress_prints_nothing(tmp_path, digits, capsys):
+    train(_cfg(tmp_path, method="natural", epochs=1, progress=False), data=digits)
+    out = capsys.readouterr()
+    assert out.err == "" and out.out == ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,45 @@ class TrainResult:
     @property
     def metrics_path(self) -> Path:
         return self.out_dir / METRICS
+
+
+def progress_shown(progress: bool | None) -> bool:
+    """Whether a run shows its progress (the bar, a line per epoch): ``progress``, or None for when stderr is a
+    terminal."""
+    return progress if progress is not None else sys.stderr.isatty()
+
+
+def start_line(cfg: TrainConfig) -> str:
+    """What a run says before it loads anything, so that a command shows life before seconds of loading."""
+    teacher = f", teacher {cfg.teacher}" if cfg.teacher else ""
+    return f"training {cfg.method} {cfg.model} on {cfg.dataset} for {cfg.epochs} epochs{teacher}: loading"
+
+
+# The per-epoch accuracies an epoch line shows where they were measured, with their labels.
+_EPOCH_ACCURACIES = (
+    ("test_accuracy", "test acc"),
+    ("monitor_robust_accuracy", "monitor robust acc"),
+    ("monitor_fgsm_accuracy", "monitor FGSM acc"),
+)
+
+
+def epoch_line(metrics: dict, passes: int) -> str:
+    """The line left after epoch ``metrics["epoch"]`` of ``passes``: loss, accuracies (as fractions) and seconds."""
+    measured = [f"{label} {metrics[key]:.4f}" for key, label in _EPOCH_ACCURACIES if key in metrics]
+    flags = [
+        label
+        for key, label in (("catastrophic_overfitting", "catastrophic overfitting"), ("early_stopped", "early stopped"))
+        if metrics.get(key)
+    ]
+    return ", ".join(
+        [
+            f"epoch {metrics['epoch']}/{passes}: loss {metrics['loss']:.4f}",
+            f"train acc {metrics['train_accuracy']:.4f}",
+            *measured,
+            f"{metrics['epoch_seconds']:.1f} s",
+            *flags,
+        ]
+    )
 
 
 def resolve_device(name: str) -> torch.device:

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -34,9 +35,11 @@ from rrm.train.basics import (  # noqa: F401  (re-exported: the trainer's public
     MODEL,
     Callback,
     TrainResult,
+    epoch_line,
     load_checkpoint,
     load_teacher,
     lr_factor,
+    progress_shown,
     resolve_device,
     save_checkpoint,
     seed_everything,
@@ -284,6 +287,10 @@ def _train(
     before = None  # the weights at the end of the previous epoch, kept to undo a catastrophic overfit
     if history and history[-1].get("early_stopped"):
         start = passes  # an early-stopped run is finished
+    show = ctx.is_main and progress_shown(cfg.progress)
+    steps_per_epoch = math.ceil(len(train_y) / cfg.batch_size)
+    # one bar over every step of the run, so that its ETA is the whole run's; a line is left after each epoch
+    bar = tqdm(total=passes * steps_per_epoch, initial=start * steps_per_epoch, disable=not show, leave=False)
     for epoch in range(start, passes):
         if cfg.early_stop_on_co:
             before = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -296,23 +303,18 @@ def _train(
         seen = 0
         _sync(device)
         started = time.perf_counter()
-        bar = tqdm(
-            batches(
-                train_x,
-                train_y,
-                cfg.batch_size,
-                shuffle=True,
-                generator=generator,
-                augment=data.augment,
-                device=device,
-                shard=(ctx.rank, ctx.world_size) if ctx.enabled else None,
-            ),
-            total=math.ceil(len(train_y) / cfg.batch_size),
-            desc=f"{cfg.method} {epoch + 1}/{passes}",
-            disable=True if not ctx.is_main else None if cfg.progress is None else not cfg.progress,
-            leave=False,
+        bar.set_description(f"{cfg.method} {epoch + 1}/{passes}", refresh=False)
+        epoch_batches = batches(
+            train_x,
+            train_y,
+            cfg.batch_size,
+            shuffle=True,
+            generator=generator,
+            augment=data.augment,
+            device=device,
+            shard=(ctx.rank, ctx.world_size) if ctx.enabled else None,
         )
-        for i, (xb, yb) in enumerate(bar):
+        for i, (xb, yb) in enumerate(epoch_batches):
             if cfg.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             n = len(yb)
@@ -334,8 +336,9 @@ def _train(
                 if key != "logits":
                     sums[key] = sums.get(key, 0) + value.detach().float() * n
             sums["correct"] = sums.get("correct", 0) + (terms["logits"].detach().argmax(1) == yb).sum() * (n > 0)
-            if i % 20 == 0 and not bar.disable:
-                bar.set_postfix(loss=f"{terms['loss'].item():.3f}")
+            if show and i % 20 == 0:  # reading them waits for the device: every 20 steps only
+                bar.set_postfix(loss=f"{terms['loss'].item():.3f}", acc=f"{float(sums['correct']) / max(seen, 1):.3f}")
+            bar.update()
         _sync(device)
         epoch_seconds = time.perf_counter() - started
         if ctx.enabled:  # the global batch's loss terms and accuracy, as one process would report them
@@ -376,10 +379,13 @@ def _train(
         if ctx.is_main:
             save_checkpoint(checkpoint_path, model, method, optimizer, scheduler, scaler, epoch + 1, history, cfg)
             output.wrote(CHECKPOINT, epoch + 1)
+        if show:
+            tqdm.write(epoch_line(metrics, passes), file=sys.stderr)
         for cb in callbacks:
             cb.on_epoch_end(epoch + 1, metrics)
         if metrics.get("early_stopped"):
             break
+    bar.close()
 
     model.eval()
     if cfg.compile:  # drop the compiled wrappers: the returned model and the caller's teacher are plain again

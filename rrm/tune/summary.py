@@ -93,24 +93,26 @@ def summarise(
             },
         },
     )
-    from rrm.plots import plot_history, plot_knob, plot_pareto  # matplotlib only when writing
+    from rrm.plots import plot_history, plot_knob, plot_pareto, threat_title  # matplotlib only when writing
 
     knob = cfg.tuned[0]
+    train = cfg.train
+    threat = threat_title(Path(train.dataset).stem, train.norm, train.eps, "apgd")  # a second line: titles are long
     files["pareto"] = plot_pareto(
         trials,
         out / "pareto_front.png",
         floor=cfg.min_natural_accuracy,
-        title=f"{cfg.name}: validation accuracy of each trial",
+        title=f"{cfg.name}: validation accuracy of each trial\n{threat}",
     )
     files["knob"] = plot_knob(
         trials,
         knob,
         knobs_of(cfg.method)[knob].log,
         out / f"{knob}_vs_accuracy.png",
-        title=f"{cfg.name}: accuracy against {knob}",
+        title=f"{cfg.name}: accuracy against {knob}\n{threat}",
     )
     files["history"] = plot_history(
-        trials, cfg.mode, out / "optimization_history.png", title=f"{cfg.name}: optimisation history"
+        trials, cfg.mode, out / "optimization_history.png", title=f"{cfg.name}: optimisation history\n{threat}"
     )
     return TuneResult(
         study_name=cfg.name,
