@@ -21,7 +21,7 @@ from rrm.train import METHODS, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
-STUDENTS = ("natural", "sat", "fast", "pgd-fast", "free", "rrm", "kd", "kdiga", "rdt")
+STUDENTS = ("natural", "sat", "fast", "pgd-fast", "free", "rrm", "kd", "kdiga", "rdt", "transplant-fast")
 VARIANTS = read_section(PARAMS, "variants")
 VARIANT_STUDENTS = (*VARIANTS["without_teacher"], *VARIANTS["with_teacher"])
 # section -> the command that reads it
@@ -63,8 +63,9 @@ def test_train_sections_validate(section: str) -> None:
     values["milestones"] = tuple(values.get("milestones", ()))
     cfg = TrainConfig.from_dict(values).validate()
     assert cfg.method in METHODS
-    if section.startswith("students."):
-        assert cfg.method == section.split(".")[1]
+    if section.startswith("students."):  # a student is named after its method, or a variant of it (transplant-fast)
+        name = section.split(".")[1]
+        assert cfg.method == name or (name == f"transplant-{cfg.method}" and cfg.transplant == "stem")
 
 
 @pytest.mark.parametrize("name", VARIANT_STUDENTS)
