@@ -19,14 +19,13 @@ printed too, and "image passes" counts the images through the model's forward fo
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import torch
+from _common import trained_cnn
 
 from rrm.attacks import apgd, art_apgd, frozen
 from rrm.data import load_dataset, to_float
-from rrm.train import TrainConfig, train
 
 
 @torch.no_grad()
@@ -60,20 +59,7 @@ def main() -> None:
     args = parser.parse_args()
 
     data = load_dataset("mnist5k")
-    with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(
-            dataset="mnist5k",
-            model="cnn",
-            method=args.method,
-            epochs=args.epochs,
-            lr=0.05,
-            norm=args.norm,
-            eps=args.eps,
-            monitor_examples=0,
-            seed=args.seed,
-            out_dir=out,
-        )
-        model = train(cfg, data=data).model.eval()
+    model = trained_cnn(data, args.method, args.epochs, args.norm, args.eps, args.seed)
     x, y = to_float(data.test_x[: args.examples]), data.test_y[: args.examples]
     settings = dict(norm=args.norm, eps=args.eps, steps=args.steps, restarts=args.restarts, seed=args.seed)
 

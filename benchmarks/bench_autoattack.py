@@ -19,16 +19,15 @@ Wall and CPU seconds of this process are printed (shared machines are noisy), an
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import torch
+from _common import trained_cnn
 
 from rrm.attacks import apgd, frozen
 from rrm.attacks.autoattack import AutoAttack, package_version
 from rrm.data import load_dataset, to_float
 from rrm.evaluate import load_for_evaluation
-from rrm.train import TrainConfig, train
 
 
 @torch.no_grad()
@@ -62,21 +61,7 @@ def main() -> None:
     if args.model:
         model = load_for_evaluation(args.model)[0]
     else:
-        with tempfile.TemporaryDirectory() as out:
-            cfg = TrainConfig(
-                dataset=args.dataset,
-                model="cnn",
-                method=args.method,
-                epochs=args.epochs,
-                lr=0.05,
-                norm=args.norm,
-                eps=args.eps,
-                monitor_examples=0,
-                seed=args.seed,
-                out_dir=out,
-                progress=False,
-            )
-            model = train(cfg, data=data).model.eval()
+        model = trained_cnn(data, args.method, args.epochs, args.norm, args.eps, args.seed)
     x, y = to_float(data.test_x[: args.examples]), data.test_y[: args.examples]
     threat = dict(norm=args.norm, eps=args.eps)
 

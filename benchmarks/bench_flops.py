@@ -23,8 +23,9 @@ import statistics
 import time
 
 import torch
+from _common import fixed_batches
 
-from rrm.data import batches, load_dataset
+from rrm.data import load_dataset
 from rrm.models import build_model
 from rrm.train import METHODS, TrainConfig
 from rrm.train.flops import FlopCounter
@@ -56,16 +57,7 @@ def main() -> None:
     kw = data.model_kwargs()
     teacher = build_model(args.teacher, **kw).eval().requires_grad_(False)
     feature_dim = teacher.feature_dim if build_model(args.student, **kw).feature_dim != teacher.feature_dim else None
-    batch_list = list(
-        batches(
-            data.train_x,
-            data.train_y,
-            args.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(0),
-            drop_last=True,
-        )
-    )[: args.steps + 1]
+    batch_list = fixed_batches(data, args.batch_size, args.steps)
 
     runners, flops = {}, {}
     for name in names:

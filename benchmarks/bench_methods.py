@@ -18,8 +18,9 @@ import statistics
 import time
 
 import torch
+from _common import fixed_batches
 
-from rrm.data import batches, load_dataset
+from rrm.data import load_dataset
 from rrm.models import build_model
 from rrm.train import METHODS, TrainConfig
 
@@ -64,16 +65,7 @@ def main() -> None:
     memory = torch.channels_last if args.channels_last else torch.contiguous_format
     teacher = build_model(args.teacher, **kw).to(memory_format=memory).eval().requires_grad_(False)
     feature_dim = teacher.feature_dim if build_model(args.student, **kw).feature_dim != teacher.feature_dim else None
-    batch_list = list(
-        batches(
-            data.train_x,
-            data.train_y,
-            args.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(0),
-            drop_last=True,
-        )
-    )[: args.steps + 1]
+    batch_list = fixed_batches(data, args.batch_size, args.steps)
     batch_list = [(x.contiguous(memory_format=memory), y) for x, y in batch_list]
 
     runners = {}
