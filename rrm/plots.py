@@ -236,6 +236,13 @@ FRONTIER_PANELS = (
 )
 
 
+# The same, against counted training FLOPs (``total_tflops``: ``total_flops`` / 1e12), where every run counted them.
+FRONTIER_FLOP_PANELS = (
+    ("total_tflops", "student training TFLOPs", "adversarial_pct", "adversarial accuracy (%)"),
+    ("total_tflops_with_teacher", "training TFLOPs incl. the teacher's", "adversarial_pct", "adversarial accuracy (%)"),
+)
+
+
 def student_styles(names: list[str]) -> dict[str, tuple[tuple[float, ...], str]]:
     """One (colour, marker) pair per student, none shared (see :data:`MARKERS`)."""
     return {name: (COLOURS[k % len(COLOURS)], MARKERS[k % len(MARKERS)]) for k, name in enumerate(names)}
@@ -306,7 +313,7 @@ def plot_students(
                 100,
                 color="tab:green",
                 alpha=0.12,
-                label="target: >= 80% of sat's accuracy, <= 1/3 of its time",
+                label="target: >= 80% of sat's accuracy, <= 1/3 of its cost",
             )
         if frontier or target_box is not None:
             ax.legend(loc="best", fontsize=8)

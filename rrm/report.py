@@ -440,7 +440,7 @@ def claims(students: list[dict], method: str = "rrm") -> list[dict]:
 def write_report(root: str | os.PathLike, out_dir: str | os.PathLike, **layout: str | os.PathLike) -> dict:
     """Collect the metrics under ``root`` (``layout``: :func:`collect`'s directories) and write the tables,
     ``report.json`` and the plot to ``out_dir``; ``report["table"]`` names the main table."""
-    from rrm.plots import FRONTIER_PANELS, plot_students  # matplotlib only when a report is written
+    from rrm.plots import FRONTIER_FLOP_PANELS, FRONTIER_PANELS, plot_students  # matplotlib only for a report
 
     report = collect(root, **layout)
     out = Path(out_dir)
@@ -456,10 +456,19 @@ def write_report(root: str | os.PathLike, out_dir: str | os.PathLike, **layout: 
             + "\n",
         }
         figure = "frontier.png"
-        box = goal["sat"] and (goal["thresholds"]["total_minutes"], goal["thresholds"]["adversarial_pct"])
-        draw = functools.partial(
-            plot_students, report["students"], panels=FRONTIER_PANELS, target_box=box, frontier=True
+        panels, box = (
+            FRONTIER_PANELS,
+            goal["sat"] and (goal["thresholds"]["total_minutes"], goal["thresholds"]["adversarial_pct"]),
         )
+        if goal.get("cost_basis") == "flops":  # the target is checked on counted FLOPs: so is the plot drawn
+            for row in report["students"]:
+                for key in ("total_flops", "total_flops_with_teacher"):
+                    for suffix in ("", "_ci95"):
+                        value = row.get(key + suffix)
+                        row[key.replace("flops", "tflops") + suffix] = None if value is None else value / 1e12
+            panels = FRONTIER_FLOP_PANELS
+            box = goal["sat"] and (goal["thresholds"]["total_flops"] / 1e12, goal["thresholds"]["adversarial_pct"])
+        draw = functools.partial(plot_students, report["students"], panels=panels, target_box=box, frontier=True)
     else:
         files = {
             "table1.md": table1(report),

@@ -634,3 +634,26 @@ def test_error_bars_stay_within_0_and_100_percent(tmp_path: Path) -> None:
 def test_no_students_to_plot_is_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(RRMError, match="no students to plot"):
         plot_students([], tmp_path / "empty.png")
+
+
+def test_the_frontier_is_drawn_against_counted_flops_where_the_target_is(seeded: Path, tmp_path: Path, monkeypatch):
+    import rrm.plots
+
+    for path in seeded.rglob("train_metrics.json"):  # every run counted its FLOPs: 1e9 per training second
+        values = json.loads(path.read_text())
+        path.write_text(json.dumps({**values, "total_flops": values["total_seconds"] * 1e9}))
+    drawn = {}
+    real = rrm.plots.plot_students
+
+    def spy(rows, path, **kwargs):
+        drawn.update(kwargs, rows=rows)
+        return real(rows, path, **kwargs)
+
+    monkeypatch.setattr(rrm.plots, "plot_students", spy)
+    report = write_report(seeded, tmp_path / "out", **LAYOUT)
+    assert report["target"]["cost_basis"] == "flops"
+    assert drawn["panels"] == rrm.plots.FRONTIER_FLOP_PANELS
+    assert drawn["target_box"][0] == pytest.approx(report["target"]["thresholds"]["total_flops"] / 1e12)
+    sat = next(r for r in drawn["rows"] if r["name"] == "sat")
+    assert sat["total_tflops"] == pytest.approx(sat["total_flops"] / 1e12) == pytest.approx(0.54)  # (600 + 480) / 2 s
+    assert (tmp_path / "out" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
