@@ -450,3 +450,23 @@ def test_server_down_is_a_quick_one_line_error(sat_file, monkeypatch):
         tracking.register_teacher(sat_file, force=True)
     assert time.monotonic() - started < 30
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Max retries exceeded with url: /api/2.0/mlflow/runs/log-batch",
+        # the server killed in the middle of its answer (seen when a server is SIGKILLed during a request)
+        "('Connection broken: IncompleteRead(0 bytes read, 2 more expected)', IncompleteRead(0 bytes read))",
+    ],
+)
+def test_a_server_gone_mid_request_is_unreachable_not_an_error(message):
+    from rrm.tracking.store import StoreUnreachable, _mlflow_errors
+
+    action = "logging epoch metrics to MLflow"
+    with pytest.raises(StoreUnreachable, match="cannot reach the MLflow tracking"), _mlflow_errors(action):
+        raise MlflowException(f"API request to http://127.0.0.1:1/api failed with exception {message}")
+    # anything else stays an error that stops the command
+    with pytest.raises(RRMError) as other, _mlflow_errors(action):
+        raise MlflowException("INVALID_PARAMETER_VALUE: bad metric")
+    assert not isinstance(other.value, StoreUnreachable)

@@ -66,6 +66,7 @@ _UNREACHABLE = (
     "ConnectTimeout",
     "Connection aborted",
     "RemoteDisconnected",
+    "Connection broken",  # the server died in the middle of its answer (urllib3: IncompleteRead)
     "Connection reset",
     "No route to host",
     "Network is unreachable",
