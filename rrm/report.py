@@ -120,33 +120,28 @@ def _optional_number(data: dict, key: str) -> float | None:
     return float(value) if ok else None
 
 
-def _data_flops(train_dir: Path, root: Path) -> float | None:
-    """What making a run's training data cost: the ``robustify_flops`` of the dataset its model file names (relative
-    to ``root``, where the pipeline runs); None where the model file, the dataset or the count is missing."""
+def _model_config(train_dir: Path) -> dict:
+    """The training config stored in a run's ``model.pt``; empty where the file is absent or foreign."""
     import torch
-    from safetensors import safe_open
 
     try:
         meta = torch.load(train_dir / "model.pt", map_location="cpu", weights_only=True).get("meta", {})
-        path = root / str((meta.get("config") or {})["dataset"])  # an absolute path stays itself
+    except Exception:  # absent or foreign files: what they would say is unknown, and the report says "-"
+        return {}
+    return meta.get("config") or {}
+
+
+def _data_flops(config: dict, root: Path) -> float | None:
+    """What making a run's training data cost: the ``robustify_flops`` of the dataset its ``config`` names (relative
+    to ``root``, where the pipeline runs); None where the dataset or the count is missing."""
+    from safetensors import safe_open
+
+    try:
+        path = root / str(config["dataset"])  # an absolute path stays itself
         with safe_open(str(path), framework="pt") as fh:
             return _optional_number(json.loads((fh.metadata() or {}).get("source", "{}")), "robustify_flops")
     except Exception:  # absent or foreign files: the cost is unknown and the report says "-", not an error
         return None
-
-
-def _transplant(train: dict, train_dir: Path) -> str | None:
-    """The stem transplant a run started from: its metrics say so (runs from before they did: the model file's
-    config)."""
-    if "transplant" in train or not (train_dir / "model.pt").is_file():
-        return train.get("transplant")
-    import torch
-
-    try:
-        meta = torch.load(train_dir / "model.pt", map_location="cpu", weights_only=True).get("meta", {})
-    except Exception:  # a foreign file: no transplant known
-        return None
-    return (meta.get("config") or {}).get("transplant")
 
 
 def _pct(value: float | None) -> float | None:
@@ -175,7 +170,10 @@ def _row(name: str, train_path: Path, eval_path: Path, root: Path | None = None,
     adversarial, attack, examples = _adversarial(evaluation, eval_path, attack)
     method = train.get("method", name)
     seconds_mean = _number(train, "epoch_seconds_mean", train_path)
-    transplant = _transplant(train, train_path.parent)
+    learns_from_data = method in LEARNS_FROM_TEACHER_DATA and root is not None
+    # the model file's config, read once, where the metrics lack what it holds (runs from before they recorded it)
+    config = _model_config(train_path.parent) if learns_from_data or "transplant" not in train else {}
+    transplant = train["transplant"] if "transplant" in train else config.get("transplant")
     return {
         "name": name,
         "method": method,
@@ -200,7 +198,7 @@ def _row(name: str, train_path: Path, eval_path: Path, root: Path | None = None,
         "sanity_passed": evaluation.sanity_passed,
         "evaluation_bound": bound,
         "total_flops": _optional_number(train, "total_flops"),
-        "data_flops": _data_flops(train_path.parent, root) if method in LEARNS_FROM_TEACHER_DATA and root else None,
+        "data_flops": _data_flops(config, root) if learns_from_data else None,
         "timing_noisy": _number(train, "epoch_seconds_ci95", train_path) > NOISY_TIMING_CI * seconds_mean,
         # catastrophic overfitting seen by the single-step methods' monitor, and where --early-stop-on-co stopped
         "co_epoch": train.get("catastrophic_overfitting_epoch"),

@@ -31,6 +31,8 @@ COST_COLUMNS = (
     "speedup_vs_sat_with_teacher_measured",
     "timing_noisy",
 )
+# What every single-run table's CSV ends with: cost, the attack's image count, APGD and catastrophic overfitting.
+RUN_COLUMNS = (*COST_COLUMNS, "attack_examples", "apgd_pct", "co_epoch", "early_stopped_at_epoch")
 
 TABLE1_COLUMNS = (
     "name",
@@ -45,11 +47,7 @@ TABLE1_COLUMNS = (
     "attack",
     "speedup_vs_sat",
     "speedup_vs_sat_with_teacher",
-    *COST_COLUMNS,
-    "attack_examples",
-    "apgd_pct",
-    "co_epoch",
-    "early_stopped_at_epoch",
+    *RUN_COLUMNS,
 )
 TABLE2_COLUMNS = (
     "name",
@@ -63,11 +61,7 @@ TABLE2_COLUMNS = (
     "total_minutes_with_teacher",
     "speedup_vs_sat",
     "speedup_vs_sat_with_teacher",
-    *COST_COLUMNS,
-    "attack_examples",
-    "apgd_pct",
-    "co_epoch",
-    "early_stopped_at_epoch",
+    *RUN_COLUMNS,
 )
 SEEDS_COLUMNS = (
     "name",
