@@ -1,98 +1,276 @@
-"""A training callback run in a worker thread, so that slow bookkeeping overlaps the training instead of adding to it.
+"""A training callback run in a worker process, so that slow bookkeeping overlaps the training instead of adding to it.
 
-MLflow tracking of a small training costs seconds that have nothing to do with the model: importing MLflow and its
-database layer, opening the store, writing the run. :class:`BackgroundCallback` builds the callback and runs every
-hook in one worker thread, in order; the training thread only queues them (torch releases the interpreter lock in its
-kernels, so the worker gets on meanwhile). At the end of training it waits until the worker has run every hook.
+MLflow tracking of a small training costs seconds of CPU that have nothing to do with the model: importing MLflow and
+its database layer, opening the store, writing the run. In a thread of the training process that work would hold the
+interpreter lock against the training's own Python (imports of torch's compiler, the optimizer's steps), so
+:class:`BackgroundCallback` forks a worker process as soon as it is made, before the data load: the worker builds the
+callback (MLflow imports there, on another core) while the training loads its data and model. The training only sends
+each hook's arguments down a pipe; the data and the model travel as the few facts a recorder reads (name, digest,
+source; device), and the worker's warnings come back up to be written on the training's stderr. Where fork is not
+available (macOS, Windows), the worker is a thread, with the same protocol.
 
-What the callback raises reaches the training thread at its next hook (an epoch's end, or the end of training), so a
-run that cannot be recorded still stops the command with its one-line error, and the callback's own exit (the run
-ended FAILED or KILLED) still runs when the training fails or is interrupted.
+What the callback raises reaches the training at its next hook (an epoch's end, or the end of training), so a run that
+cannot be recorded still stops the command with its one-line error. The callback's own exit (the run ended FAILED or
+KILLED) runs when the training fails or is interrupted: the worker ignores Ctrl-C and SIGTERM and is told by the
+training, and a training process that dies without a word (killed) reaches it too, as an end of the pipe.
 """
 
 from __future__ import annotations
 
-import queue
+import atexit
+import contextlib
+import dataclasses
+import io
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
-from rrm.data import ImageData
-from rrm.models import Classifier
-from rrm.train import Callback, TrainConfig, TrainResult
+from rrm.errors import RRMError
 
-_END = object()
+if TYPE_CHECKING:  # this module loads before torch does (rrm.console), so the training's types are for checkers only
+    from rrm.data import ImageData
+    from rrm.models import Classifier
+    from rrm.train import TrainConfig, TrainResult
+
+_END = "end"
 
 
-class BackgroundCallback(Callback):
-    """Run the hooks of the callback ``make()`` returns (a context manager, entered in the worker) in a worker thread.
+def can_fork() -> bool:
+    """Whether the worker can be a forked process (Linux; fork is unsafe on macOS and absent on Windows)."""
+    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
 
-    Use it as a context manager around :func:`rrm.train.train`. ``wait_for_start``: the training waits until the
-    callback's ``on_train_start`` has run (e.g. when it must decide which run a resumed training continues). After
-    the ``with`` block, :attr:`callback` is the callback, every hook run.
+
+def _sendable(value: BaseException | None) -> BaseException | None:
+    """``value`` if it pickles, else an :class:`RRMError` with its text (exceptions with custom constructors)."""
+    try:
+        pickle.dumps(value)
+        return value
+    except Exception:
+        return RRMError(f"{type(value).__name__}: {value}")
+
+
+def _public(callback: Any) -> SimpleNamespace:
+    """The callback's public attributes that pickle (what the training may read once the worker is gone)."""
+    state = {}
+    for key, value in vars(callback).items():
+        try:
+            if not key.startswith("_"):
+                pickle.dumps(value)
+                state[key] = value
+        except Exception:
+            continue
+    return SimpleNamespace(**state)
+
+
+class _Relay(io.TextIOBase):
+    """A worker process's stderr: its warnings go down the pipe, and the training writes them to its own stderr
+    (a captured one, in tests and notebooks, as much as a terminal)."""
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def write(self, text: str) -> int:
+        self._conn.send(("say", text))
+        return len(text)
+
+
+def _warm() -> None:
+    """What a worker forked at start-up loads before it is given its callback: rrm's tracking and MLflow with its
+    database layer (imports only: nothing is written until the training has checked its input)."""
+    with contextlib.suppress(BaseException):  # the callback's own making says what fails, where it is made
+        from rrm import jobs
+
+        jobs.tracking().callback  # noqa: B018  (imports MLflow)
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (the local store's layer: a second of imports)
+
+
+def _serve(make: Callable[[], Any] | None, conn, other_end, in_process: bool, keep: Callable | None) -> None:
+    """The worker: build and enter the callback, run each hook received, exit it, say how it went. A worker
+    started without ``make`` (:func:`prestart`) loads what it will need, then waits to be given it; it exits
+    quietly, having recorded nothing, if its training goes on without it."""
+    if in_process:
+        os.environ["RRM_OWNER_PID"] = str(os.getppid())  # rrm.tracking.store.OWNER_PID_ENV: the run's process
+        other_end.close()  # so that the training's death reads as the end of the pipe
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the training decides
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.stderr = _Relay(conn)
+    if make is None:
+        _warm()
+        try:
+            _, make = conn.recv()  # ("make", the callback's factory)
+        except (EOFError, OSError):
+            return
+    error: BaseException | None = None
+    entered = callback = None
+    try:
+        entered = make()
+        callback = entered.__enter__()
+    except BaseException as exc:  # handed to the training
+        error = exc
+    reported = False
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            failure: BaseException | None = RRMError("the training process ended without ending its run (killed?)")
+            break
+        if message[0] == _END:
+            failure = message[1]
+            break
+        hook, args, reply = message
+        if error is None:
+            try:
+                getattr(callback, hook)(*args)
+            except BaseException as exc:  # handed to the training
+                error = exc
+        if error is not None and not reported:
+            conn.send(("error", _sendable(error)))
+            reported = True
+        if reply:
+            conn.send(("ack", None))
+    if entered is not None:
+        stopped = error or failure
+        try:
+            entered.__exit__(type(stopped) if stopped else None, stopped, None)
+        except BaseException as exc:
+            error = error or exc
+    if keep is not None:  # a thread hands its callback over
+        keep(callback)
+    with contextlib.suppress(OSError):  # the training is gone
+        conn.send(("done", None if reported else _sendable(error), _public(callback) if in_process else None))
+
+
+_prestarted: tuple[Any, Any] | None = None  # (process, connection): a worker forked at start-up, not yet adopted
+
+
+def prestart() -> None:
+    """Fork a worker now, at a command's start, before torch loads: it imports MLflow on another core while the
+    command loads torch, its data and its model, and this process's next :class:`BackgroundCallback` adopts it (its
+    factory then travels pickled). A worker never adopted is stopped when this process exits."""
+    global _prestarted
+    if _prestarted is not None or not can_fork():
+        return
+    conn, child = multiprocessing.Pipe()
+    worker = multiprocessing.get_context("fork").Process(
+        target=_serve, args=(None, child, conn, True, None), name="rrm-callback", daemon=True
+    )
+    worker.start()
+    child.close()
+    _prestarted = (worker, conn)
+    atexit.register(_discard)
+
+
+def _discard() -> None:
+    """Stop a prestarted worker that no training adopted (it has recorded nothing)."""
+    global _prestarted
+    if _prestarted is not None:
+        worker, conn = _prestarted
+        _prestarted = None
+        conn.close()
+        worker.kill()
+        worker.join()
+
+
+class BackgroundCallback:
+    """Run the hooks of the callback ``make()`` returns (a context manager, entered in the worker) in a worker.
+
+    Use it as a context manager around :func:`rrm.train.train`; the worker starts when this object is made, so make
+    it before loading data. ``wait_for_start``: the training waits until the callback's ``on_train_start`` has run
+    (e.g. when it must decide which run a resumed training continues). ``process``: fork a worker process (default:
+    where fork is available) or use a thread. After the ``with`` block, :attr:`callback` is the callback (a thread's)
+    or its public attributes (a process's), every hook run.
     """
 
-    def __init__(self, make: Callable[[], Any], *, wait_for_start: bool = False):
+    def __init__(self, make: Callable[[], Any], *, wait_for_start: bool = False, process: bool | None = None):
         self.callback: Any = None
+        self.in_process = can_fork() if process is None else process
         self._wait_for_start = wait_for_start
-        self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
-        self._failure: BaseException | None = None  # what stopped the training thread, for the callback's exit
-        self._thread = threading.Thread(target=self._work, args=(make,), name="rrm-callback", daemon=True)
+        global _prestarted
+        if self.in_process and _prestarted is not None:  # adopt the worker forked at start-up
+            (self.worker, self._conn), _prestarted = _prestarted, None
+            self._conn.send(("make", make))
+            return
+        if not self.in_process:
+            _discard()
+        self._conn, child = multiprocessing.Pipe()
+        args = (make, child, self._conn, self.in_process, None if self.in_process else self._keep)
+        if self.in_process:
+            self.worker = multiprocessing.get_context("fork").Process(
+                target=_serve, args=args, name="rrm-callback", daemon=True
+            )
+        else:
+            self.worker = threading.Thread(target=_serve, args=args, name="rrm-callback", daemon=True)
+        self.worker.start()
+        if self.in_process:
+            child.close()
+
+    def _keep(self, callback: Any) -> None:
+        self.callback = callback
 
     def __enter__(self) -> BackgroundCallback:
-        self._thread.start()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._failure = exc
-        self._queue.put(_END)
-        self._thread.join()
+        try:
+            self._conn.send((_END, _sendable(exc)))
+            while True:
+                kind, error, *state = self._conn.recv()
+                if kind == "say":
+                    sys.stderr.write(error)
+                    continue
+                self._error = self._error or error
+                if kind == "done":
+                    if self.in_process:
+                        self.callback = state[0]
+                    break
+        except (EOFError, OSError):
+            self._error = self._error or RRMError("the tracking worker died before it ended its run")
+        self.worker.join()
         if exc is None:
             self._raise()
-
-    def _work(self, make: Callable[[], Any]) -> None:
-        entered = None
-        try:
-            entered = make()
-            self.callback = entered.__enter__()
-        except BaseException as error:  # handed to the training thread
-            self._error = error
-        while True:
-            item = self._queue.get()
-            try:
-                if item is _END:
-                    break
-                if self._error is None:
-                    hook, args = item
-                    getattr(self.callback, hook)(*args)
-            except BaseException as error:  # handed to the training thread
-                self._error = error
-            finally:
-                self._queue.task_done()
-        if entered is not None:
-            stopped = self._error or self._failure
-            try:
-                entered.__exit__(type(stopped) if stopped else None, stopped, None)
-            except BaseException as error:  # handed to the training thread
-                self._error = self._error or error
 
     def _raise(self) -> None:
         if self._error is not None:
             raise self._error
 
+    def _receive(self, until_ack: bool) -> None:
+        while until_ack or self._conn.poll():
+            kind, value = self._conn.recv()
+            if kind == "say":  # a warning of the worker's
+                sys.stderr.write(value)
+                continue
+            self._error = self._error or value
+            if kind == "ack":
+                return
+
     def _call(self, hook: str, *args: object, wait: bool = False) -> None:
+        self._receive(until_ack=False)
         self._raise()
-        self._queue.put((hook, args))
+        self._conn.send((hook, args, wait))
         if wait:
-            self._queue.join()
+            self._receive(until_ack=True)
             self._raise()
 
+    @staticmethod
+    def _data(data: ImageData) -> SimpleNamespace:
+        return SimpleNamespace(name=data.name, digest=data.digest, source=dict(data.source))
+
     def on_train_start(self, cfg: TrainConfig, data: ImageData, model: Classifier) -> None:
-        self._call("on_train_start", cfg, data, model, wait=self._wait_for_start)
+        device = str(next(model.parameters()).device)
+        self._call("on_train_start", cfg, self._data(data), device, wait=self._wait_for_start)
 
     def on_epoch_end(self, epoch: int, metrics: dict) -> None:
         self._call("on_epoch_end", epoch, dict(metrics))
 
     def on_train_end(self, result: TrainResult) -> None:
-        self._call("on_train_end", result, wait=True)
+        self._call("on_train_end", dataclasses.replace(result, model=None, data=self._data(result.data)), wait=True)
+
+
+__all__ = ["BackgroundCallback", "can_fork", "prestart"]

@@ -7,6 +7,7 @@ so all three behave the same. MLflow is imported only by jobs that track or read
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -142,14 +143,13 @@ def train_job(cfg, track: Tracking = Tracking(), teacher_pin: str | os.PathLike 
             "do); drop it"
         )
     # A store that does not answer fails now, before data and model load. A local store (SQLite) cannot go away:
-    # MLflow is imported and the run started in the background while the training runs (seconds of a short one).
+    # MLflow is imported and the run started by a worker process while the data loads and the training runs.
     local = is_local_store(tracking_uri())
     if track.enabled and is_main():
         if local:
             check_sqlite_directory(tracking_uri())
         else:
             tracking().store.check_store("starting the MLflow run")
-    data = load_dataset(cfg.dataset)
     with tempfile.TemporaryDirectory() as tmp:
         # a file teacher is loaded by the trainer (after seeding); a registry one is pulled for it
         teacher, version = None, None
@@ -160,20 +160,23 @@ def train_job(cfg, track: Tracking = Tracking(), teacher_pin: str | os.PathLike 
             # a fresh training is not the one a tracked run recorded: never resume that run
             if is_main() and not (cfg.resume or cfg.resume_or_start):
                 (Path(cfg.out_dir) / "mlflow_run.json").unlink(missing_ok=True)  # rrm.tracking.callback.RUN_FILE
-            return train(cfg, data=data, teacher=teacher), None
+            return train(cfg, data=load_dataset(cfg.dataset), teacher=teacher), None
         from rrm.background import BackgroundCallback
-
-        def tracker():
-            return tracking().MlflowCallback(
-                experiment=track.experiment, run_name=track.run_name, teacher_version=version
-            )
 
         # a resumed training must know which run it continues before it goes on, a server that it answers
         wait = cfg.resume or cfg.resume_or_start or not local
+        # The worker starts here (or was forked at start-up: rrm.console), before the data: MLflow loads beside the
+        # data, the model and torch's compiler.
+        tracker = functools.partial(_mlflow_callback, track.experiment, track.run_name, version)
         with BackgroundCallback(tracker, wait_for_start=wait) as background:
-            result = train(cfg, data=data, teacher=teacher, callbacks=[background])
+            result = train(cfg, data=load_dataset(cfg.dataset), teacher=teacher, callbacks=[background])
     recorded = background.callback
     return result, None if recorded.unfinished else recorded.run_id
+
+
+def _mlflow_callback(experiment: str, run_name: str | None, teacher_version):
+    """A training's MLflow callback, made in its worker (:mod:`rrm.background`; a module function, so it pickles)."""
+    return tracking().MlflowCallback(experiment=experiment, run_name=run_name, teacher_version=teacher_version)
 
 
 @dataclass

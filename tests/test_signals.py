@@ -112,9 +112,31 @@ def test_sigterm_mid_training_ends_the_run_killed_and_resume_continues_it(projec
     assert sorted(steps) == list(range(1, done + 2))
 
 
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def test_a_sigkilled_training_is_marked_failed_by_its_tracking_worker(project):
+    proc = start_training(project, "killed", "--epochs", "40")
+    wait_for_logged_epoch(proc, project / "mlflow.db")
+    proc.kill()  # the training alone: its tracking worker process sees the pipe close
+    proc.wait()
+    client, run = only_run(f"sqlite:///{project}/mlflow.db")
+    for _ in range(300):
+        if client.get_run(run.info.run_id).info.status != "RUNNING":
+            break
+        time.sleep(0.2)
+    ended = client.get_run(run.info.run_id)
+    assert ended.info.status == "FAILED" and ended.data.tags["rrm.pid"] == str(proc.pid), "the training's pid"
+    assert "the training process ended without ending its run" in ended.data.tags["rrm.error"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the tracking worker is a process on Linux")
 def test_a_sigkilled_run_is_marked_failed_by_the_next_command(project):
     proc = start_training(project, "killed", "--epochs", "40")
     wait_for_logged_epoch(proc, project / "mlflow.db")
+    for worker in _children(proc.pid):  # as `kill -9` of the whole process group would: the worker first
+        os.kill(worker, signal.SIGKILL)
     proc.kill()
     proc.wait()
     client, run = only_run(f"sqlite:///{project}/mlflow.db")
@@ -124,7 +146,7 @@ def test_a_sigkilled_run_is_marked_failed_by_the_next_command(project):
     assert listed.exit_code == 0 and f"would mark run {run.info.run_id} FAILED" in listed.output
     assert client.get_run(run.info.run_id).info.status == "RUNNING"
 
-    nxt = rrm("train", *QUICK, "--out-dir", "next")
+    nxt = rrm("train", *QUICK, "--out-dir", "next")  # its worker process marks it; the training says so
     assert nxt.exit_code == 0, nxt.output
     assert f"marked MLflow run {run.info.run_id} FAILED" in nxt.stderr
     marked = client.get_run(run.info.run_id)

@@ -1,5 +1,5 @@
 """``python -m rrm.cli`` and ``torchrun -m rrm.cli``: the ``rrm`` command."""
 
-from rrm.cli import main
+from rrm.console import main
 
 main()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +36,7 @@ from rrm.tracking.store import (
     _training_params,
     _warn,
     check_store,
+    owner_pid,
     tracking_label,
 )
 from rrm.train import Callback, TrainConfig, TrainResult
@@ -45,8 +45,9 @@ from rrm.train.trainer import CHECKPOINT
 RUN_FILE = "mlflow_run.json"  # beside the checkpoint: the run a --resume continues
 
 
-def _device(model: Classifier) -> str:
-    return str(next(model.parameters()).device)
+def _device(model: Classifier | str) -> str:
+    """The model's device; a worker process (:mod:`rrm.background`) is sent the device alone."""
+    return model if isinstance(model, str) else str(next(model.parameters()).device)
 
 
 def _dataset_input(data: ImageData, ref: str) -> MetaDataset:
@@ -192,7 +193,7 @@ class MlflowCallback(Callback):
         if (
             run.info.status == "RUNNING"
             and _process_alive(run.data.tags)
-            and run.data.tags.get("rrm.pid") != str(os.getpid())
+            and run.data.tags.get("rrm.pid") != str(owner_pid())
         ):
             raise RRMError(
                 f"MLflow run {run_id} of {str(self._out_dir)!r} is RUNNING in process "

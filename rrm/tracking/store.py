@@ -254,10 +254,19 @@ def _process_start(pid: int) -> str | None:
     return "Z" if fields[0] == "Z" else fields[19]
 
 
+OWNER_PID_ENV = "RRM_OWNER_PID"  # set in a tracking worker process (rrm.background): the training it records
+
+
+def owner_pid() -> int:
+    """The process whose run this process records: itself, or the training whose worker it is."""
+    return int(os.environ.get(OWNER_PID_ENV, os.getpid()))
+
+
 def _process_tags() -> dict[str, str]:
     """The process that owns a run: a run left RUNNING after it is gone was never ended (SIGKILL, power loss)."""
-    tags = {"rrm.host": socket.gethostname(), "rrm.pid": str(os.getpid())}
-    started = _process_start(os.getpid())
+    pid = owner_pid()
+    tags = {"rrm.host": socket.gethostname(), "rrm.pid": str(pid)}
+    started = _process_start(pid)
     if started:
         tags["rrm.process_start"] = started
     return tags
