@@ -345,6 +345,18 @@ def test_stages_depend_on_their_code(pipeline: str) -> None:
         assert all((ROOT / d).exists() for d in code), f"{pipeline}: {name}: {sorted(code)}"
 
 
+@pytest.mark.parametrize("pipeline", ["dvc.yaml", "pipelines/stem/dvc.yaml", "pipelines/variants/dvc.yaml"])
+def test_students_take_their_teacher_from_the_registry_pinned_to_a_pulled_copy(pipeline: str) -> None:
+    stages = yaml.safe_load((ROOT / pipeline).read_text())["stages"]
+    commands = {name: stage.get("do", stage)["cmd"] for name, stage in stages.items()}
+    assert any(c.startswith("rrm teacher register") for c in commands.values()), pipeline
+    assert any(c.startswith("rrm teacher pull") for c in commands.values()), pipeline
+    taking = {name: c for name, c in commands.items() if c.startswith("rrm train") and "--teacher " in c}
+    assert taking, pipeline
+    for name, command in taking.items():
+        assert "--teacher models:/" in command and "--teacher-pin " in command, f"{pipeline}: {name}"
+
+
 def _commit_outputs(work: Path, env: dict, dvc: str, *targets: str) -> set[str]:
     """Record ``targets`` (dvc.yaml files or ``dvc.yaml:stage``) in dvc.lock as if they had run: a placeholder file
     for every output, then `dvc commit --force`, which hashes deps and outputs without running anything. Returns the
