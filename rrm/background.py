@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # this module loads before torch does (rrm.console), so the t
     from rrm.train import TrainConfig, TrainResult
 
 _END = "end"
+_DIED = "the tracking worker process died; the training's files are written, its MLflow run may be RUNNING"
 
 
 def can_fork() -> bool:
@@ -231,7 +232,7 @@ class BackgroundCallback:
                         self.callback = state[0]
                     break
         except (EOFError, OSError):
-            self._error = self._error or RRMError("the tracking worker died before it ended its run")
+            self._error = self._error or RRMError(_DIED)
         self.worker.join()
         if exc is None:
             self._raise()
@@ -251,12 +252,15 @@ class BackgroundCallback:
                 return
 
     def _call(self, hook: str, *args: object, wait: bool = False) -> None:
-        self._receive(until_ack=False)
-        self._raise()
-        self._conn.send((hook, args, wait))
-        if wait:
-            self._receive(until_ack=True)
+        try:
+            self._receive(until_ack=False)
             self._raise()
+            self._conn.send((hook, args, wait))
+            if wait:
+                self._receive(until_ack=True)
+        except (EOFError, OSError):
+            self._error = self._error or RRMError(_DIED)
+        self._raise()
 
     @staticmethod
     def _data(data: ImageData) -> SimpleNamespace:

@@ -217,3 +217,13 @@ def test_rrm_train_on_a_terminal_says_it_is_starting_and_its_early_worker_record
     assert run.info.status == "FINISHED" and run.data.tags["rrm.pid"] == str(proc.pid), (
         "the training's, not the worker's"
     )
+
+
+@pytest.mark.skipif(not can_fork(), reason="no fork on this platform")
+def test_a_worker_that_dies_stops_the_training_with_one_line(tmp_path, digits):
+    recorder = _Recorder()
+    background = BackgroundCallback(lambda: recorder, process=True)
+    os.kill(background.worker.pid, signal.SIGKILL)
+    background.worker.join()
+    with pytest.raises(RRMError, match="the tracking worker process died"), background:
+        train(TrainConfig(**DIGITS, out_dir=str(tmp_path)), data=digits, callbacks=[background])
