@@ -147,6 +147,14 @@ def _serve(make: Callable[[], Any] | None, conn, other_end, in_process: bool, ke
         conn.send(("done", None if reported else _sendable(error), _public(callback) if in_process else None))
 
 
+def _sendable_factory(make: Callable[[], Any]) -> bool:
+    try:
+        pickle.dumps(make)
+        return True
+    except Exception:
+        return False
+
+
 _prestarted: tuple[Any, Any] | None = None  # (process, connection): a worker forked at start-up, not yet adopted
 
 
@@ -194,12 +202,11 @@ class BackgroundCallback:
         self._wait_for_start = wait_for_start
         self._error: BaseException | None = None
         global _prestarted
-        if self.in_process and _prestarted is not None:  # adopt the worker forked at start-up
+        if self.in_process and _prestarted is not None and _sendable_factory(make):  # the worker forked at start-up
             (self.worker, self._conn), _prestarted = _prestarted, None
             self._conn.send(("make", make))
             return
-        if not self.in_process:
-            _discard()
+        _discard()  # a thread was asked for, or a factory that does not pickle: a fresh worker instead
         self._conn, child = multiprocessing.Pipe()
         args = (make, child, self._conn, self.in_process, None if self.in_process else self._keep)
         if self.in_process:

@@ -227,3 +227,14 @@ def test_a_worker_that_dies_stops_the_training_with_one_line(tmp_path, digits):
     background.worker.join()
     with pytest.raises(RRMError, match="the tracking worker process died"), background:
         train(TrainConfig(**DIGITS, out_dir=str(tmp_path)), data=digits, callbacks=[background])
+
+
+@pytest.mark.skipif(not can_fork(), reason="no fork on this platform")
+def test_a_factory_that_does_not_pickle_gets_a_fresh_worker(tmp_path, digits):
+    workers.prestart()
+    early = workers._prestarted[0]
+    recorder = _Recorder()
+    with BackgroundCallback(lambda: recorder) as background:
+        train(TrainConfig(**DIGITS, out_dir=str(tmp_path)), data=digits, callbacks=[background])
+    assert background.worker is not early and not early.is_alive() and workers._prestarted is None
+    assert background.callback.calls == ["start", "epoch 1", "epoch 2", "end"]
