@@ -17,6 +17,7 @@ from rrm.cli.specs import EVALUATE, REPORT, ROBUSTIFY, TRAIN, TUNE
 from rrm.errors import RRMError
 from rrm.evaluate import EvalConfig
 from rrm.io import check_writable
+from rrm.tracking.uri import tracking_label
 from rrm.train import TrainConfig
 from rrm.tune import TuneConfig, parse_range
 
@@ -122,11 +123,7 @@ def train(no_track: bool, experiment: str, run_name: str | None, teacher_pin: st
         return
     s = result.summary
     robust = f", monitored robust accuracy {s['monitor_robust_accuracy']:.4f}" if "monitor_robust_accuracy" in s else ""
-    run_line = (
-        f"\nMLflow run {run_id} in experiment {experiment!r} ({jobs.tracking().store.tracking_label()})"
-        if run_id
-        else ""
-    )
+    run_line = f"\nMLflow run {run_id} in experiment {experiment!r} ({tracking_label()})" if run_id else ""
     click.echo(
         f"{cfg.method} {cfg.model} on {s['dataset']}: test accuracy {s['test_accuracy']:.4f}{robust}; "
         f"{s['epochs']} epochs, {s['epoch_seconds_mean']:.2f} +- {s['epoch_seconds_ci95']:.2f} s/epoch; "
@@ -204,7 +201,7 @@ def evaluate(model: str | None, no_track: bool, experiment: str | None, **option
         f"{result.n_examples} images): {attacks or 'no attacks'}; sanity checks {sanity}; wrote {done.out}"
     )
     if done.run_id:
-        click.echo(f"MLflow run {done.run_id} ({jobs.tracking().store.tracking_label()})")
+        click.echo(f"MLflow run {done.run_id} ({tracking_label()})")
 
 
 # ------------------------------------------------------------------------------------------------------------ tune
@@ -306,9 +303,7 @@ def tune(ranges: tuple[str, ...], options: tuple[str, ...], no_track: bool, expe
         )
     click.echo(f"wrote {', '.join(str(p) for p in result.files.values())}")
     if result.parent_run_id:
-        click.echo(
-            f"MLflow run {result.parent_run_id} in experiment {experiment!r} ({jobs.tracking().store.tracking_label()})"
-        )
+        click.echo(f"MLflow run {result.parent_run_id} in experiment {experiment!r} ({tracking_label()})")
 
 
 def _check_tune_options(fixed: dict) -> None:

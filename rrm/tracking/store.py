@@ -40,7 +40,7 @@ from rrm.errors import RRMError
 from rrm.models import MODEL_FORMAT, Classifier, load_model
 from rrm.secrets import mask_url
 from rrm.tracking.uri import check_sqlite_directory as _check_sqlite_directory
-from rrm.tracking.uri import tracking_uri
+from rrm.tracking.uri import tracking_label, tracking_uri
 from rrm.train.basics import MODEL
 
 DEFAULT_EXPERIMENT = "rrm"
@@ -82,11 +82,6 @@ _UNREACHABLE = (
 
 class StoreUnreachable(RRMError):
     """The tracking store (an MLflow server or the database behind a store URI) does not answer."""
-
-
-def tracking_label() -> str:
-    """The tracking URI with its password masked: what messages, tags and files show."""
-    return mask_url(tracking_uri())
 
 
 def _is_database(uri: str) -> bool:

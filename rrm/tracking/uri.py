@@ -15,6 +15,11 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def tracking_label() -> str:
+    """The tracking URI with its password masked: what messages, tags and files show."""
+    return mask_url(tracking_uri())
+
+
 def is_local_store(uri: str) -> bool:
     """A store in a file on this machine (SQLite, or MLflow's file store): no server or network to fail."""
     scheme = uri.split(":", 1)[0] if "://" in uri else "file"
