@@ -47,26 +47,30 @@ def can_fork() -> bool:
     return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
 
 
-def _sendable(value: BaseException | None) -> BaseException | None:
-    """``value`` if it pickles, else an :class:`RRMError` with its text (exceptions with custom constructors)."""
+def _pickles(value: object) -> bool:
     try:
         pickle.dumps(value)
-        return value
+        return True
     except Exception:
-        return RRMError(f"{type(value).__name__}: {value}")
+        return False
+
+
+def _sendable(value: BaseException | None) -> BaseException | None:
+    """``value`` if it pickles, else an :class:`RRMError` with its text (exceptions with custom constructors)."""
+    return value if _pickles(value) else RRMError(f"{type(value).__name__}: {value}")
 
 
 def _public(callback: Any) -> SimpleNamespace:
     """The callback's public attributes that pickle (what the training may read once the worker is gone)."""
-    state = {}
-    for key, value in vars(callback).items():
-        try:
-            if not key.startswith("_"):
-                pickle.dumps(value)
-                state[key] = value
-        except Exception:
-            continue
-    return SimpleNamespace(**state)
+    return SimpleNamespace(**{k: v for k, v in vars(callback).items() if not k.startswith("_") and _pickles(v)})
+
+
+OWNER_PID_ENV = "RRM_OWNER_PID"  # set in a worker process: the training whose run it records
+
+
+def owner_pid() -> int:
+    """The process whose run this process records: itself, or the training whose worker it is."""
+    return int(os.environ.get(OWNER_PID_ENV, os.getpid()))
 
 
 class _Relay(io.TextIOBase):
@@ -96,7 +100,7 @@ def _serve(make: Callable[[], Any] | None, conn, other_end, in_process: bool, ke
     started without ``make`` (:func:`prestart`) loads what it will need, then waits to be given it; it exits
     quietly, having recorded nothing, if its training goes on without it."""
     if in_process:
-        os.environ["RRM_OWNER_PID"] = str(os.getppid())  # rrm.tracking.store.OWNER_PID_ENV: the run's process
+        os.environ[OWNER_PID_ENV] = str(os.getppid())  # the run's process (rrm.tracking.store reads it)
         other_end.close()  # so that the training's death reads as the end of the pipe
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the training decides
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -144,15 +148,7 @@ def _serve(make: Callable[[], Any] | None, conn, other_end, in_process: bool, ke
     if keep is not None:  # a thread hands its callback over
         keep(callback)
     with contextlib.suppress(OSError):  # the training is gone
-        conn.send(("done", None if reported else _sendable(error), _public(callback) if in_process else None))
-
-
-def _sendable_factory(make: Callable[[], Any]) -> bool:
-    try:
-        pickle.dumps(make)
-        return True
-    except Exception:
-        return False
+        conn.send(("done", (None if reported else _sendable(error), _public(callback) if in_process else None)))
 
 
 _prestarted: tuple[Any, Any] | None = None  # (process, connection): a worker forked at start-up, not yet adopted
@@ -201,8 +197,9 @@ class BackgroundCallback:
         self.in_process = can_fork() if process is None else process
         self._wait_for_start = wait_for_start
         self._error: BaseException | None = None
+        self._data: SimpleNamespace | None = None  # the data's facts, from the start of training
         global _prestarted
-        if self.in_process and _prestarted is not None and _sendable_factory(make):  # the worker forked at start-up
+        if self.in_process and _prestarted is not None and _pickles(make):  # the worker forked at start-up
             (self.worker, self._conn), _prestarted = _prestarted, None
             self._conn.send(("make", make))
             return
@@ -228,16 +225,10 @@ class BackgroundCallback:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             self._conn.send((_END, _sendable(exc)))
-            while True:
-                kind, error, *state = self._conn.recv()
-                if kind == "say":
-                    sys.stderr.write(error)
-                    continue
-                self._error = self._error or error
-                if kind == "done":
-                    if self.in_process:
-                        self.callback = state[0]
-                    break
+            error, state = self._receive(until="done")
+            self._error = self._error or error
+            if self.in_process:
+                self.callback = state
         except (EOFError, OSError):
             self._error = self._error or RRMError(_DIED)
         self.worker.join()
@@ -248,40 +239,41 @@ class BackgroundCallback:
         if self._error is not None:
             raise self._error
 
-    def _receive(self, until_ack: bool) -> None:
-        while until_ack or self._conn.poll():
+    def _receive(self, until: str | None = None) -> Any:
+        """Read the worker's messages: those waiting, or (``until``) up to the first of that kind, whose value it
+        returns. Its warnings go to stderr; its first error is kept for the next hook."""
+        while until or self._conn.poll():
             kind, value = self._conn.recv()
-            if kind == "say":  # a warning of the worker's
+            if kind == "say":
                 sys.stderr.write(value)
-                continue
-            self._error = self._error or value
-            if kind == "ack":
-                return
+            elif kind == "error":
+                self._error = self._error or value
+            if kind == until:
+                return value
+        return None
 
     def _call(self, hook: str, *args: object, wait: bool = False) -> None:
         try:
-            self._receive(until_ack=False)
+            self._receive()
             self._raise()
             self._conn.send((hook, args, wait))
             if wait:
-                self._receive(until_ack=True)
+                self._receive(until="ack")
         except (EOFError, OSError):
             self._error = self._error or RRMError(_DIED)
         self._raise()
 
-    @staticmethod
-    def _data(data: ImageData) -> SimpleNamespace:
-        return SimpleNamespace(name=data.name, digest=data.digest, source=dict(data.source))
-
     def on_train_start(self, cfg: TrainConfig, data: ImageData, model: Classifier) -> None:
+        # what a recorder reads of the data (its digest hashes every image: once), kept for the end of training
+        self._data = SimpleNamespace(name=data.name, digest=data.digest, source=dict(data.source))
         device = str(next(model.parameters()).device)
-        self._call("on_train_start", cfg, self._data(data), device, wait=self._wait_for_start)
+        self._call("on_train_start", cfg, self._data, device, wait=self._wait_for_start)
 
     def on_epoch_end(self, epoch: int, metrics: dict) -> None:
         self._call("on_epoch_end", epoch, dict(metrics))
 
     def on_train_end(self, result: TrainResult) -> None:
-        self._call("on_train_end", dataclasses.replace(result, model=None, data=self._data(result.data)), wait=True)
+        self._call("on_train_end", dataclasses.replace(result, model=None, data=self._data), wait=True)
 
 
 __all__ = ["BackgroundCallback", "can_fork", "prestart"]

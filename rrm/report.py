@@ -435,6 +435,12 @@ def claims(students: list[dict], method: str = "rrm") -> list[dict]:
     return out
 
 
+def _in_tflops(row: dict) -> dict:
+    """A seeds row's FLOP counts (and their CIs) in TFLOPs, as ``total_tflops...`` keys (what the FLOP panels plot)."""
+    keys = [k + suffix for k in ("total_flops", "total_flops_with_teacher") for suffix in ("", "_ci95")]
+    return {k.replace("flops", "tflops"): None if row.get(k) is None else row[k] / 1e12 for k in keys}
+
+
 def write_report(root: str | os.PathLike, out_dir: str | os.PathLike, **layout: str | os.PathLike) -> dict:
     """Collect the metrics under ``root`` (``layout``: :func:`collect`'s directories) and write the tables,
     ``report.json`` and the plot to ``out_dir``; ``report["table"]`` names the main table."""
@@ -454,19 +460,12 @@ def write_report(root: str | os.PathLike, out_dir: str | os.PathLike, **layout: 
             + "\n",
         }
         figure = "frontier.png"
-        panels, box = (
-            FRONTIER_PANELS,
-            goal["sat"] and (goal["thresholds"]["total_minutes"], goal["thresholds"]["adversarial_pct"]),
-        )
+        students, panels, cost, scale = report["students"], FRONTIER_PANELS, "total_minutes", 1
         if goal.get("cost_basis") == "flops":  # the target is checked on counted FLOPs: so is the plot drawn
-            for row in report["students"]:
-                for key in ("total_flops", "total_flops_with_teacher"):
-                    for suffix in ("", "_ci95"):
-                        value = row.get(key + suffix)
-                        row[key.replace("flops", "tflops") + suffix] = None if value is None else value / 1e12
-            panels = FRONTIER_FLOP_PANELS
-            box = goal["sat"] and (goal["thresholds"]["total_flops"] / 1e12, goal["thresholds"]["adversarial_pct"])
-        draw = functools.partial(plot_students, report["students"], panels=panels, target_box=box, frontier=True)
+            students, panels = [{**r, **_in_tflops(r)} for r in students], FRONTIER_FLOP_PANELS
+            cost, scale = "total_flops", 1e12
+        box = goal["sat"] and (goal["thresholds"][cost] / scale, goal["thresholds"]["adversarial_pct"])
+        draw = functools.partial(plot_students, students, panels=panels, target_box=box, frontier=True)
     else:
         files = {
             "table1.md": table1(report),

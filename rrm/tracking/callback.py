@@ -17,6 +17,7 @@ from mlflow.entities import LoggedModelInput, Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from rrm.background import owner_pid
 from rrm.data import ImageData
 from rrm.errors import RRMError
 from rrm.io import sha256_file, write_json
@@ -36,7 +37,6 @@ from rrm.tracking.store import (
     _training_params,
     _warn,
     check_store,
-    owner_pid,
     tracking_label,
 )
 from rrm.train import Callback, TrainConfig, TrainResult

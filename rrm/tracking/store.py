@@ -36,6 +36,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 import rrm
+from rrm.background import owner_pid
 from rrm.errors import RRMError
 from rrm.models import MODEL_FORMAT, Classifier, load_model
 from rrm.secrets import mask_url
@@ -247,14 +248,6 @@ def _process_start(pid: int) -> str | None:
     except (OSError, IndexError):
         return None
     return "Z" if fields[0] == "Z" else fields[19]
-
-
-OWNER_PID_ENV = "RRM_OWNER_PID"  # set in a tracking worker process (rrm.background): the training it records
-
-
-def owner_pid() -> int:
-    """The process whose run this process records: itself, or the training whose worker it is."""
-    return int(os.environ.get(OWNER_PID_ENV, os.getpid()))
 
 
 def _process_tags() -> dict[str, str]:
