@@ -12,7 +12,7 @@ methods rdt, kd, kdiga and rrm, and stem transplants, against sat), ``report.jso
 ``accuracy_vs_time.png``.
 
 With seed directories (``runs/students/seed<N>/<name>/``, ``metrics/students/seed<N>/<name>.json``: what
-``pipelines/variants/dvc.yaml`` writes) every number is a mean +- 95% CI over the seeds instead, written as
+the variants pipeline writes) every number is a mean +- 95% CI over the seeds instead, written as
 ``table.md``/``table.csv``, ``report.json`` (with the target check) and ``frontier.png`` (AutoPGD accuracy
 against training time).
 

@@ -143,7 +143,7 @@ def test_tune_section_and_optional_stage() -> None:
     assert cfg.tuned == ("lambda",)
     main = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert not any("tune" in name for name in main), "plain `dvc repro` must not tune"
-    stage = yaml.safe_load((ROOT / "pipelines" / "tune" / "dvc.yaml").read_text())["stages"]["tune"]
+    stage = yaml.safe_load((ROOT / "pipelines" / "tune" / "pipeline.yaml").read_text())["stages"]["tune"]
     assert stage["wdir"] == "../.." and stage["cmd"] == (
         "rrm tune --params params.yaml --section tune --teacher models:/${register.name}@${register.alias}"
     )
@@ -160,7 +160,7 @@ def test_tune_section_and_optional_stage() -> None:
 def test_variants_pipeline_stages(tmp_path: Path) -> None:
     """The variants study's optional pipeline: thin `rrm` stages from the root, each student evaluated against its eps's
     teacher, outputs where the report reads them, no MLflow store among them; `dvc status` accepts it."""
-    text = (ROOT / "pipelines" / "variants" / "dvc.yaml").read_text()
+    text = (ROOT / "pipelines" / "variants" / "pipeline.yaml").read_text()
     stages = yaml.safe_load(text)["stages"]
     assert set(stages) == {
         "teacher",
@@ -200,6 +200,7 @@ def test_variants_pipeline_stages(tmp_path: Path) -> None:
     assert "--teacher " not in stages["train"]["cmd"] and "--teacher " in stages["distill"]["cmd"]
     TrainConfig.from_dict(read_section(PARAMS, "variants.teacher")).validate()
     work, env, dvc = _pipeline(tmp_path, shrink=False)
+    assert _rrm(work, env, "pipeline", "link", "variants").returncode == 0
     status = subprocess.run(
         [dvc, "status", "pipelines/variants/dvc.yaml"], cwd=work, env=env, capture_output=True, text=True
     )
@@ -278,7 +279,7 @@ def _pipeline(tmp_path: Path, shrink: bool = True) -> tuple[Path, dict, str]:
     work = tmp_path / "repo"
     work.mkdir()
     shutil.copy(ROOT / "dvc.yaml", work)
-    shutil.copytree(ROOT / "pipelines", work / "pipelines")
+    shutil.copytree(ROOT / "pipelines", work / "pipelines", ignore=shutil.ignore_patterns("dvc.yaml", "dvc.lock"))
     shutil.copytree(ROOT / "rrm", work / "rrm", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(PARAMS, work / "params.yaml")
     if shrink:
@@ -331,7 +332,7 @@ CODE = {
 }
 
 
-@pytest.mark.parametrize("pipeline", ["dvc.yaml", "pipelines/tune/dvc.yaml", "pipelines/variants/dvc.yaml"])
+@pytest.mark.parametrize("pipeline", ["dvc.yaml", "pipelines/tune/pipeline.yaml", "pipelines/variants/pipeline.yaml"])
 def test_stages_depend_on_their_code(pipeline: str) -> None:
     """Every stage lists its command's package code among its deps, each one a path of this checkout (from the
     repository root, which is every pipelines/ stage's wdir)."""
@@ -345,7 +346,7 @@ def test_stages_depend_on_their_code(pipeline: str) -> None:
         assert all((ROOT / d).exists() for d in code), f"{pipeline}: {name}: {sorted(code)}"
 
 
-@pytest.mark.parametrize("pipeline", ["dvc.yaml", "pipelines/stem/dvc.yaml", "pipelines/variants/dvc.yaml"])
+@pytest.mark.parametrize("pipeline", ["dvc.yaml", "pipelines/stem/pipeline.yaml", "pipelines/variants/pipeline.yaml"])
 def test_students_take_their_teacher_from_the_registry_pinned_to_a_pulled_copy(pipeline: str) -> None:
     stages = yaml.safe_load((ROOT / pipeline).read_text())["stages"]
     commands = {name: stage.get("do", stage)["cmd"] for name, stage in stages.items()}
@@ -418,6 +419,46 @@ def test_code_edits_change_the_stages_that_run_that_code(tmp_path: Path) -> None
     }
 
 
+def test_plain_dvc_status_reads_the_main_pipeline_and_the_linked_studies(tmp_path: Path) -> None:
+    """Once the main pipeline has run, a plain `dvc status` is clean: the studies stay out of DVC's view until `rrm
+    pipeline link` (or `run`) puts one in, and `unlink` takes it out again; `dvc metrics show` never lists them."""
+    work, env, dvc = _pipeline(tmp_path)
+    _commit_outputs(work, env, dvc, "dvc.yaml")
+
+    def status() -> str:
+        return subprocess.run([dvc, "status"], cwd=work, env=env, check=True, capture_output=True, text=True).stdout
+
+    assert status().strip() == "Data and pipelines are up to date."
+    linked = _rrm(work, env, "pipeline", "link", "stem")
+    assert linked.returncode == 0 and "pipelines/stem/dvc.yaml -> pipeline.yaml" in linked.stdout, linked.stderr
+    assert os.readlink(work / "pipelines" / "stem" / "dvc.yaml") == "pipeline.yaml"  # relative: the clone can move
+    listed = _rrm(work, env, "pipeline", "list").stdout.splitlines()
+    assert [line.split()[:2] for line in listed] == [["stem", "linked"], ["tune", "not"], ["variants", "not"]]
+    stages = [line for line in status().splitlines() if line and not line.startswith("\t")]  # "FILE:STAGE:"
+    assert "pipelines/stem/dvc.yaml:teacher@0.3:" in stages, stages
+    assert all(line.startswith("pipelines/stem/dvc.yaml:") for line in stages), stages
+    shown = subprocess.run([dvc, "metrics", "show", "--json"], cwd=work, env=env, check=True, capture_output=True)
+    (workspace,) = json.loads(shown.stdout).values()
+    assert set(workspace.get("data", {})) <= _declared_metrics(work)
+    assert _rrm(work, env, "pipeline", "unlink", "stem").returncode == 0
+    assert status().strip() == "Data and pipelines are up to date."
+    assert not (work / "pipelines" / "stem" / "dvc.yaml").exists()
+
+
+def test_pipeline_commands_refuse_unknown_names_and_foreign_files(tmp_path: Path) -> None:
+    work, env, _ = _pipeline(tmp_path)
+    unknown = _rrm(work, env, "pipeline", "run", "stems")
+    assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1, unknown.stderr
+    assert "unknown pipeline 'stems': choose from stem, tune, variants" in unknown.stderr
+    own = work / "pipelines" / "tune" / "dvc.yaml"
+    own.write_text("stages: {}\n")  # a dvc.yaml of the user's: never replaced
+    refused = _rrm(work, env, "pipeline", "run", "tune", "--dry")
+    assert refused.returncode == 1 and "exists and is not a link to pipeline.yaml" in refused.stderr, refused.stderr
+    assert own.read_text() == "stages: {}\n"
+    elsewhere = _rrm(work / "pipelines", env, "pipeline", "list")
+    assert elsewhere.returncode == 1 and "run rrm pipeline from the repository root" in elsewhere.stderr
+
+
 def test_bytecode_does_not_change_code_deps(tmp_path: Path) -> None:
     work, env, dvc = _pipeline(tmp_path)
     _commit_outputs(work, env, dvc, "dvc.yaml:prepare")
@@ -460,12 +501,15 @@ def test_dvc_repro_stops_on_bad_params_and_keeps_earlier_outputs(tmp_path: Path)
 
 @pytest.mark.slow
 def test_dvc_repro_smoke(tmp_path: Path) -> None:
-    """The whole pipeline on the 8x8 digits data with one epoch each; a second repro does nothing."""
+    """The whole pipeline on the 8x8 digits data with one epoch each; a second repro does nothing, and a plain `dvc
+    status` says that all is up to date."""
     work, env, dvc = _pipeline(tmp_path)
     subprocess.run([dvc, "repro"], cwd=work, env=env, check=True)
     assert (work / "reports" / "table1.md").is_file() and (work / "reports" / "accuracy_vs_time.png").is_file()
     second = subprocess.run([dvc, "repro"], cwd=work, env=env, check=True, capture_output=True, text=True)
     assert "Running stage" not in second.stdout
+    status = subprocess.run([dvc, "status"], cwd=work, env=env, check=True, capture_output=True, text=True)
+    assert status.stdout.strip() == "Data and pipelines are up to date.", status.stdout
 
 
 @pytest.mark.slow
@@ -497,7 +541,8 @@ def test_variants_pipeline_smoke(tmp_path: Path) -> None:
     per eps (tables, frontier plot, report.json with the target check) appears; a second repro does nothing."""
     work, env, dvc = _pipeline(tmp_path)
     _shrink_variants(work, ("sat", "rrm", "rrm-teacher-pgd"))
-    subprocess.run([dvc, "repro", "pipelines/variants/dvc.yaml"], cwd=work, env=env, check=True)
+    first = _rrm(work, env, "pipeline", "run", "variants")
+    assert first.returncode == 0, first.stdout + first.stderr
     out = work / "reports" / "variants" / "eps0.1"
     assert sorted(p.name for p in out.iterdir()) == ["frontier.png", "report.json", "table.csv", "table.md"]
     report = json.loads((out / "report.json").read_text())
@@ -510,6 +555,10 @@ def test_variants_pipeline_smoke(tmp_path: Path) -> None:
         [dvc, "repro", "pipelines/variants/dvc.yaml"], cwd=work, env=env, check=True, capture_output=True, text=True
     )
     assert "Running stage" not in second.stdout
+    status = subprocess.run(
+        [dvc, "status", "pipelines/variants/dvc.yaml"], cwd=work, env=env, check=True, capture_output=True, text=True
+    )
+    assert status.stdout.strip() == "Data and pipelines are up to date.", status.stdout
 
 
 def _rrm(work: Path, env: dict, *args: str) -> subprocess.CompletedProcess:

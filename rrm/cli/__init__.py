@@ -137,4 +137,4 @@ def main() -> None:
     cli(prog_name="rrm")
 
 
-from rrm.cli import commands, probe, runs, teacher  # noqa: E402,F401  (registers the commands on `cli`)
+from rrm.cli import commands, pipeline, probe, runs, teacher  # noqa: E402,F401  (registers the commands on `cli`)
