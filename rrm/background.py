@@ -151,6 +151,20 @@ def _serve(make: Callable[[], Any] | None, conn, other_end, in_process: bool, ke
         conn.send(("done", (None if reported else _sendable(error), _public(callback) if in_process else None)))
 
 
+def _start(make: Callable[[], Any] | None, in_process: bool, keep: Callable | None = None) -> tuple[Any, Any]:
+    """A worker (a forked process, or a thread) serving ``make``'s callback, and the training's end of its pipe."""
+    conn, child = multiprocessing.Pipe()
+    args = (make, child, conn, in_process, keep)
+    if in_process:
+        worker = multiprocessing.get_context("fork").Process(target=_serve, args=args, name="rrm-callback", daemon=True)
+    else:
+        worker = threading.Thread(target=_serve, args=args, name="rrm-callback", daemon=True)
+    worker.start()
+    if in_process:
+        child.close()  # the worker's end lives on in the worker alone
+    return worker, conn
+
+
 _prestarted: tuple[Any, Any] | None = None  # (process, connection): a worker forked at start-up, not yet adopted
 
 
@@ -161,13 +175,7 @@ def prestart() -> None:
     global _prestarted
     if _prestarted is not None or not can_fork():
         return
-    conn, child = multiprocessing.Pipe()
-    worker = multiprocessing.get_context("fork").Process(
-        target=_serve, args=(None, child, conn, True, None), name="rrm-callback", daemon=True
-    )
-    worker.start()
-    child.close()
-    _prestarted = (worker, conn)
+    _prestarted = _start(None, in_process=True)
     atexit.register(_discard)
 
 
@@ -204,17 +212,7 @@ class BackgroundCallback:
             self._conn.send(("make", make))
             return
         _discard()  # a thread was asked for, or a factory that does not pickle: a fresh worker instead
-        self._conn, child = multiprocessing.Pipe()
-        args = (make, child, self._conn, self.in_process, None if self.in_process else self._keep)
-        if self.in_process:
-            self.worker = multiprocessing.get_context("fork").Process(
-                target=_serve, args=args, name="rrm-callback", daemon=True
-            )
-        else:
-            self.worker = threading.Thread(target=_serve, args=args, name="rrm-callback", daemon=True)
-        self.worker.start()
-        if self.in_process:
-            child.close()
+        self.worker, self._conn = _start(make, self.in_process, None if self.in_process else self._keep)
 
     def _keep(self, callback: Any) -> None:
         self.callback = callback

@@ -37,7 +37,8 @@ def runs_clean(run_ids: tuple[str, ...], dry_run: bool) -> None:
       rrm runs clean 3f2a9c0d1e...          # a run of a host that is gone
     """
     jobs.tracking()
-    from rrm.tracking.store import clean_stale_runs, tracking_label
+    from rrm.tracking.store import clean_stale_runs
+    from rrm.tracking.uri import tracking_label
 
     found = clean_stale_runs(run_ids, dry_run=dry_run)
     verb = "would mark" if dry_run else "marked"

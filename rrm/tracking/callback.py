@@ -37,8 +37,8 @@ from rrm.tracking.store import (
     _training_params,
     _warn,
     check_store,
-    tracking_label,
 )
+from rrm.tracking.uri import tracking_label
 from rrm.train import Callback, TrainConfig, TrainResult
 from rrm.train.trainer import CHECKPOINT
 
