@@ -93,6 +93,12 @@ class EvalResult:
         return self.sanity_passed
 
     @property
+    def sanity_warnings(self) -> list[str]:
+        """What the checks saw that weakens a number without failing it (each check's ``warning``)."""
+        checks = self.sanity.values() if isinstance(self.sanity, Mapping) else []
+        return [c["warning"] for c in checks if isinstance(c, Mapping) and "warning" in c]
+
+    @property
     def sanity_status(self) -> str:
         """The checks in a word: "passed" only when the masking checks ran and every check passed, "FAILED" when a
         check that ran failed, else "not run"."""

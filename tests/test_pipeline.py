@@ -346,7 +346,10 @@ def test_stages_depend_on_their_code(pipeline: str) -> None:
         assert all((ROOT / d).exists() for d in code), f"{pipeline}: {name}: {sorted(code)}"
 
 
-@pytest.mark.parametrize("pipeline", ["dvc.yaml", "pipelines/stem/pipeline.yaml", "pipelines/variants/pipeline.yaml"])
+@pytest.mark.parametrize(
+    "pipeline",
+    ["dvc.yaml", "pipelines/stem/pipeline.yaml", "pipelines/transfer/pipeline.yaml", "pipelines/variants/pipeline.yaml"],
+)
 def test_students_take_their_teacher_from_the_registry_pinned_to_a_pulled_copy(pipeline: str) -> None:
     stages = yaml.safe_load((ROOT / pipeline).read_text())["stages"]
     commands = {name: stage.get("do", stage)["cmd"] for name, stage in stages.items()}
@@ -433,7 +436,12 @@ def test_plain_dvc_status_reads_the_main_pipeline_and_the_linked_studies(tmp_pat
     assert linked.returncode == 0 and "pipelines/stem/dvc.yaml -> pipeline.yaml" in linked.stdout, linked.stderr
     assert os.readlink(work / "pipelines" / "stem" / "dvc.yaml") == "pipeline.yaml"  # relative: the clone can move
     listed = _rrm(work, env, "pipeline", "list").stdout.splitlines()
-    assert [line.split()[:2] for line in listed] == [["stem", "linked"], ["tune", "not"], ["variants", "not"]]
+    assert [line.split()[:2] for line in listed] == [
+        ["stem", "linked"],
+        ["transfer", "not"],
+        ["tune", "not"],
+        ["variants", "not"],
+    ]
     stages = [line for line in status().splitlines() if line and not line.startswith("\t")]  # "FILE:STAGE:"
     assert "pipelines/stem/dvc.yaml:teacher@0.3:" in stages, stages
     assert all(line.startswith("pipelines/stem/dvc.yaml:") for line in stages), stages
@@ -449,7 +457,7 @@ def test_pipeline_commands_refuse_unknown_names_and_foreign_files(tmp_path: Path
     work, env, _ = _pipeline(tmp_path)
     unknown = _rrm(work, env, "pipeline", "run", "stems")
     assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1, unknown.stderr
-    assert "unknown pipeline 'stems': choose from stem, tune, variants" in unknown.stderr
+    assert "unknown pipeline 'stems': choose from stem, transfer, tune, variants" in unknown.stderr
     own = work / "pipelines" / "tune" / "dvc.yaml"
     own.write_text("stages: {}\n")  # a dvc.yaml of the user's: never replaced
     refused = _rrm(work, env, "pipeline", "run", "tune", "--dry")

@@ -87,13 +87,20 @@ def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
 
 
 def _apgd_restart(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str, eps: float, steps: int
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    norm: str,
+    eps: float,
+    steps: int,
+    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One APGD run from a random start; returns ``(x_adv, fooled, loss)`` per image.
+    """One APGD run from a random start (or from ``start``, projected to the ball); returns ``(x_adv, fooled, loss)``
+    per image.
 
     ``x_adv`` is the first iterate that fools the model where one does, else the highest-loss iterate.
     """
-    x_0 = x + random_perturbation(x, norm, eps)
+    x_0 = x + random_perturbation(x, norm, eps) if start is None else _feasible(start, x, norm, eps)
     loss, grad, fooled = _loss_and_grad(model, x_0, y)
     out, out_loss, out_fooled = x_0.clone(), loss.clone(), fooled.clone()
     n = len(x)
@@ -172,11 +179,13 @@ def apgd(
     steps: int = 50,
     restarts: int = 10,
     seed: int | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """APGD-CE with ``restarts`` random restarts of ``steps`` iterations; returns the adversarial images (detached).
 
     Per-image step size starting at 2 * eps, halved at the checkpoints of :func:`checkpoints`; momentum 0.75.
     Each restart attacks only the images no earlier restart fooled, so more restarts never raise accuracy.
+    ``start``: where the first restart begins (projected to the eps ball), in place of a random point.
     """
     check_threat(norm, eps)
     _check_budget(steps, restarts)
@@ -192,7 +201,9 @@ def apgd(
             idx = robust.nonzero().flatten()
             if len(idx) == 0:
                 break
-            adv, fooled, loss = _apgd_restart(model, x[idx], y[idx], norm, eps, steps)
+            first = None if start is None else start.detach()[idx]
+            adv, fooled, loss = _apgd_restart(model, x[idx], y[idx], norm, eps, steps, first)
+            start = None  # later restarts start at random
             take = fooled | (loss > best_loss[idx])
             x_adv[idx[take]], best_loss[idx[take]] = adv[take], loss[take]
             robust[idx[fooled]] = False

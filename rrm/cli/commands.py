@@ -200,6 +200,8 @@ def evaluate(model: str | None, no_track: bool, experiment: str | None, **option
         f"natural accuracy {result.natural_accuracy:.4f}; adversarial ({attack.norm}, eps {attack.eps}, "
         f"{result.n_examples} images): {attacks or 'no attacks'}; sanity checks {sanity}; wrote {done.out}"
     )
+    for warning in result.sanity_warnings:
+        click.echo(f"Warning: {warning}", err=True)
     if done.run_id:
         click.echo(f"MLflow run {done.run_id} ({tracking_label()})")
 

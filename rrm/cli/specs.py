@@ -55,10 +55,11 @@ TRAIN = {
     ),
     "transplant": Spec(
         "method",
-        "Copy the teacher's first layer into the student before training (any method): stem, the whole "
-        "layer (the same shape); stem-filters, the filters the teacher's next layer reads most, into a "
-        "stem with as many or fewer.",
-        ("stem", "stem-filters"),
+        "Give the student the teacher's robust first layer before training (any method; try it with "
+        "--method fast): auto picks for the pair and says why; stem copies the whole layer (the same shape); "
+        "stem-filters, the filters the teacher's next layer reads most, into a stem with fewer; stem-prefix "
+        "runs the teacher's layer in front of the student's own, which reads its maps (any shape).",
+        ("auto", "stem", "stem-filters", "stem-prefix"),
         "transplant",
     ),
     "transplant_frozen": Spec("method", "Keep the transplanted stem frozen (--no-transplant-frozen fine-tunes it)."),

@@ -29,8 +29,13 @@ def build_model(
     std: Sequence[float] | None = None,
     feature_dim: int | None = None,
     width: float = 1.0,
+    stem_prefix: dict | None = None,
 ) -> Classifier:
-    """Build architecture ``name`` for images of ``in_channels x image_size x image_size`` in [0, 1]."""
+    """Build architecture ``name`` for images of ``in_channels x image_size x image_size`` in [0, 1].
+
+    ``stem_prefix``: a teacher's first layer runs in front of the model, whose own first layer reads its maps
+    (:func:`rrm.models.transplant.stem_prefix_spec` gives it; ``--transplant stem-prefix`` copies the weights).
+    """
     if name not in ARCHITECTURES:
         raise unknown("model", name, ARCHITECTURES)
     if num_classes < 2:
@@ -52,6 +57,10 @@ def build_model(
     if len(mean) != in_channels or len(std) != in_channels:
         raise RRMError(f"mean and std need {in_channels} values (one per channel), got {len(mean)} and {len(std)}")
     body, penultimate_dim = ARCHITECTURES[name](in_channels, image_size, width)
+    if stem_prefix:
+        from rrm.models.transplant import prefixed_body  # transplant imports the base protocol, not this module
+
+        body = prefixed_body(body, in_channels, stem_prefix)
     spec = dict(
         name=name,
         num_classes=num_classes,
@@ -62,6 +71,8 @@ def build_model(
         feature_dim=feature_dim,
         width=width,
     )
+    if stem_prefix:  # only where set: the specs of every other model stay as they were
+        spec["stem_prefix"] = dict(stem_prefix)
     return Classifier(body, penultimate_dim, num_classes, mean, std, feature_dim=feature_dim, spec=spec)
 
 

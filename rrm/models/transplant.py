@@ -1,9 +1,16 @@
-"""Stem transplant: copy a robust teacher's first layer into a student whose first layer has the same shape.
+"""Stem transfer: a robust teacher's first layer in a student of another architecture.
 
 On MNIST most of a robust model's robustness sits in its first-layer thresholds, which clean feature matching never
-exercises (see docs/studies.md); copying the stem moves them across architectures. A BatchNorm on either side is
-folded: the teacher's stem becomes one affine convolution ``w * x + b``, which the student's stem reproduces exactly
-(its BatchNorm, if any, set to pass ``b`` through: running mean 0, variance 1 - eps, weight 1, bias b).
+exercises (see docs/studies.md); moving the teacher's first layer ("stem") moves them across architectures. A
+BatchNorm on either side is folded: the teacher's stem becomes one affine convolution ``w * x + b``.
+
+- ``stem``: the student's first layer has the teacher's shape and takes its weights (its BatchNorm, if any, set to
+  pass ``b`` through: running mean 0, variance 1 - eps, weight 1, bias b).
+- ``stem-filters``: a student stem with fewer filters takes the ones the teacher's next layer reads most.
+- ``stem-prefix``: any student whose model starts with a convolution. The teacher's stem and its ReLU run in front of
+  the student, and the student's own first layer (its kernel, stride and filters kept) reads the teacher's maps in
+  place of the pixels: a trained adapter from the teacher's thresholded maps into the student's own layers.
+- ``auto``: ``stem`` where the shapes match, else ``stem-prefix``; :func:`choose_transplant` says why.
 """
 
 from __future__ import annotations
@@ -14,9 +21,10 @@ from torch import nn
 from rrm.errors import RRMError
 from rrm.models.base import Classifier
 
-# stem: the teacher's first layer whole; stem-filters: the k filters the teacher's next layer reads most, for a student
-# whose first layer has k <= the teacher's filters and otherwise the same shape.
-TRANSPLANTS = ("stem", "stem-filters")
+# auto: chosen for the pair (choose_transplant); stem: the teacher's first layer whole; stem-filters: the k filters the
+# teacher's next layer reads most, for a student whose first layer has k <= the teacher's filters and otherwise the same
+# shape; stem-prefix: the teacher's first layer in front of the student's, which reads its maps.
+TRANSPLANTS = ("auto", "stem", "stem-filters", "stem-prefix")
 
 
 def stem_layers(model: Classifier) -> tuple[nn.Conv2d, nn.BatchNorm2d | None]:
@@ -94,7 +102,7 @@ def transplant_stem(
             f"cannot transplant the teacher's stem ({teacher.spec.get('name')!r}) into "
             f"{student.spec.get('name')!r}: {what}; use a student whose first layer has the same shape, "
             + ("copy the teacher's most-read filters (--transplant stem-filters), " if fewer else "")
-            + "or match the stem instead (--match-layers stem,penultimate)"
+            + "or let --transplant auto run the teacher's first layer in front of the student's (stem-prefix)"
         )
     if (teacher.spec.get("mean"), teacher.spec.get("std")) != (student.spec.get("mean"), student.spec.get("std")):
         raise RRMError("the teacher and the student normalise their inputs differently; train both on one dataset")
@@ -124,3 +132,121 @@ def transplant_stem(
         if s_bn is not None:
             s_bn.register_forward_pre_hook(_keep_eval)
     return index
+
+
+def describe_stem(conv: nn.Conv2d) -> str:
+    """``32 3x3 filters`` or ``128 4x4 filters, stride 4``: a first layer's shape in words."""
+    kernel = "x".join(map(str, conv.kernel_size))
+    stride = "" if conv.stride == (1, 1) else f", stride {'x'.join(map(str, dict.fromkeys(conv.stride)))}"
+    return f"{conv.out_channels} {kernel} filters{stride}"
+
+
+def prefix_problems(teacher: Classifier) -> list[str]:
+    """Why the teacher's stem cannot run in front of another model (empty where it can): it must keep the image's
+    resolution (stride 1, "same" padding), so that the student's own first layer sees the image size it was built for,
+    and be followed by a ReLU (after its BatchNorm, if any), whose thresholds are what the prefix carries."""
+    conv, bn = stem_layers(teacher)
+    layers = list(teacher.body)
+    after = 2 if bn is not None else 1
+    problems = []
+    if conv.stride != (1, 1):
+        problems.append(f"its stride is {conv.stride[0]}, not 1")
+    if any(p != d * (k - 1) // 2 or k % 2 == 0 for k, p, d in zip(conv.kernel_size, conv.padding, conv.dilation)):
+        problems.append("its padding changes the image size")
+    if conv.groups != 1:
+        problems.append(f"it is grouped ({conv.groups} groups)")
+    if len(layers) <= after or not isinstance(layers[after], nn.ReLU):
+        problems.append("no ReLU follows it")
+    return problems
+
+
+_PREFIX_FIX = (
+    "use a teacher whose first layer is a stride-1 convolution with 'same' padding and a ReLU (cnn, cnn-bn, resnet8, "
+    "resnet20, vgg), or a student with its first layer's shape (--transplant stem)"
+)
+
+
+def stem_prefix_spec(teacher: Classifier) -> dict:
+    """The shape of the teacher's stem as a prefix of a student (``build_model(stem_prefix=...)``); raises
+    :class:`RRMError` with :func:`prefix_problems` where it cannot be one."""
+    conv, _ = stem_layers(teacher)
+    problems = prefix_problems(teacher)
+    if problems:
+        raise RRMError(
+            f"the first layer of teacher {teacher.spec.get('name')!r} ({describe_stem(conv)}) cannot run in front of "
+            f"a student: {'; '.join(problems)}; {_PREFIX_FIX}"
+        )
+    return {
+        "channels": conv.out_channels,
+        "kernel": list(conv.kernel_size),
+        "padding": list(conv.padding),
+        "dilation": list(conv.dilation),
+    }
+
+
+def prefixed_body(body: nn.Module, in_channels: int, prefix: dict) -> nn.Sequential:
+    """``body`` with a stem of shape ``prefix`` (:func:`stem_prefix_spec`) and a ReLU in front, its first convolution
+    rebuilt to read the prefix's ``channels`` maps (same filters, kernel, stride and padding)."""
+    layers = list(body) if isinstance(body, nn.Sequential) else []
+    first = layers[0] if layers else None
+    if not isinstance(first, nn.Conv2d) or first.groups != 1:
+        raise RRMError(
+            "a student takes the teacher's first layer as a prefix only where its model starts with an ungrouped "
+            "convolution; choose such a student (cnn, cnn-bn, resnet8, resnet20, vgg, convmixer)"
+        )
+    stem = nn.Conv2d(
+        in_channels, prefix["channels"], tuple(prefix["kernel"]), padding=tuple(prefix["padding"]),
+        dilation=tuple(prefix["dilation"]),
+    )  # fmt: skip
+    reader = nn.Conv2d(
+        prefix["channels"], first.out_channels, first.kernel_size, first.stride, first.padding, first.dilation,
+        bias=first.bias is not None,
+    )  # fmt: skip
+    return nn.Sequential(stem, nn.ReLU(inplace=True), reader, *layers[1:])
+
+
+def transplant_prefix(teacher: Classifier, student: Classifier, frozen: bool = True) -> None:
+    """Copy the teacher's stem (BatchNorm folded) into the prefix of ``student`` (built with ``stem_prefix``)."""
+    if not student.spec.get("stem_prefix"):
+        raise RRMError(f"student {student.spec.get('name')!r} has no stem prefix; build it with stem_prefix")
+    if (teacher.spec.get("mean"), teacher.spec.get("std")) != (student.spec.get("mean"), student.spec.get("std")):
+        raise RRMError("the teacher and the student normalise their inputs differently; train both on one dataset")
+    weight, bias = folded_stem(teacher)
+    stem = student.body[0]
+    with torch.no_grad():
+        stem.weight.copy_(weight)
+        stem.bias.copy_(bias)
+    stem.requires_grad_(not frozen)
+
+
+def choose_transplant(requested: str, teacher: Classifier, student: Classifier) -> tuple[str, str]:
+    """The transplant to run for this pair, and why in one line. ``auto`` picks ``stem`` where the student's first
+    layer has the teacher's shape and ``stem-prefix`` otherwise; an explicit choice is checked here, before training.
+
+    Raises :class:`RRMError` naming what differs and what would work where no transplant fits the pair.
+    """
+    if requested not in TRANSPLANTS:
+        raise RRMError(f"unknown transplant {requested!r}; choose one of {', '.join(TRANSPLANTS)}")
+    t_conv, _ = stem_layers(teacher)
+    s_conv, s_bn = stem_layers(student)
+    teacher_stem, student_stem = describe_stem(t_conv), describe_stem(s_conv)
+    same = _shape(t_conv) == _shape(s_conv) and (s_bn is not None or s_conv.bias is not None)
+    if requested in ("stem", "stem-filters"):
+        return requested, f"asked for: the teacher's {teacher_stem} copied into the student's first layer"
+    if requested == "auto" and same:
+        return "stem", (
+            f"the student's first layer has the teacher's shape ({teacher_stem}): the teacher's is copied into it"
+        )
+    problems = prefix_problems(teacher)
+    if problems and requested == "auto":
+        raise RRMError(
+            f"no transplant fits teacher {teacher.spec.get('name')!r} and student {student.spec.get('name')!r}: "
+            f"their first layers differ ({teacher_stem} against {student_stem}) and the teacher's cannot run in front "
+            f"of the student's ({'; '.join(problems)}); {_PREFIX_FIX}"
+        )
+    prefix = stem_prefix_spec(teacher)
+    why = "asked for, " if requested == "stem-prefix" else f"the student's first layer ({student_stem}) differs from "
+    return "stem-prefix", (
+        f"{why}the teacher's ({teacher_stem}): the teacher's runs in front of it, and the student's first layer "
+        f"reads its {prefix['channels']} maps in place of the pixels"
+    )

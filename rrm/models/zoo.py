@@ -188,6 +188,42 @@ def alexnet(in_channels: int, image_size: int, width: float) -> tuple[nn.Module,
     return body, hidden
 
 
+class _MixerBlock(nn.Module):
+    """One ConvMixer layer: a residual depthwise convolution (mixing space), then a pointwise one (mixing channels)."""
+
+    def __init__(self, dim: int, kernel: int):
+        super().__init__()
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(dim, dim, kernel, groups=dim, padding=kernel // 2), nn.ReLU(inplace=True), nn.BatchNorm2d(dim)
+        )
+        self.shortcut = nn.Identity()  # marks a residual block for the stage protocol
+        self.pointwise = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.ReLU(inplace=True), nn.BatchNorm2d(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.depthwise(x) + self.shortcut(x))
+
+
+def convmixer(in_channels: int, image_size: int, width: float) -> tuple[nn.Module, int]:
+    """ConvMixer (Trockman & Kolter 2022), a patch-embedding model: its first layer is a convolution with kernel =
+    stride = patch size (4 px on small inputs, 7 on large), then ``depth`` mixer blocks at that resolution.
+
+    ReLU stands for the paper's GELU, so the stages follow the zoo's pre-activation protocol (``stem`` is the patch
+    embedding before its activation); 128 channels and depth 4 on small inputs, 256 and 8 on large ones.
+    """
+    large = image_size >= LARGE_INPUT
+    patch, depth, kernel = (7, 8, 9) if large else (4, 4, 5)
+    dim = _ch(256 if large else 128, width)
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, dim, patch, stride=patch),
+        nn.ReLU(inplace=True),
+        nn.BatchNorm2d(dim),
+        *(_MixerBlock(dim, kernel) for _ in range(depth)),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    ]
+    return nn.Sequential(*layers), dim
+
+
 # name -> (in_channels, image_size, width) -> (body, penultimate_dim)
 ARCHITECTURES: dict[str, Callable[[int, int, float], tuple[nn.Module, int]]] = {
     "cnn": cnn,
@@ -200,6 +236,7 @@ ARCHITECTURES: dict[str, Callable[[int, int, float], tuple[nn.Module, int]]] = {
     "resnet18": lambda c, s, w: _torchvision_resnet("resnet18", c, s),
     "resnet50": lambda c, s, w: _torchvision_resnet("resnet50", c, s),
     "alexnet": alexnet,
+    "convmixer": convmixer,
 }
 # Models whose ``width`` option is honoured; the torchvision ResNets keep their published widths.
-WIDTH_SCALABLE = {"cnn", "cnn-bn", "resnet8", "resnet20", "vgg11", "vgg16", "vgg19", "alexnet"}
+WIDTH_SCALABLE = {"cnn", "cnn-bn", "resnet8", "resnet20", "vgg11", "vgg16", "vgg19", "alexnet", "convmixer"}

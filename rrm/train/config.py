@@ -80,8 +80,8 @@ class TrainConfig:
     temperature: float = 30.0  # KD / KDIGA
     alpha: float = 1.0  # KD / KDIGA: weight of the distillation term
     gamma: float = 1.0  # KDIGA: weight of input-gradient alignment
-    # stem transplant (any method): the teacher's first layer copied into a student whose first layer has its shape
-    transplant: str | None = None  # stem | stem-filters
+    # stem transfer (any method): the teacher's robust first layer in the student (rrm.models.transplant)
+    transplant: str | None = None  # auto | stem | stem-filters | stem-prefix
     transplant_frozen: bool = True  # keep the transplanted stem as it is (False: fine-tune it with the rest)
     # runtime
     precision: str | None = None  # fp32 | bf16 | fp16 autocast; None: the method's default

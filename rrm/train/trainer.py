@@ -20,12 +20,12 @@ import torch
 from tqdm.auto import tqdm
 
 from rrm.attacks import pgd
-from rrm.data import ImageData, batches, load_dataset
+from rrm.data import ImageData, as_tensor, batches, load_dataset
 from rrm.errors import RRMError
 from rrm.io import check_writable, ensure_dir, missing_parents, write_json
 from rrm.metrics import accuracy
 from rrm.models import Classifier, build_model, save_model
-from rrm.models.transplant import transplant_stem
+from rrm.models.transplant import choose_transplant, stem_prefix_spec, transplant_prefix, transplant_stem
 from rrm.stats import epoch_time_stats
 from rrm.train import distributed
 from rrm.train.basics import (  # noqa: F401  (re-exported: the trainer's public names)
@@ -71,21 +71,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def monitored_robust_accuracy(model: Classifier, data: ImageData, cfg: TrainConfig, steps: int | None = None) -> float:
-    """PGD accuracy on the first ``monitor_examples`` test images: a cheap per-epoch robustness signal.
+def monitor_split(data: ImageData, examples: int) -> tuple[tuple, tuple]:
+    """``((train_x, train_y), (monitor_x, monitor_y))``: the last ``examples`` training images (at most half of
+    them; the splits are shuffled and stratified) held out for the per-epoch monitor, which decides early stopping, so
+    that no test image enters a training decision."""
+    held = min(examples, len(data.train_y) // 2)
+    if not held:
+        return (data.train_x, data.train_y), (data.train_x[:0], data.train_y[:0])
+    return (data.train_x[:-held], data.train_y[:-held]), (as_tensor(data.train_x[-held:]), data.train_y[-held:])
+
+
+def monitored_robust_accuracy(
+    model: Classifier, monitor: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig, steps: int | None = None
+) -> float:
+    """PGD accuracy on the held-out ``monitor`` images (:func:`monitor_split`): a cheap per-epoch robustness signal.
 
     ``steps=1`` gives the single-step (FGSM, step eps, no random start) accuracy that the catastrophic-overfitting
     detector compares it with.
     """
     steps = steps or cfg.monitor_steps
-    n = min(cfg.monitor_examples, len(data.test_y))
 
     step_size = cfg.eps if steps == 1 else 2.5 * cfg.eps / steps
 
     def attack(x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:  # random starts from the run's RNG
         return pgd(model, x, y, norm=cfg.norm, eps=cfg.eps, step_size=step_size, steps=steps, random_start=steps > 1)
 
-    return accuracy(model, data.test_x[:n], data.test_y[:n], attack=attack, batch_size=256)
+    return accuracy(model, *monitor, attack=attack, batch_size=256)
 
 
 def train(
@@ -208,8 +219,22 @@ def _train(
         teacher.requires_grad_(False)
     method = method_cls(cfg, teacher if method_cls.needs_teacher else None)
     model = build_model(cfg.model, **data.model_kwargs(), feature_dim=cfg.feature_dim, width=cfg.width).to(device)
-    if cfg.transplant:
-        transplant_stem(teacher, model, frozen=cfg.transplant_frozen, filters=cfg.transplant == "stem-filters")
+    transplant = None
+    if cfg.transplant:  # decided and checked before any training; a prefix rebuilds the student around the teacher's
+        transplant = choose_transplant(cfg.transplant, teacher, model)
+        if transplant[0] == "stem-prefix":
+            model = build_model(
+                cfg.model, **data.model_kwargs(), feature_dim=cfg.feature_dim, width=cfg.width,
+                stem_prefix=stem_prefix_spec(teacher),
+            ).to(device)  # fmt: skip
+            transplant_prefix(teacher, model, frozen=cfg.transplant_frozen)
+        else:
+            transplant_stem(teacher, model, frozen=cfg.transplant_frozen, filters=transplant[0] == "stem-filters")
+        if ctx.is_main:
+            hint = (
+                "" if method.adversarial else "; alone it keeps little robustness: add --method fast to train the rest"
+            )
+            print(f"transplant: {transplant[0]} ({transplant[1]}){hint}", file=sys.stderr)
     method.check(data, model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -223,7 +248,7 @@ def _train(
         model.features = torch.compile(model.features)
         if teacher is not None:
             teacher.features = torch.compile(teacher.features)
-    train_x, train_y = data.train_x, data.train_y
+    (train_x, train_y), monitor = monitor_split(data, cfg.monitor_examples)
     if cfg.data_on_device and data.lazy:
         raise RRMError(
             f"--data-on-device copies the whole training set to the device, but {data.name!r} is read from shards "
@@ -233,7 +258,7 @@ def _train(
         train_x, train_y = train_x.to(device), train_y.to(device)
 
     passes = math.ceil(cfg.epochs / method.epochs_per_pass)
-    steps_per_pass = math.ceil(len(data.train_y) / cfg.batch_size) * method.epochs_per_pass
+    steps_per_pass = math.ceil(len(train_y) / cfg.batch_size) * method.epochs_per_pass
     total_steps = passes * steps_per_pass
     schedule = resolved_schedule(cfg.schedule, method)
     # the method's own parameters (RRM's adapters) train with the model and are not saved with it
@@ -283,7 +308,7 @@ def _train(
     output.open(start)  # after the callbacks started: an unreachable tracking server leaves no empty directory
 
     watch_co = method.single_step and cfg.monitor_examples > 0
-    flops_per_image = None
+    flops_per_image = monitor_flops = None
     before = None  # the weights at the end of the previous epoch, kept to undo a catastrophic overfit
     if history and history[-1].get("early_stopped"):
         start = passes  # an early-stopped run is finished
@@ -362,11 +387,15 @@ def _train(
             **metrics,
         }
         if ctx.is_main:
-            metrics["test_accuracy"] = accuracy(model, data.test_x, data.test_y, batch_size=512)
-            if cfg.monitor_examples:
-                metrics["monitor_robust_accuracy"] = monitored_robust_accuracy(model, data, cfg)
-            if watch_co:
-                metrics["monitor_fgsm_accuracy"] = monitored_robust_accuracy(model, data, cfg, steps=1)
+            metrics["test_accuracy"] = accuracy(model, data.test_x, data.test_y, batch_size=512)  # reported only
+            if cfg.monitor_examples:  # the monitor's passes are part of the run's cost: counted once, as the step's
+                with FlopCounter() if monitor_flops is None else contextlib.nullcontext() as counter:
+                    metrics["monitor_robust_accuracy"] = monitored_robust_accuracy(model, monitor, cfg)
+                    if watch_co:
+                        metrics["monitor_fgsm_accuracy"] = monitored_robust_accuracy(model, monitor, cfg, steps=1)
+                if monitor_flops is None:
+                    monitor_flops = counter.get_total_flops()
+                metrics["monitor_flops"] = monitor_flops
         if ctx.enabled:  # rank 0 evaluated; every rank keeps the same history
             metrics = distributed.broadcast(metrics)
         history.append(metrics)
@@ -403,8 +432,8 @@ def _train(
         device=str(device),
         processes=ctx.world_size,
     )
-    if cfg.transplant:  # a transplant learns from the teacher whatever the method: the report adds the teacher's cost
-        summary["transplant"] = cfg.transplant
+    if transplant:  # a transplant learns from the teacher whatever the method: the report adds the teacher's cost
+        summary["transplant"], summary["transplant_reason"] = transplant
     meta = {
         "method": cfg.method,
         "model": cfg.model,
@@ -437,7 +466,7 @@ def summarize(history: list[dict], epochs_per_pass: int = 1) -> dict:
         "test_accuracy": kept["test_accuracy"],
         "train_loss": kept["loss"],
     }
-    summary["total_flops"] = sum(h["epoch_flops"] for h in history if "epoch_flops" in h)
+    summary["total_flops"] = sum(h.get("epoch_flops", 0) + h.get("monitor_flops", 0) for h in history)
     summary["flops_per_epoch"] = summary["total_flops"] / summary["epochs"]  # paper epochs, as epoch_seconds
     if "monitor_robust_accuracy" in kept:
         summary["monitor_robust_accuracy"] = kept["monitor_robust_accuracy"]
