@@ -348,7 +348,12 @@ def test_stages_depend_on_their_code(pipeline: str) -> None:
 
 @pytest.mark.parametrize(
     "pipeline",
-    ["dvc.yaml", "pipelines/stem/pipeline.yaml", "pipelines/transfer/pipeline.yaml", "pipelines/variants/pipeline.yaml"],
+    [
+        "dvc.yaml",
+        "pipelines/stem/pipeline.yaml",
+        "pipelines/transfer/pipeline.yaml",
+        "pipelines/variants/pipeline.yaml",
+    ],
 )
 def test_students_take_their_teacher_from_the_registry_pinned_to_a_pulled_copy(pipeline: str) -> None:
     stages = yaml.safe_load((ROOT / pipeline).read_text())["stages"]

@@ -75,6 +75,12 @@ def _shape(conv: nn.Conv2d) -> dict:
     }
 
 
+def _check_normalisation(teacher: Classifier, student: Classifier) -> None:
+    """The teacher's stem reads normalised pixels: the student must normalise them the same way."""
+    if (teacher.spec.get("mean"), teacher.spec.get("std")) != (student.spec.get("mean"), student.spec.get("std")):
+        raise RRMError("the teacher and the student normalise their inputs differently; train both on one dataset")
+
+
 def _keep_eval(module: nn.Module, args) -> None:
     module.training = False  # a frozen BatchNorm normalises with its (transplanted) running statistics
 
@@ -104,8 +110,7 @@ def transplant_stem(
             + ("copy the teacher's most-read filters (--transplant stem-filters), " if fewer else "")
             + "or let --transplant auto run the teacher's first layer in front of the student's (stem-prefix)"
         )
-    if (teacher.spec.get("mean"), teacher.spec.get("std")) != (student.spec.get("mean"), student.spec.get("std")):
-        raise RRMError("the teacher and the student normalise their inputs differently; train both on one dataset")
+    _check_normalisation(teacher, student)
     if s_bn is None and s_conv.bias is None:
         raise RRMError(
             f"the stem of {student.spec.get('name')!r} has neither a bias nor a BatchNorm to carry the "
@@ -209,8 +214,7 @@ def transplant_prefix(teacher: Classifier, student: Classifier, frozen: bool = T
     """Copy the teacher's stem (BatchNorm folded) into the prefix of ``student`` (built with ``stem_prefix``)."""
     if not student.spec.get("stem_prefix"):
         raise RRMError(f"student {student.spec.get('name')!r} has no stem prefix; build it with stem_prefix")
-    if (teacher.spec.get("mean"), teacher.spec.get("std")) != (student.spec.get("mean"), student.spec.get("std")):
-        raise RRMError("the teacher and the student normalise their inputs differently; train both on one dataset")
+    _check_normalisation(teacher, student)
     weight, bias = folded_stem(teacher)
     stem = student.body[0]
     with torch.no_grad():
