@@ -76,3 +76,17 @@ def test_the_trainer_records_flops_per_epoch_and_in_total(tmp_path, digits):
     # A training step is a forward pass F plus the weights' and inputs' gradients (about 2F); an attack step is F plus
     # the input gradient (about 2F), so PGD-3 costs about 1 + 3 * 2/3 = 3 natural steps.
     assert sat.summary["flops_per_epoch"] / natural.summary["flops_per_epoch"] == pytest.approx(3.0, rel=0.1)
+
+
+@pytest.mark.parametrize("groups", [1, 4, 16])
+def test_a_grouped_convolutions_backward_pass_costs_twice_its_forward(groups):
+    """By hand: a 3x3 convolution of 16 -> 16 channels in ``groups`` groups over 8x8 maps is 2 * 16 * (16 / groups) * 9
+    FLOPs per pixel forward; its backward pass (input and weight gradients) twice that. torch 2.14's formula counts a
+    grouped convolution's weight gradient as if ungrouped (16x too much for a depthwise one): rrm's counter does not."""
+    conv = nn.Conv2d(16, 16, 3, padding=1, groups=groups, bias=False)
+    x = torch.rand(2, 16, 8, 8, requires_grad=True)
+    with FlopCounter() as counter:
+        conv(x).sum().backward()
+    forward = 2 * 2 * 16 * (16 // groups) * 9 * 64
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert counts == {"aten.convolution": forward, "aten.convolution_backward": 2 * forward}
