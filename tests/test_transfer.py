@@ -6,6 +6,7 @@ attack failing at large eps."""
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -274,3 +275,14 @@ def test_a_larger_budget_that_lowers_accuracy_is_reported():
     (name, line), *others = sanity_warnings(checks, 0.02).items()
     assert name == "more_steps" and not others
     assert line.startswith("more steps lowered accuracy from 60.0% to 50.0%") and "too weak" in line
+
+
+def test_the_transfer_studys_students_validate_and_take_the_teacher_they_need():
+    import yaml
+
+    study = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())["transfer"]
+    teacherless, with_teacher = set(study["without_teacher"]), set(study["with_teacher"])
+    for name, values in study["students"].items():
+        cfg = TrainConfig.from_dict({**values, "eps": study["eps"]}).validate()
+        assert (cfg.transplant is not None) == (name not in teacherless), name
+        assert name in teacherless | with_teacher | {"filters-fast-co"}, name
