@@ -15,6 +15,8 @@ BatchNorm on either side is folded: the teacher's stem becomes one affine convol
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -254,3 +256,19 @@ def choose_transplant(requested: str, teacher: Classifier, student: Classifier) 
         f"{why}the teacher's ({teacher_stem}): the teacher's runs in front of it, and the student's first layer "
         f"reads its {prefix['channels']} maps in place of the pixels"
     )
+
+
+def transplanted(
+    requested: str, teacher: Classifier, build: Callable[..., Classifier], frozen: bool = True
+) -> tuple[Classifier, str, str]:
+    """The student ``build(**extra)`` with the teacher's first layer in it, as ``requested`` (see
+    :func:`choose_transplant`): ``(student, transplant, why)``. A prefix rebuilds the student around the teacher's
+    stem; the other transplants copy it into the student as first built, so their seeded results do not change."""
+    student = build()
+    kind, why = choose_transplant(requested, teacher, student)
+    if kind == "stem-prefix":
+        student = build(stem_prefix=stem_prefix_spec(teacher))
+        transplant_prefix(teacher, student, frozen=frozen)
+    else:
+        transplant_stem(teacher, student, frozen=frozen, filters=kind == "stem-filters")
+    return student, kind, why

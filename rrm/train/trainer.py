@@ -25,7 +25,7 @@ from rrm.errors import RRMError
 from rrm.io import check_writable, ensure_dir, missing_parents, write_json
 from rrm.metrics import accuracy
 from rrm.models import Classifier, build_model, save_model
-from rrm.models.transplant import choose_transplant, stem_prefix_spec, transplant_prefix, transplant_stem
+from rrm.models.transplant import transplanted
 from rrm.stats import epoch_time_stats
 from rrm.train import distributed
 from rrm.train.basics import (  # noqa: F401  (re-exported: the trainer's public names)
@@ -218,23 +218,21 @@ def _train(
         teacher = teacher.to(device).eval()
         teacher.requires_grad_(False)
     method = method_cls(cfg, teacher if method_cls.needs_teacher else None)
-    model = build_model(cfg.model, **data.model_kwargs(), feature_dim=cfg.feature_dim, width=cfg.width).to(device)
+
+    def build(**extra) -> Classifier:
+        return build_model(cfg.model, **data.model_kwargs(), feature_dim=cfg.feature_dim, width=cfg.width, **extra)
+
     transplant = None
-    if cfg.transplant:  # decided and checked before any training; a prefix rebuilds the student around the teacher's
-        transplant = choose_transplant(cfg.transplant, teacher, model)
-        if transplant[0] == "stem-prefix":
-            model = build_model(
-                cfg.model, **data.model_kwargs(), feature_dim=cfg.feature_dim, width=cfg.width,
-                stem_prefix=stem_prefix_spec(teacher),
-            ).to(device)  # fmt: skip
-            transplant_prefix(teacher, model, frozen=cfg.transplant_frozen)
-        else:
-            transplant_stem(teacher, model, frozen=cfg.transplant_frozen, filters=transplant[0] == "stem-filters")
+    if cfg.transplant:  # decided and checked before any training
+        model, *transplant = transplanted(cfg.transplant, teacher, build, frozen=cfg.transplant_frozen)
         if ctx.is_main:
             hint = (
                 "" if method.adversarial else "; alone it keeps little robustness: add --method fast to train the rest"
             )
             print(f"transplant: {transplant[0]} ({transplant[1]}){hint}", file=sys.stderr)
+    else:
+        model = build()
+    model = model.to(device)
     method.check(data, model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
