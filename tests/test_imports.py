@@ -15,7 +15,7 @@ from _helpers import worker_env
 
 import rrm
 from rrm.errors import RRMError
-from rrm.train import load_teacher
+from rrm.models import load_teacher
 
 PACKAGE = Path(rrm.__file__).parent
 # The layers above the training core: they may import rrm.train, never the other way round.

@@ -449,7 +449,7 @@ def test_a_corrupt_robustify_resume_file_says_to_delete_it(project, model_file):
 
 
 def _stub_jobs(monkeypatch) -> None:
-    from rrm.train import resolve_device
+    from rrm.config import resolve_device
 
     def train_job(cfg, track=None, teacher_pin=None):
         cfg.validate()

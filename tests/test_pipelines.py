@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rrm import pipelines
 from rrm.errors import RRMError
+from rrm.jobs import pipelines
 
 # A stage that says it started, then waits; Ctrl-C (SIGINT) makes it write what a training would keep, and exit.
 STAGE = """\

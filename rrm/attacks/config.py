@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from rrm.attacks.autoattack import components_of
 from rrm.attacks.pgd import check_threat
-from rrm.errors import RRMError, require, unknown
+from rrm.config import Config
+from rrm.errors import require, unknown
 
 ATTACKS = ("apgd", "art-apgd", "pgd", "fgsm", "transfer", "autoattack")
 TRANSFER_ATTACKS = ("apgd", "pgd")
@@ -18,8 +18,11 @@ MORE_RESTARTS = 4
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Config):
     """What to attack and how. The defaults are the paper's APGD budget (50 iterations x 10 restarts)."""
+
+    KIND = "evaluation"
+    LISTS = ("attacks", "autoattack_components")
 
     norm: str = "linf"
     eps: float = 0.3
@@ -47,26 +50,6 @@ class EvalConfig:
     sanity_zero_accuracy: float = 0.05
     seed: int = 0
 
-    def replace(self, **changes) -> EvalConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> EvalConfig:
-        """Build from a params-file section; unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(values) - names)
-        if bad:
-            raise RRMError(f"unknown evaluation option(s) {bad}; valid options: {', '.join(sorted(names))}")
-        values = dict(values)
-        for key in ("attacks", "autoattack_components"):
-            if isinstance(values.get(key), (list, str)):
-                names = values[key]
-                values[key] = tuple([names] if isinstance(names, str) else names)
-        return cls(**values)
-
     @property
     def pgd_step(self) -> float:
         return self.pgd_step_size if self.pgd_step_size is not None else 2.5 * self.eps / self.pgd_steps
@@ -83,10 +66,8 @@ class EvalConfig:
 
     def validate(self) -> EvalConfig:
         """Raise :class:`RRMError` for any value out of range; returns self for chaining."""
-        from rrm.train.config import check_finite, check_types  # the training config's rules
-
         require(not isinstance(self.attacks, str), f"attacks must be a list of names, got the string {self.attacks!r}")
-        check_types(self)
+        self.check_types()
         check_threat(self.norm, self.eps)
         for name in self.attacks:
             if name not in ATTACKS:
@@ -109,5 +90,5 @@ class EvalConfig:
             0 <= self.sanity_zero_accuracy < 1,
             f"sanity_zero_accuracy must be in [0, 1), got {self.sanity_zero_accuracy}",
         )
-        check_finite(self)
+        self.check_finite()
         return self

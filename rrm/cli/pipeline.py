@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 import cloup
 
-from rrm import pipelines
 from rrm.cli import cli
+from rrm.jobs import pipelines
 
 
 @cli.group()

@@ -12,11 +12,22 @@ import torch
 from rrm.errors import RRMError, unknown
 from rrm.io import atomic_path
 from rrm.models.base import Classifier, Normalize
+from rrm.models.teacher import Teacher, load_teacher
 from rrm.models.zoo import ARCHITECTURES, WIDTH_SCALABLE
 
 MODEL_FORMAT = "rrm-model/1"
 
-__all__ = ["ARCHITECTURES", "Classifier", "Normalize", "build_model", "load_model", "model_from_state", "save_model"]
+__all__ = [
+    "ARCHITECTURES",
+    "Classifier",
+    "Normalize",
+    "Teacher",
+    "build_model",
+    "load_model",
+    "load_teacher",
+    "model_from_state",
+    "save_model",
+]
 
 
 def build_model(

@@ -12,16 +12,7 @@ from rrm.train.methods import (
     teacher_methods,
     tunable_methods,
 )
-from rrm.train.trainer import (
-    Callback,
-    TrainResult,
-    accuracy,
-    load_teacher,
-    resolve_device,
-    resolved_precision,
-    resolved_schedule,
-    train,
-)
+from rrm.train.trainer import Callback, TrainResult, accuracy, resolved_precision, resolved_schedule, train
 
 __all__ = [
     "FEATURE_LOSSES",
@@ -38,9 +29,7 @@ __all__ = [
     "accuracy",
     "get_method",
     "knobs_of",
-    "load_teacher",
     "may_teach",
-    "resolve_device",
     "resolved_precision",
     "resolved_schedule",
     "teacher_methods",

@@ -17,7 +17,7 @@ import torch
 from rrm.data import ImageData
 from rrm.errors import RRMError
 from rrm.io import atomic_path
-from rrm.models import Classifier, load_model
+from rrm.models import Classifier
 from rrm.train.config import RUNTIME_OPTIONS, TrainConfig
 
 CHECKPOINT_FORMAT = "rrm-checkpoint/1"
@@ -95,20 +95,6 @@ def epoch_line(metrics: dict, passes: int) -> str:
     )
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise RRMError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RRMError(f"device {name!r} asked for but CUDA is not available here; use --device cpu or auto")
-    return device
-
-
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -119,24 +105,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     if deterministic != torch.are_deterministic_algorithms_enabled():
         torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.benchmark = not deterministic
-
-
-def load_teacher(path: str | os.PathLike, device: torch.device) -> Classifier:
-    """A frozen teacher from a model file.
-
-    Registry URIs (``models:/name@alias``, ``runs:/id/model``) are resolved by the caller (``rrm.jobs``), so
-    that training never needs MLflow; pass the loaded model as ``train(..., teacher=)`` or the pulled file here.
-    """
-    if str(path).startswith(("models:/", "runs:/")):
-        raise RRMError(
-            f"registry URI {str(path)!r} must be resolved before training: load it with "
-            "rrm.jobs.load_model_ref and pass it as teacher=, or pass the file `rrm teacher pull` wrote"
-        )
-    teacher, _ = load_model(path)
-    teacher.to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
 
 
 def lr_factor(

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
-import types
-import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
+from rrm.config import Config
 from rrm.errors import RRMError, unknown
 
 SCHEDULES = ("constant", "cosine", "step", "cyclic")
@@ -30,13 +29,17 @@ SWITCHED_OFF = {
 }
 # Options that change how a run executes, not what it computes: a resumed run or a tuning study may differ in them.
 RUNTIME_OPTIONS = ("resume", "resume_or_start", "progress", "device", "compile", "data_on_device")
-# Field names users know by another name (the paper's), in messages.
-SPELLED = {"lam": "lambda"}
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """Everything one training run depends on. ``None`` means "the method's default" where noted."""
+
+    KIND = "training"
+    ALIASES: ClassVar[dict[str, str]] = {"lambda": "lam"}  # the paper's name
+    SPELLED: ClassVar[dict[str, str]] = {"lam": "lambda"}
+    LISTS = ("milestones", "match_layers")
+    COMMA_LISTS = True
 
     # data and model
     dataset: str = "mnist5k"  # a registered name or a file written by `rrm data prepare` / `rrm robustify`
@@ -99,28 +102,6 @@ class TrainConfig:
     resume_or_start: bool = False  # continue from the checkpoint in out_dir when there is one, else start afresh
     progress: bool | None = None  # None: progress bars only when stderr is a terminal
 
-    def replace(self, **changes) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        """Build from a params-file section; ``lambda`` is accepted for ``lam``; unknown keys are an error."""
-        values = dict(values)
-        if "lambda" in values:
-            values["lam"] = values.pop("lambda")
-        names = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(values) - names)
-        if bad:
-            raise RRMError(f"unknown training option(s) {bad}; valid options: {', '.join(sorted(names))}")
-        for name in ("milestones", "match_layers"):
-            if isinstance(values.get(name), (list, str)):
-                value = values[name]
-                values[name] = tuple(value.split(",") if isinstance(value, str) else value)
-        return cls(**values)
-
     def validate(self) -> TrainConfig:
         """Raise :class:`RRMError` for any value out of range; returns self for chaining."""
         from rrm.attacks import check_threat  # the training config shares the attacks' threat-model rules
@@ -129,7 +110,7 @@ class TrainConfig:
             if not ok:
                 raise RRMError(message)
 
-        check_types(self)
+        self.check_types()
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}")
@@ -185,7 +166,7 @@ class TrainConfig:
             not self.early_stop_on_co or self.monitor_examples > 0,
             "early_stop_on_co watches the per-epoch PGD monitor; set monitor_examples > 0",
         )
-        check_finite(self)
+        self.check_finite()
         return self
 
     def _check_method_options(self) -> None:
@@ -229,7 +210,7 @@ class TrainConfig:
         )
         one = len(changed) == 1
         raise RRMError(
-            f"{', '.join(SPELLED.get(c, c) for c in changed)} {'is an option' if one else 'are options'} "
+            f"{', '.join(self.spelled(c) for c in changed)} {'is an option' if one else 'are options'} "
             "of method "
             f"{' or '.join(repr(m) for m in owners)}, not {self.method!r}; use --method {owners[0]}, or "
             f"leave {'it' if one else 'them'} at the default"
@@ -238,62 +219,3 @@ class TrainConfig:
 
 def _as_tuple(value: object) -> object:
     return tuple(value) if isinstance(value, list) else value
-
-
-def check_types(config: object) -> None:
-    """Raise :class:`RRMError` for a field of the dataclass ``config`` whose value does not have the field's type.
-
-    Library callers and ``-o KEY=VALUE`` pass values that no command-line parser has typed; a wrong type would
-    otherwise fail deep inside training, or be silently coerced. Validation starts with it.
-    """
-    hints = typing.get_type_hints(type(config))
-    for f in dataclasses.fields(config):
-        value, kind = getattr(config, f.name), hints[f.name]
-        if not _conforms(value, kind):
-            raise RRMError(f"{SPELLED.get(f.name, f.name)} must be {_describe(kind)}, got {value!r}")
-
-
-def check_finite(config: object) -> None:
-    """Raise :class:`RRMError` for a number field of the dataclass ``config`` that is nan or infinite: no option of
-    rrm means anything there. Validation ends with it, so the range checks before it name their own fix first."""
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        items = value if isinstance(value, (tuple, list)) else [value]
-        if any(
-            isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral) and not math.isfinite(v) for v in items
-        ):
-            raise RRMError(f"{SPELLED.get(f.name, f.name)} must be a finite number, got {value!r}; pass a finite value")
-
-
-def _conforms(value: object, kind: object) -> bool:
-    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
-        return any(_conforms(value, arm) for arm in typing.get_args(kind))
-    if kind is type(None):
-        return value is None
-    if kind is bool:
-        return isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if kind is str:
-        return isinstance(value, str)
-    if typing.get_origin(kind) is tuple:
-        item = typing.get_args(kind)[0]
-        return isinstance(value, (tuple, list)) and all(_conforms(v, item) for v in value)
-    if typing.get_origin(kind) is dict or kind is dict:
-        return isinstance(value, dict)
-    return not isinstance(kind, type) or isinstance(value, kind)
-
-
-def _describe(kind: object) -> str:
-    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
-        arms = [arm for arm in typing.get_args(kind) if arm is not type(None)]
-        described = " or ".join(_describe(arm) for arm in arms)
-        return f"{described} (or unset)" if len(arms) < len(typing.get_args(kind)) else described
-    if typing.get_origin(kind) is tuple:
-        item = _describe(typing.get_args(kind)[0]).removeprefix("a ").removeprefix("an ")
-        return f"a list of {item if item == 'text' else item + 's'}"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "text", dict: "a mapping"}.get(
-        kind, f"a {getattr(kind, '__name__', kind)}"
-    )

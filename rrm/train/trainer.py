@@ -20,11 +20,12 @@ import torch
 from tqdm.auto import tqdm
 
 from rrm.attacks import pgd
+from rrm.config import resolve_device
 from rrm.data import ImageData, as_tensor, batches, load_dataset
 from rrm.errors import RRMError
 from rrm.io import check_writable, ensure_dir, missing_parents, write_json
 from rrm.metrics import accuracy
-from rrm.models import Classifier, build_model, save_model
+from rrm.models import Classifier, Teacher, build_model, load_teacher, save_model
 from rrm.models.transplant import transplanted
 from rrm.stats import epoch_time_stats
 from rrm.train import distributed
@@ -37,10 +38,8 @@ from rrm.train.basics import (  # noqa: F401  (re-exported: the trainer's public
     TrainResult,
     epoch_line,
     load_checkpoint,
-    load_teacher,
     lr_factor,
     progress_shown,
-    resolve_device,
     save_checkpoint,
     seed_everything,
 )
@@ -104,7 +103,7 @@ def train(
     *,
     callbacks: tuple[Callback, ...] | list[Callback] = (),
     data: ImageData | None = None,
-    teacher: Classifier | str | os.PathLike | None = None,
+    teacher: Teacher | Classifier | str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train ``cfg.model`` with ``cfg.method``; writes checkpoint, model and metrics under ``cfg.out_dir``.
 
@@ -198,7 +197,7 @@ def _train(
     device: torch.device,
     callbacks,
     data: ImageData | None,
-    teacher: Classifier | str | os.PathLike | None,
+    teacher: Teacher | Classifier | str | os.PathLike | None,
     output: _RunOutput,
 ) -> TrainResult:
     if cfg.sync_batchnorm and not (ctx.enabled and device.type == "cuda"):
@@ -213,10 +212,8 @@ def _train(
         if teacher is None and not cfg.teacher:
             what = f"method {cfg.method!r}" if method_cls.needs_teacher else f"--transplant {cfg.transplant}"
             raise RRMError(f"{what} needs a teacher; pass --teacher <model file or models:/ URI>")
-        if not isinstance(teacher, torch.nn.Module):
-            teacher = load_teacher(teacher or cfg.teacher, device)
-        teacher = teacher.to(device).eval()
-        teacher.requires_grad_(False)
+        # built here, after seeding, whatever it came from: a seeded student starts the same
+        teacher = load_teacher(teacher if teacher is not None else cfg.teacher, device)
     method = method_cls(cfg, teacher if method_cls.needs_teacher else None)
 
     def build(**extra) -> Classifier:

@@ -12,9 +12,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rrm.config import Config
 from rrm.errors import RRMError, require, unknown
 from rrm.train import TrainConfig, knobs_of, tunable_methods
-from rrm.train.config import RUNTIME_OPTIONS, check_finite, check_types
+from rrm.train.config import RUNTIME_OPTIONS
 from rrm.train.methods import get_method
 
 MODES = ("pareto", "constrained")
@@ -23,7 +24,7 @@ DEFAULT_STORAGE = "sqlite:///optuna.db"
 
 
 @dataclass
-class TuneConfig:
+class TuneConfig(Config):
     """One study: what to tune, how to score and where to keep it. ``train`` holds every fixed training option."""
 
     method: str = "rrm"
@@ -104,7 +105,7 @@ class TuneConfig:
 
     def validate(self) -> TuneConfig:
         """Raise :class:`RRMError` naming the bad value and the fix; returns self for chaining."""
-        check_types(self)
+        self.check_types()
         if self.method not in tunable_methods():
             raise unknown("tuning method", self.method, tunable_methods())
         self.train.replace(method=self.method).validate()  # before the ranges, which validate it with each bound
@@ -155,7 +156,7 @@ class TuneConfig:
             bool(self.train.teacher),
             f"method {self.method!r} needs a teacher; pass --teacher <model file or models:/ URI>",
         )
-        check_finite(self)
+        self.check_finite()
         return self
 
     def _check_range(self, name: str) -> None:

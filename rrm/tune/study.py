@@ -24,11 +24,12 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from rrm.config import resolve_device
 from rrm.data import ImageData, as_tensor, load_dataset
 from rrm.errors import RRMError
 from rrm.evaluate import EvalConfig, apgd_accuracy, evaluate
-from rrm.models import Classifier, load_model
-from rrm.train import Callback, TrainConfig, knobs_of, load_teacher, resolve_device, train
+from rrm.models import Classifier, load_model, load_teacher
+from rrm.train import Callback, TrainConfig, knobs_of, train
 from rrm.tune.config import TuneConfig
 from rrm.tune.storage import abandon_dead_trials, is_finished, open_storage, storage_label, this_worker, trial_counts
 from rrm.tune.summary import TuneResult, parent_metrics, parent_params, parent_tags, summarise, trial_record
