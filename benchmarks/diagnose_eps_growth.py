@@ -1,6 +1,6 @@
 """Why APGD stalls when the eps ball holds every image: which test images survive APGD-10 at Linf eps 1.0, what the
 model calls the attacked images and its random starts, the input gradient on the survivors, and what a start from
-another class's image reaches (the `reachable` check). Not a timing: the numbers behind docs/studies.md, "Why APGD
+another class's image reaches (the `reachable` check). Not a timing: the numbers behind notebook/studies.md, "Why APGD
 stalls on the stem-filters students".
 
     PYTHONPATH=. python benchmarks/diagnose_eps_growth.py runs/transfer/resnet8/seed0/natural/model.pt

@@ -532,7 +532,7 @@ def test_dvc_repro_smoke(tmp_path: Path) -> None:
         "measured 2026-11-27 on the default pipeline (mnist5k, Linf eps 0.2, cnn-bn students, 3 epochs): "
         "the RRM student "
         "reached 1.8% APGD against SAT's 83.8% (natural 14.4%, KD 19.8%, RDT 0.0%) while matching the teacher's "
-        "features (transfer attack 75.6%); plain RRM does not transfer robustness on this data (docs/studies.md). "
+        "features (transfer attack 75.6%); plain RRM does not transfer robustness on this data (notebook/studies.md). "
         "strict: if it ever passes, the README's statement is out of date"
     ),
 )

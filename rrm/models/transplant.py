@@ -1,7 +1,7 @@
 """Stem transfer: a robust teacher's first layer in a student of another architecture.
 
 On MNIST most of a robust model's robustness sits in its first-layer thresholds, which clean feature matching never
-exercises (see docs/studies.md); moving the teacher's first layer ("stem") moves them across architectures. A
+exercises (see notebook/studies.md); moving the teacher's first layer ("stem") moves them across architectures. A
 BatchNorm on either side is folded: the teacher's stem becomes one affine convolution ``w * x + b``.
 
 - ``stem``: the student's first layer has the teacher's shape and takes its weights (its BatchNorm, if any, set to
