@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from rrm.data import ImageData
 from rrm.models import Classifier
-from rrm.train.config import TrainConfig
+
+if TYPE_CHECKING:  # the configuration validates itself against the methods
+    from rrm.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
