@@ -105,3 +105,15 @@ class Method:
         """The attack step; by default Madry et al.'s 2.5 * eps / steps, which reaches the boundary from any start."""
         cfg = self.cfg
         return cfg.step_size if cfg.step_size is not None else 2.5 * self.eps / cfg.attack_steps
+
+
+def resolved_precision(precision: str | None, method: type[Method] | Method, device: torch.device | str) -> str:
+    """The autocast precision a run uses: ``precision``, or None for the method's default on ``device``."""
+    if precision is not None:
+        return precision
+    return "fp16" if method.mixed_precision_on_gpu and torch.device(device).type == "cuda" else "fp32"
+
+
+def resolved_schedule(schedule: str | None, method: type[Method] | Method) -> str:
+    """The learning-rate schedule a run uses: ``schedule``, or None for the method's default."""
+    return schedule or method.default_schedule
