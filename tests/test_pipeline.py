@@ -327,7 +327,7 @@ CODE = {
     "rrm teacher register": {"rrm/models", "rrm/train"},
     "rrm teacher pull": {"rrm/models", "rrm/train"},
     "rrm robustify": TRAIN_CODE | {"rrm/robustify.py"},
-    "rrm report": {"rrm/report.py", "rrm/tables.py", "rrm/stats.py", "rrm/plots.py", "rrm/train"},
+    "rrm report": {"rrm/report", "rrm/stats.py", "rrm/plots.py", "rrm/train"},
     "rrm tune": TRAIN_CODE | {"rrm/evaluate.py"},
 }
 
@@ -404,7 +404,7 @@ def _append(path: Path, text: str) -> str:
 
 def test_code_edits_change_the_stages_that_run_that_code(tmp_path: Path) -> None:
     """After an edit to rrm/train/methods.py `dvc status` reports every stage that runs it as changed: all but
-    prepare (the report and the registry read the methods' facts there); edits to evaluate.py and report.py only the
+    prepare (the report and the registry read the methods' facts there); edits to evaluate.py and rrm/report only the
     stages running them."""
     work, env, dvc = _pipeline(tmp_path)
     names = _commit_outputs(work, env, dvc, "dvc.yaml")
@@ -420,11 +420,8 @@ def test_code_edits_change_the_stages_that_run_that_code(tmp_path: Path) -> None
     assert _changed(work, env, dvc) == {name: {"rrm/train"} for name in names - {"prepare"}}
     methods.write_text(source)  # back to the committed code: only the edits below count
     _append(work / "rrm" / "evaluate.py", "# an edit\n")
-    _append(work / "rrm" / "report.py", "# an edit\n")
-    assert _changed(work, env, dvc) == {
-        **{name: {"rrm/evaluate.py"} for name in evaluated},
-        "report": {"rrm/report.py"},
-    }
+    _append(work / "rrm" / "report" / "writing.py", "# an edit\n")
+    assert _changed(work, env, dvc) == {**{name: {"rrm/evaluate.py"} for name in evaluated}, "report": {"rrm/report"}}
 
 
 def test_plain_dvc_status_reads_the_main_pipeline_and_the_linked_studies(tmp_path: Path) -> None:

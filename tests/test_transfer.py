@@ -21,7 +21,7 @@ from rrm.evaluate import eps_growth_radii, evaluate, other_class_starts, sanity_
 from rrm.models import build_model, load_model, save_model
 from rrm.models.transplant import choose_transplant, folded_stem, stem_prefix_spec, transplant_prefix
 from rrm.train import TrainConfig, train
-from rrm.train.trainer import monitor_split
+from rrm.train.monitor import monitor_split
 
 MNIST = dict(num_classes=10, in_channels=1, image_size=28, mean=(0.13,), std=(0.31,))
 FAST = dict(steps=10, restarts=1, sanity_steps=10, sanity_examples=100, n_examples=100)

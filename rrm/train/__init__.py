@@ -12,7 +12,8 @@ from rrm.train.methods import (
     teacher_methods,
     tunable_methods,
 )
-from rrm.train.trainer import Callback, TrainResult, accuracy, resolved_precision, resolved_schedule, train
+from rrm.train.strategy import resolved_precision, resolved_schedule
+from rrm.train.trainer import Callback, TrainResult, accuracy, train
 
 __all__ = [
     "FEATURE_LOSSES",

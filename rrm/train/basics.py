@@ -1,11 +1,13 @@
-"""What the trainer is made of besides its loop: callbacks and results, devices and seeds, the learning-rate
-schedules and checkpoints that resume a run exactly."""
+"""What the trainer is made of besides its loop: callbacks and results, the run directory, devices and seeds, the
+learning-rate schedules and checkpoints that resume a run exactly."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
+import shutil
 import sys
 from bisect import bisect_right
 from dataclasses import dataclass, field
@@ -16,8 +18,9 @@ import torch
 
 from rrm.data import ImageData
 from rrm.errors import RRMError
-from rrm.io import atomic_path
+from rrm.io import atomic_path, ensure_dir, missing_parents
 from rrm.models import Classifier
+from rrm.stats import epoch_time_stats
 from rrm.train.config import RUNTIME_OPTIONS, TrainConfig
 
 CHECKPOINT_FORMAT = "rrm-checkpoint/1"
@@ -54,6 +57,59 @@ class TrainResult:
     @property
     def metrics_path(self) -> Path:
         return self.out_dir / METRICS
+
+
+class RunOutput:
+    """The run directory: made when training starts. A run that fails keeps its last good checkpoint (and what it
+    wrote beside it), or else leaves the directory as it found it: the files that appeared in it during the run (a
+    callback's too) are removed, and so are the directories the run created."""
+
+    def __init__(self, path: Path, main: bool):
+        self.path, self.main = path, main
+        # taken before the callbacks start, which may write into the directory (MLflow's run file)
+        self.made = missing_parents(path) if main else []  # the directories this run may create, innermost first
+        self.before = {p.name for p in path.iterdir()} if main and path.is_dir() else set()
+        self.written: list[str] = []  # files of a good epoch (or of the finished run) that this run wrote
+        self.epoch = 0  # the epoch of the checkpoint on disk: saved by this run, or resumed from
+        self.opened = False
+
+    def open(self, resumed_epoch: int) -> None:
+        self.epoch, self.opened = resumed_epoch, True
+        if self.main:
+            ensure_dir(self.path)
+
+    def wrote(self, name: str, epoch: int | None = None) -> None:
+        self.written = list(dict.fromkeys([*self.written, name]))
+        self.epoch = epoch if epoch is not None else self.epoch
+
+    def clean_up(self) -> str | None:
+        """Undo what a failed run left; returns what it kept and why (None if it changed nothing on disk)."""
+        if not self.main:
+            return None
+        if self.epoch:
+            names = self.written or [CHECKPOINT]
+            return (
+                f"kept {', '.join(names)} in {str(self.path)!r} (epoch {self.epoch}, the last good one; --resume "
+                "continues from it)"
+            )
+        changed, removed = self.opened, None
+        with contextlib.suppress(OSError):  # never raise over the run's own error
+            if self.path.is_dir() and self.path not in self.made:
+                for new in sorted(p for p in self.path.iterdir() if p.name not in self.before and p.is_file()):
+                    new.unlink()
+                    changed = True
+            for made in self.made:  # innermost first, and only while they are empty of anything else
+                if not made.exists():
+                    continue
+                if made == self.path:
+                    shutil.rmtree(made)
+                else:
+                    made.rmdir()
+                changed, removed = True, made
+        if not changed:
+            return None
+        where = f"; removed {str(removed)!r}, which this run had created" if removed is not None else ""
+        return f"kept nothing (no epoch finished){where}"
 
 
 def progress_shown(progress: bool | None) -> bool:
@@ -163,3 +219,24 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> dict:
             "use the same settings to resume, or another --out-dir"
         )
     return state
+
+
+def summarize(history: list[dict], epochs_per_pass: int = 1) -> dict:
+    """Final metrics and the paper's epoch-time statistics (Free AT's passes counted as its replays)."""
+    last = history[-1]
+    kept = history[-2] if last.get("early_stopped") else last  # the weights kept are those of the epoch before
+    summary = {
+        **epoch_time_stats([h["epoch_seconds"] for h in history], epochs_per_pass),
+        "test_accuracy": kept["test_accuracy"],
+        "train_loss": kept["loss"],
+    }
+    summary["total_flops"] = sum(h.get("epoch_flops", 0) + h.get("monitor_flops", 0) for h in history)
+    summary["flops_per_epoch"] = summary["total_flops"] / summary["epochs"]  # paper epochs, as epoch_seconds
+    if "monitor_robust_accuracy" in kept:
+        summary["monitor_robust_accuracy"] = kept["monitor_robust_accuracy"]
+    collapsed = [h["epoch"] for h in history if h.get("catastrophic_overfitting")]
+    if collapsed:
+        summary["catastrophic_overfitting_epoch"] = collapsed[0]
+    if last.get("early_stopped"):
+        summary["early_stopped_at_epoch"] = last["epoch"]
+    return summary

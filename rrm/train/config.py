@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from rrm.attacks import check_threat
 from rrm.config import Config
 from rrm.errors import RRMError, unknown
+from rrm.models.transplant import TRANSPLANTS
+from rrm.train.methods import SWITCHED_OFF, refuse_unread_options
+from rrm.train.stages import parse_match_layers
 
 SCHEDULES = ("constant", "cosine", "step", "cyclic")
 PRECISIONS = ("fp32", "bf16", "fp16")
 FEATURE_LOSSES = ("cosine", "l2", "direction-norm")
 MATCH_INPUTS = ("clean", "noise", "teacher-fgsm", "teacher-pgd")
-# Options that only some methods read (Method.options), with the value that leaves them off: setting one for
-# another method is refused rather than silently ignored.
-SWITCHED_OFF = {
-    "match_inputs": "clean",
-    "match_layers": ("penultimate",),
-    "kd_weight": 0.0,
-    "iga_weight": 0.0,
-    "noise_magnitude": None,
-    "project_to_eps": False,
-    "grad_align_weight": 0.0,
-    "eps_warmup_epochs": 0,
-}
 # Options that change how a run executes, not what it computes: a resumed run or a tuning study may differ in them.
 RUNTIME_OPTIONS = ("resume", "resume_or_start", "progress", "device", "compile", "data_on_device")
 
@@ -104,7 +95,6 @@ class TrainConfig(Config):
 
     def validate(self) -> TrainConfig:
         """Raise :class:`RRMError` for any value out of range; returns self for chaining."""
-        from rrm.attacks import check_threat  # the training config shares the attacks' threat-model rules
 
         def need(ok: bool, message: str) -> None:
             if not ok:
@@ -139,10 +129,7 @@ class TrainConfig(Config):
             need(
                 value >= 0 and math.isfinite(value), f"{name} must be a number >= 0 (0 turns the term off), got {value}"
             )
-        self._check_method_options()
-        from rrm.models.transplant import TRANSPLANTS
-        from rrm.train.stages import parse_match_layers
-
+        refuse_unread_options(self, [*SWITCHED_OFF, "early_stop_on_co"])  # options that switch something on
         parse_match_layers(self.match_layers)
         if self.transplant is not None and self.transplant not in TRANSPLANTS:
             raise unknown("transplant", self.transplant, TRANSPLANTS)
@@ -169,53 +156,7 @@ class TrainConfig(Config):
         self.check_finite()
         return self
 
-    def _check_method_options(self) -> None:
-        """Refuse an option switched on for a method that does not read it (see ``Method.options``)."""
-        self.check_read([*SWITCHED_OFF, "early_stop_on_co"])
-
     def check_read(self, names: Iterable[str]) -> None:
-        """Refuse any of the options ``names`` that is set away from its default (its "off" value in
-        ``SWITCHED_OFF``) for a method that does not read it: another method's option would be silently ignored.
-
-        :meth:`validate` checks the options that switch something on; the command line checks every option the user
-        named (a flag, or ``-o`` of ``rrm tune``). A params-file section may share a method option among methods
-        through a YAML anchor (``attack_steps`` of every student), so other params-file keys are not refused.
-        """
-        from rrm.train.methods import METHODS, get_method  # the methods import this module
-
-        if self.method not in METHODS:
-            return  # the trainer names the unknown method
-        method = get_method(self.method)
-        owned = {name for cls in METHODS.values() for name in cls.options}
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        changed = [
-            name
-            for name in dict.fromkeys(names)
-            if name in owned
-            and name not in method.options
-            and _as_tuple(getattr(self, name)) != SWITCHED_OFF.get(name, defaults[name])
-        ]
-        if "early_stop_on_co" in names and self.early_stop_on_co and not method.single_step:
-            changed.append("early_stop_on_co")
-        if not changed:
-            return
-        owners = sorted(
-            {
-                m
-                for name in changed
-                for m, cls in METHODS.items()
-                if name in cls.options or (name == "early_stop_on_co" and cls.single_step)
-            },
-            key=list(METHODS).index,
-        )
-        one = len(changed) == 1
-        raise RRMError(
-            f"{', '.join(self.spelled(c) for c in changed)} {'is an option' if one else 'are options'} "
-            "of method "
-            f"{' or '.join(repr(m) for m in owners)}, not {self.method!r}; use --method {owners[0]}, or "
-            f"leave {'it' if one else 'them'} at the default"
-        )
-
-
-def _as_tuple(value: object) -> object:
-    return tuple(value) if isinstance(value, list) else value
+        """Refuse any of the options ``names`` set for a method that does not read it (see
+        :func:`rrm.train.methods.refuse_unread_options`); the command line checks every option the user named."""
+        refuse_unread_options(self, names)

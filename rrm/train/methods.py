@@ -11,16 +11,22 @@ comes from the same forward/backward pass as the update.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from rrm.attacks import ascent_step, fgsm, n_fgsm, pgd, project, random_perturbation
-from rrm.errors import unknown
+from rrm.errors import RRMError, unknown
 from rrm.models import Classifier
-from rrm.train.config import TrainConfig
 from rrm.train.losses import gradient_alignment, input_gradient
 from rrm.train.strategy import TRAINING_KNOBS, Knob, Method, StepFn, Terms
 from rrm.train.transfer import KD, KDIGA, RDT, RRM, TeacherMethod
+
+if TYPE_CHECKING:  # the configuration validates itself against these methods (refuse_unread_options)
+    from rrm.train.config import TrainConfig
 
 __all__ = [
     "KD",
@@ -28,6 +34,7 @@ __all__ = [
     "METHODS",
     "RDT",
     "RRM",
+    "SWITCHED_OFF",
     "TRAINING_KNOBS",
     "Knob",
     "Method",
@@ -37,6 +44,7 @@ __all__ = [
     "get_method",
     "knobs_of",
     "may_teach",
+    "refuse_unread_options",
     "teacher_methods",
     "tunable_methods",
 ]
@@ -212,3 +220,63 @@ def tunable_methods() -> tuple[str, ...]:
 def knobs_of(method: str) -> dict[str, Knob]:
     """Every knob tuning may search for ``method``: its own, then the training loop's."""
     return {**get_method(method).knobs, **TRAINING_KNOBS}
+
+
+# Options that only some methods read (Method.options), with the value that leaves them off: setting one for
+# another method is refused rather than silently ignored (refuse_unread_options).
+SWITCHED_OFF = {
+    "match_inputs": "clean",
+    "match_layers": ("penultimate",),
+    "kd_weight": 0.0,
+    "iga_weight": 0.0,
+    "noise_magnitude": None,
+    "project_to_eps": False,
+    "grad_align_weight": 0.0,
+    "eps_warmup_epochs": 0,
+}
+
+
+def refuse_unread_options(cfg: TrainConfig, names: Iterable[str]) -> None:
+    """Refuse any of the options ``names`` that ``cfg`` sets away from its default (its "off" value in
+    :data:`SWITCHED_OFF`) for a method that does not read it: another method's option would be silently ignored.
+
+    ``TrainConfig.validate`` checks the options that switch something on; the command line checks every option the
+    user named (a flag, or ``-o`` of ``rrm tune``). A params-file section may share a method option among methods
+    through a YAML anchor (``attack_steps`` of every student), so other params-file keys are not refused.
+    """
+    if cfg.method not in METHODS:
+        return  # the trainer names the unknown method
+    method = get_method(cfg.method)
+    owned = {name for cls in METHODS.values() for name in cls.options}
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    changed = [
+        name
+        for name in dict.fromkeys(names)
+        if name in owned
+        and name not in method.options
+        and _as_tuple(getattr(cfg, name)) != SWITCHED_OFF.get(name, defaults[name])
+    ]
+    if "early_stop_on_co" in names and cfg.early_stop_on_co and not method.single_step:
+        changed.append("early_stop_on_co")
+    if not changed:
+        return
+    owners = sorted(
+        {
+            m
+            for name in changed
+            for m, cls in METHODS.items()
+            if name in cls.options or (name == "early_stop_on_co" and cls.single_step)
+        },
+        key=list(METHODS).index,
+    )
+    one = len(changed) == 1
+    raise RRMError(
+        f"{', '.join(cfg.spelled(c) for c in changed)} {'is an option' if one else 'are options'} "
+        "of method "
+        f"{' or '.join(repr(m) for m in owners)}, not {cfg.method!r}; use --method {owners[0]}, or "
+        f"leave {'it' if one else 'them'} at the default"
+    )
+
+
+def _as_tuple(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value

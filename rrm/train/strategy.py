@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from rrm.data import ImageData
 from rrm.models import Classifier
-from rrm.train.config import TrainConfig
+
+if TYPE_CHECKING:  # the configuration validates itself against the methods
+    from rrm.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -103,3 +105,15 @@ class Method:
         """The attack step; by default Madry et al.'s 2.5 * eps / steps, which reaches the boundary from any start."""
         cfg = self.cfg
         return cfg.step_size if cfg.step_size is not None else 2.5 * self.eps / cfg.attack_steps
+
+
+def resolved_precision(precision: str | None, method: type[Method] | Method, device: torch.device | str) -> str:
+    """The autocast precision a run uses: ``precision``, or None for the method's default on ``device``."""
+    if precision is not None:
+        return precision
+    return "fp16" if method.mixed_precision_on_gpu and torch.device(device).type == "cuda" else "fp32"
+
+
+def resolved_schedule(schedule: str | None, method: type[Method] | Method) -> str:
+    """The learning-rate schedule a run uses: ``schedule``, or None for the method's default."""
+    return schedule or method.default_schedule

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -11,10 +11,12 @@ from rrm.attacks import fgsm, pgd, random_perturbation
 from rrm.data import ImageData
 from rrm.errors import RRMError
 from rrm.models import Classifier
-from rrm.train.config import TrainConfig
 from rrm.train.losses import FEATURE_LOSSES, input_gradient, input_gradient_alignment, kd_loss, l2_feature_loss
 from rrm.train.stages import parse_match_layers, stage_adapter
 from rrm.train.strategy import Knob, Method, Terms
+
+if TYPE_CHECKING:  # the configuration validates itself against the methods
+    from rrm.train.config import TrainConfig
 
 _TEMPERATURE = Knob("temperature", 1.0, 50.0, log=True)
 _ALPHA = Knob("alpha", 0.0, 1.0, log=False)

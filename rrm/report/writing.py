@@ -1,0 +1,69 @@
+"""Writing the report: the tables as Markdown and CSV, ``report.json`` (the rows, for ``dvc metrics``) and the
+figure, each file replaced whole."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+from rrm.report.reading import read_report
+from rrm.report.tables import (
+    SEEDS_COLUMNS,
+    TABLE1_COLUMNS,
+    TABLE2_COLUMNS,
+    csv_text,
+    seeds_table,
+    table1,
+    table2,
+    transfer_rows,
+)
+
+
+def write_report(root: str | os.PathLike, out_dir: str | os.PathLike, **layout: str | os.PathLike) -> dict:
+    """Read the metrics under ``root`` (``layout``: :func:`~rrm.report.reading.read_report`'s directories) and write
+    the tables, ``report.json`` and the plot to ``out_dir``; returns :func:`~rrm.report.reading.collect`'s data with
+    ``"files"`` (what was written) and ``"table"`` (the main table)."""
+    from rrm.plots import FRONTIER_FLOP_PANELS, FRONTIER_PANELS, plot_students  # matplotlib only for a report
+
+    report = read_report(root, **layout)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    by_name = {r.name: {k: v for k, v in r.to_dict().items() if k != "name"} for r in report.runs}
+    if report.seeds is not None:
+        goal = report.target
+        files = {
+            "table.md": seeds_table(report),
+            "table.csv": csv_text(SEEDS_COLUMNS, report.students),
+            "report.json": json.dumps({**by_name, "seeds": report.seeds, "target": goal}, indent=2, sort_keys=True)
+            + "\n",
+        }
+        figure = "frontier.png"
+        students, panels, cost, scale = [r.to_dict() for r in report.students], FRONTIER_PANELS, "total_minutes", 1
+        if goal.get("cost_basis") == "flops":  # the target is checked on counted FLOPs: so is the plot drawn
+            students, panels = [r.in_tflops() for r in report.students], FRONTIER_FLOP_PANELS
+            cost, scale = "total_flops", 1e12
+        box = goal["sat"] and (goal["thresholds"][cost] / scale, goal["thresholds"]["adversarial_pct"])
+        draw = functools.partial(plot_students, students, panels=panels, target_box=box, frontier=True)
+    else:
+        files = {
+            "table1.md": table1(report),
+            "table2.md": table2(report),
+            "table1.csv": csv_text(TABLE1_COLUMNS, report.runs),
+            "table2.csv": csv_text(TABLE2_COLUMNS, transfer_rows(report)),
+            "report.json": json.dumps(
+                {**by_name, "claims": {c.claim: {"measured": c.measured, "met": c.met} for c in report.claims}},
+                indent=2,
+                sort_keys=True,
+            )
+            + "\n",
+        }
+        figure = "accuracy_vs_time.png"
+        draw = functools.partial(plot_students, [r.to_dict() for r in report.students])
+    for name, text in files.items():
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+    draw(out / figure)
+    return {**report.to_dict(), "files": sorted([*files, figure]), "table": next(iter(files))}
