@@ -41,8 +41,8 @@ import os
 from pathlib import Path
 
 from rrm.errors import RRMError
+from rrm.evaluation import EvalResult
 from rrm.io import sha256_file
-from rrm.results import EvalResult
 from rrm.stats import mean_ci
 from rrm.tables import (
     LEARNS_FROM_TEACHER_DATA,

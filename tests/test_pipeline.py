@@ -14,7 +14,7 @@ import yaml
 from _helpers import override, override_yaml
 
 from rrm.cli import cli
-from rrm.evaluate import EvalConfig
+from rrm.evaluation import EvalConfig
 from rrm.params import read_section
 from rrm.report import USES_TEACHER
 from rrm.train import METHODS, TrainConfig
