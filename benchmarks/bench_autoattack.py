@@ -27,7 +27,7 @@ from _common import trained_cnn
 from rrm.attacks import apgd, frozen
 from rrm.attacks.autoattack import AutoAttack, package_version
 from rrm.data import load_dataset, to_float
-from rrm.evaluate import load_for_evaluation
+from rrm.evaluation import load_for_evaluation
 
 
 @torch.no_grad()

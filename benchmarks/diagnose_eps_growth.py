@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from rrm.attacks import apgd
 from rrm.data import load_dataset, to_float
-from rrm.evaluate import load_for_evaluation, other_class_starts
+from rrm.evaluation import load_for_evaluation, other_class_starts
 
 
 def main() -> None:

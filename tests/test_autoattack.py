@@ -18,8 +18,7 @@ from rrm.attacks.autoattack import AutoAttack
 from rrm.cli import cli
 from rrm.data import to_float
 from rrm.errors import RRMError
-from rrm.evaluate import EvalConfig, evaluate
-from rrm.results import EvalResult
+from rrm.evaluation import EvalConfig, EvalResult, evaluate
 
 EPS = 0.1  # the digits teacher's training radius
 

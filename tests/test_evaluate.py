@@ -13,10 +13,9 @@ from torch import nn
 from rrm.attacks import apgd, art_apgd, fgsm, pgd
 from rrm.data import ImageData, to_float
 from rrm.errors import RRMError
-from rrm.evaluate import EvalConfig, apgd_accuracy, evaluate, load_for_evaluation
+from rrm.evaluation import EvalConfig, EvalResult, apgd_accuracy, evaluate, load_for_evaluation, spec_record
 from rrm.metrics import accuracy
 from rrm.models import save_model
-from rrm.results import EvalResult, spec_record
 from rrm.stats import epoch_time_stats
 
 # Native APGD and ART's AutoPGD are the same algorithm but not the same code: ART keeps only each restart's last

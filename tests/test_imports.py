@@ -34,7 +34,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "metrics": (("rrm.metrics",), ("ground", "data")),
     "train": (("rrm.train", "rrm.robustify"), ("ground", "data", "models", "attacks", "metrics")),
     "evaluation": (("rrm.evaluation",), ("ground", "data", "models", "attacks", "metrics")),
-    "report": (("rrm.report", "rrm.tables"), ("ground", "train", "evaluation")),
+    "report": (("rrm.report",), ("ground", "train", "evaluation")),
     "tracking": (("rrm.tracking",), ("ground", "data", "models", "train", "evaluation")),
     "tune": (("rrm.tune",), ("ground", "data", "models", "attacks", "metrics", "train", "evaluation", "tracking")),
     "jobs": (
@@ -228,3 +228,26 @@ def test_the_trainer_refuses_a_registry_uri_with_the_fix(uri):
     with pytest.raises(RRMError, match="must be resolved before training") as caught:
         load_teacher(uri, torch.device("cpu"))
     assert "\n" not in str(caught.value)
+
+
+# What evaluation and the attacks build on: they run without the trainer, tracking, tuning, the jobs and the CLI.
+EVALUATION_BUILDS_ON = ("errors", "config", "io", "stats", "data", "models", "metrics", "attacks", "evaluation")
+
+
+@pytest.mark.parametrize("package", ["evaluation", "attacks"])
+def test_evaluation_and_attacks_import_only_the_layers_below(package):
+    """Not even lazily inside a function: every import in rrm/evaluation and rrm/attacks counts here."""
+    for path in sorted((PACKAGE / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            for imported in names:
+                top, _, rest = imported.partition(".")
+                assert top not in SYSTEMS, f"{path.name}:{node.lineno} imports {imported}"
+                if top == "rrm" and rest:
+                    assert rest.split(".")[0] in EVALUATION_BUILDS_ON, f"{path.name}:{node.lineno} imports {imported}"

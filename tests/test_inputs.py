@@ -24,9 +24,9 @@ from rrm import cli as rrm_cli
 from rrm import jobs
 from rrm.data import load_dataset, save_dataset
 from rrm.errors import RRMError
+from rrm.evaluation import EvalResult
 from rrm.io import OutputError, atomic_path, check_writable
 from rrm.models import build_model, load_model, save_model
-from rrm.results import EvalResult
 from rrm.train import trainer
 
 TRAIN = [

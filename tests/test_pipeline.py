@@ -14,7 +14,7 @@ import yaml
 from _helpers import override, override_yaml
 
 from rrm.cli import cli
-from rrm.evaluate import EvalConfig
+from rrm.evaluation import EvalConfig
 from rrm.params import read_section
 from rrm.report import USES_TEACHER
 from rrm.train import METHODS, TrainConfig
@@ -319,16 +319,27 @@ def test_shrink_overrides_existing_keys() -> None:
 
 
 # A stage's package code, by its command (see dvc.yaml's header): what `dvc status` must watch.
-TRAIN_CODE = {"rrm/attacks", "rrm/data", "rrm/models", "rrm/train"}
+TRAIN_CODE = {"rrm/attacks", "rrm/data", "rrm/models", "rrm/train", "rrm/config.py"}
+# rrm/evaluation and the top-level modules it imports: never rrm/train.
+EVAL_CODE = {
+    "rrm/attacks",
+    "rrm/data",
+    "rrm/evaluation",
+    "rrm/models",
+    "rrm/config.py",
+    "rrm/errors.py",
+    "rrm/io.py",
+    "rrm/metrics.py",
+}
 CODE = {
     "rrm data prepare": {"rrm/data"},
     "rrm train": TRAIN_CODE,
-    "rrm evaluate": TRAIN_CODE | {"rrm/evaluate.py"},
+    "rrm evaluate": EVAL_CODE,
     "rrm teacher register": {"rrm/models", "rrm/train"},
     "rrm teacher pull": {"rrm/models", "rrm/train"},
     "rrm robustify": TRAIN_CODE | {"rrm/robustify.py"},
     "rrm report": {"rrm/report", "rrm/stats.py", "rrm/plots.py", "rrm/train"},
-    "rrm tune": TRAIN_CODE | {"rrm/evaluate.py"},
+    "rrm tune": TRAIN_CODE | EVAL_CODE,
 }
 
 
@@ -404,8 +415,8 @@ def _append(path: Path, text: str) -> str:
 
 def test_code_edits_change_the_stages_that_run_that_code(tmp_path: Path) -> None:
     """After an edit to rrm/train/methods.py `dvc status` reports every stage that runs it as changed: all but
-    prepare (the report and the registry read the methods' facts there); edits to evaluate.py and rrm/report only the
-    stages running them."""
+    prepare and the evaluations (the report and the registry read the methods' facts there); edits to rrm/evaluation
+    and rrm/report only the stages running them, and an edit to an attack every stage that trains or evaluates."""
     work, env, dvc = _pipeline(tmp_path)
     names = _commit_outputs(work, env, dvc, "dvc.yaml")
     assert _changed(work, env, dvc) == {}
@@ -417,11 +428,15 @@ def test_code_edits_change_the_stages_that_run_that_code(tmp_path: Path) -> None
 
     methods = work / "rrm" / "train" / "methods.py"
     source = _append(methods, "# an edit\n")
-    assert _changed(work, env, dvc) == {name: {"rrm/train"} for name in names - {"prepare"}}
+    assert _changed(work, env, dvc) == {name: {"rrm/train"} for name in names - {"prepare"} - evaluated}
     methods.write_text(source)  # back to the committed code: only the edits below count
-    _append(work / "rrm" / "evaluate.py", "# an edit\n")
-    _append(work / "rrm" / "report" / "writing.py", "# an edit\n")
-    assert _changed(work, env, dvc) == {**{name: {"rrm/evaluate.py"} for name in evaluated}, "report": {"rrm/report"}}
+    run, writing = work / "rrm" / "evaluation" / "run.py", work / "rrm" / "report" / "writing.py"
+    sources = _append(run, "# an edit\n"), _append(writing, "# an edit\n")
+    assert _changed(work, env, dvc) == {**{name: {"rrm/evaluation"} for name in evaluated}, "report": {"rrm/report"}}
+    run.write_text(sources[0])
+    writing.write_text(sources[1])
+    _append(work / "rrm" / "attacks" / "pgd.py", "# an edit\n")
+    assert _changed(work, env, dvc) == {name: {"rrm/attacks"} for name in trained | evaluated | {"robustify"}}
 
 
 def test_plain_dvc_status_reads_the_main_pipeline_and_the_linked_studies(tmp_path: Path) -> None:

@@ -9,9 +9,9 @@ from click.testing import CliRunner
 
 from rrm import cli as rrm_cli
 from rrm.errors import RRMError
+from rrm.evaluation import layer_agreement, stem_thresholds
 from rrm.models import build_model, load_model
 from rrm.models.transplant import folded_stem, transplant_stem
-from rrm.probe import layer_agreement, stem_thresholds
 from rrm.train import TrainConfig, train
 from rrm.train.losses import cosine_feature_loss, l2_feature_loss
 from rrm.train.methods import RRM

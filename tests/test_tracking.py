@@ -17,10 +17,9 @@ from mlflow.exceptions import MlflowException
 from rrm import cli as rrm_cli
 from rrm import tracking
 from rrm.errors import RRMError
-from rrm.evaluate import EvalConfig, evaluate
+from rrm.evaluation import EvalConfig, EvalResult, evaluate, spec_record
 from rrm.io import sha256_file
 from rrm.models import load_model
-from rrm.results import EvalResult, spec_record
 from rrm.tracking.evaluations import _evaluation_of_run
 from rrm.train import Callback, TrainConfig, train
 

@@ -15,9 +15,8 @@ from click.testing import CliRunner
 from torch import nn
 
 from rrm import cli as rrm_cli
-from rrm.attacks.config import EvalConfig
 from rrm.errors import RRMError
-from rrm.evaluate import eps_growth_radii, evaluate, other_class_starts, sanity_warnings
+from rrm.evaluation import EvalConfig, eps_growth_radii, evaluate, other_class_starts, sanity_warnings
 from rrm.models import build_model, load_model, save_model
 from rrm.models.transplant import choose_transplant, folded_stem, stem_prefix_spec, transplant_prefix
 from rrm.train import TrainConfig, train

@@ -14,8 +14,8 @@ are why it does not simply call ``run_standard_evaluation``:
   and stored, so a resumed run attacks the same batches with the same seed and gives the same result as one run.
 
 The package's own warnings (randomised or dynamic defences, probability outputs) are not run: the gradient-masking
-checks of :mod:`rrm.evaluate` cover that ground. Every attack here leaves torch's global random generator as it was
-(the package reseeds it for every batch).
+checks of :mod:`rrm.evaluation.checks` cover that ground. Every attack here leaves torch's global random generator as
+it was (the package reseeds it for every batch).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from rrm.cli import cli
 from rrm.cli.options import KEY_ALIASES, config_options, from_params, key_value_option, key_values, tracking_options
 from rrm.cli.specs import EVALUATE, REPORT, ROBUSTIFY, TRAIN, TUNE
 from rrm.errors import RRMError
-from rrm.evaluate import EvalConfig
+from rrm.evaluation import EvalConfig
 from rrm.io import check_writable
 from rrm.tracking.uri import tracking_label
 from rrm.train import TrainConfig

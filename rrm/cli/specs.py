@@ -8,7 +8,7 @@ from rrm.attacks import NORMS
 from rrm.attacks.autoattack import COMPONENTS as AA_COMPONENTS
 from rrm.attacks.autoattack import VERSIONS as AA_VERSIONS
 from rrm.cli.options import Spec
-from rrm.evaluate import ATTACKS, TRANSFER_ATTACKS
+from rrm.evaluation import ATTACKS, TRANSFER_ATTACKS
 from rrm.models import ARCHITECTURES
 from rrm.train import FEATURE_LOSSES, MATCH_INPUTS, METHODS, PRECISIONS, SCHEDULES, tunable_methods
 from rrm.tune.config import MODES, PRUNERS

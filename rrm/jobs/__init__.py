@@ -10,15 +10,7 @@ from __future__ import annotations
 
 from rrm.jobs.common import FAIL_FAST_ENV, Tracking, is_registry_uri, require, tracking
 from rrm.jobs.data import RobustifyConfig, prepare_job, robustify_job
-from rrm.jobs.evaluate import (
-    EVALUATE_FORMATS,
-    EvaluateJob,
-    Evaluation,
-    ProbeConfig,
-    evaluate_job,
-    probe_job,
-    robustbench_json,
-)
+from rrm.jobs.evaluate import EVALUATE_FORMATS, EvaluateJob, Evaluation, ProbeConfig, evaluate_job, probe_job
 from rrm.jobs.report import ReportConfig, report_job
 from rrm.jobs.teacher import load_model_ref, resolve_teacher, teacher_file
 from rrm.jobs.train import train_job
@@ -41,7 +33,6 @@ __all__ = [
     "report_job",
     "require",
     "resolve_teacher",
-    "robustbench_json",
     "robustify_job",
     "teacher_file",
     "tracking",

@@ -6,26 +6,25 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rrm.attacks.config import EvalConfig
 from rrm.config import resolve_device
 from rrm.errors import RRMError, unknown
+from rrm.evaluation import (
+    EvalConfig,
+    EvalResult,
+    evaluate,
+    layer_agreement,
+    load_for_evaluation,
+    robustbench_json,
+    stem_thresholds,
+)
 from rrm.io import write_json
 from rrm.jobs.common import Tracking, is_registry_uri, require, tracking
 from rrm.jobs.teacher import load_model_ref
-from rrm.results import EvalResult
 
 # What `rrm evaluate` writes: every number with the sanity checks, or RobustBench's model_info layout.
 EVALUATE_FORMATS = ("rrm", "robustbench")
 
-__all__ = [
-    "EVALUATE_FORMATS",
-    "EvaluateJob",
-    "Evaluation",
-    "ProbeConfig",
-    "evaluate_job",
-    "probe_job",
-    "robustbench_json",
-]
+__all__ = ["EVALUATE_FORMATS", "EvaluateJob", "Evaluation", "ProbeConfig", "evaluate_job", "probe_job"]
 
 
 @dataclass
@@ -53,7 +52,6 @@ class Evaluation:
 def evaluate_job(job: EvaluateJob, track: Tracking = Tracking(experiment=None)) -> Evaluation:
     """Attack ``job.model``, write its metrics JSON and record the evaluation, linked to the training run."""
     from rrm.data import load_dataset
-    from rrm.evaluate import evaluate, load_for_evaluation
     from rrm.io import sha256_file
 
     require(job.model, "MODEL (a model file or models:/NAME@ALIAS)")
@@ -110,46 +108,6 @@ def evaluate_job(job: EvaluateJob, track: Tracking = Tracking(experiment=None)) 
     return Evaluation(result, out, run_id)
 
 
-def robustbench_json(result: EvalResult, meta: dict, *, model: str, train_run_id: str | None = None) -> dict:
-    """``result`` in RobustBench's model_info layout (accuracies as percent strings, as its files hold them), with
-    what RobustBench keeps in the directory name (threat model) and what it leaves implicit (images, source run).
-
-    Clean accuracy is on the images AutoAttack attacked, as RobustBench's ``benchmark`` measures it. rrm trains only
-    on the dataset's training split (a robustified set is made from it), so ``additional_data`` is false.
-    """
-    autoattack = result.autoattack or {}
-    accuracy_after = autoattack.get("accuracy_after", {})
-    if "autoattack" not in result.adversarial_accuracy or "clean" not in accuracy_after:
-        raise RRMError("the evaluation has no AutoAttack result; run it with --attacks autoattack")
-    eps = result.eps
-    eps_text = f"{round(eps * 255)}/255" if eps and abs(eps * 255 - round(eps * 255)) < 1e-6 else f"{eps:g}"
-    config = meta.get("config") or {}
-    return {
-        "link": None,
-        "name": f"rrm {meta.get('method', config.get('method', '?'))} {meta.get('model', '?')}",
-        "authors": None,
-        "additional_data": False,
-        "number_forward_passes": 1,
-        "dataset": result.dataset,
-        "venue": None,
-        "architecture": meta.get("model", config.get("model")),
-        "eps": eps_text,
-        "clean_acc": f"{100 * accuracy_after['clean']:.2f}",
-        "reported": None,
-        "autoattack_acc": f"{100 * result.adversarial_accuracy['autoattack']:.2f}",
-        "footnote": f"AutoAttack {autoattack.get('version')} ({autoattack.get('components')}; pyautoattack "
-        f"{autoattack.get('package_version')}, seed {autoattack.get('seed')}) by rrm evaluate",
-        "threat_model": {"linf": "Linf", "l2": "L2"}.get(result.norm or "", result.norm),
-        "n_examples": autoattack.get("n_examples"),
-        "source_run": {
-            "model": model,
-            "train_run_id": train_run_id,
-            "method": meta.get("method"),
-            "dataset_digest": meta.get("dataset_digest"),
-        },
-    }
-
-
 @dataclass
 class ProbeConfig:
     """Where a model's robustness sits: its first layer and, given a teacher, where the two agree."""
@@ -169,7 +127,6 @@ def probe_job(cfg: ProbeConfig) -> dict:
     """First-layer threshold statistics of ``cfg.model`` (and of the teacher), and their stage-by-stage agreement."""
     from rrm.attacks import check_threat
     from rrm.data import load_dataset
-    from rrm.probe import layer_agreement, stem_thresholds
 
     require(cfg.model, "MODEL (a model file or models:/NAME@ALIAS)")
     check_threat(cfg.norm, cfg.eps)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from rrm.results import EvalResult
+from rrm.evaluation import EvalResult
 from rrm.train import may_teach, teacher_methods
 
 

@@ -22,8 +22,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 
 from rrm.errors import RRMError
+from rrm.evaluation import EvalResult
 from rrm.io import sha256_file
-from rrm.results import EvalResult
 from rrm.tracking.store import (
     DEFAULT_EXPERIMENT,
     _client,

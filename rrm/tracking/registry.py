@@ -36,9 +36,9 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from rrm.errors import RRMError
+from rrm.evaluation import EvalResult
 from rrm.io import atomic_path, sha256_file
 from rrm.models import MODEL_FORMAT, Classifier, load_model
-from rrm.results import EvalResult
 from rrm.tracking.card import _card, _refusals
 from rrm.tracking.cleanup import (  # noqa: F401  (the creation tag and description are part of the registry's API)
     _ABANDONED_AFTER_S,

@@ -2,11 +2,11 @@
 
 - Scoring: each trial trains with :func:`rrm.train.train` on the training split minus a stratified validation split
   (:meth:`ImageData.validation_split`), so the trainer's "test" accuracy is validation accuracy and the test split is
-  never seen while choosing. After every epoch native APGD-CE (:func:`rrm.evaluate.apgd_accuracy`) attacks the first
+  never seen while choosing. After every epoch native APGD-CE (:func:`rrm.evaluation.apgd_accuracy`) attacks the first
   ``attack_examples`` validation images; the last epoch's value is the trial's adversarial accuracy. All trials
   train with the same seed, so they differ only in the knobs.
 - The best trials (the front, or the best feasible ones) are then evaluated on the test split by
-  :func:`rrm.evaluate.evaluate` as they are: the model that was scored, not a re-training on the full training
+  :func:`rrm.evaluation.evaluate` as they are: the model that was scored, not a re-training on the full training
   split. Results are cached in the study, so restarts do not repeat them.
 """
 
@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rrm.config import resolve_device
 from rrm.data import ImageData, as_tensor, load_dataset
 from rrm.errors import RRMError
-from rrm.evaluate import EvalConfig, apgd_accuracy, evaluate
+from rrm.evaluation import EvalConfig, apgd_accuracy, evaluate
 from rrm.models import Classifier, load_model, load_teacher
 from rrm.train import Callback, TrainConfig, knobs_of, train
 from rrm.tune.config import TuneConfig

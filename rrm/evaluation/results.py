@@ -63,7 +63,7 @@ class EvalResult:
     # True: the gradient-masking checks ran and every check passed; False: a check that ran failed (the constraint
     # check runs with every attack); None: the masking checks did not run (older files wrote true for that)
     sanity_passed: bool | None = None
-    sanity: dict | None = None  # "enabled" and each check with its numbers (see rrm.evaluate)
+    sanity: dict | None = None  # "enabled" and each check with its numbers (see rrm.evaluation.checks)
     # AutoAttack's package, version, components and seed, its images, the accuracy after each component, the times
     autoattack: dict | None = None
     seed: int | None = None

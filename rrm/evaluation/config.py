@@ -1,4 +1,5 @@
-"""What an evaluation attacks and how (:class:`EvalConfig`), validated at the edge; :mod:`rrm.evaluate` runs it."""
+"""What an evaluation attacks and how (:class:`EvalConfig`), validated at the edge; :func:`rrm.evaluation.evaluate`
+runs it."""
 
 from __future__ import annotations
 
