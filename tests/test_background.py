@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from rrm import background as workers
-from rrm.background import BackgroundCallback, can_fork
+from rrm.tracking import worker as workers
+from rrm.tracking.worker import BackgroundCallback, can_fork
 from rrm.errors import RRMError
 from rrm.train import TrainConfig, train
 

@@ -94,7 +94,7 @@ GRAPH = {name: _imported_modules(name) for name in MODULES}
 def test_the_import_graph_sees_the_known_edges():
     """Guards the parser itself: a graph with no edges would pass every rule below."""
     assert "rrm.train.trainer" in GRAPH["rrm.train"]
-    assert "rrm.tracking.store" in GRAPH["rrm.tracking.registry"]
+    assert "rrm.tracking.connection" in GRAPH["rrm.tracking.registry"]
     assert "rrm.train" in GRAPH["rrm.tracking.callback"]
 
 

@@ -20,7 +20,17 @@ from rrm.jobs.evaluate import (
     robustbench_json,
 )
 from rrm.jobs.report import ReportConfig, report_job
-from rrm.jobs.teacher import load_model_ref, resolve_teacher, teacher_file
+from rrm.jobs.runs import clean_runs_job
+from rrm.jobs.teacher import (
+    list_teachers_job,
+    load_model_ref,
+    promote_teacher_job,
+    pull_teacher_job,
+    register_teacher_job,
+    resolve_teacher,
+    show_teacher_job,
+    teacher_file,
+)
 from rrm.jobs.train import train_job
 from rrm.jobs.tune import tune_job
 
@@ -33,16 +43,22 @@ __all__ = [
     "ReportConfig",
     "RobustifyConfig",
     "Tracking",
+    "clean_runs_job",
     "evaluate_job",
     "is_registry_uri",
+    "list_teachers_job",
     "load_model_ref",
     "prepare_job",
     "probe_job",
+    "promote_teacher_job",
+    "pull_teacher_job",
+    "register_teacher_job",
     "report_job",
     "require",
     "resolve_teacher",
     "robustbench_json",
     "robustify_job",
+    "show_teacher_job",
     "teacher_file",
     "tracking",
     "train_job",
