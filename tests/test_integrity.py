@@ -298,7 +298,8 @@ def test_a_register_killed_inside_its_import_run_leaves_no_running_run(project):
 def test_only_abandoned_empty_registered_models_are_removed(project, monkeypatch):
     client = _client()
     client.create_registered_model("plain")  # not rrm's: left alone
-    client.create_registered_model("older-rrm", description=cleanup.REGISTRY_DESCRIPTION)  # a killed register of rrm < tags
+    # a killed register of rrm < tags
+    client.create_registered_model("older-rrm", description=cleanup.REGISTRY_DESCRIPTION)
     creator = json.dumps(stale.process_tags())  # a live process: this one
     client.create_registered_model("in-progress", tags={cleanup.CREATING_TAG: creator})
     assert rrm("teacher", "list").exit_code == 0
