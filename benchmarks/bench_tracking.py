@@ -5,8 +5,8 @@ machine load hit both alike), as separate processes from start to exit, the way 
 imports, data, training, the MLflow run and its artifacts. The store is a SQLite file in a temporary directory,
 created by one tracked run before the rounds (a project's store exists after its first command). Prints every wall
 and CPU time, the medians, and the median tracked wall time as a ratio of the untracked one. Tracking runs in a
-worker process forked at the command's start (rrm.console, rrm.background), so the wall-time ratio depends on a free
-core: on a machine whose cores are all busy, the CPU seconds say what tracking costs.
+worker process forked at the command's start (rrm.console, rrm.tracking.worker), so the wall-time ratio depends on a
+free core: on a machine whose cores are all busy, the CPU seconds say what tracking costs.
 
     python benchmarks/bench_tracking.py                         # natural cnn-bn on mnist5k, 3 epochs, 3 rounds
     python benchmarks/bench_tracking.py --method sat --rounds 5

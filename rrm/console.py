@@ -2,7 +2,7 @@
 
 Importing the command line takes seconds (torch). On a terminal, ``rrm COMMAND`` says it is starting at once, on a
 line that the command's own output then replaces. A tracked ``rrm train`` also forks its MLflow worker now
-(:func:`rrm.background.prestart`), so that MLflow loads on another core while torch does. ``python -m rrm.cli`` and
+(:func:`rrm.tracking.worker.prestart`), so that MLflow loads on another core while torch does. ``python -m rrm.cli`` and
 ``torchrun -m rrm.cli`` come here too, after the command line has loaded.
 """
 
@@ -28,7 +28,7 @@ def main() -> None:
         sys.stderr.write(f"rrm {args[0]}: starting\r")
         sys.stderr.flush()
     if _tracked_training(args):
-        from rrm.background import prestart
+        from rrm.tracking.worker import prestart
 
         prestart()
     from rrm.cli import main as cli_main

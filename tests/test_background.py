@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from rrm import background as workers
-from rrm.background import BackgroundCallback, can_fork
 from rrm.errors import RRMError
+from rrm.tracking import worker as workers
+from rrm.tracking.worker import BackgroundCallback, can_fork
 from rrm.train import TrainConfig, train
 
 DIGITS = dict(dataset="digits", model="cnn", method="natural", epochs=2, monitor_examples=0, progress=False)

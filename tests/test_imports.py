@@ -145,6 +145,7 @@ RRM = Package(PACKAGE)
 def test_the_import_graph_sees_module_level_and_function_level_edges():
     """Guards the parser itself: a graph with no edges would pass every rule below."""
     assert "rrm.train.trainer" in RRM.graph["rrm.train"]
+    assert "rrm.tracking.connection" in RRM.graph["rrm.tracking.registry"]
     assert "rrm.train" in RRM.graph["rrm.tracking.callback"]
     assert "rrm.tracking" in RRM.graph["rrm.jobs.common"]  # imported inside tracking()
 

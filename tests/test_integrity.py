@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from rrm import cli as rrm_cli
 from rrm.io import sha256_file
 from rrm.models import build_model, load_model, save_model
-from rrm.tracking import cleanup, registry, store
+from rrm.tracking import cleanup, stale
 
 # `rrm evaluate` at a test budget: APGD on 100 test images, the masking checks on 100 of them.
 EVALUATE = [
@@ -298,12 +298,13 @@ def test_a_register_killed_inside_its_import_run_leaves_no_running_run(project):
 def test_only_abandoned_empty_registered_models_are_removed(project, monkeypatch):
     client = _client()
     client.create_registered_model("plain")  # not rrm's: left alone
-    client.create_registered_model("older-rrm", description=registry._DESCRIPTION)  # a killed register of rrm < tags
-    creator = json.dumps(store._process_tags())  # a live process: this one
-    client.create_registered_model("in-progress", tags={registry._CREATING_TAG: creator})
+    # a killed register of rrm < tags
+    client.create_registered_model("older-rrm", description=cleanup.REGISTRY_DESCRIPTION)
+    creator = json.dumps(stale.process_tags())  # a live process: this one
+    client.create_registered_model("in-progress", tags={cleanup.CREATING_TAG: creator})
     assert rrm("teacher", "list").exit_code == 0
     assert sorted(_registered_models()) == ["in-progress", "older-rrm", "plain"], "too young to be abandoned"
 
-    monkeypatch.setattr(cleanup, "_ABANDONED_AFTER_S", -1)  # an hour later
+    monkeypatch.setattr(cleanup, "ABANDONED_AFTER_S", -1)  # an hour later
     assert rrm("teacher", "list").exit_code == 0
     assert sorted(_registered_models()) == ["plain"]

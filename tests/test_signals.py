@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 
 from rrm import cli as rrm_cli
 from rrm.tracking import MlflowCallback
-from rrm.tracking.store import clean_stale_runs
+from rrm.tracking.stale import clean_stale_runs
 from rrm.train import TrainConfig, train
 
 # PGD training on digits: an epoch takes about a second, so a signal sent after the first one lands mid-training.

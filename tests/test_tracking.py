@@ -20,7 +20,7 @@ from rrm.errors import RRMError
 from rrm.evaluation import EvalConfig, EvalResult, evaluate, spec_record
 from rrm.io import sha256_file
 from rrm.models import load_model
-from rrm.tracking.evaluations import _evaluation_of_run
+from rrm.tracking.evaluations import evaluation_of_run
 from rrm.train import Callback, TrainConfig, train
 
 DIGITS = dict(dataset="digits", model="cnn", epochs=1, monitor_examples=0, progress=False)
@@ -131,7 +131,7 @@ def test_register_promote_pull_then_train_student(teacher_run, store, monkeypatc
     evaluated = client.get_run(evaluation_run)
     linked = evaluated.data.tags
     assert linked["rrm.train_run_id"] == linked["mlflow.parentRunId"] == tracker.run_id
-    assert _evaluation_of_run(client, tracker.run_id) == (metrics, evaluation_run), "the run gives the result back"
+    assert evaluation_of_run(client, tracker.run_id) == (metrics, evaluation_run), "the run gives the result back"
     assert evaluated.info.run_name == f"apgd+pgd linf eps=0.1 · {client.get_run(tracker.run_id).info.run_name}"
     # The training run carries its evaluation's headline numbers, so runs sort by robustness in the UI; the checks
     # did not run, so there is no sanity_passed to read as passed.
@@ -460,12 +460,12 @@ def test_server_down_is_a_quick_one_line_error(sat_file, monkeypatch):
     ],
 )
 def test_a_server_gone_mid_request_is_unreachable_not_an_error(message):
-    from rrm.tracking.store import StoreUnreachable, _mlflow_errors
+    from rrm.tracking.connection import StoreUnreachable, mlflow_errors
 
     action = "logging epoch metrics to MLflow"
-    with pytest.raises(StoreUnreachable, match="cannot reach the MLflow tracking"), _mlflow_errors(action):
+    with pytest.raises(StoreUnreachable, match="cannot reach the MLflow tracking"), mlflow_errors(action):
         raise MlflowException(f"API request to http://127.0.0.1:1/api failed with exception {message}")
     # anything else stays an error that stops the command
-    with pytest.raises(RRMError) as other, _mlflow_errors(action):
+    with pytest.raises(RRMError) as other, mlflow_errors(action):
         raise MlflowException("INVALID_PARAMETER_VALUE: bad metric")
     assert not isinstance(other.value, StoreUnreachable)

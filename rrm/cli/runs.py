@@ -7,6 +7,7 @@ import cloup
 
 from rrm import jobs
 from rrm.cli import cli
+from rrm.tracking.uri import tracking_label
 
 
 @cli.group()
@@ -36,11 +37,7 @@ def runs_clean(run_ids: tuple[str, ...], dry_run: bool) -> None:
       rrm runs clean
       rrm runs clean 3f2a9c0d1e...          # a run of a host that is gone
     """
-    jobs.tracking()
-    from rrm.tracking.store import clean_stale_runs
-    from rrm.tracking.uri import tracking_label
-
-    found = clean_stale_runs(run_ids, dry_run=dry_run)
+    found = jobs.clean_runs_job(run_ids, dry_run=dry_run)
     verb = "would mark" if dry_run else "marked"
     for run_id, reason in found.marked:
         click.echo(f"{verb} run {run_id} FAILED: {reason}")

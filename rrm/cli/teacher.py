@@ -57,7 +57,7 @@ def teacher_register(
       rrm teacher register runs/teacher/model.pt --evaluation runs/teacher/eval_metrics.json --alias champion
     """
     jobs.require(source, "SOURCE (a run id or a model file)")
-    version = jobs.tracking().register_teacher(
+    version = jobs.register_teacher_job(
         source, name, evaluation=evaluation, force=force, experiment=experiment, alias=alias
     )
     natural, adversarial = version.tags["natural_accuracy"], version.tags["adversarial_accuracy"]
@@ -81,7 +81,7 @@ def teacher_list(name: str | None) -> None:
     Example:
       rrm teacher list --name rrm-teacher
     """
-    found = jobs.tracking().list_teachers(name)
+    found = jobs.list_teachers_job(name)
     if not found:
         click.echo("no teachers registered; add one with `rrm teacher register`")
         return
@@ -120,7 +120,7 @@ def teacher_show(uri: str | None) -> None:
       rrm teacher show models:/rrm-teacher@champion
     """
     jobs.require(uri, "URI (models:/NAME@ALIAS or models:/NAME/VERSION)")
-    found = jobs.tracking().show_teacher(uri)
+    found = jobs.show_teacher_job(uri)
     click.echo(f"{found.uri}  aliases: {', '.join(found.aliases) or '-'}\n")
     click.echo(found.description.rstrip() or "(no model card)")
     click.echo("\ntags:")
@@ -141,7 +141,7 @@ def teacher_pull(uri: str | None, out: Path | None) -> None:
     """
     jobs.require(uri, "URI (models:/NAME@ALIAS or models:/NAME/VERSION)")
     jobs.require(out, "--out")
-    path, meta = jobs.tracking().pull_teacher(uri, out)
+    path, meta = jobs.pull_teacher_job(uri, out)
     click.echo(
         f"wrote {path}: {meta.get('model')} trained with {meta.get('method')} on {meta.get('dataset')} "
         f"({meta.get('norm')}, eps {meta.get('eps')})"
@@ -162,5 +162,5 @@ def teacher_promote(version: str | None, alias: str | None, name: str) -> None:
     """
     jobs.require(version, "VERSION")
     jobs.require(alias, "ALIAS")
-    found = jobs.tracking().promote(name, version, alias)
+    found = jobs.promote_teacher_job(name, version, alias)
     click.echo(f"models:/{name}@{alias} -> version {found.version}")

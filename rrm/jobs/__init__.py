@@ -12,7 +12,17 @@ from rrm.jobs.common import FAIL_FAST_ENV, Tracking, is_registry_uri, require, t
 from rrm.jobs.data import RobustifyConfig, prepare_job, robustify_job
 from rrm.jobs.evaluate import EVALUATE_FORMATS, EvaluateJob, Evaluation, ProbeConfig, evaluate_job, probe_job
 from rrm.jobs.report import ReportConfig, report_job
-from rrm.jobs.teacher import load_model_ref, resolve_teacher, teacher_file
+from rrm.jobs.runs import clean_runs_job
+from rrm.jobs.teacher import (
+    list_teachers_job,
+    load_model_ref,
+    promote_teacher_job,
+    pull_teacher_job,
+    register_teacher_job,
+    resolve_teacher,
+    show_teacher_job,
+    teacher_file,
+)
 from rrm.jobs.train import train_job
 from rrm.jobs.tune import tune_job
 
@@ -25,15 +35,21 @@ __all__ = [
     "ReportConfig",
     "RobustifyConfig",
     "Tracking",
+    "clean_runs_job",
     "evaluate_job",
     "is_registry_uri",
+    "list_teachers_job",
     "load_model_ref",
     "prepare_job",
     "probe_job",
+    "promote_teacher_job",
+    "pull_teacher_job",
+    "register_teacher_job",
     "report_job",
     "require",
     "resolve_teacher",
     "robustify_job",
+    "show_teacher_job",
     "teacher_file",
     "tracking",
     "train_job",

@@ -65,7 +65,7 @@ def evaluate_job(job: EvaluateJob, track: Tracking = Tracking(experiment=None)) 
     device = resolve_device(job.device)
     store = tracking() if track.enabled or is_registry_uri(job.model) or is_registry_uri(job.transfer_from) else None
     if track.enabled:  # before the attack, which may take hours, not after it
-        tracking().store.check_store("recording the evaluation in MLflow")
+        tracking().check_store("recording the evaluation in MLflow")
     with tempfile.TemporaryDirectory() as tmp:
         path = (
             store.pull_teacher(job.model, Path(tmp) / "model.pt")[0] if is_registry_uri(job.model) else Path(job.model)

@@ -1,10 +1,12 @@
 """The teacher, resolved once: a model file or a registry URI becomes one :class:`rrm.models.Teacher` (the frozen
-model, its file and sha256, the registry version it came from), checked against a pinned copy where given."""
+model, its file and sha256, the registry version it came from), checked against a pinned copy where given; and the
+teacher registry's jobs (register, list, show, pull, promote)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from rrm.errors import RRMError
@@ -12,7 +14,16 @@ from rrm.io import sha256_file
 from rrm.jobs.common import is_registry_uri, tracking
 from rrm.models import Classifier, Teacher, load_teacher
 
-__all__ = ["load_model_ref", "resolve_teacher", "teacher_file"]
+__all__ = [
+    "list_teachers_job",
+    "load_model_ref",
+    "promote_teacher_job",
+    "pull_teacher_job",
+    "register_teacher_job",
+    "resolve_teacher",
+    "show_teacher_job",
+    "teacher_file",
+]
 
 
 def resolve_teacher(
@@ -59,3 +70,39 @@ def teacher_file(ref: str | os.PathLike, directory: str | os.PathLike, pin: str 
             f"--out {pin}, or dvc repro --force on the pull stage) and rerun"
         )
     return path, version
+
+
+def register_teacher_job(
+    source: str | os.PathLike,
+    name: str,
+    *,
+    evaluation: str | os.PathLike | Mapping | None = None,
+    force: bool = False,
+    experiment: str = "rrm",
+    alias: str | None = None,
+):
+    """Register ``source`` (a training run id or a model file) as a new version of teacher ``name``
+    (:func:`rrm.tracking.register_teacher`); returns its :class:`rrm.tracking.TeacherVersion`."""
+    return tracking().register_teacher(
+        source, name, evaluation=evaluation, force=force, experiment=experiment, alias=alias
+    )
+
+
+def list_teachers_job(name: str | None = None) -> list:
+    """Registered teachers (all, or the versions of ``name``), newest first."""
+    return tracking().list_teachers(name)
+
+
+def show_teacher_job(uri: str):
+    """The registered version behind ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+    return tracking().show_teacher(uri)
+
+
+def pull_teacher_job(uri: str, out: str | os.PathLike) -> tuple[Path, dict]:
+    """Write the teacher at ``uri`` to the model file ``out``; returns the path and the model's meta."""
+    return tracking().pull_teacher(uri, out)
+
+
+def promote_teacher_job(name: str, version: str | int, alias: str):
+    """Point ``alias`` of registered model ``name`` at ``version``; returns the version."""
+    return tracking().promote(name, version, alias)

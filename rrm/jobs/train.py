@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 from rrm.errors import RRMError, unknown
 from rrm.jobs.common import Tracking, tracking
 from rrm.jobs.teacher import resolve_teacher
+from rrm.models import Teacher
 from rrm.tracking.uri import check_sqlite_directory, is_local_store, tracking_uri
 
 __all__ = ["train_job"]
@@ -49,29 +51,31 @@ def train_job(cfg, track: Tracking = Tracking(), teacher_pin: str | os.PathLike 
         if local:
             check_sqlite_directory(tracking_uri())
         else:
-            tracking().store.check_store("starting the MLflow run")
+            tracking().check_store("starting the MLflow run")
     with tempfile.TemporaryDirectory() as tmp:
         # resolved once (pulled, pinned, loaded); the trainer builds its frozen copy after seeding
         teacher = resolve_teacher(cfg.teacher, tmp, "cpu", teacher_pin) if takes_teacher and cfg.teacher else None
-        version = teacher.registry if teacher is not None else None
         if not track.enabled or not is_main():
             # a fresh training is not the one a tracked run recorded: never resume that run
             if is_main() and not (cfg.resume or cfg.resume_or_start):
                 (Path(cfg.out_dir) / "mlflow_run.json").unlink(missing_ok=True)  # rrm.tracking.callback.RUN_FILE
             return train(cfg, data=load_dataset(cfg.dataset), teacher=teacher), None
-        from rrm.background import BackgroundCallback
+        from rrm.tracking.worker import BackgroundCallback
 
         # a resumed training must know which run it continues before it goes on, a server that it answers
         wait = cfg.resume or cfg.resume_or_start or not local
         # The worker starts here (or was forked at start-up: rrm.console), before the data: MLflow loads beside the
         # data, the model and torch's compiler.
-        tracker = functools.partial(_mlflow_callback, track.experiment, track.run_name, version)
+        # the teacher as the run records it, without its weights: the factory travels pickled to the worker
+        record = dataclasses.replace(teacher, model=None) if teacher is not None else None
+        tracker = functools.partial(_mlflow_callback, track.experiment, track.run_name, record)
         with BackgroundCallback(tracker, wait_for_start=wait) as background:
             result = train(cfg, data=load_dataset(cfg.dataset), teacher=teacher, callbacks=[background])
     recorded = background.callback
     return result, None if recorded.unfinished else recorded.run_id
 
 
-def _mlflow_callback(experiment: str, run_name: str | None, teacher_version):
-    """A training's MLflow callback, made in its worker (:mod:`rrm.background`; a module function, so it pickles)."""
-    return tracking().MlflowCallback(experiment=experiment, run_name=run_name, teacher_version=teacher_version)
+def _mlflow_callback(experiment: str, run_name: str | None, teacher: Teacher | None):
+    """A training's MLflow callback, made in its worker (:mod:`rrm.tracking.worker`; a module function, so it
+    pickles)."""
+    return tracking().MlflowCallback(experiment=experiment, run_name=run_name, teacher=teacher)

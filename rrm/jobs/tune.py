@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 
 from rrm.config import resolve_device
-from rrm.jobs.common import Tracking, tracking
+from rrm.jobs.common import Tracking
 from rrm.jobs.teacher import resolve_teacher
 
 __all__ = ["tune_job"]
@@ -16,8 +16,6 @@ def tune_job(cfg, track: Tracking = Tracking(), log=print):
     from rrm.tune import tune
 
     cfg.validate()  # every input error before the teacher is pulled
-    if track.enabled:
-        tracking()
     with tempfile.TemporaryDirectory() as tmp:
         teacher = resolve_teacher(cfg.train.teacher, tmp, resolve_device(cfg.train.device))
         return tune(cfg, track=track.enabled, experiment=track.experiment, log=log, teacher=teacher)

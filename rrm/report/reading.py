@@ -9,12 +9,12 @@ import os
 from pathlib import Path
 
 from rrm.errors import RRMError
+from rrm.evaluation import EvalResult
 from rrm.io import sha256_file
 from rrm.report.averaging import over_seeds
 from rrm.report.claims import claims, target
 from rrm.report.costs import add_speedups
 from rrm.report.rows import LEARNS_FROM_TEACHER_DATA, METHOD_ORDER, NOISY_TIMING_CI, USES_TEACHER, Report, RunRow
-from rrm.evaluation import EvalResult
 
 ATTACK_PREFERENCE = ("autoattack", "art-apgd", "apgd")
 

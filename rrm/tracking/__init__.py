@@ -3,47 +3,80 @@
 One module per concern:
 
 - :mod:`rrm.tracking.uri`: where runs go (``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``), without MLflow;
-- :mod:`rrm.tracking.store`: one-line errors, experiments, context tags, params, logging a model, ending runs;
+- :mod:`rrm.tracking.environment`: MLflow's settings (fail fast, no password printed, quiet loggers), without MLflow;
+- :mod:`rrm.tracking.connection`: the store's client and its failures as one-line errors;
+- :mod:`rrm.tracking.runs`: experiments, the tags that say where a run came from, how a run ends;
+- :mod:`rrm.tracking.stale`: the process that owns a run, and runs whose process died;
+- :mod:`rrm.tracking.flatten`: options and results as params and metrics;
+- :mod:`rrm.tracking.logged_models`: model files logged as MLflow models, and the run that made a model file;
+- :mod:`rrm.tracking.worker`: a training callback run in a worker process, beside the training (without MLflow);
 - :mod:`rrm.tracking.callback`: :class:`MlflowCallback`, one run per training;
-- :mod:`rrm.tracking.registry`: teachers in the model registry and their model card;
+- :mod:`rrm.tracking.versions`, :mod:`rrm.tracking.pull`, :mod:`rrm.tracking.registry`, :mod:`rrm.tracking.card`,
+  :mod:`rrm.tracking.cleanup`: teachers in the model registry: their records, pulling them, registering them, their
+  model card, what killed registrations left;
 - :mod:`rrm.tracking.evaluations`: evaluations as runs linked to their training run;
 - :mod:`rrm.tracking.studies`: tuning studies' parent runs, and report files.
 
 The names below are imported from their module when first used, so that importing :mod:`rrm.tracking.uri` (to check
-a store before training) does not import MLflow, which takes seconds.
+a store before training) or the worker does not import MLflow, which takes seconds. MLflow's settings are made
+before it is first imported through here, and again before each store call.
 """
 
 from __future__ import annotations
 
 import importlib
 
+from rrm.tracking.environment import configure
+
 _WHERE = {
     "MlflowCallback": "callback",
     "log_evaluation": "evaluations",
-    "DEFAULT_TEACHER_NAME": "registry",
-    "TeacherVersion": "registry",
+    "DEFAULT_TEACHER_NAME": "versions",
+    "TeacherVersion": "versions",
     "list_teachers": "registry",
-    "load_registered_model": "registry",
+    "load_registered_model": "pull",
     "promote": "registry",
-    "pull_teacher": "registry",
-    "pull_teacher_version": "registry",
+    "pull_teacher": "pull",
+    "pull_teacher_version": "pull",
     "register_teacher": "registry",
     "show_teacher": "registry",
-    "DEFAULT_EXPERIMENT": "store",
+    "DEFAULT_EXPERIMENT": "runs",
+    "StaleRuns": "stale",
+    "check_store": "stale",
+    "clean_stale_runs": "stale",
     "DEFAULT_TRACKING_URI": "uri",
     "tracking_uri": "uri",
     "log_report": "studies",
     "open_study_run": "studies",
     "update_run": "studies",
 }
-_MODULES = ("callback", "evaluations", "registry", "store", "studies", "uri", "cleanup", "card")
+_MODULES = (
+    "callback",
+    "card",
+    "cleanup",
+    "connection",
+    "environment",
+    "evaluations",
+    "flatten",
+    "logged_models",
+    "pull",
+    "registry",
+    "runs",
+    "stale",
+    "studies",
+    "uri",
+    "versions",
+    "worker",
+)
 
 __all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str):
     if name in _WHERE:
+        configure()
         return getattr(importlib.import_module(f"rrm.tracking.{_WHERE[name]}"), name)
     if name in _MODULES:
+        configure()
         return importlib.import_module(f"rrm.tracking.{name}")
     raise AttributeError(f"module 'rrm.tracking' has no attribute {name!r}")

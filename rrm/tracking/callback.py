@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import warnings
 from collections.abc import Mapping
@@ -14,39 +15,29 @@ from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import LoggedModelInput, Run
-from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from rrm.background import owner_pid
 from rrm.data import ImageData
 from rrm.errors import RRMError
 from rrm.io import sha256_file, write_json
-from rrm.models import Classifier
-from rrm.tracking.registry import _resolve_version, _run_model, _version_model_id
-from rrm.tracking.store import (
-    DEFAULT_EXPERIMENT,
-    StoreUnreachable,
-    _client,
-    _context_tags,
-    _end_active_run,
-    _experiment_id,
-    _mlflow_errors,
-    _numbers,
-    _one_line,
-    _process_alive,
-    _training_params,
-    _warn,
-    check_store,
-)
+from rrm.models import Classifier, Teacher
+from rrm.tracking.connection import StoreUnreachable, mlflow_errors, one_line, store_client, warn
+from rrm.tracking.flatten import numbers, training_params
+from rrm.tracking.runs import DEFAULT_EXPERIMENT, context_tags, end_active_run, ensure_experiment
+from rrm.tracking.stale import check_store, process_alive
 from rrm.tracking.uri import tracking_label
+from rrm.tracking.versions import resolve_version, run_model, version_model_id
+from rrm.tracking.worker import owner_pid
 from rrm.train import Callback, TrainConfig, TrainResult
 from rrm.train.trainer import CHECKPOINT
+
+__all__ = ["RUN_FILE", "MlflowCallback"]
 
 RUN_FILE = "mlflow_run.json"  # beside the checkpoint: the run a --resume continues
 
 
 def _device(model: Classifier | str) -> str:
-    """The model's device; a worker process (:mod:`rrm.background`) is sent the device alone."""
+    """The model's device; a worker process (:mod:`rrm.tracking.worker`) is sent the device alone."""
     return model if isinstance(model, str) else str(next(model.parameters()).device)
 
 
@@ -77,8 +68,10 @@ class MlflowCallback(Callback):
     An active run of the caller becomes the parent; so does the run named by a ``mlflow.parentRunId`` tag.
     The run keeps rrm's model file (artifact ``model.pt``) and the checkpoint; the MLflow (pt2) model, seconds to
     export, is logged only when the model is registered as a teacher. ``log_model=False`` (tuning trials) skips the
-    checkpoint and the model file and tags only the model file's path. ``teacher_version``: the registry version a
-    ``models:/`` teacher was pulled from (else it is looked up again when the run starts). :meth:`stop` ends a run
+    checkpoint and the model file and tags only the model file's path. ``teacher``: the teacher the job resolved
+    (:func:`rrm.jobs.resolve_teacher`; its weights are dropped here), whose URI, registry version and sha256 the run
+    records as they were when it was resolved; without it, the run records ``cfg.teacher``, looked up once when the
+    run starts (the registry version an alias points at then, or the file's sha256). :meth:`stop` ends a run
     that was stopped on purpose (a pruned trial).
 
     The run's id is kept in ``mlflow_run.json`` beside the first checkpoint: a ``resume`` of an unfinished training
@@ -94,13 +87,14 @@ class MlflowCallback(Callback):
         run_name: str | None = None,
         tags: Mapping[str, str] | None = None,
         log_model: bool = True,
-        teacher_version: ModelVersion | None = None,
+        teacher: Teacher | None = None,
     ):
         self.experiment = experiment
         self.run_name = run_name
         self.tags = dict(tags or {})
         self.log_model = log_model
-        self.teacher_version = teacher_version
+        # what the run records of the teacher, not its weights (this object may be pickled to a worker process)
+        self.teacher = dataclasses.replace(teacher, model=None) if teacher is not None else None
         self.run_id: str | None = None
         self.resumed = False
         self.unfinished: str | None = None  # why the run was left RUNNING when the store stopped answering
@@ -120,7 +114,7 @@ class MlflowCallback(Callback):
         if self._active:
             self._active = False
             if self._lost is None:
-                _end_active_run(exc)
+                end_active_run(exc)
             else:  # the store is gone: asking it again would only add a timeout
                 self._leave_unfinished()
 
@@ -128,8 +122,8 @@ class MlflowCallback(Callback):
         """End the run now as KILLED with tag ``rrm.stopped`` = ``reason``: stopped on purpose, not failed."""
         if self._active:
             self._active = False
-            with _mlflow_errors("ending the MLflow run"):
-                mlflow.set_tag("rrm.stopped", _one_line(reason))
+            with mlflow_errors("ending the MLflow run"):
+                mlflow.set_tag("rrm.stopped", one_line(reason))
                 mlflow.end_run("KILLED")
 
     def on_train_start(self, cfg: TrainConfig, data: ImageData, model: Classifier) -> None:
@@ -139,11 +133,11 @@ class MlflowCallback(Callback):
                 "train(cfg, callbacks=[tracker])`"
             )
         self._out_dir = Path(cfg.out_dir)
-        with _mlflow_errors("starting the MLflow run"):
+        with mlflow_errors("starting the MLflow run"):
             client = check_store("starting the MLflow run")
-            experiment_id = _experiment_id(client, self.experiment)
+            experiment_id = ensure_experiment(client, self.experiment)
             tags = {
-                **_context_tags(),
+                **context_tags(),
                 "rrm.kind": "train",
                 "rrm.dataset": data.name,
                 "rrm.dataset_digest": data.digest,
@@ -164,10 +158,10 @@ class MlflowCallback(Callback):
             self.run_id, self._active = run.info.run_id, True
             # written beside the first checkpoint (a run with no good epoch leaves nothing to resume, nor this file)
             self._run_record = {"run_id": self.run_id, "experiment_id": experiment_id, "tracking_uri": tracking_label()}
-            mlflow.log_params(_training_params(cfg.to_dict(), _device(model)))
+            mlflow.log_params(training_params(cfg.to_dict(), _device(model)))
             mlflow.log_input(_dataset_input(data, cfg.dataset), context="train", tags={"rrm.digest": data.digest})
-            if cfg.teacher:
-                self._log_teacher(client, cfg.teacher)
+            if self.teacher is not None or cfg.teacher:
+                self._log_teacher(client, self.teacher.ref if self.teacher is not None else cfg.teacher)
 
     def _interrupted_run(self, client: MlflowClient, cfg: TrainConfig, experiment_id: str) -> Run | None:
         """The run of the training that ``cfg.resume`` continues: named in ``mlflow_run.json`` beside a checkpoint,
@@ -192,7 +186,7 @@ class MlflowCallback(Callback):
             return None
         if (
             run.info.status == "RUNNING"
-            and _process_alive(run.data.tags)
+            and process_alive(run.data.tags)
             and run.data.tags.get("rrm.pid") != str(owner_pid())
         ):
             raise RRMError(
@@ -206,10 +200,10 @@ class MlflowCallback(Callback):
         epochs, say) in tag ``rrm.resumed_with``, and its logged epochs remembered so none is logged twice."""
         run_id = run.info.run_id
         logged = run.data.params
-        params = _training_params(cfg.to_dict(), device)
+        params = training_params(cfg.to_dict(), device)
         changed = {k: v for k, v in params.items() if k in logged and logged[k] != v}
         if changed:
-            tags["rrm.resumed_with"] = _one_line(", ".join(f"{k}={v}" for k, v in sorted(changed.items())), 5000)
+            tags["rrm.resumed_with"] = one_line(", ".join(f"{k}={v}" for k, v in sorted(changed.items())), 5000)
         mlflow.start_run(run_id=run_id, nested=nested, tags=tags)
         self.run_id, self._active, self.resumed = run_id, True, True
         for key in ("rrm.error", "rrm.stopped"):  # what ended it before no longer holds
@@ -221,22 +215,26 @@ class MlflowCallback(Callback):
         self._logged_epochs = {int(m.step) for m in client.get_metric_history(run_id, "epoch_seconds")}
 
     def _log_teacher(self, client: MlflowClient, ref: str) -> None:
+        """Tag the run with its teacher and link the teacher's logged model as an input, from :attr:`teacher` as
+        resolved; only a teacher given as ``cfg.teacher`` alone is looked up (its registry version, its file's hash)."""
+        teacher = self.teacher
         tags = {"rrm.teacher_uri": ref}
         model_id = None
         if ref.startswith("models:/"):
-            version = self.teacher_version or _resolve_version(client, ref)
+            version = (teacher.registry if teacher is not None else None) or resolve_version(client, ref)
             tags.update({"rrm.teacher_name": version.name, "rrm.teacher_version": str(version.version)})
             if version.run_id:
                 tags["rrm.teacher_run_id"] = version.run_id
-            if (version.tags or {}).get("model_sha256"):
-                tags["rrm.teacher_sha256"] = version.tags["model_sha256"]
-            model_id = _version_model_id(version)
-        elif ref.startswith("runs:/"):
-            logged = _run_model(client, ref, required=False)
+            sha256 = teacher.sha256 if teacher is not None else (version.tags or {}).get("model_sha256")
+            if sha256:
+                tags["rrm.teacher_sha256"] = sha256
+            model_id = version_model_id(version)
+        elif ref.startswith("runs:/"):  # which logged model the run holds: the lineage link (no version, no hash)
+            logged = run_model(client, ref, required=False)
             tags["rrm.teacher_run_id"] = logged.source_run_id if logged else ref[len("runs:/") :].split("/")[0]
             model_id = logged.model_id if logged else None
         else:
-            tags["rrm.teacher_sha256"] = sha256_file(ref)
+            tags["rrm.teacher_sha256"] = teacher.sha256 if teacher is not None else sha256_file(ref)
         mlflow.set_tags(tags)
         if model_id:  # lineage: the teacher's logged model is an input of the student's run
             mlflow.log_input(model=LoggedModelInput(model_id))
@@ -253,23 +251,23 @@ class MlflowCallback(Callback):
             self._store_lost(f"in epoch {epoch}", exc)
 
     def _log_epoch(self, epoch: int, metrics: dict) -> None:
-        with _mlflow_errors("logging epoch metrics to MLflow"):
-            mlflow.log_metrics({k: v for k, v in _numbers(metrics).items() if k != "epoch"}, step=epoch)
+        with mlflow_errors("logging epoch metrics to MLflow"):
+            mlflow.log_metrics({k: v for k, v in numbers(metrics).items() if k != "epoch"}, step=epoch)
         self._logged_epochs.add(epoch)
 
     def _store_lost(self, when: str, exc: StoreUnreachable) -> None:
         """Go on without the store; say so once."""
         self._lost = when
-        _warn(
-            f"the MLflow tracking store at {tracking_label()} stopped answering {when} ({_one_line(exc, 120)}); "
+        warn(
+            f"the MLflow tracking store at {tracking_label()} stopped answering {when} ({one_line(exc, 120)}); "
             f"training goes on without it and writes its checkpoint and model to {self._out_dir}"
         )
 
     def on_train_end(self, result: TrainResult) -> None:
         try:
             if self._lost is not None:  # it may be back: then the run is finished as if it had never left
-                with _mlflow_errors("reaching the MLflow tracking store again"):
-                    _client().get_run(self.run_id)
+                with mlflow_errors("reaching the MLflow tracking store again"):
+                    store_client().get_run(self.run_id)
                 self._lost = None
             self._finish(result)
         except StoreUnreachable as exc:
@@ -282,9 +280,9 @@ class MlflowCallback(Callback):
         for row in result.history:  # epochs a resumed run took from its checkpoint, or trained while the store was away
             if row["epoch"] not in self._logged_epochs:
                 self._log_epoch(row["epoch"], row)
-        with _mlflow_errors("logging the trained model to MLflow"):
+        with mlflow_errors("logging the trained model to MLflow"):
             epoch_keys = set(result.history[-1])
-            mlflow.log_metrics({k: v for k, v in _numbers(result.summary).items() if k not in epoch_keys})
+            mlflow.log_metrics({k: v for k, v in numbers(result.summary).items() if k not in epoch_keys})
             mlflow.set_tags(
                 {
                     "rrm.precision": result.summary["precision"],
@@ -299,7 +297,7 @@ class MlflowCallback(Callback):
                 mlflow.log_artifact(str(result.model_path))  # RRM_FILE_ARTIFACT: the registry reads it there
             mlflow.log_artifact(str(result.metrics_path))
             self._active = False
-            _end_active_run(None)
+            end_active_run(None)
 
     def _leave_unfinished(self) -> None:
         """The store stopped answering: forget the run in this process and say how to finish it."""
@@ -314,4 +312,4 @@ class MlflowCallback(Callback):
         # now, keeps the run RUNNING as the message says).
         with contextlib.suppress(Exception):
             mlflow.end_run("RUNNING")
-        _warn(self.unfinished)
+        warn(self.unfinished)

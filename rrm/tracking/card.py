@@ -7,10 +7,13 @@ import math
 from rrm.evaluation import EvalResult
 from rrm.train import may_teach, teacher_methods
 
+__all__ = ["model_card", "refusals"]
 
-def _card(
+
+def model_card(
     meta: dict, spec: dict, feature_dim: int, evaluation: EvalResult | None, run_id: str, sha256: str, forced: list[str]
 ) -> str:
+    """The card (markdown) of a registered teacher: what it is, what its evaluation measured, what was forced."""
     summary = meta.get("summary") or {}
     config = meta.get("config") or {}
 
@@ -55,7 +58,7 @@ def _same_number(a: object, b: object) -> bool:
     return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-9)
 
 
-def _refusals(meta: dict, spec: dict, sha256: str, evaluation: EvalResult | None) -> list[str]:
+def refusals(meta: dict, spec: dict, sha256: str, evaluation: EvalResult | None) -> list[str]:
     """Why the card of this model would claim what nobody measured: one phrase each, empty when nothing does."""
     problems = []
     method = meta.get("method")

@@ -10,15 +10,17 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import RegisteredModel
 from mlflow.exceptions import MlflowException
 
-from rrm.tracking.store import _process_alive
+from rrm.tracking.stale import process_alive
 
-_DESCRIPTION = "Adversarially trained teachers registered by rrm."
+__all__ = ["ABANDONED_AFTER_S", "CREATING_TAG", "REGISTRY_DESCRIPTION", "remove_abandoned_models"]
+
+REGISTRY_DESCRIPTION = "Adversarially trained teachers registered by rrm."
 # A registered model that rrm is creating, until its first version exists: the registering process's tags
-# (rrm.tracking.store's rrm.host, rrm.pid, rrm.process_start) as JSON.
-_CREATING_TAG = "rrm.creating"
+# (rrm.tracking.stale's rrm.host, rrm.pid, rrm.process_start) as JSON.
+CREATING_TAG = "rrm.creating"
 # An empty registered model whose creator cannot be checked (another host, or rrm before the tag) is abandoned after
 # this long: a registration takes seconds.
-_ABANDONED_AFTER_S = 3600
+ABANDONED_AFTER_S = 3600
 
 
 def _creator_gone(tag: str) -> bool:
@@ -27,16 +29,16 @@ def _creator_gone(tag: str) -> bool:
         process = json.loads(tag)
     except ValueError:
         return False
-    return isinstance(process, dict) and _process_alive(process) is False
+    return isinstance(process, dict) and process_alive(process) is False
 
 
 def _abandoned(model: RegisteredModel) -> bool:
     """Whether an rrm registered model without versions was left by a registration that will never finish."""
     tags = model.tags or {}
-    if model.latest_versions or (_CREATING_TAG not in tags and model.description != _DESCRIPTION):
+    if model.latest_versions or (CREATING_TAG not in tags and model.description != REGISTRY_DESCRIPTION):
         return False
-    old = time.time() * 1000 - (model.creation_timestamp or 0) > _ABANDONED_AFTER_S * 1000
-    return old or _creator_gone(tags.get(_CREATING_TAG, ""))
+    old = time.time() * 1000 - (model.creation_timestamp or 0) > ABANDONED_AFTER_S * 1000
+    return old or _creator_gone(tags.get(CREATING_TAG, ""))
 
 
 def _registered_models(client: MlflowClient, filter_string: str | None = None) -> list[RegisteredModel]:
@@ -49,14 +51,14 @@ def _registered_models(client: MlflowClient, filter_string: str | None = None) -
             return found
 
 
-def _remove_abandoned_models(client: MlflowClient) -> None:
+def remove_abandoned_models(client: MlflowClient) -> None:
     """Delete the empty registered models that killed registrations left, and drop the creation tag of any whose
     registration was killed after its first version. Best effort: a store that refuses (permissions, a concurrent
     cleanup) leaves them for the next command."""
-    for model in _registered_models(client, f"tags.`{_CREATING_TAG}` LIKE '%'"):
+    for model in _registered_models(client, f"tags.`{CREATING_TAG}` LIKE '%'"):
         if model.latest_versions:
             with contextlib.suppress(MlflowException):
-                client.delete_registered_model_tag(model.name, _CREATING_TAG)
+                client.delete_registered_model_tag(model.name, CREATING_TAG)
     for model in _registered_models(client):
         if _abandoned(model) and not client.search_model_versions(f"name = '{model.name}'", max_results=1):
             with contextlib.suppress(MlflowException):

@@ -24,20 +24,12 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from rrm.errors import RRMError
 from rrm.evaluation import EvalResult
 from rrm.io import sha256_file
-from rrm.tracking.store import (
-    DEFAULT_EXPERIMENT,
-    _client,
-    _context_tags,
-    _experiment_id,
-    _is_number,
-    _leaves,
-    _mlflow_errors,
-    _model_run,
-    _numbers,
-    _one_line,
-    _search_runs,
-    _status,
-)
+from rrm.tracking.connection import mlflow_errors, one_line, store_client
+from rrm.tracking.flatten import is_number, leaves, numbers
+from rrm.tracking.logged_models import model_run, search_runs
+from rrm.tracking.runs import DEFAULT_EXPERIMENT, context_tags, ensure_experiment, run_status
+
+__all__ = ["evaluation_of_run", "headline_metrics", "log_evaluation"]
 
 
 def log_evaluation(
@@ -66,11 +58,11 @@ def log_evaluation(
         )
     metrics = result.to_json()
     fingerprint = hashlib.sha256(json.dumps(metrics, sort_keys=True, default=str).encode()).hexdigest()
-    with _mlflow_errors("recording the evaluation in MLflow"):
-        client = _client()
-        train_run = client.get_run(train_run_id) if train_run_id else _model_run(client, sha256)
+    with mlflow_errors("recording the evaluation in MLflow"):
+        client = store_client()
+        train_run = client.get_run(train_run_id) if train_run_id else model_run(client, sha256)
         if train_run is not None:
-            logged = _search_runs(
+            logged = search_runs(
                 client,
                 f"tags.`rrm.evaluation_sha256` = '{fingerprint}' and tags.`rrm.train_run_id` = "
                 f"'{train_run.info.run_id}' and attributes.status = 'FINISHED'",
@@ -78,11 +70,11 @@ def log_evaluation(
             if logged:
                 return logged[0].info.run_id
         if experiment is not None or train_run is None:
-            experiment_id = _experiment_id(client, experiment or DEFAULT_EXPERIMENT)
+            experiment_id = ensure_experiment(client, experiment or DEFAULT_EXPERIMENT)
         else:
             experiment_id = train_run.info.experiment_id
         tags = {
-            **_context_tags(),
+            **context_tags(),
             "rrm.kind": "evaluate",
             "rrm.evaluated_sha256": sha256,
             "rrm.evaluation_sha256": fingerprint,
@@ -96,10 +88,10 @@ def log_evaluation(
         run_id = run.info.run_id
         try:
             now = int(time.time() * 1000)
-            params = [Param(k, _one_line(v, 6000)) for k, v in _flat_text(metrics).items()]
-            numbers = [Metric(k, v, now, 0) for k, v in _numbers(metrics).items()]
+            params = [Param(k, one_line(v, 6000)) for k, v in _flat_text(metrics).items()]
+            values = [Metric(k, v, now, 0) for k, v in numbers(metrics).items()]
             for i in range(0, max(len(params), 1), 100):
-                client.log_batch(run_id, metrics=numbers if i == 0 else (), params=params[i : i + 100])
+                client.log_batch(run_id, metrics=values if i == 0 else (), params=params[i : i + 100])
             if metrics_path is not None:
                 client.log_artifact(run_id, str(metrics_path))
             else:
@@ -109,8 +101,8 @@ def log_evaluation(
                     client.log_artifact(run_id, str(path))
         except BaseException as exc:
             with contextlib.suppress(Exception):
-                client.set_tag(run_id, "rrm.error", _one_line(f"{type(exc).__name__}: {exc}"))
-                client.set_terminated(run_id, _status(type(exc)))
+                client.set_tag(run_id, "rrm.error", one_line(f"{type(exc).__name__}: {exc}"))
+                client.set_terminated(run_id, run_status(type(exc)))
             raise
         client.set_terminated(run_id, "FINISHED")
         if train_run is not None:
@@ -156,8 +148,8 @@ def _flat_text(values: Mapping) -> dict[str, str]:
     """The non-numeric leaves (text, flags, lists) of a nested mapping."""
     return {
         k: json.dumps(v) if isinstance(v, (list, tuple, bool)) or v is None else str(v)
-        for k, v in _leaves(values)
-        if not _is_number(v)
+        for k, v in leaves(values)
+        if not is_number(v)
     }
 
 
@@ -179,9 +171,9 @@ def _logged_evaluation(params: Mapping, metrics: Mapping) -> EvalResult | None:
         return None
 
 
-def _evaluation_of_run(client: MlflowClient, run_id: str) -> tuple[EvalResult | None, str | None]:
+def evaluation_of_run(client: MlflowClient, run_id: str) -> tuple[EvalResult | None, str | None]:
     """The newest finished evaluation linked to training run ``run_id`` that ran an attack, and its run id."""
-    runs = _search_runs(client, f"tags.`rrm.train_run_id` = '{run_id}' and attributes.status = 'FINISHED'")
+    runs = search_runs(client, f"tags.`rrm.train_run_id` = '{run_id}' and attributes.status = 'FINISHED'")
     for run in runs:
         result = _logged_evaluation(run.data.params, run.data.metrics)
         if result is not None and result.worst_attack is not None:

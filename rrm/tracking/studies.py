@@ -13,16 +13,11 @@ import mlflow
 from mlflow.entities import Metric, Param, Run
 
 from rrm.secrets import mask_url
-from rrm.tracking.store import (
-    DEFAULT_EXPERIMENT,
-    PROCESS_TAGS,
-    _client,
-    _context_tags,
-    _experiment_id,
-    _mlflow_errors,
-    _one_line,
-    check_store,
-)
+from rrm.tracking.connection import mlflow_errors, one_line, store_client
+from rrm.tracking.runs import DEFAULT_EXPERIMENT, context_tags, ensure_experiment
+from rrm.tracking.stale import PROCESS_TAGS, check_store
+
+__all__ = ["log_report", "open_study_run", "update_run"]
 
 
 def open_study_run(
@@ -40,21 +35,21 @@ def open_study_run(
     key = hashlib.sha256(f"{storage}\n{study}".encode()).hexdigest()[:32]
     # Workers on many hosts share the parent run: no process of its own that the stale-run clean-up could check.
     tags = {
-        **{k: v for k, v in _context_tags().items() if k not in PROCESS_TAGS},
+        **{k: v for k, v in context_tags().items() if k not in PROCESS_TAGS},
         "rrm.kind": "study",
         "rrm.study": study,
         "rrm.study_storage": storage,
         "rrm.study_key": key,
     }
     project_run = os.environ.pop("MLFLOW_RUN_ID", None)
-    with _mlflow_errors("opening the study's MLflow run"):
+    with mlflow_errors("opening the study's MLflow run"):
         client = check_store("opening the study's MLflow run")
         if project_run:
-            client.log_batch(project_run, params=[Param(k, _one_line(v, 6000)) for k, v in params.items()])
+            client.log_batch(project_run, params=[Param(k, one_line(v, 6000)) for k, v in params.items()])
             for name, value in tags.items():
                 client.set_tag(project_run, name, value)
             return project_run, client.get_experiment(client.get_run(project_run).info.experiment_id).name
-        experiment_id = _experiment_id(client, experiment)
+        experiment_id = ensure_experiment(client, experiment)
 
         def existing() -> list[Run]:
             runs = client.search_runs([experiment_id], f"tags.`rrm.study_key` = '{key}'", max_results=100)
@@ -63,7 +58,7 @@ def open_study_run(
         runs = existing()
         if not runs:
             mine = client.create_run(experiment_id, run_name=f"study {study}", tags=tags).info.run_id
-            client.log_batch(mine, params=[Param(k, _one_line(v, 6000)) for k, v in params.items()])
+            client.log_batch(mine, params=[Param(k, one_line(v, 6000)) for k, v in params.items()])
             runs = existing()
             if runs[0].info.run_id != mine:
                 client.delete_run(mine)
@@ -82,12 +77,12 @@ def update_run(
 ) -> None:
     """Add tags, metrics and artifact files to a finished or running run; ``status`` (FINISHED, FAILED, KILLED)
     ends it. Used for a study's parent run and for the final state of its trial runs."""
-    with _mlflow_errors("updating an MLflow run"):
-        client = _client()
+    with mlflow_errors("updating an MLflow run"):
+        client = store_client()
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()])
         for key, value in (tags or {}).items():
-            client.set_tag(run_id, key, _one_line(value, 5000))
+            client.set_tag(run_id, key, one_line(value, 5000))
         for path in artifacts:
             client.log_artifact(run_id, str(path))
         if status is not None:
@@ -97,7 +92,7 @@ def update_run(
 def log_report(files: list[Path], experiment: str = DEFAULT_EXPERIMENT) -> None:
     """Log report files as artifacts; under `mlflow run` into the project's run, otherwise into a new "report" run."""
     inside_project_run = bool(os.environ.get("MLFLOW_RUN_ID"))
-    with _mlflow_errors("log the report"):
+    with mlflow_errors("log the report"):
         if not inside_project_run:
             mlflow.set_experiment(experiment)
         with mlflow.start_run(run_name=None if inside_project_run else "report"):

@@ -32,11 +32,14 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from rrm.errors import RRMError
+from rrm.tracking.environment import configure
 
 if TYPE_CHECKING:  # this module loads before torch does (rrm.console), so the training's types are for checkers only
     from rrm.data import ImageData
     from rrm.models import Classifier
     from rrm.train import TrainConfig, TrainResult
+
+__all__ = ["OWNER_PID_ENV", "BackgroundCallback", "can_fork", "owner_pid", "prestart"]
 
 _END = "end"
 _DIED = "the tracking worker process died; the training's files are written, its MLflow run may be RUNNING"
@@ -86,13 +89,12 @@ class _Relay(io.TextIOBase):
 
 
 def _warm() -> None:
-    """What a worker forked at start-up loads before it is given its callback: rrm's tracking and MLflow with its
-    database layer (imports only: nothing is written until the training has checked its input)."""
+    """What a worker forked at start-up loads before it is given its callback: rrm's training callback and MLflow
+    with its database layer (imports only: nothing is written until the training has checked its input)."""
     with contextlib.suppress(BaseException):  # the callback's own making says what fails, where it is made
-        from rrm import jobs
-
-        jobs.tracking().callback  # noqa: B018  (imports MLflow)
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (the local store's layer: a second of imports)
+
+        import rrm.tracking.callback  # noqa: F401  (imports MLflow)
 
 
 def _serve(make: Callable[[], Any] | None, conn, other_end, in_process: bool, keep: Callable | None) -> None:
@@ -100,11 +102,12 @@ def _serve(make: Callable[[], Any] | None, conn, other_end, in_process: bool, ke
     started without ``make`` (:func:`prestart`) loads what it will need, then waits to be given it; it exits
     quietly, having recorded nothing, if its training goes on without it."""
     if in_process:
-        os.environ[OWNER_PID_ENV] = str(os.getppid())  # the run's process (rrm.tracking.store reads it)
+        os.environ[OWNER_PID_ENV] = str(os.getppid())  # the run's process (rrm.tracking.stale reads it)
         other_end.close()  # so that the training's death reads as the end of the pipe
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the training decides
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         sys.stderr = _Relay(conn)
+    configure()  # MLflow's settings, before it loads here
     if make is None:
         _warm()
         try:
@@ -272,6 +275,3 @@ class BackgroundCallback:
 
     def on_train_end(self, result: TrainResult) -> None:
         self._call("on_train_end", dataclasses.replace(result, model=None, data=self._data), wait=True)
-
-
-__all__ = ["BackgroundCallback", "can_fork", "prestart"]
