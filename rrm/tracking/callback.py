@@ -22,12 +22,12 @@ from rrm.errors import RRMError
 from rrm.io import sha256_file, write_json
 from rrm.models import Classifier, Teacher
 from rrm.tracking.connection import StoreUnreachable, mlflow_errors, one_line, store_client, warn
+from rrm.tracking.environment import owner_pid
 from rrm.tracking.flatten import numbers, training_params
 from rrm.tracking.runs import DEFAULT_EXPERIMENT, context_tags, end_active_run, ensure_experiment
 from rrm.tracking.stale import check_store, process_alive
 from rrm.tracking.uri import tracking_label
 from rrm.tracking.versions import resolve_version, run_model, version_model_id
-from rrm.tracking.worker import owner_pid
 from rrm.train import Callback, TrainConfig, TrainResult
 from rrm.train.trainer import CHECKPOINT
 

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-__all__ = ["FAIL_FAST_ENV", "configure"]
+__all__ = ["FAIL_FAST_ENV", "OWNER_PID_ENV", "configure", "owner_pid"]
 
 # MLflow retries an unreachable server 7 times with exponential backoff (minutes) and waits up to 120 s for each
 # answer; rrm gives up in seconds instead (under a minute for a server that accepts but never answers).
@@ -16,6 +16,13 @@ FAIL_FAST_ENV = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
+
+OWNER_PID_ENV = "RRM_OWNER_PID"  # set in a worker process: the training whose run it records
+
+
+def owner_pid() -> int:
+    """The process whose run this process records: itself, or the training whose worker it is."""
+    return int(os.environ.get(OWNER_PID_ENV, os.getpid()))
 
 
 def configure() -> None:

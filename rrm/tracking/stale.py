@@ -13,8 +13,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from rrm.tracking.connection import mlflow_errors, store_client, warn
+from rrm.tracking.environment import owner_pid
 from rrm.tracking.uri import tracking_uri
-from rrm.tracking.worker import owner_pid
 
 __all__ = ["PROCESS_TAGS", "StaleRuns", "check_store", "clean_stale_runs", "process_alive", "process_tags"]
 

@@ -32,14 +32,14 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from rrm.errors import RRMError
-from rrm.tracking.environment import configure
+from rrm.tracking.environment import OWNER_PID_ENV, configure
 
 if TYPE_CHECKING:  # this module loads before torch does (rrm.console), so the training's types are for checkers only
     from rrm.data import ImageData
     from rrm.models import Classifier
     from rrm.train import TrainConfig, TrainResult
 
-__all__ = ["OWNER_PID_ENV", "BackgroundCallback", "can_fork", "owner_pid", "prestart"]
+__all__ = ["BackgroundCallback", "can_fork", "prestart"]
 
 _END = "end"
 _DIED = "the tracking worker process died; the training's files are written, its MLflow run may be RUNNING"
@@ -66,14 +66,6 @@ def _sendable(value: BaseException | None) -> BaseException | None:
 def _public(callback: Any) -> SimpleNamespace:
     """The callback's public attributes that pickle (what the training may read once the worker is gone)."""
     return SimpleNamespace(**{k: v for k, v in vars(callback).items() if not k.startswith("_") and _pickles(v)})
-
-
-OWNER_PID_ENV = "RRM_OWNER_PID"  # set in a worker process: the training whose run it records
-
-
-def owner_pid() -> int:
-    """The process whose run this process records: itself, or the training whose worker it is."""
-    return int(os.environ.get(OWNER_PID_ENV, os.getpid()))
 
 
 class _Relay(io.TextIOBase):
