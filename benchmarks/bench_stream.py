@@ -156,7 +156,7 @@ def main() -> None:
 
     import torch
 
-    from rrm.data.shards import default_workers
+    from rrm.data.shard_writer import default_workers
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-stream-"))
     workers = args.workers or default_workers()

@@ -1,12 +1,15 @@
-"""What several test modules share: a free loopback port, an `mlflow server` started on it, a worker process's
-environment, one torch thread, and a project directory where the CLI's process-wide settings are undone."""
+"""What several test modules share: a free loopback port, an `mlflow server` started on it, a migrated MLflow store
+to copy, a worker process's environment, one torch thread, a project directory where the CLI's process-wide settings
+are undone, and the command-line options of the smallest real training and tuning."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -25,6 +28,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def migrated_store(path: Path) -> Path:
+    """Create at ``path`` an MLflow SQLite store whose schema MLflow has migrated, less the Default experiment (the
+    one row MLflow writes on opening a store: with the store's artifact root, which depends on who opens it and from
+    where). A copy is what a fresh store is once migrated; whoever opens it adds its Default experiment as MLflow does
+    on first use. Checked to hold nothing else: no experiment, run or model."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    uri = f"sqlite:///{path}"
+    SqlAlchemyStore(uri, str(path.parent / "mlruns")).engine.dispose()
+    with contextlib.closing(sqlite3.connect(path)) as con, con:
+        con.execute("DELETE FROM experiments WHERE experiment_id = 0")
+        tables = [name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        filled = {name for name in tables if con.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0]}
+    # alembic's schema version, and the default workspace a migration inserts
+    assert filled == {"alembic_version", "workspaces"}, f"a fresh store holds more than its schema: {sorted(filled)}"
+    return path
+
+
+def copy_store(migrated: Path, to: Path) -> Path:
+    """A copy of the :func:`migrated_store` ``migrated`` at ``to`` (which must not exist): a fresh store there."""
+    if to.exists():
+        raise FileExistsError(f"{to} exists; a store copied over it would hide what the test made")
+    shutil.copyfile(migrated, to)
+    return to
 
 
 def worker_env(**extra: str) -> dict:
@@ -161,3 +190,44 @@ def override_yaml(path: Path, overrides: dict[str, object]) -> None:
     out expanded, comments are dropped."""
     params = yaml.safe_load(path.read_text())
     path.write_text(yaml.safe_dump(override(params, overrides), sort_keys=False))
+
+
+def cli_options(defaults: dict[str, object], overrides: dict[str, object]) -> list[str]:
+    """Command-line options from ``defaults`` updated by ``overrides`` (a new key goes last): ``key=value`` gives
+    ``--key value`` (underscores become dashes), True a bare ``--key``, False ``--no-key``, None leaves the key out."""
+    args: list[str] = []
+    for key, value in {**defaults, **overrides}.items():
+        flag = key.replace("_", "-")
+        if value is True:
+            args.append(f"--{flag}")
+        elif value is False:
+            args.append(f"--no-{flag}")
+        elif value is not None:
+            args += [f"--{flag}", str(value)]
+    return args
+
+
+def tiny_train_args(**overrides: object) -> list[str]:
+    """`rrm train` options of the smallest real training: one epoch of a CNN on digits, no monitor, no progress bar
+    (about a second); ``overrides`` as in :func:`cli_options` (``lr=0.05``, ``track=False``)."""
+    return cli_options(
+        {"dataset": "digits", "model": "cnn", "epochs": 1, "monitor_examples": 0, "progress": False}, overrides
+    )
+
+
+def tiny_tune_args(**overrides: object) -> list[str]:
+    """`rrm tune` options of the smallest real trial: one epoch of a BatchNorm CNN student on digits, scored by APGD
+    (5 steps) on 64 validation images and tested on 64 (about a second a trial); ``overrides`` as in
+    :func:`cli_options`."""
+    defaults = {
+        "dataset": "digits",
+        "model": "cnn-bn",
+        "eps": 0.1,
+        "epochs": 1,
+        "lr": 0.05,
+        "attack_examples": 64,
+        "attack_steps": 5,
+        "test_examples": 64,
+        "test_steps": 5,
+    }
+    return cli_options(defaults, overrides)

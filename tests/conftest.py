@@ -1,16 +1,25 @@
 """Shared fixtures: small models trained through the real trainer, once per test session."""
 
 import os
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-from _helpers import one_torch_thread, undo_cli_settings
+from _helpers import copy_store, migrated_store, one_torch_thread, undo_cli_settings
 
 from rrm.data import load_dataset
 from rrm.train import TrainConfig, train
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread_for_the_session():
+    """Every test in the session on one torch thread (see :func:`_helpers.one_torch_thread`): a two-epoch SAT
+    training took 8-12 s on one thread and 70-90 s on two with the two cores shared with other work."""
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +79,13 @@ def postgres():
         pytest.skip(f"PostgreSQL cannot be started here: {exc}")
 
 
+@pytest.fixture(scope="session")
+def migrated_mlflow_db(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its schema migrated, made once per session: tests copy it (milliseconds) instead
+    of paying MLflow's migrations (seconds) for each store they open (see :func:`_helpers.migrated_store`)."""
+    return migrated_store(tmp_path_factory.mktemp("migrated-store") / "mlflow.db")
+
+
 @pytest.fixture
 def cli_project(tmp_path, monkeypatch):
     """A project directory as cwd with its own SQLite MLflow store, on one torch thread; the CLI's process-wide
@@ -80,3 +96,10 @@ def cli_project(tmp_path, monkeypatch):
     undo_cli_settings(monkeypatch)
     with one_torch_thread():
         yield tmp_path
+
+
+@pytest.fixture
+def mlflow_store(cli_project, migrated_mlflow_db) -> Path:
+    """The :func:`cli_project`'s store file, there before the test starts: a copy of a freshly migrated store. For
+    tests that track; a test that checks that nothing made a store leaves it out."""
+    return copy_store(migrated_mlflow_db, cli_project / "mlflow.db")

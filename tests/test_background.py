@@ -178,19 +178,19 @@ def test_only_a_tracked_training_forks_its_worker_at_start_up(monkeypatch):
 
 
 @pytest.mark.skipif(not can_fork(), reason="no pseudo-terminals or fork on this platform")
-def test_rrm_train_on_a_terminal_says_it_is_starting_and_its_early_worker_records_the_run(tmp_path):
+def test_rrm_train_on_a_terminal_says_it_is_starting_and_its_early_worker_records_the_run(tmp_path, migrated_mlflow_db):
     import pty
     import shutil
     import subprocess
     import sys
 
-    from _helpers import worker_env
+    from _helpers import copy_store, worker_env
     from mlflow import MlflowClient
 
     rrm = shutil.which("rrm") or str(Path(sys.executable).with_name("rrm"))
     command = [rrm, "train", "--dataset", "digits", "--model", "cnn", "--epochs", "1", "--monitor-examples", "0"]
     main, terminal = pty.openpty()
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = f"sqlite:///{copy_store(migrated_mlflow_db, tmp_path / 'mlflow.db')}"
     proc = subprocess.Popen(
         [*command, "--out-dir", "out"],
         cwd=tmp_path,

@@ -13,13 +13,14 @@ import time
 import click
 import pytest
 import torch
+from _helpers import tiny_train_args
 from click.testing import CliRunner
 
 from rrm import cli as rrm_cli
 from rrm.data import read_dataset
 from rrm.models import load_model
 
-DIGITS = ["--dataset", "digits", "--model", "cnn", "--epochs", "1", "--monitor-examples", "0", "--no-progress"]
+DIGITS = tiny_train_args()
 
 
 @pytest.fixture(autouse=True)
@@ -102,6 +103,7 @@ def test_command_list():
         (["evaluate", "x.pt", "--eps", "-0.1"], "eps must be >= 0"),
     ],
 )
+@pytest.mark.usefixtures("mlflow_store")
 def test_bad_input_is_one_line_and_non_zero(args, message):
     assert_one_line_error(rrm(*args), message)
 
@@ -136,6 +138,7 @@ def test_data_prepare_writes_a_dataset(project):
     assert len(read_dataset(project / "data" / "digits.safetensors").test_y) == 300
 
 
+@pytest.mark.usefixtures("mlflow_store")
 def test_teacher_flow_through_the_command_line(project):
     result = rrm(
         "train",

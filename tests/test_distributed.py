@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import one_torch_thread, worker_env
+from _helpers import copy_store, one_torch_thread, worker_env
 
 from rrm.data import batches, load_dataset
 from rrm.data.core import shard_bounds
@@ -89,7 +89,10 @@ def single_natural(tmp_path_factory, digits):
     return train(TrainConfig(**COMMON, out_dir=str(tmp_path_factory.mktemp("single-natural"))), data=digits)
 
 
-def test_two_processes_follow_the_single_process_trajectory_and_write_one_run(tmp_path, single_natural):
+def test_two_processes_follow_the_single_process_trajectory_and_write_one_run(
+    tmp_path, single_natural, migrated_mlflow_db
+):
+    copy_store(migrated_mlflow_db, tmp_path / "mlflow.db")
     result = torchrun(
         tmp_path,
         "train",

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _helpers import tiny_train_args
 from click.testing import CliRunner
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -29,19 +30,7 @@ from rrm.io import OutputError, atomic_path, check_writable
 from rrm.models import build_model, load_model, save_model
 from rrm.train import trainer
 
-TRAIN = [
-    "train",
-    "--dataset",
-    "digits",
-    "--model",
-    "cnn",
-    "--epochs",
-    "1",
-    "--monitor-examples",
-    "0",
-    "--no-progress",
-    "--no-track",
-]
+TRAIN = ["train", *tiny_train_args(track=False)]
 
 
 @pytest.fixture(autouse=True)
@@ -372,6 +361,7 @@ def test_a_run_that_diverges_in_its_first_epoch_leaves_nothing(project):
     assert "removed" not in line and files(project / "mine") == ["notes.txt"]
 
 
+@pytest.mark.usefixtures("mlflow_store")
 def test_a_tracked_run_that_diverges_in_its_first_epoch_leaves_nothing_either(project):
     tracked = [a for a in TRAIN if a != "--no-track"]  # MLflow writes its run file into the directory first
     for out_dir in ("runs/tracked", "mine"):

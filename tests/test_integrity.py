@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _helpers import one_torch_thread, undo_cli_settings, worker_env
+from _helpers import one_torch_thread, tiny_train_args, undo_cli_settings, worker_env
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
@@ -79,8 +79,8 @@ def evaluated(tmp_path_factory, digits_teacher, digits_natural):
 
 
 @pytest.fixture
-def project(cli_project, evaluated):
-    """A project with its own MLflow store, the two model files and their evaluations."""
+def project(cli_project, mlflow_store, evaluated):
+    """A project with its own MLflow store (fresh), the two model files and their evaluations."""
     root, _ = evaluated
     for path in root.iterdir():
         shutil.copy(path, cli_project / path.name)
@@ -212,24 +212,7 @@ def test_a_swapped_registry_artifact_is_refused_on_pull_and_load(project):
     assert not (project / "swapped.pt").exists()
     refused(rrm("evaluate", "models:/rrm-teacher/1", "--out", "swapped.json", *EVALUATE), *fragments)
     refused(
-        rrm(
-            "train",
-            "--method",
-            "rrm",
-            "--teacher",
-            "models:/rrm-teacher/1",
-            "--dataset",
-            "digits",
-            "--model",
-            "cnn",
-            "--epochs",
-            "1",
-            "--monitor-examples",
-            "0",
-            "--no-progress",
-            "--no-track",
-        ),
-        *fragments,
+        rrm("train", "--method", "rrm", "--teacher", "models:/rrm-teacher/1", *tiny_train_args(track=False)), *fragments
     )
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _helpers import override, override_yaml
+from _helpers import copy_store, override, override_yaml
 
 from rrm.cli import cli
 from rrm.evaluation import EvalConfig
@@ -592,7 +592,7 @@ def _rrm(work: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_the_pipeline_goes_through_the_registry(tmp_path: Path) -> None:
+def test_the_pipeline_goes_through_the_registry(tmp_path: Path, migrated_mlflow_db: Path) -> None:
     """A shrunk `dvc repro` of a student of the teacher: the teacher is registered and promoted to the alias of
     params.yaml, then pulled; `rrm teacher pull models:/rrm-teacher@champion` works afterwards; the student's run names
     the teacher's name, version and run; the teacher's run is named and tagged as a teacher's and carries its
@@ -603,6 +603,7 @@ def test_the_pipeline_goes_through_the_registry(tmp_path: Path) -> None:
     from rrm.io import sha256_file
 
     work, env, dvc = _pipeline(tmp_path)
+    copy_store(migrated_mlflow_db, work / "mlflow.db")
     run = subprocess.run([dvc, "repro", "distill_student@kd"], cwd=work, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     teacher, pinned = work / "runs" / "teacher" / "model.pt", work / "runs" / "teacher" / "champion.pt"

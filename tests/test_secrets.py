@@ -8,7 +8,7 @@ import re
 import time
 
 import pytest
-from _helpers import free_port, mlflow_server
+from _helpers import copy_store, free_port, mlflow_server, tiny_train_args
 from click.testing import CliRunner
 
 from rrm import cli as rrm_cli
@@ -108,6 +108,7 @@ def test_the_tune_storage_label_and_its_errors_are_masked():
     assert_hidden(str(caught.value), "p/ss")
 
 
+@pytest.mark.usefixtures("mlflow_store")
 def test_the_study_tag_and_results_json_are_masked_even_given_a_raw_url(project):
     """The tag and the results file mask what they are given: a caller that forgot the label leaks nothing."""
     import optuna
@@ -140,6 +141,7 @@ def test_the_study_tag_and_results_json_are_masked_even_given_a_raw_url(project)
     assert_hidden(written, "s3:cr", "an0ther")
 
 
+@pytest.mark.usefixtures("mlflow_store")
 def test_tune_on_postgres_with_passwords_prints_tags_and_writes_none(postgres, digits_teacher, project):
     """A real study in PostgreSQL, its URL with a password holding "/" and "@", then one passed as ?password=:
     stdout, stderr, the MLflow runs and the study's files never hold either (trust authentication ignores them)."""
@@ -189,28 +191,18 @@ def test_tune_on_postgres_with_passwords_prints_tags_and_writes_none(postgres, d
             assert_hidden(json.dumps([run.data.tags, run.data.params]), secret)
 
 
-def test_the_train_summary_and_run_record_mask_a_tracking_uri_password(project, monkeypatch, tmp_path_factory):
+def test_the_train_summary_and_run_record_mask_a_tracking_uri_password(
+    project, monkeypatch, tmp_path_factory, migrated_mlflow_db
+):
     """`rrm train` against an `mlflow server` whose URI carries user:password (the server ignores them)."""
     from mlflow import MlflowClient
 
     root = tmp_path_factory.mktemp("server")
+    copy_store(migrated_mlflow_db, root / "server.db")
     with mlflow_server(f"sqlite:///{root}/server.db", root) as url:
         secret_url = url.replace("http://", "http://user:p%2Fss@")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", secret_url)
-        result = rrm(
-            "train",
-            "--dataset",
-            "digits",
-            "--model",
-            "cnn",
-            "--epochs",
-            "1",
-            "--monitor-examples",
-            "0",
-            "--no-progress",
-            "--out-dir",
-            "out",
-        )
+        result = rrm("train", *tiny_train_args(), "--out-dir", "out")
         assert result.exit_code == 0, result.output
         assert_hidden(result.output + result.stderr, "p%2Fss", "p/ss")
         assert f"({url.replace('http://', 'http://user:***@')})" in result.output

@@ -19,7 +19,8 @@ from rrm import cli as rrm_cli
 from rrm.data import augment_batch, batches, load_dataset, prepare_dataset
 from rrm.data.core import _resized_crop_flip, shard_bounds
 from rrm.data.folders import imagefolder_plan
-from rrm.data.shards import MANIFEST, ShardedImages, open_shards, write_shards
+from rrm.data.shard_writer import write_shards
+from rrm.data.shards import MANIFEST, ShardedImages, open_shards
 from rrm.errors import RRMError
 from rrm.io import sha256_file
 from rrm.train import TrainConfig, train

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import free_port, mlflow_server_process, worker_env
+from _helpers import copy_store, free_port, mlflow_server_process, tiny_train_args, worker_env
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
@@ -39,7 +39,7 @@ LONG = [
     "0",
     "--no-progress",
 ]
-QUICK = ["--dataset", "digits", "--model", "cnn", "--epochs", "1", "--monitor-examples", "0", "--no-progress"]
+QUICK = tiny_train_args()
 
 
 @pytest.fixture(autouse=True)
@@ -87,6 +87,7 @@ def only_run(uri: str):
     return client, runs[0]
 
 
+@pytest.mark.usefixtures("mlflow_store")
 def test_sigterm_mid_training_ends_the_run_killed_and_resume_continues_it(project):
     proc = start_training(project, "out", "--epochs", "40")
     wait_for_logged_epoch(proc, project / "mlflow.db")
@@ -116,6 +117,7 @@ def _children(pid: int) -> list[int]:
     return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
 
 
+@pytest.mark.usefixtures("mlflow_store")
 def test_a_sigkilled_training_is_marked_failed_by_its_tracking_worker(project):
     proc = start_training(project, "killed", "--epochs", "40")
     wait_for_logged_epoch(proc, project / "mlflow.db")
@@ -132,6 +134,7 @@ def test_a_sigkilled_training_is_marked_failed_by_its_tracking_worker(project):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the tracking worker is a process on Linux")
+@pytest.mark.usefixtures("mlflow_store")
 def test_a_sigkilled_run_is_marked_failed_by_the_next_command(project):
     proc = start_training(project, "killed", "--epochs", "40")
     wait_for_logged_epoch(proc, project / "mlflow.db")
@@ -154,6 +157,7 @@ def test_a_sigkilled_run_is_marked_failed_by_the_next_command(project):
     assert f"pid {proc.pid}" in marked.data.tags["rrm.error"] and "gone" in marked.data.tags["rrm.error"]
 
 
+@pytest.mark.usefixtures("mlflow_store")
 def test_runs_clean_leaves_live_and_foreign_runs_and_marks_runs_named_by_id(project):
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     experiment = client.create_experiment("clean")
@@ -178,6 +182,7 @@ def test_runs_clean_leaves_live_and_foreign_runs_and_marks_runs_named_by_id(proj
     assert client.get_run(mine.info.run_id).info.status == "RUNNING", "a live process's run is never marked"
 
 
+@pytest.mark.usefixtures("mlflow_store")
 def test_resume_starts_a_new_run_after_a_finished_training_or_a_fresh_untracked_one(project):
     cfg = TrainConfig(
         dataset="digits",
@@ -200,8 +205,9 @@ def test_resume_starts_a_new_run_after_a_finished_training_or_a_fresh_untracked_
     assert not (project / "done" / "mlflow_run.json").exists()
 
 
-def test_a_tracking_server_lost_mid_training_does_not_stop_it(project, tmp_path_factory):
+def test_a_tracking_server_lost_mid_training_does_not_stop_it(project, tmp_path_factory, migrated_mlflow_db):
     root = tmp_path_factory.mktemp("server")
+    copy_store(migrated_mlflow_db, root / "server.db")
     with mlflow_server_process(f"sqlite:///{root}/server.db", root) as (url, server):
         secret_url = url.replace("http://", "http://user:p%2Fss@")
         proc = start_training(project, "out", "--epochs", "6", MLFLOW_TRACKING_URI=secret_url)

@@ -14,48 +14,14 @@ import sys
 
 import optuna
 import pytest
-from _helpers import mlflow_server, one_torch_thread, undo_cli_settings, worker_env
+from _helpers import mlflow_server, one_torch_thread, tiny_train_args, tiny_tune_args, undo_cli_settings, worker_env
 from click.testing import CliRunner
 
 from rrm import cli as rrm_cli
 from rrm.io import sha256_file
 
-# As in test_tune: one epoch of a BatchNorm CNN student on digits, APGD on 64 validation images.
-SMALL = [
-    "--dataset",
-    "digits",
-    "--model",
-    "cnn-bn",
-    "--eps",
-    "0.1",
-    "--epochs",
-    "1",
-    "--lr",
-    "0.05",
-    "--attack-examples",
-    "64",
-    "--attack-steps",
-    "5",
-    "--test-examples",
-    "64",
-    "--test-steps",
-    "5",
-]
-TINY_TRAIN = [
-    "--dataset",
-    "digits",
-    "--model",
-    "cnn",
-    "--epochs",
-    "1",
-    "--lr",
-    "0.05",
-    "--monitor-examples",
-    "0",
-    "--no-progress",
-    "--experiment",
-    "team",
-]
+SMALL = tiny_tune_args()
+TINY_TRAIN = tiny_train_args(lr=0.05, experiment="team")
 
 
 @pytest.fixture(autouse=True)

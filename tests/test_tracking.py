@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import free_port, mlflow_server, one_torch_thread, undo_cli_settings
+from _helpers import copy_store, free_port, mlflow_server, one_torch_thread, tiny_train_args, undo_cli_settings
 from click.testing import CliRunner
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -39,9 +39,10 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, migrated_mlflow_db):
     """A project directory (a git repo run by a DVC stage) with its own SQLite store."""
     root = tmp_path_factory.mktemp("project")
+    copy_store(migrated_mlflow_db, root / "mlflow.db")
     _git(root, "init", "-q")
     _git(root, "commit", "-q", "--allow-empty", "-m", "start")
     with pytest.MonkeyPatch.context() as mp:
@@ -219,16 +220,7 @@ def test_register_promote_pull_then_train_student(teacher_run, store, monkeypatc
             "0.5",
             "--teacher",
             "models:/rrm-teacher@champion",
-            "--dataset",
-            "digits",
-            "--model",
-            "cnn",
-            "--epochs",
-            "1",
-            "--monitor-examples",
-            "0",
-            "--no-progress",
-            "--no-track",
+            *tiny_train_args(track=False),
             "--out-dir",
             str(store / "cli-student"),
         ],
@@ -399,8 +391,9 @@ def test_training_on_a_prepared_file_records_the_file_as_input(store):
 
 
 @pytest.fixture
-def server(tmp_path, monkeypatch):
+def server(tmp_path, monkeypatch, migrated_mlflow_db):
     """`mlflow server` on loopback with a SQLite backend and proxied artifacts, all in tmp; always stopped."""
+    copy_store(migrated_mlflow_db, tmp_path / "server.db")
     with mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path) as url:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         yield url

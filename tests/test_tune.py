@@ -15,7 +15,7 @@ from pathlib import Path
 import matplotlib.image
 import optuna
 import pytest
-from _helpers import worker_env
+from _helpers import tiny_tune_args, worker_env
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
@@ -24,29 +24,7 @@ from rrm.errors import RRMError
 from rrm.tune import TuneConfig, parse_range, storage_label
 
 ROOT = Path(__file__).resolve().parents[1]
-# One epoch of a BatchNorm CNN student on digits, scored by APGD on 64 validation images: about a second a trial.
-SMALL = [
-    "--dataset",
-    "digits",
-    "--model",
-    "cnn-bn",
-    "--eps",
-    "0.1",
-    "--epochs",
-    "1",
-    "--lr",
-    "0.05",
-    "--attack-examples",
-    "64",
-    "--attack-steps",
-    "5",
-    "--test-examples",
-    "64",
-    "--test-steps",
-    "5",
-    "--best-trials",
-    "2",
-]
+SMALL = tiny_tune_args(best_trials=2)
 
 
 @pytest.fixture(autouse=True)
@@ -93,6 +71,7 @@ def _png(path: Path) -> None:
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
 
 
+@pytest.mark.usefixtures("mlflow_store")
 def test_small_study_records_every_trial_as_a_child_run_and_writes_the_plots(project, teacher):
     result = rrm("tune", "--method", "rrm", "--teacher", teacher, *SMALL, "--n-trials", "3", "--study-name", "s")
     assert result.exit_code == 0, result.output
@@ -144,6 +123,7 @@ def test_small_study_records_every_trial_as_a_child_run_and_writes_the_plots(pro
     assert len(parents) == 1 and len(children) == 3
 
 
+@pytest.mark.usefixtures("mlflow_store")
 def test_under_mlflow_run_the_projects_run_is_the_parent_and_trials_join_its_experiment(project, teacher, monkeypatch):
     """`mlflow run . -e tune` starts the project's run (in the Default experiment unless told otherwise) and passes
     MLFLOW_RUN_ID; the trials must sit in that run's experiment, or `mlflow ui` cannot nest them under it."""
@@ -157,6 +137,7 @@ def test_under_mlflow_run_the_projects_run_is_the_parent_and_trials_join_its_exp
     assert client.get_run(project_run).data.tags["rrm.kind"] == "study"
 
 
+@pytest.mark.usefixtures("mlflow_store")
 def test_pruned_trials_are_recorded_as_pruned(project, teacher):
     # Threshold 1.0: any APGD accuracy below 100% after an epoch stops the trial, so every trial is pruned.
     result = rrm(

@@ -96,7 +96,7 @@ def prepare_dataset(
 ) -> tuple[ImageData, str]:
     """Load dataset ``name`` and write it to one versionable file; returns the data and its content digest.
 
-    ``shards``: write a directory of shards instead (:func:`rrm.data.shards.write_shards`), for datasets larger
+    ``shards``: write a directory of shards instead (:func:`rrm.data.shard_writer.write_shards`), for datasets larger
     than memory; folder datasets are then decoded by ``workers`` processes straight into the shards, never held
     whole. The returned data reads the shards lazily.
     """
@@ -107,7 +107,7 @@ def prepare_dataset(
         data = load_dataset(name, **options)
         return data, save_dataset(data, out)
     from rrm.data import folders
-    from rrm.data.shards import check_counts, write_shards
+    from rrm.data.shard_writer import check_counts, write_shards
 
     check_counts(workers, shard_images)
     check_writable(out, directory=True)

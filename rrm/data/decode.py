@@ -1,6 +1,6 @@
 """Decoding one image file into the uint8 CHW square every folder dataset holds.
 
-A module of its own, light to import, because :mod:`rrm.data.shards` runs it in worker processes that each import
+A module of its own, light to import, because :mod:`rrm.data.shard_writer` runs it in worker processes that each import
 what it needs.
 """
 

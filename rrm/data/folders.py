@@ -112,7 +112,7 @@ def _nchw(split: CIFAR10) -> torch.Tensor:
 class FolderPlan:
     """What a folder dataset will hold, before any image is decoded: its (path, label) lists and metadata.
 
-    :func:`rrm.data.shards.write_shards` decodes it in worker processes; :meth:`load` decodes it here, into memory.
+    :func:`rrm.data.shard_writer.write_shards` decodes it in worker processes; :meth:`load` decodes it here, into memory.
     """
 
     name: str
