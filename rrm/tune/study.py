@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import time
@@ -28,7 +29,7 @@ from rrm.config import resolve_device
 from rrm.data import ImageData, as_tensor, load_dataset
 from rrm.errors import RRMError
 from rrm.evaluation import EvalConfig, apgd_accuracy, evaluate
-from rrm.models import Classifier, load_model, load_teacher
+from rrm.models import Classifier, Teacher, load_model, load_teacher
 from rrm.train import Callback, TrainConfig, knobs_of, train
 from rrm.tune.config import TuneConfig
 from rrm.tune.storage import abandon_dead_trials, is_finished, open_storage, storage_label, this_worker, trial_counts
@@ -208,7 +209,7 @@ def _fmt(value: float) -> str:
 def _objective(
     cfg: TuneConfig,
     validation: ImageData,
-    teacher: Classifier,
+    teacher: Teacher | Classifier,
     ran: list[int],
     tracking,
     experiment: str,
@@ -216,6 +217,8 @@ def _objective(
 ) -> Callable[[optuna.Trial], float | tuple[float, float]]:
     """The study's objective: train a trial on ``validation``'s training part and score it; each trial it starts
     is appended to ``ran``. ``tracking`` is :mod:`rrm.tracking` (each trial a child run of ``parent``) or None."""
+    # the teacher as each trial's run records it, resolved once by the job (a file loaded here is looked up per run)
+    record = dataclasses.replace(teacher, model=None) if isinstance(teacher, Teacher) else None
     x_attack = as_tensor(validation.test_x[: cfg.attack_examples])
     y_attack = validation.test_y[: cfg.attack_examples]
 
@@ -241,6 +244,7 @@ def _objective(
                 experiment=experiment,
                 run_name=f"trial {trial.number}",
                 log_model=False,
+                teacher=record,
                 tags={
                     "mlflow.parentRunId": parent,
                     "rrm.kind": "trial",
@@ -294,12 +298,13 @@ def tune(
     track: bool = True,
     experiment: str = "rrm",
     log: Callable[[str], None] | None = None,
-    teacher: Classifier | None = None,
+    teacher: Teacher | Classifier | None = None,
 ) -> TuneResult:
     """Run the study until it has ``cfg.n_trials`` finished trials; evaluate its best trials on the test split;
     write ``trials.csv``, ``results.json`` and the plots to ``cfg.directory``; record it all in MLflow.
 
-    ``teacher`` is the loaded teacher (``rrm.jobs`` resolves a registry URI); by default the file ``cfg.train.teacher``.
+    ``teacher`` is the teacher as ``rrm.jobs`` resolved it (or a loaded model); by default the file
+    ``cfg.train.teacher``.
 
     Everything that can be wrong with the input (ranges, names, data, teacher, storage, a study made with other
     settings) raises :class:`RRMError` before the first trial.
