@@ -89,8 +89,16 @@ def test_an_interrupt_stops_the_stage_as_ctrl_c_does(tmp_path: Path, signum: int
     keeps what it had, DVC records no output and releases its lock (`dvc status` runs at once after)."""
     work, env = _repo(tmp_path)
     rrm = str(Path(sys.executable).with_name("rrm"))
+    # Ctrl-C's default restored in the child, as a terminal does: a suite started from a background shell (nohup ...
+    # &, some CI runners) would otherwise hand it SIGINT ignored, and the interrupt would never arrive.
     process = subprocess.Popen(
-        [rrm, "pipeline", "run", "demo"], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [rrm, "pipeline", "run", "demo"],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 60
     while not (work / "started.txt").exists():
