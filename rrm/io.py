@@ -22,8 +22,9 @@ class OutputError(RRMError, OSError):
 def _file_in_the_way(directory: Path) -> Path | None:
     """The first of ``directory`` and its parents that exists and is not a directory, if any."""
     for candidate in (directory, *directory.parents):
-        if candidate.exists():
-            return None if candidate.is_dir() else candidate
+        with contextlib.suppress(PermissionError):  # a parent this user may not search: not a file in the way
+            if candidate.exists():
+                return None if candidate.is_dir() else candidate
     return None
 
 
@@ -68,10 +69,13 @@ def check_writable(path: str | os.PathLike, *, directory: bool = False) -> None:
     failure they still meet (:func:`atomic_path`, :func:`ensure_dir`).
     """
     path = Path(path)
-    if not directory and path.is_dir():
-        raise output_error(path, OSError(errno.EISDIR, "is a directory"))
-    target = path if directory else path.parent
-    existing = next((p for p in (target, *target.parents) if p.exists()), Path("."))
+    try:  # as an ordinary user, even looking at a path under a directory it may not search is refused
+        if not directory and path.is_dir():
+            raise output_error(path, OSError(errno.EISDIR, "is a directory"))
+        target = path if directory else path.parent
+        existing = next((p for p in (target, *target.parents) if p.exists()), Path("."))
+    except PermissionError as exc:
+        raise output_error(path, exc, directory=directory) from None
     if not existing.is_dir():
         raise output_error(path, directory=directory)
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -94,7 +98,10 @@ def ensure_dir(path: str | os.PathLike) -> Path:
 def missing_parents(path: str | os.PathLike) -> list[Path]:
     """``path`` and those of its parents that do not exist yet, innermost first: what :func:`ensure_dir` would make."""
     path = Path(path)
-    return [p for p in (path, *path.parents) if not p.exists() and p != Path(".")]
+    try:
+        return [p for p in (path, *path.parents) if not p.exists() and p != Path(".")]
+    except PermissionError as exc:
+        raise output_error(path, exc, directory=True) from None
 
 
 @contextlib.contextmanager

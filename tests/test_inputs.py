@@ -115,6 +115,93 @@ def test_an_output_under_a_regular_file_is_one_line_naming_the_path(project, mod
     assert files(project) == before
 
 
+def _as_an_ordinary_user(args: list[str]) -> types.SimpleNamespace:
+    """``rrm ARGS`` run by an unprivileged user, for real: as root (who may write anywhere) in a forked child that
+    drops to ``nobody`` first; as anyone else, in this process. Returns the exit code and stderr."""
+    if os.geteuid() != 0:
+        result = rrm(*args)
+        return types.SimpleNamespace(exit_code=result.exit_code, stderr=result.stderr, exception=result.exception)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop root, run the command in-process, send back its exit code and stderr
+        code = 99
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            result = rrm(*args)
+            os.write(write, json.dumps([result.exit_code, result.stderr, repr(result.exception)]).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        answer = pipe.read()
+    assert os.waitpid(pid, 0)[1] == 0, "the child could not run the command as nobody"
+    exit_code, stderr, exception = json.loads(answer)
+    return types.SimpleNamespace(exit_code=exit_code, stderr=stderr, exception=exception)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["data", "prepare", "--dataset", "digits", "--out", "{locked}/d.safetensors"],
+        ["data", "prepare", "--dataset", "digits", "--out", "{locked}/shards", "--shards"],
+        [*TRAIN, "--out-dir", "{locked}/run"],
+        [
+            "evaluate",
+            "{model}",
+            "--attacks",
+            "fgsm",
+            "--n-examples",
+            "8",
+            "--no-sanity",
+            "--no-track",
+            "--out",
+            "{locked}/eval.json",
+        ],
+    ],
+)
+def test_an_output_an_ordinary_user_may_not_write_is_one_line(tmp_path, model_file, args):
+    """Root writes anywhere, so these are run as an unprivileged user: a directory it may not enter (or write) under
+    the output path is the one ``Error:`` line naming the path and the fix, not a bare PermissionError."""
+    readable = tmp_path / "readable"  # what the user may read: the model
+    readable.mkdir()
+    model = readable / "model.pt"
+    model.write_bytes(Path(model_file).read_bytes())
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o700 if os.geteuid() == 0 else 0o500)  # root's, or read-only to its owner
+    for path in (tmp_path, *tmp_path.parents[:2]):  # the user must reach the model through pytest's directories
+        path.chmod(path.stat().st_mode | 0o011)
+    readable.chmod(0o755)
+    model.chmod(0o644)
+    result = _as_an_ordinary_user([a.format(locked=locked / "sub", model=model) for a in args])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, (result.stderr, result.exception)
+    assert lines[0].startswith(f"Error: cannot write '{locked}/sub") and "permission denied" in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+    assert list(locked.iterdir()) == []
+
+
+def test_a_model_an_ordinary_user_may_not_read_is_one_line(tmp_path, model_file):
+    for path in (tmp_path, *tmp_path.parents[:2]):
+        path.chmod(path.stat().st_mode | 0o011)
+    model = tmp_path / "model.pt"
+    model.write_bytes(Path(model_file).read_bytes())
+    model.chmod(0o600 if os.geteuid() == 0 else 0o200)  # root's, or write-only to its owner
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o777)  # the output may be written: only the model is out of reach
+    result = _as_an_ordinary_user(["evaluate", str(model), "--no-track", "--out", str(out / "eval.json")])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, (result.stderr, result.exception)
+    assert lines[0] == (
+        f"Error: model file '{model}' cannot be read: permission denied; run as a user who may read it, or change "
+        "its permissions"
+    )
+
+
 def test_a_read_only_file_system_is_one_line_and_leaves_nothing(project, monkeypatch):
     def read_only(src, dst):
         raise OSError(errno.EROFS, "Read-only file system", str(dst))

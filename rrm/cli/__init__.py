@@ -90,6 +90,9 @@ class _OneLineErrors(_Group):
             )
         except RRMError as exc:
             _fail(str(exc), 1)
+        except PermissionError as exc:  # a path this user may not read or write, met past the checks
+            where = f" {exc.filename!r}" if exc.filename else ""
+            _fail(f"permission denied{where}; run as a user who may use it, or change its permissions", 1)
         except click.exceptions.NoArgsIsHelpError as exc:  # `rrm` or `rrm teacher` alone: the help is the answer
             exc.show()
             sys.exit(exc.exit_code)

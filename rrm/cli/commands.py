@@ -70,6 +70,7 @@ def data_prepare(
     """
     jobs.require(dataset, "--dataset")
     jobs.require(out, "--out")
+    check_writable(out, directory=shards)
     if not shards and out.is_dir():
         raise RRMError(f"--out {str(out)!r} is a directory: pass a .safetensors file, or add --shards")
     if not shards and (workers is not None or shard_images is not None):

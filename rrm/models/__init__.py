@@ -114,6 +114,11 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         raise RRMError(f"model file {str(path)!r} does not exist; train one with `rrm train` or check the path")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError:
+        raise RRMError(
+            f"model file {str(path)!r} cannot be read: permission denied; run as a user who may read it, or change "
+            "its permissions"
+        ) from None
     except Exception as exc:  # torch raises many types for truncated or foreign files
         raise RRMError(
             f"model file {str(path)!r} is corrupt or not a torch file ({type(exc).__name__}); "
