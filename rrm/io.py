@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,13 +123,40 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, final)
     except OSError as exc:
         raise output_error(final, exc) from None
-    except RuntimeError as exc:  # torch's file writer: "cannot be opened", "file write failed"
-        if "PytorchStreamWriter" not in str(exc) and "cannot be opened" not in str(exc):
+    except Exception as exc:  # writers that report a file-system failure in a type of their own
+        code = _wrapped_errno(exc, final.parent)
+        if code is None:
             raise
-        raise output_error(final, OSError(errno.EIO, str(exc).splitlines()[0])) from None
+        raise output_error(final, OSError(code, str(exc).splitlines()[0])) from None
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+# What torch's writer says when the file system fails under it: it cannot open the file, a write failed, or (a full
+# disk) its stream broke or came up short.
+_TORCH_WRITE_FAILURES = (
+    "PytorchStreamWriter",
+    "cannot be opened",
+    "file write failed",
+    "iostream error",
+    "unexpected pos",
+)
+
+
+def _wrapped_errno(exc: Exception, directory: Path) -> int | None:
+    """The OS error behind a writer's own exception, or None where ``exc`` is not a file-system failure: safetensors
+    (Rust) names it ("... (os error 28)"); torch does not, so a device with under 1 MiB left means it filled up."""
+    named = re.search(r"\(os error (\d+)\)", str(exc))
+    if named:
+        return int(named.group(1))
+    if not isinstance(exc, RuntimeError) or not any(sign in str(exc) for sign in _TORCH_WRITE_FAILURES):
+        return None
+    with contextlib.suppress(OSError):
+        stats = os.statvfs(directory)
+        if stats.f_bavail * stats.f_frsize < 1 << 20:
+            return errno.ENOSPC
+    return errno.EIO
 
 
 def write_json(path: str | os.PathLike, data: object) -> None:

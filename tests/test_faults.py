@@ -1,0 +1,92 @@
+"""Faults around the program, produced for real: a disk that fills up under a writer.
+
+The disk is a 4 MiB tmpfs mounted for the test, with most of it taken by a filler file; mounting needs root (or
+CAP_SYS_ADMIN), and where it is refused the tests skip and say so.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from _helpers import tiny_train_args
+from click.testing import CliRunner
+
+from rrm import cli as rrm_cli
+from rrm.models import load_model
+
+DISK_BYTES = 4 << 20
+
+
+@pytest.fixture
+def small_disk(cli_project: Path):
+    """A real, nearly full file system: ``fill(free_bytes)`` leaves that much space, ``free()`` empties it again."""
+    mount = cli_project / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES}", "tmpfs", str(mount)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {done.stderr.strip()}")
+    filler = mount / "filler"
+
+    class Disk:
+        path = mount
+
+        @staticmethod
+        def fill(free_bytes: int) -> None:
+            filler.write_bytes(b"\0" * (DISK_BYTES - free_bytes))
+
+        @staticmethod
+        def free() -> None:
+            filler.unlink()
+
+    try:
+        yield Disk
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def rrm(*args: object):
+    return CliRunner().invoke(rrm_cli.cli, [str(a) for a in args])
+
+
+def one_error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), (result.stderr, result)
+    return lines[0]
+
+
+def test_a_full_disk_while_preparing_data_is_one_line_and_leaves_no_file(small_disk):
+    small_disk.fill(100 << 10)  # the prepared digits take about 460 KiB
+    out = small_disk.path / "digits.safetensors"
+    line = one_error_line(rrm("data", "prepare", "--dataset", "digits", "--out", out))
+    assert line == f"Error: cannot write '{out}': no space left on the device; free some space, or choose another path"
+    assert sorted(p.name for p in small_disk.path.iterdir()) == ["filler"]  # no partial file under any name
+    small_disk.free()
+    assert rrm("data", "prepare", "--dataset", "digits", "--out", out).exit_code == 0
+
+
+def test_a_full_disk_mid_training_keeps_the_last_checkpoint_and_resume_finishes_the_same_run(small_disk, tmp_path):
+    """A checkpoint (about 440 KiB) fits once in 700 KiB, not twice: epoch 1 is saved, epoch 2's fails; the run
+    keeps epoch 1, says so in one line, and once space is free `--resume` ends with the weights of a run that never
+    stopped."""
+    train = ["train", *tiny_train_args(epochs=2, track=False)]
+    whole = rrm(*train, "--out-dir", tmp_path / "whole")
+    assert whole.exit_code == 0, whole.output
+
+    run = small_disk.path / "run"
+    small_disk.fill(700 << 10)
+    line = one_error_line(rrm(*train, "--out-dir", run))
+    assert f"cannot write '{run}/checkpoint.pt': no space left on the device" in line
+    assert f"kept checkpoint.pt in '{run}' (epoch 1, the last good one; --resume continues from it)" in line
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt"]  # no temporary file left beside it
+
+    small_disk.free()
+    resumed = rrm(*train, "--out-dir", run, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    expected, got = load_model(tmp_path / "whole" / "model.pt")[0], load_model(run / "model.pt")[0]
+    for (name, a), b in zip(expected.state_dict().items(), got.state_dict().values()):
+        assert torch.equal(a, b), name
