@@ -75,6 +75,7 @@ def test_run_passes_dvcs_result(tmp_path: Path) -> None:
     rrm = str(Path(sys.executable).with_name("rrm"))
     dry = subprocess.run([rrm, "pipeline", "run", "demo", "--dry"], cwd=work, env=env, capture_output=True, text=True)
     assert dry.returncode == 0 and "python stage.py" in dry.stdout and not (work / "out.txt").exists(), dry.stderr
+    assert not (work / "pipelines" / "demo" / "dvc.yaml").is_symlink(), "a dry run leaves the pipeline unlinked"
     ran = subprocess.run([rrm, "pipeline", "run", "demo", "slow"], cwd=work, env=env, capture_output=True, text=True)
     assert ran.returncode == 0 and (work / "out.txt").read_text() == "done", ran.stderr
     assert "slow:" in (work / "pipelines" / "demo" / "dvc.lock").read_text()

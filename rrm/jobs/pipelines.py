@@ -87,13 +87,14 @@ def unlink(pipeline: Pipeline) -> bool:
 
 
 def repro(pipeline: Pipeline, stages: tuple[str, ...] = (), options: tuple[str, ...] = ()) -> int:
-    """Link ``pipeline`` and run ``dvc repro`` on it (or on ``stages`` of it); DVC's exit code.
+    """Link ``pipeline`` and run ``dvc repro`` on it (or on ``stages`` of it); DVC's exit code. A dry run
+    (``--dry``) leaves DVC's view as it found it: a pipeline it linked is unlinked again.
 
     DVC runs in a session of its own: an interrupt of this process (Ctrl-C, or SIGTERM, which rrm's command line
     raises as one) reaches DVC and the stage it runs as one Ctrl-C, and this process waits for them to stop, so a
     training ends its MLflow run and keeps its checkpoint, and DVC its lock.
     """
-    link(pipeline)
+    linked_here = link(pipeline)
     dvcfile = f"{FOLDER}/{pipeline.name}/{DVCFILE}"  # from the repository root, where DVC runs
     targets = [f"{dvcfile}:{stage}" for stage in stages] or [dvcfile]
     process = subprocess.Popen(
@@ -107,3 +108,6 @@ def repro(pipeline: Pipeline, stages: tuple[str, ...] = (), options: tuple[str, 
         os.killpg(process.pid, signal.SIGINT)
         process.wait()
         raise
+    finally:
+        if linked_here and "--dry" in options:
+            unlink(pipeline)
