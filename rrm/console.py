@@ -15,9 +15,10 @@ _HELP = {"--help", "-h"}
 
 
 def _tracked_training(args: list[str]) -> bool:
-    """A training that records a run: ``train`` without --no-track or help, on torchrun's first rank (or alone)."""
+    """A training that records a run: ``train`` with options (alone it prints its help), without --no-track or help,
+    on torchrun's first rank (or alone)."""
     first_rank = os.environ.get("RANK", "0") == "0"
-    return first_rank and bool(args) and args[0] == "train" and not ({"--no-track"} | _HELP) & set(args)
+    return first_rank and len(args) > 1 and args[0] == "train" and not ({"--no-track"} | _HELP) & set(args)
 
 
 def main() -> None:

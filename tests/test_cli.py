@@ -53,6 +53,13 @@ def test_every_command_has_help_with_an_example(path):
     assert "Example" in result.output or "Commands:" in result.output
 
 
+def test_a_bare_train_prints_its_usage_and_trains_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = rrm("train")
+    assert result.exit_code == 2 and "Usage: " in result.output and "Example" in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_command_list():
     assert sorted(map(" ".join, _commands(rrm_cli.cli))) == [
         "data",

@@ -96,7 +96,7 @@ _TEACHER_PIN = cloup.option(
 )
 
 
-@cli.command()
+@cli.command(no_args_is_help=True)  # a bare `rrm train` shows how to start one rather than a 10-epoch default run
 @from_params("train")
 @config_options(
     TRAIN,
