@@ -100,6 +100,10 @@ def test_sigterm_mid_training_ends_the_run_killed_and_resume_continues_it(projec
     assert run.info.status == "KILLED" and run.data.tags["rrm.error"].startswith("Terminated")
     state = torch.load(project / "out" / "checkpoint.pt", weights_only=True)  # whole: written atomically
     done = state["epoch"]
+    assert lines[0] == (
+        f"Error: terminated by SIGTERM; kept checkpoint.pt in 'out' (epoch {done}, the last good one; --resume "
+        "continues from it)"
+    ), "what was kept, and how to go on"
     assert 1 <= done < 40 and not (project / "out" / "model.pt").exists()
 
     # --resume continues that run: same id, the epochs after the checkpoint appended, each epoch once.

@@ -67,6 +67,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+_KEPT = "a training keeps its last checkpoint (continue it with --resume)"
+
+
 class _OneLineErrors(_Group):
     """The root group: any :class:`RRMError` or usage error becomes ``Error: ...`` on one line and exit code 1 or 2;
     SIGTERM ends the command as Ctrl-C does, with exit code 143."""
@@ -74,8 +77,8 @@ class _OneLineErrors(_Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except Terminated:
-            raise _Stopped() from None
+        except Terminated as exc:
+            raise _Stopped(getattr(exc, "kept", None)) from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
@@ -83,11 +86,9 @@ class _OneLineErrors(_Group):
         try:
             with _sigterm_as_interrupt():
                 result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except (_Stopped, Terminated):
-            _fail(
-                "terminated by SIGTERM; a training keeps its last checkpoint (continue it with --resume)",
-                128 + signal.SIGTERM,
-            )
+        except (_Stopped, Terminated) as exc:
+            kept = exc.args[0] if isinstance(exc, _Stopped) and exc.args and exc.args[0] else None
+            _fail(f"terminated by SIGTERM; {kept or _KEPT}", 128 + signal.SIGTERM)
         except RRMError as exc:
             _fail(str(exc), 1)
         except PermissionError as exc:  # a path this user may not read or write, met past the checks
@@ -104,7 +105,8 @@ class _OneLineErrors(_Group):
         except click.Abort as exc:
             if isinstance(exc.__context__, Terminated):  # SIGTERM outside a command (while parsing, say)
                 _fail("terminated by SIGTERM", 128 + signal.SIGTERM)
-            _fail("interrupted", 130)
+            kept = getattr(exc.__cause__ or exc.__context__, "kept", None)  # what an interrupted training kept
+            _fail(f"interrupted; {kept}" if kept else "interrupted", 130)
         sys.exit(result if isinstance(result, int) else 0)
 
 

@@ -93,6 +93,8 @@ def train(
         kept = output.clean_up()
         if kept and isinstance(exc, RRMError):
             raise RRMError(f"{exc}; {kept}") from None
+        if kept and isinstance(exc, KeyboardInterrupt):  # Ctrl-C or SIGTERM: the command line says what was kept
+            exc.kept = kept
         raise
     finally:
         distributed.teardown(ctx)
