@@ -115,6 +115,13 @@ def test_an_output_under_a_regular_file_is_one_line_naming_the_path(project, mod
     assert files(project) == before
 
 
+def reachable(directory: Path) -> None:
+    """Let every user pass through ``directory`` and the parents this user owns (pytest makes them private)."""
+    for path in (directory, *directory.parents):
+        if path.stat().st_uid == os.geteuid():
+            path.chmod(path.stat().st_mode | 0o011)
+
+
 def _as_an_ordinary_user(args: list[str]) -> types.SimpleNamespace:
     """``rrm ARGS`` run by an unprivileged user, for real: as root (who may write anywhere) in a forked child that
     drops to ``nobody`` first; as anyone else, in this process. Returns the exit code and stderr."""
@@ -172,8 +179,7 @@ def test_an_output_an_ordinary_user_may_not_write_is_one_line(tmp_path, model_fi
     model.write_bytes(Path(model_file).read_bytes())
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o700 if os.geteuid() == 0 else 0o500)  # root's, or read-only to its owner
-    for path in (tmp_path, *tmp_path.parents[:2]):  # the user must reach the model through pytest's directories
-        path.chmod(path.stat().st_mode | 0o011)
+    reachable(tmp_path)
     readable.chmod(0o755)
     model.chmod(0o644)
     result = _as_an_ordinary_user([a.format(locked=locked / "sub", model=model) for a in args])
@@ -185,8 +191,7 @@ def test_an_output_an_ordinary_user_may_not_write_is_one_line(tmp_path, model_fi
 
 
 def test_a_model_an_ordinary_user_may_not_read_is_one_line(tmp_path, model_file):
-    for path in (tmp_path, *tmp_path.parents[:2]):
-        path.chmod(path.stat().st_mode | 0o011)
+    reachable(tmp_path)
     model = tmp_path / "model.pt"
     model.write_bytes(Path(model_file).read_bytes())
     model.chmod(0o600 if os.geteuid() == 0 else 0o200)  # root's, or write-only to its owner
