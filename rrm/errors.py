@@ -19,6 +19,15 @@ def unknown(kind: str, name: object, known: Iterable[str]) -> RRMError:
     return RRMError(f"unknown {kind} {name!r}; choose one of: {', '.join(sorted(known))}")
 
 
+def missing_driver(needs: str, exc: ImportError) -> RRMError:
+    """The error for a database URI whose SQLAlchemy driver is not installed; ``needs`` names what asked for it."""
+    driver = getattr(exc, "name", None) or str(exc)
+    return RRMError(
+        f"{needs} needs the database driver {driver!r}, which is not installed; install it (PostgreSQL: pip install "
+        "'psycopg[binary]' for postgresql+psycopg://)"
+    )
+
+
 def require(ok: bool, message: str) -> None:
     """Raise :class:`RRMError` with ``message`` (the bad value and the fix) unless ``ok``: a validation rule."""
     if not ok:

@@ -15,7 +15,7 @@ import requests
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from rrm.errors import RRMError
+from rrm.errors import RRMError, missing_driver
 from rrm.secrets import mask_url
 from rrm.tracking.environment import configure
 from rrm.tracking.uri import check_sqlite_directory, tracking_label, tracking_uri
@@ -92,11 +92,7 @@ def _check_database(uri: str) -> None:
         finally:
             engine.dispose()
     except ImportError as exc:
-        driver = getattr(exc, "name", None) or str(exc)
-        raise RRMError(
-            f"the MLflow tracking store {label} needs the database driver {driver!r}, which is not "
-            "installed; install it (PostgreSQL: pip install 'psycopg[binary]' for postgresql+psycopg://)"
-        ) from None
+        raise missing_driver(f"the MLflow tracking store {label}", exc) from None
     except Exception as exc:
         message = mask_url(one_line(getattr(exc, "orig", None) or exc))
         if _unreachable(exc):

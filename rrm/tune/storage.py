@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from rrm.errors import RRMError
+from rrm.errors import RRMError, missing_driver
 from rrm.io import ensure_dir
 from rrm.secrets import mask_url
 
@@ -93,11 +93,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                     raise
                 time.sleep(0.5 + random.random())
     except ImportError as exc:
-        driver = getattr(exc, "name", None) or str(exc)
-        raise RRMError(
-            f"storage {label} needs the database driver {driver!r}, which is not installed; install it "
-            "(PostgreSQL: pip install 'psycopg[binary]' for postgresql+psycopg://)"
-        ) from None
+        raise missing_driver(f"storage {label}", exc) from None
     except Exception as exc:
         text = " ".join(mask_url(_database_message(exc)).split())[:300]  # SQLAlchemy quotes a URL it cannot parse
         if "Can't load plugin" in text:
