@@ -1,9 +1,9 @@
 """The ``rrm`` command: shows life, and starts what a tracked training will need, before torch loads.
 
-Importing the command line takes seconds (torch). On a terminal, ``rrm COMMAND`` says it is starting at once, on a
-line that the command's own output then replaces. A tracked ``rrm train`` also forks its MLflow worker now
-(:func:`rrm.tracking.worker.prestart`), so that MLflow loads on another core while torch does. ``python -m rrm.cli`` and
-``torchrun -m rrm.cli`` come here too, after the command line has loaded.
+Importing a command that trains or evaluates takes seconds (torch). On a terminal, ``rrm COMMAND`` says it is
+starting at once, on a line that the command's own output then replaces. A tracked ``rrm train`` also forks its MLflow
+worker now (:func:`rrm.tracking.worker.prestart`), so that MLflow loads on another core while torch does. ``python -m
+rrm.cli`` and ``torchrun -m rrm.cli`` come here too, after the command line has loaded.
 """
 
 from __future__ import annotations

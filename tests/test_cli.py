@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import click
 import pytest
@@ -40,7 +41,8 @@ def assert_one_line_error(result, fragment: str, code: int = 1) -> None:
 
 
 def _commands(group: click.Group, path: tuple[str, ...] = ()):
-    for name, command in group.commands.items():
+    for name in group.list_commands(None):
+        command = group.get_command(None, name)
         yield (*path, name)
         if isinstance(command, click.Group):
             yield from _commands(command, (*path, name))
@@ -51,6 +53,27 @@ def test_every_command_has_help_with_an_example(path):
     result = rrm(*path, "--help")
     assert result.exit_code == 0, result.output
     assert "Example" in result.output or "Commands:" in result.output
+
+
+def test_the_listing_is_each_commands_own_summary():
+    """`rrm --help` lists the commands from rrm.cli.COMMANDS without loading them: the line must be the command's."""
+    for name, (_, summary) in rrm_cli.COMMANDS.items():
+        assert rrm_cli.cli.get_command(None, name).get_short_help_str(1000) == summary, name
+    assert rrm_cli.cli.get_command(None, "nosuch") is None
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["pipeline", "list"], ["tarin"]])
+def test_commands_that_need_no_model_load_no_torch(args):
+    """The command line in a fresh interpreter: help, the version, the pipelines and a mistyped command never import
+    torch (seconds) nor MLflow."""
+    script = (
+        "import sys\nfrom rrm.cli import main\ntry:\n    sys.argv = ['rrm', *sys.argv[1:]]\n    main()\n"
+        "finally:\n    print(*[m for m in ('torch', 'mlflow') if m in sys.modules])\n"
+    )
+    root = Path(rrm_cli.__file__).parents[2]  # where pipelines/ is
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=root, capture_output=True, text=True, timeout=60)
+    assert done.returncode in (0, 2), done.stderr
+    assert done.stdout.splitlines()[-1] == "", done.stdout
 
 
 def test_a_bare_train_prints_its_usage_and_trains_nothing(tmp_path, monkeypatch):
@@ -75,6 +98,7 @@ def test_command_list():
         "robustify",
         "runs",
         "runs clean",
+        "runs table",
         "teacher",
         "teacher list",
         "teacher promote",

@@ -2,7 +2,9 @@
 
 Every command takes its options from flags or from one section of a params file (``--params params.yaml --section
 train_teacher``: the file's values are defaults, flags override them). Errors are one line on stderr
-(``Error: ...``) with a non-zero exit code. MLflow is imported only by the commands that track or use the registry.
+(``Error: ...``) with a non-zero exit code. A command's module is imported when that command runs or shows its help,
+so ``rrm --help`` and ``rrm pipeline ...`` load no torch; MLflow is imported only by the commands that track or use the
+registry.
 
 SIGTERM (schedulers, ``timeout``, Docker, Kubernetes) stops a command as Ctrl-C does: the MLflow run ends KILLED, a
 training keeps its last checkpoint for ``--resume``, and the exit code is 143 (128 + SIGTERM) with one line.
@@ -11,6 +13,7 @@ training keeps its last checkpoint for ``--resume``, and the exit code is 143 (1
 from __future__ import annotations
 
 import contextlib
+import importlib
 import signal
 import sys
 import threading
@@ -21,9 +24,51 @@ import click
 import cloup
 
 from rrm.errors import RRMError
-from rrm.jobs import FAIL_FAST_ENV as _FAIL_FAST_ENV
+from rrm.tracking.environment import FAIL_FAST_ENV as _FAIL_FAST_ENV
 
-__all__ = ["_FAIL_FAST_ENV", "cli", "main"]
+__all__ = ["COMMANDS", "_FAIL_FAST_ENV", "cli", "main"]
+
+# Each command: the module that defines it (on `cli`), and its line in `rrm --help`, which must not import it.
+COMMANDS = {
+    "data": ("rrm.cli.commands", "Datasets: prepare one versionable file, or directory of shards, per dataset."),
+    "evaluate": (
+        "rrm.cli.commands",
+        "Natural and adversarial accuracy of MODEL (a model file or registry URI) with gradient-masking checks.",
+    ),
+    "pipeline": (
+        "rrm.cli.pipeline",
+        "The optional DVC pipelines in pipelines/ (the studies): list, run, link, unlink.",
+    ),
+    "probe": (
+        "rrm.cli.probe",
+        "Where MODEL's robustness sits: its first-layer thresholds and, with --teacher, where it agrees with the "
+        "teacher.",
+    ),
+    "report": (
+        "rrm.cli.commands",
+        "The paper's Table 1 and Table 2 and an accuracy-against-training-time plot from a pipeline's metrics.",
+    ),
+    "robustify": (
+        "rrm.cli.commands",
+        "Write Ilyas et al.'s robustified dataset D_R (the input of method rdt); resumable.",
+    ),
+    "runs": (
+        "rrm.cli.runs",
+        "MLflow runs: a leaderboard of an experiment's trainings; mark FAILED the runs dead processes left RUNNING.",
+    ),
+    "teacher": (
+        "rrm.cli.teacher",
+        "Robust teachers in the MLflow model registry: register, list, show, pull, promote.",
+    ),
+    "train": (
+        "rrm.cli.commands",
+        "Train a model with one method; the run (params, metrics, model) is recorded in MLflow.",
+    ),
+    "tune": (
+        "rrm.cli.commands",
+        "Tune a transfer method's knobs with Optuna on a validation split; evaluate the best trials on the test split.",
+    ),
+}
 
 
 class _Command(cloup.Command):
@@ -72,7 +117,22 @@ _KEPT = "a training keeps its last checkpoint (continue it with --resume)"
 
 class _OneLineErrors(_Group):
     """The root group: any :class:`RRMError` or usage error becomes ``Error: ...`` on one line and exit code 1 or 2;
-    SIGTERM ends the command as Ctrl-C does, with exit code 143."""
+    SIGTERM ends the command as Ctrl-C does, with exit code 143. Its commands load when named (:data:`COMMANDS`)."""
+
+    group_class = _Group  # the command groups under it list their own commands
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *COMMANDS})
+
+    def get_command(self, ctx: click.Context | None, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            importlib.import_module(COMMANDS[cmd_name][0])  # its decorators add it to this group
+        return super().get_command(ctx, cmd_name)  # type: ignore[arg-type]
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The listing from :data:`COMMANDS`, without importing a command."""
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, summary) for name, (_, summary) in sorted(COMMANDS.items())])
 
     def invoke(self, ctx: click.Context):
         try:
@@ -140,6 +200,3 @@ def cli() -> None:
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="rrm")
-
-
-from rrm.cli import commands, pipeline, probe, runs, teacher  # noqa: E402,F401  (registers the commands on `cli`)
