@@ -128,7 +128,8 @@ def mlflow_server_process(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env=worker_env(),
+            # MLflow 3 starts a job consumer (Huey, seconds of CPU) for GenAI jobs that rrm never submits
+            env=worker_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
         )
         try:
             deadline = time.monotonic() + timeout

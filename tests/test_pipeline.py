@@ -46,7 +46,7 @@ SECTIONS = {
 def _command(path: tuple[str, ...]):
     command = cli
     for name in path:
-        command = command.commands[name]
+        command = command.get_command(None, name)
     return command
 
 
@@ -498,8 +498,11 @@ def _set(work: Path, section: str, **values) -> None:
 
 
 def test_dvc_repro_stops_on_bad_params_and_keeps_earlier_outputs(tmp_path: Path) -> None:
-    """Each bad student setting stops `dvc repro` at that stage with the CLI's one-line error; upstream stays intact."""
+    """Each bad student setting stops `dvc repro` at that stage with the CLI's one-line error; upstream (recorded as
+    run: the student's options are refused before its teacher is read) stays intact."""
     work, env, dvc = _pipeline(tmp_path)
+    upstream_stages = ("prepare", "train_teacher", "evaluate_teacher", "register_teacher", "pull_teacher")
+    _commit_outputs(work, env, dvc, *(f"dvc.yaml:{stage}" for stage in upstream_stages))
     upstream = ["data/digits.safetensors", "runs/teacher/model.pt", "metrics/teacher.json", "runs/teacher/champion.pt"]
     cases = [
         ({"lambda": -0.5}, "lambda must be > 0"),
