@@ -195,11 +195,13 @@ def evaluate(model: str | None, no_track: bool, experiment: str | None, **option
     )
     done = jobs.evaluate_job(job, jobs.Tracking(not no_track, experiment))
     result, attack = done.result, job.attack
-    attacks = ", ".join(f"{name} {value:.4f}" for name, value in result.adversarial_accuracy.items())
+    attacks = ", ".join(
+        f"{name} {value:.4f} ({result.examples(name)} images)" for name, value in result.adversarial_accuracy.items()
+    )
     sanity = result.sanity_status + (" (see `sanity` in the metrics)" if result.sanity_passed is False else "")
     click.echo(
-        f"natural accuracy {result.natural_accuracy:.4f}; adversarial ({attack.norm}, eps {attack.eps}, "
-        f"{result.n_examples} images): {attacks or 'no attacks'}; sanity checks {sanity}; wrote {done.out}"
+        f"natural accuracy {result.natural_accuracy:.4f}; adversarial ({attack.norm}, eps {attack.eps}): "
+        f"{attacks or 'no attacks'}; sanity checks {sanity}; wrote {done.out}"
     )
     for warning in result.sanity_warnings:
         click.echo(f"Warning: {warning}", err=True)

@@ -71,6 +71,12 @@ class EvalResult:
     torch_version: str | None = None
     extra: dict = dataclasses.field(default_factory=dict)  # keys of other rrm versions, written back as they were
 
+    def examples(self, attack: str) -> int | None:
+        """The test images ``attack`` ran on: ``n_examples``, or AutoAttack's own first few where it ran on fewer."""
+        if attack == "autoattack" and isinstance(self.autoattack, Mapping) and self.autoattack.get("n_examples"):
+            return int(self.autoattack["n_examples"])
+        return self.n_examples
+
     @property
     def worst_attack(self) -> str | None:
         """The attack that left the lowest accuracy (the first listed on a tie); None when no attack ran."""

@@ -49,8 +49,7 @@ def _adversarial(evaluation: EvalResult, path: Path, attack: str | None = None) 
         )
     for name in (attack,) if attack else ATTACK_PREFERENCE:
         if name in evaluation.adversarial_accuracy:
-            examples = (evaluation.autoattack or {}).get("n_examples") if name == "autoattack" else None
-            return float(evaluation.adversarial_accuracy[name]), name, examples or evaluation.n_examples
+            return float(evaluation.adversarial_accuracy[name]), name, evaluation.examples(name)
     return None, "-", None
 
 

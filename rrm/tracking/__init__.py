@@ -15,6 +15,7 @@ One module per concern:
   :mod:`rrm.tracking.cleanup`: teachers in the model registry: their records, pulling them, registering them, their
   model card, what killed registrations left;
 - :mod:`rrm.tracking.evaluations`: evaluations as runs linked to their training run;
+- :mod:`rrm.tracking.leaderboard`: an experiment's training runs as a table, per run or over seeds;
 - :mod:`rrm.tracking.studies`: tuning studies' parent runs, and report files.
 
 The names below are imported from their module when first used, so that importing :mod:`rrm.tracking.uri` (to check
@@ -58,6 +59,7 @@ _MODULES = (
     "environment",
     "evaluations",
     "flatten",
+    "leaderboard",
     "logged_models",
     "pull",
     "registry",

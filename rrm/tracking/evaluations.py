@@ -1,9 +1,10 @@
 """Evaluations in MLflow: ``rrm evaluate``'s metrics as a run linked to the training run, and read back from one.
 
 An evaluation run is named after what it measured ("apgd+autoattack linf eps=0.2 · rrm-cnn-bn-mnist5k"), and its
-headline numbers are copied onto the training run (``eval_natural_accuracy``, ``eval_<attack>_accuracy``,
-``sanity_passed``: 1 or 0, absent when the checks did not run; tag ``rrm.sanity_checks``: passed, FAILED or not run),
-so training runs can be sorted and compared by robustness in ``mlflow ui``. The same result is logged once: logging
+headline numbers are copied onto the training run (``eval_natural_accuracy``, ``eval_<attack>_accuracy`` with the
+test images it attacked in ``eval_<attack>_examples``, ``sanity_passed``: 1 or 0, absent when the checks did not
+run; tag ``rrm.sanity_checks``: passed, FAILED or not run), so training runs can be sorted and compared by robustness
+in ``mlflow ui`` and ``rrm runs table``. The same result is logged once: logging
 it again (registering a teacher with the metrics file ``rrm evaluate`` wrote) returns the run already there.
 """
 
@@ -29,7 +30,9 @@ from rrm.tracking.flatten import is_number, leaves, numbers
 from rrm.tracking.logged_models import model_run, search_runs
 from rrm.tracking.runs import DEFAULT_EXPERIMENT, context_tags, ensure_experiment, run_status
 
-__all__ = ["evaluation_of_run", "headline_metrics", "log_evaluation"]
+__all__ = ["EXAMPLES_SUFFIX", "evaluation_of_run", "headline_metrics", "log_evaluation"]
+
+EXAMPLES_SUFFIX = "_examples"  # eval_<attack>_examples: the test images an attack's accuracy is on
 
 
 def log_evaluation(
@@ -124,7 +127,11 @@ def headline_metrics(result: EvalResult) -> dict[str, float]:
     """The numbers of an evaluation a training run carries: natural and per-attack accuracy, and whether the
     gradient-masking checks passed (1 or 0; left out when they did not run, so "not run" never reads as passed)."""
     values = {"eval_natural_accuracy": result.natural_accuracy}
-    values |= {f"eval_{attack.replace('-', '_')}_accuracy": v for attack, v in result.adversarial_accuracy.items()}
+    for attack, accuracy in result.adversarial_accuracy.items():
+        name = attack.replace("-", "_")
+        values[f"eval_{name}_accuracy"] = accuracy
+        if result.examples(attack) is not None:
+            values[f"eval_{name}{EXAMPLES_SUFFIX}"] = float(result.examples(attack))
     if result.worst_accuracy is not None:
         values["eval_worst_accuracy"] = result.worst_accuracy
     if result.eps is not None:
