@@ -1,10 +1,13 @@
-"""How soon `rrm train` shows life on a terminal: seconds from the process start to its first byte on the terminal, to
-its "training ...: loading" line (after torch and the command line load) and to its exit.
+"""How soon `rrm` answers: the commands that need no model against importing torch, and how soon `rrm train` shows
+life on a terminal.
 
-Each round runs `rrm train` (tracked, into a SQLite store in a temporary directory) under a pseudo-terminal, as a
-user's shell does, and reads the terminal as it writes. Prints every round and the medians.
+First, side by side in each round (the order rotating, so drifts in machine load hit all alike): the wall time of
+`rrm --help`, `rrm pipeline list` and `rrm train --help` to their exit, and of `python -c "import torch"` as the
+yardstick; prints the medians and each as a ratio of the torch import. Then `rrm train` (tracked, into a SQLite store
+in a temporary directory) under a pseudo-terminal, as a user's shell runs it: seconds to its first byte on the
+terminal, to its "training ...: loading" line (after torch and the command line load) and to its exit.
 
-    python benchmarks/bench_startup.py                 # natural cnn, 1 epoch on digits, 5 rounds
+    python benchmarks/bench_startup.py                 # 5 rounds of each
     python benchmarks/bench_startup.py --rounds 10
 """
 
@@ -25,7 +28,7 @@ from pathlib import Path
 
 def _round(work: Path, out_dir: str) -> tuple[float, float, float]:
     """Seconds to the first byte, to the start line and to the exit of one `rrm train` on a terminal."""
-    rrm = shutil.which("rrm") or str(Path(sys.executable).with_name("rrm"))
+    rrm = os.path.abspath(shutil.which("rrm") or Path(sys.executable).with_name("rrm"))
     command = [rrm, "train", "--dataset", "digits", "--model", "cnn", "--epochs", "1", "--out-dir", out_dir]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true"}
     main, terminal = pty.openpty()
@@ -57,10 +60,33 @@ def _round(work: Path, out_dir: str) -> tuple[float, float, float]:
     return first, line, time.perf_counter() - started
 
 
+def _commands(rounds: int) -> None:
+    rrm = os.path.abspath(shutil.which("rrm") or Path(sys.executable).with_name("rrm"))
+    root = Path(__file__).resolve().parents[1]  # where pipelines/ is
+    commands = {
+        "python -c 'import torch'": [sys.executable, "-c", "import torch"],
+        "rrm --help": [rrm, "--help"],
+        "rrm pipeline list": [rrm, "pipeline", "list"],
+        "rrm train --help": [rrm, "train", "--help"],
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in commands}
+    names = list(commands)
+    for i in range(rounds):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            started = time.perf_counter()
+            subprocess.run(commands[name], cwd=root, check=True, capture_output=True)
+            seconds[name].append(time.perf_counter() - started)
+    torch_import = statistics.median(seconds[names[0]])
+    for name in names:
+        median = statistics.median(seconds[name])
+        print(f"{name:26s} median of {rounds}: {median:.2f} s, {median / torch_import:.2f}x the torch import")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
+    _commands(args.rounds)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         _round(work, "warmup")  # creates the store

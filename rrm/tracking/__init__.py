@@ -18,67 +18,53 @@ One module per concern:
 - :mod:`rrm.tracking.leaderboard`: an experiment's training runs as a table, per run or over seeds;
 - :mod:`rrm.tracking.studies`: tuning studies' parent runs, and report files.
 
-The names below are imported from their module when first used, so that importing :mod:`rrm.tracking.uri` (to check
-a store before training) or the worker does not import MLflow, which takes seconds. MLflow's settings are made
-before it is first imported through here, and again before each store call.
+The names below are imported from their module when first used (``lazy_loader``, as in :mod:`rrm.jobs`), so that
+importing :mod:`rrm.tracking.uri` (to check a store before training) or the worker does not import MLflow, which
+takes seconds. MLflow's settings are made before it is first imported through here, and again before each store
+call.
 """
 
 from __future__ import annotations
 
-import importlib
+import lazy_loader
 
 from rrm.tracking.environment import configure
 
-_WHERE = {
-    "MlflowCallback": "callback",
-    "log_evaluation": "evaluations",
-    "DEFAULT_TEACHER_NAME": "versions",
-    "TeacherVersion": "versions",
-    "list_teachers": "registry",
-    "load_registered_model": "pull",
-    "promote": "registry",
-    "pull_teacher": "pull",
-    "pull_teacher_version": "pull",
-    "register_teacher": "registry",
-    "show_teacher": "registry",
-    "DEFAULT_EXPERIMENT": "runs",
-    "StaleRuns": "stale",
-    "check_store": "stale",
-    "clean_stale_runs": "stale",
-    "DEFAULT_TRACKING_URI": "uri",
-    "tracking_uri": "uri",
-    "log_report": "studies",
-    "open_study_run": "studies",
-    "update_run": "studies",
-}
-_MODULES = (
-    "callback",
-    "card",
-    "cleanup",
-    "connection",
-    "environment",
-    "evaluations",
-    "flatten",
-    "leaderboard",
-    "logged_models",
-    "pull",
-    "registry",
-    "runs",
-    "stale",
-    "studies",
-    "uri",
-    "versions",
-    "worker",
+_getattr, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submodules=[
+        "callback",
+        "card",
+        "cleanup",
+        "connection",
+        "environment",
+        "evaluations",
+        "flatten",
+        "leaderboard",
+        "logged_models",
+        "pull",
+        "registry",
+        "runs",
+        "stale",
+        "studies",
+        "uri",
+        "versions",
+        "worker",
+    ],
+    submod_attrs={
+        "callback": ["MlflowCallback"],
+        "evaluations": ["log_evaluation"],
+        "versions": ["DEFAULT_TEACHER_NAME", "TeacherVersion"],
+        "registry": ["list_teachers", "promote", "register_teacher", "show_teacher"],
+        "pull": ["load_registered_model", "pull_teacher", "pull_teacher_version"],
+        "runs": ["DEFAULT_EXPERIMENT"],
+        "stale": ["StaleRuns", "check_store", "clean_stale_runs"],
+        "uri": ["DEFAULT_TRACKING_URI", "tracking_uri"],
+        "studies": ["log_report", "open_study_run", "update_run"],
+    },
 )
-
-__all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str):
-    if name in _WHERE:
-        configure()
-        return getattr(importlib.import_module(f"rrm.tracking.{_WHERE[name]}"), name)
-    if name in _MODULES:
-        configure()
-        return importlib.import_module(f"rrm.tracking.{name}")
-    raise AttributeError(f"module 'rrm.tracking' has no attribute {name!r}")
+    configure()  # MLflow's settings, before a module that imports it loads
+    return _getattr(name)
