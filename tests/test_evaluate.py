@@ -268,6 +268,20 @@ def test_checks_that_did_not_run_never_read_as_passed(trained, digits, tmp_path)
     assert EvalResult.from_json({**written, "sanity_passed": True}).sanity_status == "not run"
 
 
+def test_the_headline_is_the_lowest_accuracy_on_the_most_images():
+    """AutoAttack on fewer images stays beside the headline; among attacks on the same images the lowest leads."""
+    result = EvalResult(
+        0.97, {"apgd": 0.83, "autoattack": 0.70, "transfer": 0.90}, n_examples=500, autoattack={"n_examples": 20}
+    )
+    assert [result.examples(a) for a in ("apgd", "autoattack", "transfer")] == [500, 20, 500]
+    assert (result.headline_attack, result.headline_accuracy) == ("apgd", 0.83)
+    assert result.worst_attack == "autoattack"  # the bare minimum over different images, not quoted
+    everywhere = dataclasses.replace(result, autoattack={"n_examples": 500})
+    assert (everywhere.headline_attack, everywhere.headline_accuracy) == ("autoattack", 0.70)
+    assert EvalResult(0.9, {}).headline_attack is None
+    assert EvalResult(0.9, {"pgd": 0.6, "apgd": 0.5}).headline_attack == "apgd"  # no counts: every attack counts
+
+
 def test_older_and_partial_metrics_files_read(tmp_path):
     old = {
         "natural_accuracy": 0.9,

@@ -58,7 +58,7 @@ def refused(result, *fragments: str) -> str:
 def evaluated(tmp_path_factory, digits_teacher, digits_natural):
     """The SAT teacher (Linf eps 0.1) and a natural model of the same architecture, and their `rrm evaluate` outputs:
     ``teacher.json`` (the masking checks ran), ``teacher-nosanity.json``, ``teacher-eps0.05.json`` (another threat
-    model) and ``natural.json`` (another model file)."""
+    model), ``teacher-50.json`` (on 50 test images) and ``natural.json`` (another model file)."""
     root = tmp_path_factory.mktemp("evaluated")
     shutil.copy(digits_teacher.model_path, root / "teacher.pt")
     shutil.copy(digits_natural.model_path, root / "natural.pt")
@@ -70,9 +70,10 @@ def evaluated(tmp_path_factory, digits_teacher, digits_natural):
             "teacher": ["teacher.pt", "--eps", "0.1"],
             "teacher-nosanity": ["teacher.pt", "--eps", "0.1", "--no-sanity"],
             "teacher-eps0.05": ["teacher.pt", "--eps", "0.05"],
+            "teacher-50": ["teacher.pt", "--eps", "0.1", "--n-examples", "50", "--sanity-examples", "50"],
             "natural": ["natural.pt", "--eps", "0.1"],
         }.items():
-            result = rrm("evaluate", *args, *EVALUATE, "--out", f"{name}.json")
+            result = rrm("evaluate", *EVALUATE, *args, "--out", f"{name}.json")  # the last of an option wins
             assert result.exit_code == 0, result.output
             outputs[name] = result.output
     return root, outputs
@@ -121,6 +122,24 @@ def test_register_accepts_an_evaluation_of_the_model_itself(project):
     shown = rrm("teacher", "show", "models:/rrm-teacher/1")
     assert "sanity checks passed" in shown.output and "--force" not in shown.output
     assert "forced:" not in shown.output and "evaluation_run:" in shown.output
+    # the headline with its attack and image count, and every accuracy beside its own
+    accuracy = json.loads((project / "teacher.json").read_text())["adversarial_accuracy"]["apgd"]
+    assert "attack: apgd" in shown.output and "examples: 100" in shown.output
+    assert f"accuracy/apgd: {accuracy:.4f} on 100 test images" in shown.output
+    assert "by apgd on 100 test images" in result.output
+
+
+def test_register_refuses_a_headline_on_fewer_images_unless_told(project):
+    refused(
+        rrm("teacher", "register", "teacher.pt", "--evaluation", "teacher-50.json"),
+        "its headline accuracy (apgd) is on 50 test images, fewer than 100",
+        "--min-examples 50",
+    )
+    assert _registered_models() == []
+    result = rrm("teacher", "register", "teacher.pt", "--evaluation", "teacher-50.json", "--min-examples", "50")
+    assert result.exit_code == 0 and "forced" not in result.output, result.output
+    assert "on 50 test images" in rrm("teacher", "show", "models:/rrm-teacher/1").output
+    refused(rrm("teacher", "register", "teacher.pt", "--min-examples", "0"), "--min-examples must be >= 1")
 
 
 def test_register_refuses_an_evaluation_of_another_model(project):

@@ -139,7 +139,8 @@ def test_register_promote_pull_then_train_student(teacher_run, store, monkeypatc
     trained = client.get_run(tracker.run_id).data
     assert trained.metrics["eval_apgd_accuracy"] == metrics.adversarial_accuracy["apgd"]
     assert trained.metrics["eval_natural_accuracy"] == metrics.natural_accuracy
-    assert trained.metrics["eval_worst_accuracy"] == metrics.worst_accuracy
+    assert trained.metrics["eval_headline_accuracy"] == metrics.headline_accuracy
+    assert trained.metrics["eval_apgd_examples"] == metrics.n_examples and "eval_worst_accuracy" not in trained.metrics
     assert "sanity_passed" not in trained.metrics and trained.tags["rrm.sanity_checks"] == "not run"
     assert tracking.log_evaluation(metrics, model_path=result.model_path) == evaluation_run, "logged once"
 
@@ -173,10 +174,13 @@ def test_register_promote_pull_then_train_student(teacher_run, store, monkeypatc
     assert (tags["dataset"], tags["dataset_digest"]) == ("digits", result.data.digest)
     worst = min(metrics.adversarial_accuracy, key=metrics.adversarial_accuracy.get)
     assert float(tags["adversarial_accuracy"]) == metrics.adversarial_accuracy[worst]
-    assert tags["attack"] == worst, "the worst attack is the one that counts"
+    assert tags["attack"] == worst, "on the same images, the worst attack is the one that counts"
     assert float(tags["natural_accuracy"]) == metrics.natural_accuracy
     assert tags["source_run"] == tracker.run_id and tags["evaluation_run"] == evaluation_run
-    assert f"worst attack {worst}, linf eps 0.1, 100 examples, sanity checks not run" in version.description
+    assert f"({worst} on 100 test images; linf eps 0.1; sanity checks not run; also " in version.description
+    assert tags["examples"] == "100" and all(
+        tags[f"accuracy/{a}"].endswith(" on 100 test images") for a in ["apgd", "pgd"]
+    )
     assert tracker.run_id in version.description
 
     assert tracking.promote("rrm-teacher", 1, "champion").aliases == ["champion"]

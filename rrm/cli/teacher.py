@@ -42,14 +42,27 @@ def teacher() -> None:
     help="Experiment for the import run of a model file that no tracked run produced.",
 )
 @click.option("--alias", help="Point this alias (e.g. champion) at the new version. [default: none]")
+@click.option(
+    "--min-examples",
+    type=int,
+    default=100,
+    show_default=True,
+    help="Fewest test images the headline accuracy (the lowest among the attacks on the most images) may be on.",
+)
 def teacher_register(
-    source: str | None, name: str, evaluation: Path | None, force: bool, experiment: str, alias: str | None
+    source: str | None,
+    name: str,
+    evaluation: Path | None,
+    force: bool,
+    experiment: str,
+    alias: str | None,
+    min_examples: int,
 ) -> None:
     """Register SOURCE (a training run id or a model.pt) as a new teacher version with a model card.
 
     The evaluation must be of this model file (its sha256 and architecture), on the test split of the data it was
-    trained on, at the norm and eps it was trained for, with passed gradient-masking checks; --force overrides that
-    and the card says so.
+    trained on, at the norm and eps it was trained for, with passed gradient-masking checks, and its headline accuracy
+    on at least --min-examples test images; --force overrides that and the card says so.
 
     \b
     Examples:
@@ -58,9 +71,11 @@ def teacher_register(
     """
     jobs.require(source, "SOURCE (a run id or a model file)")
     version = jobs.register_teacher_job(
-        source, name, evaluation=evaluation, force=force, experiment=experiment, alias=alias
+        source, name, evaluation=evaluation, force=force, experiment=experiment, alias=alias, min_examples=min_examples
     )
     natural, adversarial = version.tags["natural_accuracy"], version.tags["adversarial_accuracy"]
+    if "examples" in version.tags:
+        adversarial += f" by {version.tags['attack']} on {version.tags['examples']} test images"
     then = (
         f"models:/{name}@{alias} -> version {version.version}"
         if alias

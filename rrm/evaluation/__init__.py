@@ -28,7 +28,7 @@ from rrm.evaluation.config import ATTACKS, EPS_MULTIPLES, MORE_RESTARTS, MORE_ST
 from rrm.evaluation.crafts import apgd_accuracy, crafted_on, crafts, native_apgd, noise
 from rrm.evaluation.export import robustbench_json
 from rrm.evaluation.probe import layer_agreement, stem_thresholds
-from rrm.evaluation.results import EvalResult, spec_record
+from rrm.evaluation.results import EvalResult, headline_attack, spec_record
 from rrm.evaluation.run import check_compatible, evaluate, load_for_evaluation
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "crafts",
     "eps_growth_radii",
     "evaluate",
+    "headline_attack",
     "layer_agreement",
     "load_for_evaluation",
     "native_apgd",

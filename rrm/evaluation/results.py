@@ -42,6 +42,17 @@ def _describe(spec: Mapping) -> str:
     )
 
 
+def headline_attack(accuracy: Mapping[str, float], examples: Mapping[str, int | None]) -> str | None:
+    """The attack whose accuracy a result quotes: the lowest among the attacks run on the most test images (the first
+    listed on a tie). AutoAttack run on fewer images stays beside it: a minimum over different images would mix two
+    samples. None when no attack ran."""
+    if not accuracy:
+        return None
+    most = max((n for n in (examples.get(a) for a in accuracy) if n is not None), default=None)
+    candidates = [a for a in accuracy if most is None or examples.get(a) == most]
+    return min(candidates, key=accuracy.__getitem__)
+
+
 @dataclass
 class EvalResult:
     """Natural and per-attack adversarial accuracy of one model, with what ran and the gradient-masking checks."""
@@ -78,6 +89,16 @@ class EvalResult:
         return self.n_examples
 
     @property
+    def headline_attack(self) -> str | None:
+        """The attack to quote (:func:`headline_attack`): the lowest accuracy among those on the most images."""
+        return headline_attack(self.adversarial_accuracy, {a: self.examples(a) for a in self.adversarial_accuracy})
+
+    @property
+    def headline_accuracy(self) -> float | None:
+        attack = self.headline_attack
+        return None if attack is None else self.adversarial_accuracy[attack]
+
+    @property
     def worst_attack(self) -> str | None:
         """The attack that left the lowest accuracy (the first listed on a tie); None when no attack ran."""
         if not self.adversarial_accuracy:
@@ -86,7 +107,8 @@ class EvalResult:
 
     @property
     def worst_accuracy(self) -> float | None:
-        """The lowest adversarial accuracy over the attacks: the robustness number to quote."""
+        """The lowest adversarial accuracy over the attacks, whatever images each ran on (:attr:`headline_accuracy`
+        is the number to quote)."""
         attack = self.worst_attack
         return None if attack is None else self.adversarial_accuracy[attack]
 

@@ -80,11 +80,14 @@ def register_teacher_job(
     force: bool = False,
     experiment: str = "rrm",
     alias: str | None = None,
+    min_examples: int = 100,
 ):
     """Register ``source`` (a training run id or a model file) as a new version of teacher ``name``
     (:func:`rrm.tracking.register_teacher`); returns its :class:`rrm.tracking.TeacherVersion`."""
+    if min_examples < 1:
+        raise RRMError(f"--min-examples must be >= 1, got {min_examples}")
     return tracking().register_teacher(
-        source, name, evaluation=evaluation, force=force, experiment=experiment, alias=alias
+        source, name, evaluation=evaluation, force=force, experiment=experiment, alias=alias, min_examples=min_examples
     )
 
 

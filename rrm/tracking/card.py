@@ -7,7 +7,10 @@ import math
 from rrm.evaluation import EvalResult
 from rrm.train import may_teach, teacher_methods
 
-__all__ = ["model_card", "refusals"]
+__all__ = ["MIN_EXAMPLES", "model_card", "refusals"]
+
+# A headline on fewer test images is refused unless asked for: on 100 images a 95% interval is about ±8 points.
+MIN_EXAMPLES = 100
 
 
 def model_card(
@@ -22,11 +25,17 @@ def model_card(
 
     attack = "not evaluated (registered with --force)"
     if evaluation is not None:
-        details = [f"worst attack {evaluation.worst_attack}"]
+        headline = evaluation.headline_attack
+        details = [f"{headline} on {evaluation.examples(headline)} test images"]
         details += [f"{evaluation.norm} eps {evaluation.eps}"] if evaluation.norm else []
-        details += [f"{evaluation.n_examples} examples"] if evaluation.n_examples else []
         details.append(f"sanity checks {evaluation.sanity_status}")
-        attack = f"{pct(evaluation.worst_accuracy)} ({', '.join(details)})"
+        others = [
+            f"{name} {pct(value)} on {evaluation.examples(name)}"
+            for name, value in evaluation.adversarial_accuracy.items()
+            if name != headline
+        ]
+        details += [f"also {', '.join(others)}"] if others else []
+        attack = f"{pct(evaluation.headline_accuracy)} ({'; '.join(details)})"
     natural = evaluation.natural_accuracy if evaluation else summary.get("test_accuracy")
     rows = [
         ("architecture", f"{spec.get('name')} (width {spec.get('width', 1.0)})"),
@@ -58,8 +67,11 @@ def _same_number(a: object, b: object) -> bool:
     return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-9)
 
 
-def refusals(meta: dict, spec: dict, sha256: str, evaluation: EvalResult | None) -> list[str]:
-    """Why the card of this model would claim what nobody measured: one phrase each, empty when nothing does."""
+def refusals(
+    meta: dict, spec: dict, sha256: str, evaluation: EvalResult | None, min_examples: int = MIN_EXAMPLES
+) -> list[str]:
+    """Why the card of this model would claim what nobody measured, or claim it on fewer than ``min_examples`` test
+    images: one phrase each, empty when nothing does."""
     problems = []
     method = meta.get("method")
     if not may_teach(method):
@@ -67,7 +79,7 @@ def refusals(meta: dict, spec: dict, sha256: str, evaluation: EvalResult | None)
         problems.append(
             f"it was {what}; a teacher must be adversarially trained ({', '.join(sorted(teacher_methods()))})"
         )
-    if evaluation is None or evaluation.worst_attack is None:
+    if evaluation is None or evaluation.headline_attack is None:
         problems.append(
             "it has no evaluation: run `rrm evaluate` on it (and pass --evaluation with its metrics file "
             "if it was not tracked)"
@@ -85,6 +97,14 @@ def refusals(meta: dict, spec: dict, sha256: str, evaluation: EvalResult | None)
         problems.append(
             f"its evaluation is for {evaluation.norm or '?'} eps {evaluation.eps}, not the threat model "
             f"the model was trained for and the card states ({norm or '?'} eps {eps})"
+        )
+    images = evaluation.examples(evaluation.headline_attack)
+    if images is not None and images < min_examples:
+        half = 100 * 1.96 * math.sqrt(0.25 / images)
+        problems.append(
+            f"its headline accuracy ({evaluation.headline_attack}) is on {images} test images, fewer than "
+            f"{min_examples} (a 95% interval of up to ±{half:.0f} points): evaluate on more (`rrm evaluate "
+            f"--n-examples`), or pass --min-examples {images} to accept it"
         )
     if evaluation.sanity_passed is False:
         problems.append(

@@ -1,11 +1,12 @@
 """Evaluations in MLflow: ``rrm evaluate``'s metrics as a run linked to the training run, and read back from one.
 
 An evaluation run is named after what it measured ("apgd+autoattack linf eps=0.2 · rrm-cnn-bn-mnist5k"), and its
-headline numbers are copied onto the training run (``eval_natural_accuracy``, ``eval_<attack>_accuracy`` with the
-test images it attacked in ``eval_<attack>_examples``, ``sanity_passed``: 1 or 0, absent when the checks did not
-run; tag ``rrm.sanity_checks``: passed, FAILED or not run), so training runs can be sorted and compared by robustness
-in ``mlflow ui`` and ``rrm runs table``. The same result is logged once: logging
-it again (registering a teacher with the metrics file ``rrm evaluate`` wrote) returns the run already there.
+headline numbers are copied onto the training run: ``eval_natural_accuracy``, ``eval_<attack>_accuracy`` with the
+test images it attacked in ``eval_<attack>_examples``, ``eval_headline_accuracy`` (the lowest accuracy among the
+attacks on the most images), ``sanity_passed`` (1 or 0, absent when the checks did not run) and tag
+``rrm.sanity_checks`` (passed, FAILED or not run), so training runs can be sorted and compared by robustness in
+``mlflow ui`` and ``rrm runs table``. The same result is logged once: logging it again (registering a teacher with the
+metrics file ``rrm evaluate`` wrote) returns the run already there.
 """
 
 from __future__ import annotations
@@ -132,8 +133,8 @@ def headline_metrics(result: EvalResult) -> dict[str, float]:
         values[f"eval_{name}_accuracy"] = accuracy
         if result.examples(attack) is not None:
             values[f"eval_{name}{EXAMPLES_SUFFIX}"] = float(result.examples(attack))
-    if result.worst_accuracy is not None:
-        values["eval_worst_accuracy"] = result.worst_accuracy
+    if result.headline_accuracy is not None:
+        values["eval_headline_accuracy"] = result.headline_accuracy
     if result.eps is not None:
         values["eval_eps"] = float(result.eps)
     status = result.sanity_status

@@ -24,6 +24,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from rrm.errors import RRMError, unknown
+from rrm.evaluation import headline_attack
 from rrm.stats import mean_ci
 from rrm.tracking.connection import has_error_code, mlflow_errors, one_line, store_client
 from rrm.tracking.evaluations import EXAMPLES_SUFFIX
@@ -148,22 +149,19 @@ def _number(value: object) -> float | None:
 
 
 def _headline(metrics: Mapping[str, float]) -> tuple[str | None, float | None, int | None]:
-    """The attack, accuracy and images of a run's headline: the lowest accuracy among the attacks (AutoAttack aside
-    while it ran on fewer images) run on the most images."""
-    attacks = {
+    """The attack, accuracy and test images of a run's headline (:func:`rrm.evaluation.headline_attack`)."""
+    accuracy = {
         key[len("eval_") : -len("_accuracy")]: value
         for key, value in metrics.items()
         if key.startswith("eval_")
         and key.endswith("_accuracy")
-        and key not in ("eval_natural_accuracy", "eval_worst_accuracy")
+        and key not in ("eval_natural_accuracy", "eval_headline_accuracy", "eval_worst_accuracy")
     }
-    if not attacks:
-        return None, None, None
-    images = {a: int(metrics[f"eval_{a}{EXAMPLES_SUFFIX}"]) for a in attacks if f"eval_{a}{EXAMPLES_SUFFIX}" in metrics}
-    most = max(images.values(), default=None)
-    candidates = [a for a in attacks if images.get(a) == most] if most is not None else list(attacks)
-    attack = min(candidates, key=lambda a: (attacks[a], a))
-    return attack, attacks[attack], images.get(attack)
+    examples = {
+        a: int(metrics[f"eval_{a}{EXAMPLES_SUFFIX}"]) for a in accuracy if f"eval_{a}{EXAMPLES_SUFFIX}" in metrics
+    }
+    attack = headline_attack(accuracy, examples)
+    return attack, accuracy.get(attack), examples.get(attack)
 
 
 def _percent(value: float | None) -> tuple[float, float] | None:

@@ -35,7 +35,7 @@ from rrm.errors import RRMError
 from rrm.evaluation import EvalResult
 from rrm.io import sha256_file
 from rrm.models import Classifier, load_model
-from rrm.tracking.card import model_card, refusals
+from rrm.tracking.card import MIN_EXAMPLES, model_card, refusals
 from rrm.tracking.cleanup import CREATING_TAG, REGISTRY_DESCRIPTION, remove_abandoned_models
 from rrm.tracking.connection import has_error_code, mlflow_errors, one_line, store_client
 from rrm.tracking.evaluations import evaluation_of_run, log_evaluation
@@ -68,6 +68,7 @@ def register_teacher(
     force: bool = False,
     experiment: str = DEFAULT_EXPERIMENT,
     alias: str | None = None,
+    min_examples: int = MIN_EXAMPLES,
 ) -> TeacherVersion:
     """Register an adversarially trained, evaluated model as a new version of ``name``; ``alias`` then points at it.
 
@@ -78,8 +79,9 @@ def register_teacher(
 
     Without ``force``, a model is refused before anything is written when it was not trained adversarially
     (:func:`rrm.train.may_teach`) or its evaluation does not back the card: missing; not of this model file, its
-    architecture and its training data's test split; of another norm or eps than it was trained for; or with
-    gradient-masking checks that failed or did not run. With ``force`` every such reason is written to the card and
+    architecture and its training data's test split; of another norm or eps than it was trained for; with
+    gradient-masking checks that failed or did not run; or whose headline accuracy is on fewer than ``min_examples``
+    test images. With ``force`` every such reason is written to the card and
     the ``forced`` tag. What a killed registration left is cleaned first: its RUNNING runs are marked FAILED
     (:func:`rrm.tracking.stale.check_store`) and its empty registered model is removed. An evaluation that is
     already logged (by ``rrm evaluate``) is linked, not logged a second time.
@@ -94,13 +96,13 @@ def register_teacher(
         model, meta = load_model(local)
         sha256 = sha256_file(local)
         result, evaluation_run = _evaluation(client, evaluation, run)
-        problems = refusals(meta, model.spec, sha256, result)
+        problems = refusals(meta, model.spec, sha256, result, min_examples)
         if problems and not force:
             raise RRMError(
                 f"refusing to register {str(source)!r} as a teacher: {'; '.join(problems)}. Fix that, or "
                 "pass --force to register it anyway (the card then says what was overridden)"
             )
-        evaluated = result if result is not None and result.worst_attack is not None else None
+        evaluated = result if result is not None and result.headline_attack is not None else None
         run_id, model_id = _logged_model(client, local, meta, run, experiment)
         # Keep the evidence next to the training run; an evaluation of another file is no evidence about this one.
         if evaluation is not None and evaluated is not None and evaluated.model_sha256 in (None, sha256):
@@ -176,12 +178,16 @@ def _version_tags(
         "natural_accuracy": str(
             evaluated.natural_accuracy if evaluated is not None else (meta.get("summary") or {}).get("test_accuracy")
         ),
-        "adversarial_accuracy": str(evaluated.worst_accuracy) if evaluated is not None else "not evaluated",
+        "adversarial_accuracy": str(evaluated.headline_accuracy) if evaluated is not None else "not evaluated",
         "evaluated": str(evaluated is not None).lower(),
-        "attack": str(evaluated.worst_attack) if evaluated is not None else "none",
+        "attack": str(evaluated.headline_attack) if evaluated is not None else "none",
         "source_run": run_id,
         "model_sha256": sha256,
     }
+    if evaluated is not None:  # every accuracy beside its attack and image count
+        tags["examples"] = str(evaluated.examples(evaluated.headline_attack))
+        for attack, accuracy in evaluated.adversarial_accuracy.items():
+            tags[f"accuracy/{attack}"] = f"{accuracy:.4f} on {evaluated.examples(attack)} test images"
     if evaluated is not None and evaluation_run:
         tags["evaluation_run"] = evaluation_run
     if problems:
