@@ -21,8 +21,17 @@ from rrm.train import METHODS, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
+STUDIES = ("variants", "stem", "transfer")  # each study's settings beside its pipeline: pipelines/NAME/params.yaml
 STUDENTS = ("natural", "sat", "fast", "pgd-fast", "free", "rrm", "kd", "kdiga", "rdt", "transplant-fast")
-VARIANTS = read_section(PARAMS, "variants")
+
+
+def params_file(section: str, root: Path = ROOT) -> Path:
+    """The params file that holds ``section``: its study's, or the main pipeline's."""
+    study = section.split(".")[0]
+    return root / "pipelines" / study / "params.yaml" if study in STUDIES else root / "params.yaml"
+
+
+VARIANTS = read_section(params_file("variants"), "variants")
 VARIANT_STUDENTS = (*VARIANTS["without_teacher"], *VARIANTS["with_teacher"])
 # section -> the command that reads it
 SECTIONS = {
@@ -53,13 +62,13 @@ def _command(path: tuple[str, ...]):
 @pytest.mark.parametrize("section", sorted(SECTIONS))
 def test_section_keys_are_options(section: str) -> None:
     names = {p.name for p in _command(SECTIONS[section]).params}
-    for key in read_section(PARAMS, section):
+    for key in read_section(params_file(section), section):
         assert {"lambda": "lam"}.get(key, key.replace("-", "_")) in names, f"{section}: unknown key {key!r}"
 
 
 @pytest.mark.parametrize("section", ["train_teacher", *(f"students.{m}" for m in STUDENTS)])
 def test_train_sections_validate(section: str) -> None:
-    values = {("lam" if k == "lambda" else k): v for k, v in read_section(PARAMS, section).items()}
+    values = {("lam" if k == "lambda" else k): v for k, v in read_section(params_file(section), section).items()}
     values["milestones"] = tuple(values.get("milestones", ()))
     cfg = TrainConfig.from_dict(values).validate()
     assert cfg.method in METHODS
@@ -72,7 +81,8 @@ def test_train_sections_validate(section: str) -> None:
 def test_variant_sections_validate(name: str) -> None:
     """Each named student of the variants study is a valid run of the method its name starts with, at every eps, and
     sits in the list (with or without the teacher) that its method needs."""
-    values = {("lam" if k == "lambda" else k): v for k, v in read_section(PARAMS, f"variants.students.{name}").items()}
+    section = f"variants.students.{name}"
+    values = {("lam" if k == "lambda" else k): v for k, v in read_section(params_file(section), section).items()}
     assert "eps" not in values and "seed" not in values, "eps and seed come from the variants lists"
     for eps in VARIANTS["eps"]:
         cfg = TrainConfig.from_dict({**values, "eps": eps}).validate()
@@ -82,7 +92,7 @@ def test_variant_sections_validate(name: str) -> None:
 
 @pytest.mark.parametrize("section", ["evaluate", "evaluate_transfer", "variants.evaluate_teacher", "variants.evaluate"])
 def test_eval_sections_validate(section: str) -> None:
-    values = {k: v for k, v in read_section(PARAMS, section).items() if k != "progress"}
+    values = {k: v for k, v in read_section(params_file(section), section).items() if k != "progress"}
     EvalConfig.from_dict(values).validate()
 
 
@@ -198,7 +208,7 @@ def test_variants_pipeline_stages(tmp_path: Path) -> None:
         == "${variants.with_teacher}"
     )
     assert "--teacher " not in stages["train"]["cmd"] and "--teacher " in stages["distill"]["cmd"]
-    TrainConfig.from_dict(read_section(PARAMS, "variants.teacher")).validate()
+    TrainConfig.from_dict(read_section(params_file("variants"), "variants.teacher")).validate()
     work, env, dvc = _pipeline(tmp_path, shrink=False)
     assert _rrm(work, env, "pipeline", "link", "variants").returncode == 0
     status = subprocess.run(
@@ -211,9 +221,9 @@ def test_variants_pipeline_stages(tmp_path: Path) -> None:
 
 def _shrink_variants(work: Path, students: tuple[str, ...]) -> None:
     """One eps, one seed, ``students``, one epoch each, a short evaluation (on top of ``_pipeline``'s shrink)."""
-    variants = yaml.safe_load((work / "params.yaml").read_text())["variants"]
+    variants = read_section(params_file("variants", work), "variants")
     override_yaml(
-        work / "params.yaml",
+        params_file("variants", work),
         {
             "variants.eps": [0.1],
             "variants.seeds": [0],
@@ -272,6 +282,15 @@ SHRINK = {
 }
 
 
+def _shrink(root: Path) -> None:
+    """:data:`SHRINK` applied to the params files under ``root``, each key to the file that holds its section."""
+    files: dict[Path, dict[str, object]] = {}
+    for key, value in SHRINK.items():
+        files.setdefault(params_file(key, root), {})[key] = value
+    for path, overrides in files.items():
+        override_yaml(path, overrides)
+
+
 def _pipeline(tmp_path: Path, shrink: bool = True) -> tuple[Path, dict, str]:
     """This checkout's dvc.yaml, pipelines/, params.yaml, .dvcignore and rrm/ (the stages' code dependencies) in a
     fresh repository; ``shrink``: :data:`SHRINK`. The stages run this checkout's rrm (PYTHONPATH), not the copy."""
@@ -283,7 +302,7 @@ def _pipeline(tmp_path: Path, shrink: bool = True) -> tuple[Path, dict, str]:
     shutil.copytree(ROOT / "rrm", work / "rrm", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(PARAMS, work / "params.yaml")
     if shrink:
-        override_yaml(work / "params.yaml", SHRINK)
+        _shrink(work)
     env = {
         **os.environ,
         "DVC_NO_ANALYTICS": "1",
@@ -312,7 +331,9 @@ def test_override_sets_existing_keys_and_refuses_unknown_ones() -> None:
 def test_shrink_overrides_existing_keys() -> None:
     """``SHRINK`` names keys of this checkout's params.yaml (``override`` raises otherwise) and shrinks the
     evaluations too (a text edit once matched only robustify's `steps: 20 `)."""
-    params = override(yaml.safe_load(PARAMS.read_text()), SHRINK)
+    params = override(
+        {**yaml.safe_load(PARAMS.read_text()), "variants": read_section(params_file("variants"), "variants")}, SHRINK
+    )
     assert params["evaluate"]["steps"] == params["evaluate_transfer"]["steps"] == params["robustify"]["steps"] == 5
     assert {s["epochs"] for s in params["students"].values()} == {1}
     assert {s["dataset"] for s in params["students"].values()} == {DIGITS, params["robustify"]["out"]}

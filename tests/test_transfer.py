@@ -279,7 +279,9 @@ def test_a_larger_budget_that_lowers_accuracy_is_reported():
 def test_the_transfer_studys_students_validate_and_take_the_teacher_they_need():
     import yaml
 
-    study = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())["transfer"]
+    study = yaml.safe_load((Path(__file__).parents[1] / "pipelines" / "transfer" / "params.yaml").read_text())[
+        "transfer"
+    ]
     teacherless, with_teacher = set(study["without_teacher"]), set(study["with_teacher"])
     for name, values in study["students"].items():
         cfg = TrainConfig.from_dict({**values, "eps": study["eps"]}).validate()
