@@ -16,6 +16,7 @@ import pytest
 import torch
 from _helpers import tiny_train_args
 from click.testing import CliRunner
+from mlflow import MlflowClient
 
 from rrm import cli as rrm_cli
 from rrm.data import read_dataset
@@ -161,6 +162,20 @@ def test_params_section_gives_defaults_and_flags_override(project):
     assert_one_line_error(rrm("train", "--params", "params.yaml", "--section", "nope"), "choose one of: other")
     (project / "bad.yaml").write_text("train:\n  epoch: 3\n")
     assert_one_line_error(rrm("train", "--params", "bad.yaml"), "unknown key")
+
+
+def test_a_tracked_run_is_named_after_its_params_section(project, mlflow_store):
+    """students.transplant-fast trains with method fast: its run says which recipe it is, not just `fast`."""
+    (project / "params.yaml").write_text(
+        "students:\n  transplant-fast:\n    dataset: digits\n    model: cnn\n    method: fast\n    epochs: 1\n"
+        "    monitor_examples: 0\n    progress: false\n"
+    )
+    args = ("train", "--params", "params.yaml", "--section", "students.transplant-fast")
+    assert rrm(*args, "--out-dir", "a").exit_code == 0
+    assert rrm(*args, "--out-dir", "b", "--run-name", "mine").exit_code == 0
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    names = {r.info.run_name for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    assert names == {"transplant-fast-cnn-digits", "mine"}
 
 
 def test_data_prepare_writes_a_dataset(project):

@@ -119,7 +119,10 @@ def train(no_track: bool, experiment: str, run_name: str | None, teacher_pin: st
     cfg = TrainConfig.from_dict(options).validate()
     cfg.check_read(_typed(options))  # a flag typed for a method that ignores it
     check_writable(cfg.out_dir, directory=True)  # now, before the store, the data and the teacher are reached
-    result, run_id = jobs.train_job(cfg, jobs.Tracking(not no_track, experiment, run_name), teacher_pin=teacher_pin)
+    section = click.get_current_context().meta.get("rrm.section") or ""
+    recipe = section.rpartition(".")[2] if "." in section else None  # students.transplant-fast: transplant-fast
+    track = jobs.Tracking(not no_track, experiment, run_name, recipe=recipe)
+    result, run_id = jobs.train_job(cfg, track, teacher_pin=teacher_pin)
     if not is_main():
         return
     s = result.summary

@@ -165,7 +165,13 @@ def tracking_options(experiment_help: str, *, run_name: bool = False, default_ex
         ),
     ]
     if run_name:
-        options.append(cloup.option("--run-name", help="MLflow run name. [default: METHOD-MODEL-DATASET]"))
+        options.append(
+            cloup.option(
+                "--run-name",
+                help="MLflow run name. [default: METHOD-MODEL-DATASET, with the params section's last name (as in "
+                "students.transplant-fast) for METHOD]",
+            )
+        )
     return {"tracking": options}
 
 
@@ -238,6 +244,7 @@ def from_params(default_section: str) -> Callable:
         def wrapper(params_file: Path | None, section: str, **kwargs):
             if params_file is not None:
                 ctx = click.get_current_context()
+                ctx.meta["rrm.section"] = section  # a run may be named after it
                 by_name = {p.name: p for p in ctx.command.params if p.name not in ("params_file", "section")}
                 for key, value in read_section(params_file, section).items():
                     name = KEY_ALIASES.get(str(key), str(key).replace("-", "_"))

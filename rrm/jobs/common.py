@@ -20,6 +20,7 @@ class Tracking:
     enabled: bool = True
     experiment: str | None = "rrm"  # None: the job's default (an evaluation joins its training run's experiment)
     run_name: str | None = None  # None: the job's default name
+    recipe: str | None = None  # a training's default run name starts with it (its params section), not its method
 
 
 def tracking() -> ModuleType:

@@ -68,14 +68,14 @@ def train_job(cfg, track: Tracking = Tracking(), teacher_pin: str | os.PathLike 
         # data, the model and torch's compiler.
         # the teacher as the run records it, without its weights: the factory travels pickled to the worker
         record = dataclasses.replace(teacher, model=None) if teacher is not None else None
-        tracker = functools.partial(_mlflow_callback, track.experiment, track.run_name, record)
+        tracker = functools.partial(_mlflow_callback, track.experiment, track.run_name, record, track.recipe)
         with BackgroundCallback(tracker, wait_for_start=wait) as background:
             result = train(cfg, data=load_dataset(cfg.dataset), teacher=teacher, callbacks=[background])
     recorded = background.callback
     return result, None if recorded.unfinished else recorded.run_id
 
 
-def _mlflow_callback(experiment: str, run_name: str | None, teacher: Teacher | None):
+def _mlflow_callback(experiment: str, run_name: str | None, teacher: Teacher | None, recipe: str | None = None):
     """A training's MLflow callback, made in its worker (:mod:`rrm.tracking.worker`; a module function, so it
     pickles)."""
-    return tracking().MlflowCallback(experiment=experiment, run_name=run_name, teacher=teacher)
+    return tracking().MlflowCallback(experiment=experiment, run_name=run_name, teacher=teacher, recipe=recipe)

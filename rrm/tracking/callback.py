@@ -72,7 +72,8 @@ class MlflowCallback(Callback):
     (:func:`rrm.jobs.resolve_teacher`; its weights are dropped here), whose URI, registry version and sha256 the run
     records as they were when it was resolved; without it, the run records ``cfg.teacher``, looked up once when the
     run starts (the registry version an alias points at then, or the file's sha256). :meth:`stop` ends a run
-    that was stopped on purpose (a pruned trial).
+    that was stopped on purpose (a pruned trial). The run is named ``run_name``, else RECIPE-MODEL-DATASET: ``recipe``
+    (the params section it came from, e.g. ``transplant-fast``), else the method.
 
     The run's id is kept in ``mlflow_run.json`` beside the first checkpoint: a ``resume`` of an unfinished training
     continues that run (same id, metrics appended by epoch) where it still exists in this store and experiment.
@@ -88,9 +89,11 @@ class MlflowCallback(Callback):
         tags: Mapping[str, str] | None = None,
         log_model: bool = True,
         teacher: Teacher | None = None,
+        recipe: str | None = None,
     ):
         self.experiment = experiment
         self.run_name = run_name
+        self.recipe = recipe
         self.tags = dict(tags or {})
         self.log_model = log_model
         # what the run records of the teacher, not its weights (this object may be pickled to a worker process)
@@ -152,7 +155,7 @@ class MlflowCallback(Callback):
             run = mlflow.start_run(
                 experiment_id=experiment_id,
                 nested=nested,
-                run_name=self.run_name or f"{cfg.method}-{cfg.model}-{data.name}",
+                run_name=self.run_name or f"{self.recipe or cfg.method}-{cfg.model}-{data.name}",
                 tags=tags,
             )
             self.run_id, self._active = run.info.run_id, True
