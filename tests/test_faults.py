@@ -6,6 +6,7 @@ CAP_SYS_ADMIN), and where it is refused the tests skip and say so.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 from _helpers import tiny_train_args
 from click.testing import CliRunner
+from test_shards import _tree as image_tree
 
 from rrm import cli as rrm_cli
 from rrm.models import load_model
@@ -90,3 +92,38 @@ def test_a_full_disk_mid_training_keeps_the_last_checkpoint_and_resume_finishes_
     expected, got = load_model(tmp_path / "whole" / "model.pt")[0], load_model(run / "model.pt")[0]
     for (name, a), b in zip(expected.state_dict().items(), got.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def _write(kind: str, work: Path, out: Path) -> list[object]:
+    """The command that writes ``out``: an evaluation or a robustified dataset (of ``work/teacher.pt``), or prepared
+    shards (of the image folder ``work/tree``)."""
+    teacher = work / "teacher.pt"
+    if kind == "evaluate":
+        attack = ("--attacks", "apgd", "--n-examples", "20", "--steps", "2", "--restarts", "1", "--no-sanity")
+        return ["evaluate", teacher, "--eps", "0.1", *attack, "--no-track", "--no-progress", "--out", out]
+    if kind == "robustify":
+        return ["robustify", "--dataset", "digits", "--teacher", teacher, "--steps", "2", "--no-progress", "--out", out]
+    folder = ("--dataset", "imagefolder", "-o", f"root={work / 'tree'}", "-o", "image_size=48")  # about 830 KB
+    return ["data", "prepare", *folder, "--shards", "--shard-images", "20", "--workers", "1", "--out", out]
+
+
+@pytest.mark.parametrize(("kind", "free_bytes"), [("evaluate", 0), ("robustify", 100 << 10), ("shards", 300 << 10)])
+def test_a_full_disk_under_every_writer_is_one_line_and_a_rerun_finishes(
+    small_disk, digits_teacher, tmp_path, kind, free_bytes
+):
+    """Each output on a full disk: one line that says so and where; nothing left that a later command would take for
+    a whole output (complete shards stay, but no manifest names them until all are written); once space is free the
+    same command finishes."""
+    out = small_disk.path / {"evaluate": "eval.json", "robustify": "robust.safetensors", "shards": "shards"}[kind]
+    shutil.copy(digits_teacher.model_path, tmp_path / "teacher.pt")
+    image_tree(tmp_path / "tree", per_class=40)
+    small_disk.fill(free_bytes)
+    line = one_error_line(rrm(*_write(kind, tmp_path, out)))
+    assert "no space left on the device" in line and str(small_disk.path) in line, line
+    assert not out.is_file(), "no partial output under its own name"
+    if kind == "shards":
+        assert not (out / "manifest.json").exists(), "no manifest names shards that were not all written"
+    small_disk.free()
+    again = rrm(*_write(kind, tmp_path, out))
+    assert again.exit_code == 0, again.output
+    assert out.exists()
