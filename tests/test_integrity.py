@@ -310,3 +310,57 @@ def test_only_abandoned_empty_registered_models_are_removed(project, monkeypatch
     monkeypatch.setattr(cleanup, "ABANDONED_AFTER_S", -1)  # an hour later
     assert rrm("teacher", "list").exit_code == 0
     assert sorted(_registered_models()) == ["plain"]
+
+
+def _in_processes(project: Path, *scripts: str) -> list[subprocess.CompletedProcess]:
+    """Run each Python script in its own process, all at once, in the project against its store."""
+    env = worker_env(MLFLOW_TRACKING_URI=os.environ["MLFLOW_TRACKING_URI"])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            cwd=project,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for script in scripts
+    ]
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout=300), *p.communicate()) for p in procs]
+
+
+def test_two_registrations_at_once_make_two_versions_and_one_alias(project):
+    """Two `rrm teacher register ... --alias champion` racing on one store: both succeed, two versions, the alias on
+    one of them, no run left RUNNING."""
+    register = ["teacher", "register", "teacher.pt", "--evaluation", "teacher.json", "--alias", "champion"]
+    script = f"import sys\nfrom rrm.cli import main\nsys.argv = ['rrm', *{register!r}]\nmain()\n"
+    done = _in_processes(project, script, script)
+    assert [d.returncode for d in done] == [0, 0], [d.stderr for d in done]
+    versions = _client().search_model_versions("name = 'rrm-teacher'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert int(_client().get_registered_model("rrm-teacher").aliases["champion"]) in (1, 2)
+    runs = _client().search_runs([e.experiment_id for e in _client().search_experiments()])
+    assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == []
+
+
+def test_a_pull_racing_promotions_gets_the_file_of_the_version_it_names(project):
+    """While one process moves `champion` between two versions twenty times, another pulls it twenty times: each pull
+    writes the file of the version it resolved, byte for byte."""
+    assert rrm("teacher", "register", "teacher.pt", "--evaluation", "teacher.json").exit_code == 0
+    forced = rrm("teacher", "register", "natural.pt", "--evaluation", "natural.json", "--force")
+    assert forced.exit_code == 0, forced.output
+    assert rrm("teacher", "promote", "1", "champion").exit_code == 0
+    promote = (
+        "from rrm.tracking import promote\nfor i in range(20):\n    promote('rrm-teacher', 2 - i % 2, 'champion')\n"
+    )
+    pull = (
+        "from rrm.io import sha256_file\nfrom rrm.tracking import pull_teacher_version\n"
+        "for i in range(20):\n"
+        "    path, _, version = pull_teacher_version('models:/rrm-teacher@champion', f'pulled{i}.pt')\n"
+        "    print(version.version, sha256_file(path))\n"
+    )
+    done = _in_processes(project, promote, pull)
+    assert [d.returncode for d in done] == [0, 0], [d.stderr for d in done]
+    expected = {"1": sha256_file(project / "teacher.pt"), "2": sha256_file(project / "natural.pt")}
+    pulled = [line.split() for line in done[1].stdout.splitlines()]
+    assert len(pulled) == 20 and all(expected[version] == sha for version, sha in pulled), pulled
