@@ -127,7 +127,8 @@ def test_two_processes_follow_the_single_process_trajectory_and_write_one_run(
     assert losses == pytest.approx([h["loss"] for h in single_natural.history], rel=LOSS_TOLERANCE)
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert artifacts.count("checkpoint.pt") == artifacts.count("model.pt") == 1
-    assert client.search_logged_models([experiment.experiment_id]) == [], "pt2 only for registered teachers"
+    (logged,) = client.search_logged_models([experiment.experiment_id])  # one logged model, rank 0's
+    assert logged.source_run_id == run.info.run_id
 
 
 def test_rrm_with_a_replicated_teacher_follows_the_single_process_trajectory(tmp_path, digits, digits_teacher):

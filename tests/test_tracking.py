@@ -21,6 +21,8 @@ from rrm.evaluation import EvalConfig, EvalResult, evaluate, spec_record
 from rrm.io import sha256_file
 from rrm.models import load_model
 from rrm.tracking.evaluations import evaluation_of_run
+from rrm.tracking.logged_models import has_pt2
+from rrm.tracking.notes import flops, percent
 from rrm.train import Callback, TrainConfig, train
 
 DIGITS = dict(dataset="digits", model="cnn", epochs=1, monitor_examples=0, progress=False)
@@ -115,8 +117,23 @@ def test_training_run_reads_back(teacher_run, store):
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"checkpoint.pt", "train_metrics.json", "model.pt"} <= artifacts
-    # rrm's model file only: the pt2 export (seconds) waits until the model is registered as a teacher.
-    assert not run.outputs or not run.outputs.model_outputs
+    # The run's logged model: rrm's model file and an MLmodel naming it, its final metrics linked to it and to the
+    # dataset; the pt2 export (seconds) waits until the model is registered as a teacher.
+    (output,) = run.outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    assert (logged.name, logged.source_run_id, str(logged.status)) == ("model", run.info.run_id, "READY")
+    assert logged.params["method"] == "sat" and logged.params["eps"] == "0.1"
+    linked = {m.key: m for m in logged.metrics}
+    assert linked["test_accuracy"].value == pytest.approx(result.summary["test_accuracy"])
+    assert linked["total_flops"].dataset_name == "digits"
+    assert result.data.digest.startswith(linked["total_flops"].dataset_digest)
+    assert {a.path for a in client.list_logged_model_artifacts(logged.model_id)} == {"MLmodel", "model.pt"}
+    assert not has_pt2(client, logged)
+    # its note says what was trained and found, the numbers rounded to what they mean
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith("Trained sat `cnn` on digits at Linf eps 0.1: 2 epochs, seed 0;"), note
+    assert f"test accuracy {100 * result.summary['test_accuracy']:.1f}% (natural)" in note
+    assert "Not evaluated yet" in note and "FLOPs to train" in note
     x = torch.rand(3, 1, 8, 8)
     same = tracking.load_registered_model(f"runs:/{tracker.run_id}/model")
     assert torch.allclose(same.features(x), result.model.features(x), atol=1e-6)
@@ -145,6 +162,10 @@ def test_register_promote_pull_then_train_student(teacher_run, store, monkeypatc
     assert trained.metrics["eval_headline_accuracy"] == metrics.headline_accuracy
     assert trained.metrics["eval_apgd_examples"] == metrics.n_examples and "eval_worst_accuracy" not in trained.metrics
     assert "sanity_passed" not in trained.metrics and trained.tags["rrm.sanity_checks"] == "not run"
+    note = trained.tags["mlflow.note.content"]  # rewritten with the evaluation's numbers, each with its image count
+    apgd = f"apgd {100 * metrics.adversarial_accuracy['apgd']:.1f}% on {metrics.examples('apgd')}"
+    assert apgd in note and f"natural {100 * metrics.natural_accuracy:.1f}% on {metrics.n_test}" in note, note
+    assert "Gradient-masking checks: not run." in note and "Not evaluated yet" not in note
     assert tracking.log_evaluation(metrics, model_path=result.model_path) == evaluation_run, "logged once"
 
     # Its masking checks did not run: registering it is refused, and forcing it says so on the card.
@@ -156,9 +177,17 @@ def test_register_promote_pull_then_train_student(teacher_run, store, monkeypatc
         version.description
     )
     assert version.uri == "models:/rrm-teacher/1"
-    # Registering gave the training run its pt2 model and marked it as a teacher's; the evaluation was not logged again.
+    # The version's source is the training run's logged model, which registering gave its pt2 export; the
+    # evaluation's headline numbers are linked to it. The run is marked a teacher's; the evaluation was not logged
+    # again.
     source = client.get_run(tracker.run_id)
     (output,) = source.outputs.model_outputs
+    assert client.get_model_version("rrm-teacher", "1").source == f"models:/{output.model_id}"
+    logged = client.get_logged_model(output.model_id)
+    assert has_pt2(client, logged)
+    on_model = {m.key: m.value for m in logged.metrics}
+    assert on_model["eval_apgd_accuracy"] == pytest.approx(metrics.adversarial_accuracy["apgd"])
+    assert on_model["eval_natural_accuracy"] == pytest.approx(metrics.natural_accuracy)
     assert source.data.tags["rrm.role"] == "teacher" and source.info.run_name.startswith("teacher · sat-cnn")
     assert source.data.tags["rrm.registered_as"] == "models:/rrm-teacher/1"
     import mlflow.pytorch
@@ -337,7 +366,7 @@ def test_bad_references_are_one_line_errors(teacher_run):
     # A version registered by plain MLflow is no rrm teacher: loading and promoting it are refused.
     client = MlflowClient()
     client.create_registered_model("plain")
-    (output,) = client.get_run(tracker.run_id).outputs.model_outputs  # the pt2 model registering logged
+    (output,) = client.get_run(tracker.run_id).outputs.model_outputs  # the run's logged model
     client.create_model_version(
         "plain", source=f"models:/{output.model_id}", run_id=tracker.run_id, model_id=output.model_id
     )
@@ -469,3 +498,18 @@ def test_a_server_gone_mid_request_is_unreachable_not_an_error(message):
     with pytest.raises(RRMError) as other, mlflow_errors(action):
         raise MlflowException("INVALID_PARAMETER_VALUE: bad metric")
     assert not isinstance(other.value, StoreUnreachable)
+
+
+@pytest.mark.parametrize(
+    ("value", "text"), [(0.69999998807907, "70.0%"), (0.8555, "85.5%"), (1.0, "100.0%"), (0.0004, "0.0%")]
+)
+def test_accuracies_in_notes_are_rounded_to_a_tenth_of_a_percent(value, text):
+    assert percent(value) == text
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(64465346560000.0, "64.5 TFLOPs"), (5.75e12, "5.75 TFLOPs"), (1.2e15, "1.2 PFLOPs"), (3.3e9, "3.3 GFLOPs")],
+)
+def test_costs_in_notes_have_three_figures(value, text):
+    assert flops(value) == text

@@ -8,7 +8,9 @@ One module per concern:
 - :mod:`rrm.tracking.runs`: experiments, the tags that say where a run came from, how a run ends;
 - :mod:`rrm.tracking.stale`: the process that owns a run, and runs whose process died;
 - :mod:`rrm.tracking.flatten`: options and results as params and metrics;
-- :mod:`rrm.tracking.logged_models`: model files logged as MLflow models, and the run that made a model file;
+- :mod:`rrm.tracking.logged_models`: each training run's model as an MLflow logged model, and the run that made a
+  model file;
+- :mod:`rrm.tracking.notes`: what a training run found, in one paragraph (its note in ``mlflow ui``);
 - :mod:`rrm.tracking.worker`: a training callback run in a worker process, beside the training (without MLflow);
 - :mod:`rrm.tracking.callback`: :class:`MlflowCallback`, one run per training;
 - :mod:`rrm.tracking.versions`, :mod:`rrm.tracking.pull`, :mod:`rrm.tracking.registry`, :mod:`rrm.tracking.card`,
@@ -42,6 +44,7 @@ _getattr, __dir__, __all__ = lazy_loader.attach(
         "flatten",
         "leaderboard",
         "logged_models",
+        "notes",
         "pull",
         "registry",
         "runs",

@@ -24,6 +24,8 @@ from rrm.models import Classifier, Teacher
 from rrm.tracking.connection import StoreUnreachable, mlflow_errors, one_line, store_client, warn
 from rrm.tracking.environment import owner_pid
 from rrm.tracking.flatten import numbers, training_params
+from rrm.tracking.logged_models import MODEL_PARAMS, log_run_model, metric_dataset
+from rrm.tracking.notes import write_note
 from rrm.tracking.runs import DEFAULT_EXPERIMENT, context_tags, end_active_run, ensure_experiment
 from rrm.tracking.stale import check_store, process_alive
 from rrm.tracking.uri import tracking_label
@@ -66,9 +68,10 @@ class MlflowCallback(Callback):
 
     The run starts when training starts (after data, model and teacher loaded) and ends FINISHED when it ends.
     An active run of the caller becomes the parent; so does the run named by a ``mlflow.parentRunId`` tag.
-    The run keeps rrm's model file (artifact ``model.pt``) and the checkpoint; the MLflow (pt2) model, seconds to
-    export, is logged only when the model is registered as a teacher. ``log_model=False`` (tuning trials) skips the
-    checkpoint and the model file and tags only the model file's path. ``teacher``: the teacher the job resolved
+    The run keeps rrm's model file (artifact ``model.pt``) and the checkpoint, and logs the file as its MLflow logged
+    model, with its final metrics linked to it and to the dataset (the pt2 export, seconds, waits until the model is
+    registered as a teacher). ``log_model=False`` (tuning trials) skips the checkpoint, the model file and the logged
+    model and tags only the model file's path. ``teacher``: the teacher the job resolved
     (:func:`rrm.jobs.resolve_teacher`; its weights are dropped here), whose URI, registry version and sha256 the run
     records as they were when it was resolved; without it, the run records ``cfg.teacher``, looked up once when the
     run starts (the registry version an alias points at then, or the file's sha256). :meth:`stop` ends a run
@@ -107,6 +110,8 @@ class MlflowCallback(Callback):
         self._lost: str | None = None  # the store stopped answering: what failed, when
         self._out_dir: Path | None = None
         self._run_record: dict | None = None  # mlflow_run.json of a new run, until the first epoch ends
+        self._dataset: tuple[str, str] | None = None
+        self._model_params: dict[str, str] = {}
 
     def __enter__(self) -> MlflowCallback:
         self._entered = True
@@ -136,6 +141,8 @@ class MlflowCallback(Callback):
                 "train(cfg, callbacks=[tracker])`"
             )
         self._out_dir = Path(cfg.out_dir)
+        self._dataset = (data.name, data.digest[:36])  # the input _dataset_input logs, to link metrics to
+        self._model_params = {k: str(getattr(cfg, k)) for k in MODEL_PARAMS if getattr(cfg, k, None) is not None}
         with mlflow_errors("starting the MLflow run"):
             client = check_store("starting the MLflow run")
             experiment_id = ensure_experiment(client, self.experiment)
@@ -284,8 +291,24 @@ class MlflowCallback(Callback):
             if row["epoch"] not in self._logged_epochs:
                 self._log_epoch(row["epoch"], row)
         with mlflow_errors("logging the trained model to MLflow"):
+            model_id = None
+            if self.log_model:  # before the final metrics, which are then linked to it and to the dataset
+                run = mlflow.active_run()
+                model_id = log_run_model(
+                    store_client(),
+                    run.info.run_id,
+                    run.info.experiment_id,
+                    Path(result.model_path),
+                    result.history[-1]["epoch"],
+                    self._model_params,
+                )
             epoch_keys = set(result.history[-1])
-            mlflow.log_metrics({k: v for k, v in numbers(result.summary).items() if k not in epoch_keys})
+            mlflow.log_metrics(
+                {k: v for k, v in numbers(result.summary).items() if k not in epoch_keys},
+                run_id=self.run_id,  # read afresh: the active run's cached record lacks the new output
+                model_id=model_id,
+                dataset=metric_dataset(*self._dataset) if model_id and self._dataset else None,
+            )
             mlflow.set_tags(
                 {
                     "rrm.precision": result.summary["precision"],
@@ -299,6 +322,7 @@ class MlflowCallback(Callback):
                 mlflow.log_artifact(str(result.checkpoint_path))
                 mlflow.log_artifact(str(result.model_path))  # RRM_FILE_ARTIFACT: the registry reads it there
             mlflow.log_artifact(str(result.metrics_path))
+            write_note(store_client(), self.run_id)
             self._active = False
             end_active_run(None)
 

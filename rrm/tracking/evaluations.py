@@ -28,8 +28,10 @@ from rrm.evaluation import EvalResult
 from rrm.io import sha256_file
 from rrm.tracking.connection import mlflow_errors, one_line, store_client
 from rrm.tracking.flatten import is_number, leaves, numbers
-from rrm.tracking.logged_models import model_run, search_runs
+from rrm.tracking.logged_models import LOGGED_MODEL_NAME, metric_dataset, model_run, search_runs
+from rrm.tracking.notes import write_note
 from rrm.tracking.runs import DEFAULT_EXPERIMENT, context_tags, ensure_experiment, run_status
+from rrm.tracking.versions import run_model
 
 __all__ = ["EXAMPLES_SUFFIX", "evaluation_of_run", "headline_metrics", "log_evaluation"]
 
@@ -151,12 +153,22 @@ def headline_metrics(result: EvalResult) -> dict[str, float]:
 
 
 def _copy_headline(client: MlflowClient, train_run_id: str, result: EvalResult, evaluation_run_id: str) -> None:
+    """The headline numbers onto the training run, linked to its logged model and the dataset they were measured on
+    (so MLflow's Models tab shows them)."""
     now = int(time.time() * 1000)
+    logged = run_model(client, f"runs:/{train_run_id}/{LOGGED_MODEL_NAME}", required=False)
+    link = {"run_id": train_run_id}
+    if logged is not None:
+        link["model_id"] = logged.model_id
+        if result.dataset and result.dataset_digest:
+            dataset = metric_dataset(result.dataset, result.dataset_digest)
+            link.update(dataset_name=dataset.name, dataset_digest=dataset.digest)
     client.log_batch(
         train_run_id,
-        metrics=[Metric(k, v, now, 0) for k, v in headline_metrics(result).items()],
+        metrics=[Metric(k, v, now, 0, **link) for k, v in headline_metrics(result).items()],
         tags=[RunTag("rrm.sanity_checks", result.sanity_status), RunTag("rrm.evaluation_run", evaluation_run_id)],
     )
+    write_note(client, train_run_id, result)
 
 
 def _flat_text(values: Mapping) -> dict[str, str]:

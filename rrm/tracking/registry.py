@@ -12,7 +12,7 @@ at the new version in the same step, so a pipeline never leaves a version withou
 Pulling and loading a teacher: :mod:`rrm.tracking.pull`.
 
 Registering marks the source training run as a teacher's (tag ``rrm.role``, its name prefixed with "teacher"), and
-logs its MLflow (pt2) model there if the run has none: training runs keep only rrm's model file.
+the version points at the run's logged model, to which it adds the MLflow (pt2) export that serving needs.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from rrm.tracking.cleanup import CREATING_TAG, REGISTRY_DESCRIPTION, remove_aban
 from rrm.tracking.connection import has_error_code, mlflow_errors, one_line, store_client
 from rrm.tracking.evaluations import evaluation_of_run, log_evaluation
 from rrm.tracking.flatten import as_params, numbers
-from rrm.tracking.logged_models import LOGGED_MODEL_NAME, log_model, model_run
+from rrm.tracking.logged_models import LOGGED_MODEL_NAME, add_pt2, has_pt2, log_model, model_run
 from rrm.tracking.pull import run_file
 from rrm.tracking.runs import DEFAULT_EXPERIMENT, context_tags, ensure_experiment
 from rrm.tracking.stale import check_store, process_tags
@@ -147,13 +147,17 @@ def _evaluation(
 
 
 def _logged_model(client: MlflowClient, local: Path, meta: dict, run: Run | None, experiment: str) -> tuple[str, str]:
-    """The run and logged (pt2) model the version points at: the training run's (logged now if it has none), or an
-    import run's for a file no tracked run produced."""
+    """The run and logged model the version points at: the training run's, with its pt2 export added (logged whole
+    for a run from before training runs logged their model), or an import run's for a file no tracked run produced."""
     if run is None:
         return _import_run(client, local, meta, experiment)
     run_id = run.info.run_id
     logged = run_model(client, f"runs:/{run_id}/{LOGGED_MODEL_NAME}", required=False)
-    return run_id, logged.model_id if logged else log_model(local, run_id=run_id)
+    if logged is None:  # a run from before training runs logged their model
+        return run_id, log_model(local, run_id=run_id)
+    if not has_pt2(client, logged):
+        add_pt2(client, logged, local)
+    return run_id, logged.model_id
 
 
 def _version_tags(
