@@ -178,6 +178,18 @@ def plot_knob(trials: list[dict], knob: str, log: bool, path: Path, *, title: st
     return _save(fig, path, title)
 
 
+def running_best(trials: list[dict], key: str) -> tuple[list[float], list[tuple[int, float]]]:
+    """The best ``key`` among feasible trials so far at each trial (nan before the first), and the (trial, value)
+    points where it improved."""
+    best, better, so_far = [], [], float("-inf")
+    for t in trials:
+        if t["feasible"] and t[key] > so_far:
+            so_far = t[key]
+            better.append((t["number"], so_far))
+        best.append(so_far if so_far > float("-inf") else float("nan"))
+    return best, better
+
+
 def plot_history(trials: list[dict], mode: str, path: Path, *, title: str = "") -> Path:
     fig = Figure(figsize=(7.5, 4.5), layout="constrained")
     ax = fig.subplots()
@@ -189,12 +201,10 @@ def plot_history(trials: list[dict], mode: str, path: Path, *, title: str = "") 
     done = _complete(trials)
     for key, color, label in series:
         ax.scatter([t["number"] for t in done], [t[key] for t in done], color=color, label=label)
-        best, so_far = [], float("-inf")
-        for t in done:
-            if t["feasible"]:
-                so_far = max(so_far, t[key])
-            best.append(so_far if so_far > float("-inf") else float("nan"))
+        best, better = running_best(done, key)
         ax.step([t["number"] for t in done], best, where="post", color=color, alpha=0.6, label=f"best {label}")
+        if better:  # each improvement ringed: the last one, on the last trial, has no step after it to show it
+            ax.scatter(*zip(*better), s=90, facecolors="none", edgecolors=color)
     pruned = [t for t in trials if t["state"] == "PRUNED" and t["adversarial_accuracy"] is not None]
     if pruned:
         ax.scatter(

@@ -6,16 +6,20 @@ Without PostgreSQL the first two skip with the reason (they fail under CI=true, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import optuna
 import pytest
 from _helpers import mlflow_server, one_torch_thread, tiny_train_args, tiny_tune_args, undo_cli_settings, worker_env
 from click.testing import CliRunner
+from mlflow import MlflowClient
 
 from rrm import cli as rrm_cli
 from rrm.io import sha256_file
@@ -97,30 +101,16 @@ def test_runs_and_teachers_live_in_the_team_server_on_postgres(team_server, post
     assert {teacher_run, student_run} <= finished and "team-teacher" in models
 
 
+def _tune_worker(teacher: Path, storage: str, study: str, n_trials: int) -> subprocess.Popen:
+    """One `rrm tune` worker process on ``study`` in ``storage`` (untracked)."""
+    command = [sys.executable, "-m", "rrm.cli", "tune", "--teacher", str(teacher), *SMALL, "--n-trials", str(n_trials)]
+    command += ["--storage", storage, "--study-name", study, "--no-track", "--best-trials", "1"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env())
+
+
 def test_two_tune_workers_share_one_study_on_postgres(postgres, digits_teacher, project):
     storage = postgres.url("optuna")
-    command = [
-        sys.executable,
-        "-m",
-        "rrm.cli",
-        "tune",
-        "--teacher",
-        str(digits_teacher.model_path),
-        *SMALL,
-        "--n-trials",
-        "4",
-        "--storage",
-        storage,
-        "--study-name",
-        "team",
-        "--no-track",
-        "--best-trials",
-        "1",
-    ]
-    workers = [
-        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env())
-        for _ in range(2)
-    ]
+    workers = [_tune_worker(digits_teacher.model_path, storage, "team", 4) for _ in range(2)]
     outputs = [w.communicate(timeout=300) for w in workers]
     for worker, (_, err) in zip(workers, outputs):
         assert worker.returncode == 0, err
@@ -131,6 +121,75 @@ def test_two_tune_workers_share_one_study_on_postgres(postgres, digits_teacher, 
     assert sum(ran) == len(trials) and min(ran) >= 1, (ran, len(trials))
     assert 4 <= len(trials) <= 5 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     assert len({json.dumps(t.params) for t in trials}) == len(trials), "the workers sampled different points"
+
+
+def test_a_tune_worker_killed_mid_trial_leaves_its_trial_failed_and_the_others_complete(
+    postgres, digits_teacher, project
+):
+    """Two workers on one PostgreSQL study; one is SIGKILLed while its trial runs. The other marks that trial FAIL
+    (not RUNNING for ever) and completes the study: every other trial COMPLETE, none lost or run twice."""
+    storage = postgres.url("optuna")
+    victim, other = (_tune_worker(digits_teacher.model_path, storage, "killed", 5) for _ in range(2))
+    deadline = time.monotonic() + 240
+    killed = None
+    while killed is None and time.monotonic() < deadline and victim.poll() is None:
+        with contextlib.suppress(KeyError):  # the study is made by whichever worker comes first
+            for trial in optuna.load_study(study_name="killed", storage=storage).trials:
+                owner = trial.user_attrs.get("rrm.worker") or {}
+                if trial.state == optuna.trial.TrialState.RUNNING and owner.get("pid") == victim.pid:
+                    victim.kill()
+                    killed = trial.number
+                    break
+        time.sleep(0.05)
+    victim.communicate(timeout=60)
+    assert killed is not None, "the victim never ran a trial"
+    _, err = other.communicate(timeout=300)
+    assert other.returncode == 0, err
+    assert f"trial {killed} was left running by a worker that died; marked FAIL" in err, err
+    trials = {t.number: t.state for t in optuna.load_study(study_name="killed", storage=storage).trials}
+    assert sorted(trials) == list(range(len(trials))), "no trial lost or duplicated"
+    assert trials.pop(killed) == optuna.trial.TrialState.FAIL
+    assert set(trials.values()) == {optuna.trial.TrialState.COMPLETE} and len(trials) >= 4, trials
+
+
+@pytest.mark.slow
+def test_sixteen_trainings_and_four_tune_workers_at_once_on_one_server(team_server, postgres, digits_teacher, project):
+    """Load: 16 tracked trainings and then 4 tracked tuning workers (one PostgreSQL study) at once against one MLflow
+    server on PostgreSQL. Every training run ends FINISHED with its metrics, files and logged model; the study's
+    trials are each one child run in their state, under one FINISHED parent (`benchmarks/bench_load.py` measures
+    the rates)."""
+    url, _ = team_server
+    env = worker_env(MLFLOW_TRACKING_URI=url)
+    train = [sys.executable, "-m", "rrm.cli", "train", *tiny_train_args(experiment="load")]
+    trainings = [
+        subprocess.Popen(
+            [*train, "--seed", str(i), "--out-dir", f"load/{i}"], env=env, stderr=subprocess.PIPE, text=True
+        )
+        for i in range(16)
+    ]
+    assert [p.wait(timeout=600) for p in trainings] == [0] * 16, [p.stderr.read()[-500:] for p in trainings]
+    client = MlflowClient(url)
+    runs = client.search_runs([client.get_experiment_by_name("load").experiment_id])
+    assert len(runs) == 16 and {r.info.status for r in runs} == {"FINISHED"}
+    for run in runs:
+        assert {"test_accuracy", "total_flops", "loss"} <= set(run.data.metrics)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"model.pt", "checkpoint.pt", "train_metrics.json"} <= artifacts
+        assert len(run.outputs.model_outputs) == 1
+
+    tune = [sys.executable, "-m", "rrm.cli", "tune", "--teacher", str(digits_teacher.model_path), *SMALL]
+    tune += ["--n-trials", "8", "--storage", postgres.url("optuna"), "--study-name", "load"]
+    tune += ["--experiment", "load-tune", "--best-trials", "1"]
+    workers = [subprocess.Popen(tune, env=env, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    assert [w.wait(timeout=600) for w in workers] == [0] * 4, [w.stderr.read()[-500:] for w in workers]
+    runs = client.search_runs([client.get_experiment_by_name("load-tune").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("rrm.kind") == "study"]
+    trials = [r for r in runs if r.data.tags.get("rrm.kind") == "trial"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    study = optuna.load_study(study_name="load", storage=postgres.url("optuna"))
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in trials) == [t.number for t in study.trials]
+    ended = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+    assert all(r.info.status == ended[r.data.tags["optuna.state"]] for r in trials)
 
 
 def test_dvc_remote_push_then_pull_restores_the_data(tmp_path):

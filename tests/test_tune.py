@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
+import wsgiref.util
 from pathlib import Path
 
 import matplotlib.image
@@ -21,6 +23,7 @@ from mlflow import MlflowClient
 
 from rrm import cli as rrm_cli
 from rrm.errors import RRMError
+from rrm.plots import running_best
 from rrm.tune import TuneConfig, parse_range, storage_label
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +66,20 @@ def _runs(project: Path, experiment: str = "rrm"):
     parents = [r for r in runs if r.data.tags.get("rrm.kind") == "study"]
     children = [r for r in runs if r.data.tags.get("rrm.kind") == "trial"]
     return client, parents, children
+
+
+def _dashboard_get(storage: str, path: str) -> dict:
+    """GET ``path`` from optuna-dashboard's app over ``storage``, in process (the app `optuna-dashboard STORAGE`
+    serves)."""
+    from optuna_dashboard import wsgi
+
+    environ: dict = {}
+    wsgiref.util.setup_testing_defaults(environ)
+    environ.update(PATH_INFO=path, REQUEST_METHOD="GET")
+    status = []
+    body = b"".join(wsgi(storage)(environ, lambda code, headers, exc_info=None: status.append(code)))
+    assert status == ["200 OK"], (status, body[:300])
+    return json.loads(body)
 
 
 def _png(path: Path) -> None:
@@ -114,6 +131,21 @@ def test_small_study_records_every_trial_as_a_child_run_and_writes_the_plots(pro
         assert 0 <= best["test"]["adversarial_accuracy"] <= best["test"]["natural_accuracy"] <= 1
     assert json.loads(parent.data.tags["rrm.best_trials"]) == [int(k.split("_")[1]) for k in results["best"]]
     assert len((out / "trials.csv").read_text().strip().splitlines()) == 4
+    # Named objectives; the parent run holds the tuned lambda of the robust end of the front (not the untuned
+    # default) and each objective's best over the trials.
+    assert study.metric_names == ["val_natural_accuracy", "val_apgd_accuracy"]
+    top = by_number[int(next(iter(results["best"])).split("_")[1])]
+    assert "train.lambda" not in parent.data.params and "train.lam" not in parent.data.params
+    assert float(parent.data.params["best.lambda"]) == pytest.approx(top.params["lambda"])
+    assert parent.data.metrics["best_val_natural_accuracy"] == pytest.approx(max(t.values[0] for t in study.trials))
+    assert parent.data.metrics["best_val_adversarial_accuracy"] == pytest.approx(max(t.values[1] for t in study.trials))
+    assert parent.data.metrics["robust_end_val_natural_accuracy"] == pytest.approx(top.values[0])
+    # optuna-dashboard reads the study from rrm's storage, its objectives by name
+    storage = f"sqlite:///{project}/optuna.db"
+    (listed,) = _dashboard_get(storage, "/api/studies")["study_summaries"]
+    dashboard = _dashboard_get(storage, f"/api/studies/{listed['study_id']}")
+    assert dashboard["name"] == "s" and len(dashboard["trials"]) == 3
+    assert dashboard["objective_names"] == ["val_natural_accuracy", "val_apgd_accuracy"]
 
     # Run again with the same target: nothing to do, nothing new recorded, the parent run reused.
     again = rrm("tune", "--method", "rrm", "--teacher", teacher, *SMALL, "--n-trials", "3", "--study-name", "s")
@@ -411,3 +443,15 @@ def test_workers_that_race_to_create_the_schema_open_the_storage_again(monkeypat
     with pytest.raises(RRMError, match="password authentication failed"):
         storage.open_storage(f"sqlite:///{tmp_path}/o.db")
     assert len(calls) == 1
+
+
+def test_the_history_plot_rings_every_improvement_the_last_trials_included():
+    """The best-so-far line steps after each trial, so an improvement on the last trial would not show: each
+    improvement is also ringed. Infeasible trials do not count."""
+    values = [(0.2, True), (0.5, False), (0.4, True), (0.4, True), (0.7, True)]
+    trials = [{"number": i, "acc": v, "feasible": ok} for i, (v, ok) in enumerate(values)]
+    best, better = running_best(trials, "acc")
+    assert best == [0.2, 0.2, 0.4, 0.4, 0.7]
+    assert better == [(0, 0.2), (2, 0.4), (4, 0.7)]
+    best, better = running_best([{"number": 0, "acc": 0.9, "feasible": False}], "acc")
+    assert math.isnan(best[0]) and better == []

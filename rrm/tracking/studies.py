@@ -71,16 +71,23 @@ def update_run(
     run_id: str,
     *,
     tags: Mapping[str, object] | None = None,
+    params: Mapping[str, object] | None = None,
     metrics: Mapping[str, float] | None = None,
     artifacts: tuple[Path, ...] | list[Path] = (),
     status: str | None = None,
 ) -> None:
-    """Add tags, metrics and artifact files to a finished or running run; ``status`` (FINISHED, FAILED, KILLED)
-    ends it. Used for a study's parent run and for the final state of its trial runs."""
+    """Add tags, params (new keys), metrics and artifact files to a finished or running run; ``status`` (FINISHED,
+    FAILED, KILLED) ends it. Used for a study's parent run and for the final state of its trial runs."""
     with mlflow_errors("updating an MLflow run"):
         client = store_client()
         now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()])
+        logged = client.get_run(run_id).data.params if params else {}
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+            # a param is written once: a second worker ending the same study leaves the first one's values
+            params=[Param(k, one_line(v, 6000)) for k, v in (params or {}).items() if k not in logged],
+        )
         for key, value in (tags or {}).items():
             client.set_tag(run_id, key, one_line(value, 5000))
         for path in artifacts:

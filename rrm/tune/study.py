@@ -33,7 +33,16 @@ from rrm.models import Classifier, Teacher, load_model, load_teacher
 from rrm.train import Callback, TrainConfig, knobs_of, train
 from rrm.tune.config import TuneConfig
 from rrm.tune.storage import abandon_dead_trials, is_finished, open_storage, storage_label, this_worker, trial_counts
-from rrm.tune.summary import TuneResult, parent_metrics, parent_params, parent_tags, summarise, trial_record
+from rrm.tune.summary import (
+    TuneResult,
+    parent_best_params,
+    parent_metrics,
+    parent_params,
+    parent_tags,
+    summarise,
+    trial_line,
+    trial_record,
+)
 
 STARTUP_TRIALS = 5  # random trials before TPE models the results
 
@@ -115,6 +124,11 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
         self._tpe.after_trial(study, trial, state, values)
 
 
+def objective_names(mode: str) -> list[str]:
+    """What each objective of a study is: validation APGD accuracy, with natural accuracy first in pareto mode."""
+    return ["val_natural_accuracy", "val_apgd_accuracy"] if mode == "pareto" else ["val_apgd_accuracy"]
+
+
 def open_study(cfg: TuneConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
     """Create the study or load it to resume; a study made with other settings is refused."""
     directions = ["maximize", "maximize"] if cfg.mode == "pareto" else ["maximize"]
@@ -153,6 +167,11 @@ def open_study(cfg: TuneConfig, storage: optuna.storages.BaseStorage) -> optuna.
             f"study {cfg.name!r} in {storage_label(cfg.storage)} was made with other settings "
             f"({', '.join(changed)}); use the same settings to resume it, or another --study-name"
         )
+    names = objective_names(cfg.mode)
+    if study.metric_names != names:  # Optuna's plots and optuna-dashboard label the objectives with them
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)
     return study
 
 
@@ -200,10 +219,6 @@ def scores_on_test_split(study: optuna.Study, trial: FrozenTrial, cfg: TuneConfi
     }
     study.set_user_attr(key, scores)
     return scores
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _objective(
@@ -346,7 +361,7 @@ def tune(
             study.optimize(objective, n_trials=1, catch=(RRMError,), gc_after_trial=False)
             if len(ran) > before:
                 trial = study.get_trials(deepcopy=False)[ran[-1]]
-                log(_trial_line(trial, cfg, finished + is_finished(trial)))
+                log(trial_line(trial, cfg, finished + is_finished(trial)))
         if finished < cfg.n_trials:
             log(f"the study has {finished} of {cfg.n_trials} finished trials; {running} are running in other workers")
         best = [{**trial_record(t), "test": scores_on_test_split(study, t, cfg, data)} for t in best_trials(study, cfg)]
@@ -362,24 +377,9 @@ def tune(
         tracking.update_run(
             parent,
             tags=parent_tags(result),
-            metrics=parent_metrics(result),
+            params=parent_best_params(result) if finished >= cfg.n_trials else None,  # final values only
+            metrics=parent_metrics(result, cfg.mode),
             artifacts=list(result.files.values()),
             status="FINISHED" if finished >= cfg.n_trials else None,
         )
     return result
-
-
-def _trial_line(trial: FrozenTrial, cfg: TuneConfig, finished: int) -> str:
-    params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
-    attrs = trial.user_attrs
-    scores = ""
-    if attrs.get("val_natural_accuracy") is not None:
-        scores += f" natural {attrs['val_natural_accuracy']:.4f}"
-    if attrs.get("val_adversarial_accuracy") is not None:
-        scores += f" adversarial {attrs['val_adversarial_accuracy']:.4f}"
-    if attrs.get("rrm.error"):
-        scores += f" ({attrs['rrm.error'][:120]})"
-    return (
-        f"trial {trial.number} {trial.state.name.lower()}: {params}{scores} "
-        f"[{attrs.get('seconds', 0):.1f} s; {finished}/{cfg.n_trials} finished]"
-    )

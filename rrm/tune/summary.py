@@ -16,7 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from rrm.io import write_json
 from rrm.secrets import mask_url
-from rrm.train import knobs_of
+from rrm.train import TrainConfig, knobs_of
 from rrm.tune.config import TuneConfig
 from rrm.tune.storage import is_finished
 
@@ -51,6 +51,27 @@ def trial_record(trial: FrozenTrial) -> dict:
         "mlflow_run_id": attrs.get("mlflow_run_id"),
         "model_path": attrs.get("model_path"),
     }
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def trial_line(trial: FrozenTrial, cfg: TuneConfig, finished: int) -> str:
+    """The line a worker prints when a trial ends: its values, scores and how far the study is."""
+    params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
+    attrs = trial.user_attrs
+    scores = ""
+    if attrs.get("val_natural_accuracy") is not None:
+        scores += f" natural {attrs['val_natural_accuracy']:.4f}"
+    if attrs.get("val_adversarial_accuracy") is not None:
+        scores += f" adversarial {attrs['val_adversarial_accuracy']:.4f}"
+    if attrs.get("rrm.error"):
+        scores += f" ({attrs['rrm.error'][:120]})"
+    return (
+        f"trial {trial.number} {trial.state.name.lower()}: {params}{scores} "
+        f"[{attrs.get('seconds', 0):.1f} s; {finished}/{cfg.n_trials} finished]"
+    )
 
 
 def summarise(
@@ -155,8 +176,16 @@ def parent_params(cfg: TuneConfig) -> dict:
     """The study's settings as the parent run's params (``train.*`` for the fixed training options)."""
     settings = cfg.settings()
     params = {k: _logged(v) for k, v in settings.items() if k != "train"}
-    params.update({f"train.{k}": _logged(v) for k, v in settings["train"].items()})
+    # a tuned option's default never ran: its range is in `ranges`, the best trial's value in best.<name>
+    tuned = {*cfg.tuned, *(TrainConfig.ALIASES.get(k, k) for k in cfg.tuned)}  # lambda is TrainConfig's lam
+    params.update({f"train.{k}": _logged(v) for k, v in settings["train"].items() if k not in tuned})
     return params
+
+
+def parent_best_params(result: TuneResult) -> dict:
+    """The tuned values of the best trial (the most robust, in pareto mode), as ``best.<name>`` params; none when no
+    trial completed (or, in constrained mode, none was feasible)."""
+    return {f"best.{k}": _logged(v) for k, v in result.best[0]["params"].items()} if result.best else {}
 
 
 def parent_tags(result: TuneResult) -> dict:
@@ -171,17 +200,21 @@ def parent_tags(result: TuneResult) -> dict:
     }
 
 
-def parent_metrics(result: TuneResult) -> dict:
+def parent_metrics(result: TuneResult, mode: str) -> dict:
     metrics = {
         f"trials_{state}": sum(t["state"] == state.upper() for t in result.trials)
         for state in ("complete", "pruned", "fail")
     }
     metrics["trials_finished"] = result.finished
     if result.best:
-        top = result.best[0]
+        top = result.best[0]  # the most robust feasible trial, or the robust end of the Pareto front
         metrics.update(
             best_val_natural_accuracy=top["natural_accuracy"], best_val_adversarial_accuracy=top["adversarial_accuracy"]
         )
+        if mode == "pareto":  # no one trial is best: each objective's best over the front, besides the robust end
+            complete = [t for t in result.trials if t["state"] == "COMPLETE"]
+            metrics["best_val_natural_accuracy"] = max(t["natural_accuracy"] for t in complete)
+            metrics["robust_end_val_natural_accuracy"] = top["natural_accuracy"]
         if top["test"]:
             metrics.update(
                 best_test_natural_accuracy=top["test"]["natural_accuracy"],
