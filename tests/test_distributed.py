@@ -122,7 +122,7 @@ def test_two_processes_follow_the_single_process_trajectory_and_write_one_run(
     experiment = client.get_experiment_by_name("ddp")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
-    assert run.data.params["batch_size"] == "256" and run.data.metrics["processes"] == 2
+    assert run.data.params["batch_size"] == "256" and run.data.tags["rrm.processes"] == "2"
     losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
     assert losses == pytest.approx([h["loss"] for h in single_natural.history], rel=LOSS_TOLERANCE)
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]

@@ -36,6 +36,8 @@ from rrm.train.trainer import CHECKPOINT
 __all__ = ["RUN_FILE", "MlflowCallback"]
 
 RUN_FILE = "mlflow_run.json"  # beside the checkpoint: the run a --resume continues
+# counts that say how a training ran, not what it reached: tags (rrm.passes, ...), not metrics beside the accuracies
+BOOKKEEPING = ("passes", "replays", "processes", "paper_epochs")
 
 
 def _device(model: Classifier | str) -> str:
@@ -262,7 +264,9 @@ class MlflowCallback(Callback):
 
     def _log_epoch(self, epoch: int, metrics: dict) -> None:
         with mlflow_errors("logging epoch metrics to MLflow"):
-            mlflow.log_metrics({k: v for k, v in numbers(metrics).items() if k != "epoch"}, step=epoch)
+            mlflow.log_metrics(
+                {k: v for k, v in numbers(metrics).items() if k != "epoch" and k not in BOOKKEEPING}, step=epoch
+            )
         self._logged_epochs.add(epoch)
 
     def _store_lost(self, when: str, exc: StoreUnreachable) -> None:
@@ -303,8 +307,9 @@ class MlflowCallback(Callback):
                     self._model_params,
                 )
             epoch_keys = set(result.history[-1])
+            summary = numbers(result.summary)
             mlflow.log_metrics(
-                {k: v for k, v in numbers(result.summary).items() if k not in epoch_keys},
+                {k: v for k, v in summary.items() if k not in epoch_keys and k not in BOOKKEEPING},
                 run_id=self.run_id,  # read afresh: the active run's cached record lacks the new output
                 model_id=model_id,
                 dataset=metric_dataset(*self._dataset) if model_id and self._dataset else None,
@@ -315,6 +320,7 @@ class MlflowCallback(Callback):
                     "rrm.schedule": result.summary["schedule"],
                     "rrm.device": result.summary["device"],
                     "rrm.model_path": str(result.model_path),
+                    **{f"rrm.{k}": f"{summary[k]:g}" for k in BOOKKEEPING if k in summary},
                 }
             )
             if self.log_model:  # the sha256 tag says "this run logged that model file" (the registry looks it up)
