@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from rrm.data import batches
+from rrm.progress import Bar
 
 # attack(x, y, seed) -> adversarial images of the batch (x, y), on x's device; batch i gets seed + i.
 Attack = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -44,7 +44,7 @@ def accuracy(
     device = device_of(model)
     correct = torch.zeros((), dtype=torch.long, device=device)  # summed on the device: no host sync per batch
     stream = batches(x, y, batch_size, device=device)
-    bar = tqdm(
+    bar = Bar(
         stream,
         total=math.ceil(len(y) / batch_size),
         desc=desc,

@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from rrm.data import ImageData, as_tensor, save_dataset, to_float
 from rrm.errors import RRMError
 from rrm.io import atomic_path, check_writable
 from rrm.models import Classifier
+from rrm.progress import Bar
 from rrm.train.flops import FlopCounter
 
 
@@ -125,7 +125,7 @@ def robustify(
     partners = _partners(n, seed)
     flops_per_image = None
     last_save = time.monotonic()
-    bar = tqdm(total=n, initial=done, desc="robustify", unit="img", disable=None if progress is None else not progress)
+    bar = Bar(total=n, initial=done, desc="robustify", unit="img", disable=None if progress is None else not progress)
     for start in range(done, n, batch_size):
         idx = torch.arange(start, min(start + batch_size, n))
         target = to_float(as_tensor(data.train_x[idx])).to(device)

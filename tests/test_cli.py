@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from rrm import cli as rrm_cli
+from rrm import progress
 from rrm.data import read_dataset
 from rrm.models import load_model
 
@@ -82,6 +83,20 @@ def test_a_bare_train_prints_its_usage_and_trains_nothing(tmp_path, monkeypatch)
     result = rrm("train")
     assert result.exit_code == 2 and "Usage: " in result.output and "Example" in result.output, result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_with_progress_off_long_work_still_prints_a_line_a_minute(tmp_path, monkeypatch):
+    """`--no-progress` (a DVC stage with `progress: false`) hides the bar, but a long training still says where it
+    is, a plain line each HEARTBEAT_SECONDS (here shrunk so a one-epoch run spans several); work shorter than that
+    prints nothing more."""
+    monkeypatch.chdir(tmp_path)
+    quiet = rrm("train", *tiny_train_args(track=False), "--out-dir", "quiet")
+    assert quiet.exit_code == 0 and "natural 1/1:" not in quiet.stderr, quiet.stderr
+    monkeypatch.setattr(progress, "HEARTBEAT_SECONDS", 0.02)
+    result = rrm("train", *tiny_train_args(track=False, epochs=2), "--out-dir", "long")
+    assert result.exit_code == 0, result.output
+    lines = re.findall(r"^natural [12]/2: +\d+% \d+/\d+ \[.*\]$", result.stderr, re.M)  # epoch, steps, times
+    assert len(lines) >= 2 and "\r" not in result.stderr, result.stderr
 
 
 def test_command_list():

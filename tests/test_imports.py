@@ -25,7 +25,17 @@ PACKAGE = Path(rrm.__file__).parent
 MAX_LINES = 400
 
 # layer: (the modules it holds, by name or package prefix; the layers below it that it may import)
-GROUND = ("rrm", "rrm.errors", "rrm.config", "rrm.io", "rrm.secrets", "rrm.stats", "rrm.params", "rrm.plots")
+GROUND = (
+    "rrm",
+    "rrm.errors",
+    "rrm.config",
+    "rrm.io",
+    "rrm.secrets",
+    "rrm.stats",
+    "rrm.params",
+    "rrm.plots",
+    "rrm.progress",
+)
 LAYERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "ground": (GROUND, ()),
     "data": (("rrm.data",), ("ground",)),

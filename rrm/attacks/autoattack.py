@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from rrm.attacks.pgd import check_threat
 from rrm.errors import RRMError, require, unknown
 from rrm.io import write_json
+from rrm.progress import Bar
 
 # rrm's norm names -> the package's.
 NORM_NAMES = {"linf": "Linf", "l2": "L2"}
@@ -253,7 +253,7 @@ class AutoAttack:
                     }
                 plan = torch.tensor(state["current"]["indices"], dtype=torch.long, device=device)
                 batches = plan.split(self.batch_size)
-                bar = tqdm(
+                bar = Bar(
                     batches[state["current"]["batches_done"] :],
                     desc=f"autoattack: {component}",
                     leave=False,

@@ -15,7 +15,7 @@ import torch
 from sklearn.model_selection import train_test_split
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-from tqdm import tqdm
+from rrm.progress import Bar
 
 from rrm.data.core import AUGMENTATIONS, ImageData
 from rrm.data.decode import decode_image
@@ -278,6 +278,6 @@ def _shuffled(samples: Samples, seed: int) -> Samples:
 def _load_images(samples: Samples, image_size: int, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode every image into one preallocated uint8 tensor, so peak memory is the dataset and not twice it."""
     x = torch.empty((len(samples), 3, image_size, image_size), dtype=torch.uint8)
-    for i, (path, _) in enumerate(tqdm(samples, desc=desc, unit="img", disable=None, leave=False)):
+    for i, (path, _) in enumerate(Bar(samples, desc=desc, unit="img", disable=None, leave=False)):
         x[i] = decode_image(path, image_size)
     return x, torch.tensor([label for _, label in samples], dtype=torch.int64)

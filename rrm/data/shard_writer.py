@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.numpy import save
-from tqdm.auto import tqdm
+from rrm.progress import Bar
 
 from rrm.data.core import ImageData
 from rrm.data.shards import MANIFEST, SHARD_NAME, SHARDS_FORMAT, SPLITS, assemble, open_shard, shard_name
@@ -220,7 +220,7 @@ def _run_tasks(
         else:
             digests[task.path] = done
     total = sum(len(t.labels) for t in tasks)
-    bar = tqdm(
+    bar = Bar(
         total=total,
         initial=total - sum(len(t.labels) for t in todo),
         unit="img",

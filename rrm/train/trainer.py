@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from rrm.config import resolve_device
 from rrm.data import ImageData, batches, load_dataset
@@ -24,6 +23,7 @@ from rrm.errors import RRMError
 from rrm.io import check_writable, write_json
 from rrm.metrics import accuracy
 from rrm.models import Classifier, Teacher, save_model
+from rrm.progress import Bar
 from rrm.train import distributed
 from rrm.train.basics import (  # noqa: F401  (re-exported: the trainer's public names)
     CHECKPOINT,
@@ -122,14 +122,20 @@ def _train(
     show = ctx.is_main and progress_shown(cfg.progress)
     steps_per_epoch = math.ceil(len(run.train_y) / cfg.batch_size)
     # one bar over every step of the run, so that its ETA is the whole run's; a line is left after each epoch
-    bar = tqdm(total=run.passes * steps_per_epoch, initial=start * steps_per_epoch, disable=not show, leave=False)
+    bar = Bar(  # hidden (progress off, or not a terminal): a line a minute from the main process
+        total=run.passes * steps_per_epoch,
+        initial=start * steps_per_epoch,
+        disable=not show,
+        heartbeat=ctx.is_main,
+        leave=False,
+    )
     for epoch in range(start, run.passes):
         metrics = run.epoch(epoch, bar, show)
         if ctx.is_main:
             run.save_checkpoint(output.path / CHECKPOINT, epoch + 1)
             output.wrote(CHECKPOINT, epoch + 1)
         if show:
-            tqdm.write(epoch_line(metrics, run.passes), file=sys.stderr)
+            Bar.write(epoch_line(metrics, run.passes), file=sys.stderr)
         for cb in callbacks:
             cb.on_epoch_end(epoch + 1, metrics)
         if metrics.get("early_stopped"):
@@ -228,7 +234,7 @@ class _Run:
         self.scaler.update()
         self.scheduler.step()
 
-    def epoch(self, epoch: int, bar: tqdm, show: bool) -> dict:
+    def epoch(self, epoch: int, bar: Bar, show: bool) -> dict:
         """One pass over the training data (0-based ``epoch``), then the epoch's measurements; returns its metrics,
         appended to ``history``."""
         cfg, ctx, device, model, method = self.cfg, self.ctx, self.device, self.model, self.method
