@@ -101,10 +101,11 @@ def mlflow_server(backend_store_uri: str, root: Path, timeout: float = 180) -> I
 
 @contextlib.contextmanager
 def mlflow_server_process(
-    backend_store_uri: str, root: Path, timeout: float = 180
+    backend_store_uri: str, root: Path, timeout: float = 180, port: int | None = None
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """:func:`mlflow_server`, yielding its process too (a test may kill it early: ``os.killpg(proc.pid, ...)``)."""
-    port = free_port()
+    """:func:`mlflow_server`, yielding its process too (a test may kill it early: ``os.killpg(proc.pid, ...)``);
+    on ``port`` (a server started again where it was), else a free one."""
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     with open(root / "server.log", "w") as log:
         proc = subprocess.Popen(

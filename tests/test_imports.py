@@ -242,7 +242,18 @@ def test_the_trainer_refuses_a_registry_uri_with_the_fix(uri):
 
 
 # What evaluation and the attacks build on: they run without the trainer, tracking, tuning, the jobs and the CLI.
-EVALUATION_BUILDS_ON = ("errors", "config", "io", "stats", "data", "models", "metrics", "attacks", "evaluation")
+EVALUATION_BUILDS_ON = (
+    "errors",
+    "config",
+    "io",
+    "progress",
+    "stats",
+    "data",
+    "models",
+    "metrics",
+    "attacks",
+    "evaluation",
+)
 
 
 @pytest.mark.parametrize("package", ["evaluation", "attacks"])

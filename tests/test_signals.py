@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,6 +42,7 @@ LONG = [
     "--no-progress",
 ]
 QUICK = tiny_train_args()
+HEARTBEAT = re.compile(r"^\S+ \d+/\d+: +\d+% \d+/\d+ \[")  # a long run's line a minute, its bar hidden
 
 
 @pytest.fixture(autouse=True)
@@ -223,7 +226,7 @@ def test_a_tracking_server_lost_mid_training_does_not_stop_it(project, tmp_path_
     out = project / "out"
     assert {"model.pt", "checkpoint.pt", "train_metrics.json"} <= {p.name for p in out.iterdir()}
     assert "wrote out/model.pt" in stdout and "MLflow run" not in stdout
-    warnings = stderr.strip().splitlines()
+    warnings = [line for line in stderr.strip().splitlines() if not HEARTBEAT.match(line)]
     assert len(warnings) == 2 and all(w.startswith("Warning: ") for w in warnings), stderr
     assert "stopped answering" in warnings[0] and "training goes on" in warnings[0]
     run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
@@ -235,6 +238,38 @@ def test_a_tracking_server_lost_mid_training_does_not_stop_it(project, tmp_path_
     assert server_store.get_run(run_id).info.status == "RUNNING"
     assert [r for r, _ in clean_stale_runs(client=server_store).marked] == [run_id]
     assert server_store.get_run(run_id).info.status == "FAILED"
+
+
+def test_a_tracking_server_back_before_the_end_gets_the_whole_run(project, tmp_path_factory, migrated_mlflow_db):
+    """The server dies after the first epoch and is started again at once, on the same address, while the training
+    goes on: one warning, and at the end the run is FINISHED in the store with every epoch's metrics, those of the
+    epochs trained while it was away included."""
+    root = tmp_path_factory.mktemp("server")
+    copy_store(migrated_mlflow_db, root / "server.db")
+    with mlflow_server_process(f"sqlite:///{root}/server.db", root) as (url, server):
+        proc = start_training(project, "out", "--epochs", "25", MLFLOW_TRACKING_URI=url)
+        wait_for_logged_epoch(proc, root / "server.db")
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not any("stopped answering" in line for line in lines):  # the training has seen it gone
+        assert proc.poll() is None and time.monotonic() < deadline, lines
+        time.sleep(0.05)
+    with mlflow_server_process(f"sqlite:///{root}/server.db", root, port=int(url.rsplit(":", 1)[1])):
+        assert proc.wait(timeout=600) == 0, lines
+        reader.join(timeout=10)
+    stdout = proc.stdout.read()
+    warnings = [line for line in lines if not HEARTBEAT.match(line)]
+    assert len(warnings) == 1 and "stopped answering" in warnings[0], lines  # said once, not "left unfinished"
+    run_id = json.loads((project / "out" / "mlflow_run.json").read_text())["run_id"]
+    assert f"MLflow run {run_id}" in stdout
+    client = MlflowClient(f"sqlite:///{root}/server.db")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.outputs.model_outputs
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, 26))
 
 
 @pytest.mark.parametrize(
