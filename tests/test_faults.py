@@ -6,6 +6,7 @@ CAP_SYS_ADMIN), and where it is refused the tests skip and say so.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import torch
 from _helpers import tiny_train_args
 from click.testing import CliRunner
+from mlflow import MlflowClient
 from test_shards import _tree as image_tree
 
 from rrm import cli as rrm_cli
@@ -24,7 +26,7 @@ DISK_BYTES = 4 << 20
 
 @pytest.fixture
 def small_disk(cli_project: Path):
-    """A real, nearly full file system: ``fill(free_bytes)`` leaves that much space, ``free()`` empties it again."""
+    """A real, nearly full file system: ``fill(free_bytes)`` leaves that much space, ``free()`` removes the filler."""
     mount = cli_project / "disk"
     mount.mkdir()
     done = subprocess.run(
@@ -39,7 +41,9 @@ def small_disk(cli_project: Path):
 
         @staticmethod
         def fill(free_bytes: int) -> None:
-            filler.write_bytes(b"\0" * (DISK_BYTES - free_bytes))
+            """Leave ``free_bytes`` free, whatever the disk holds already."""
+            st = os.statvfs(mount)
+            filler.write_bytes(b"\0" * (st.f_bavail * st.f_frsize - free_bytes))
 
         @staticmethod
         def free() -> None:
@@ -127,3 +131,29 @@ def test_a_full_disk_under_every_writer_is_one_line_and_a_rerun_finishes(
     again = rrm(*_write(kind, tmp_path, out))
     assert again.exit_code == 0, again.output
     assert out.exists()
+
+
+@pytest.mark.usefixtures("mlflow_store")
+def test_a_full_disk_under_the_artifact_store_while_registering_leaves_the_registry_as_it_was(small_disk):
+    """The experiment's artifacts live on the small disk. A teacher trained and evaluated with space free, then
+    registered with the disk full: one line naming the file and the full disk, no registered model nor version left,
+    and once space is free the same command registers it."""
+    client = MlflowClient()
+    client.create_experiment("rrm", artifact_location=str(small_disk.path / "artifacts"))
+    trained = rrm("train", *tiny_train_args(method="sat", eps=0.1), "--out-dir", "teacher")
+    assert trained.exit_code == 0, trained.output
+    evaluated = rrm(
+        "evaluate", "teacher/model.pt", "--dataset", "digits", "--eps", "0.1", "--attacks", "apgd", "--n-examples", 20,
+        "--no-sanity", "--no-track", "--out", "teacher.json",
+    )  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    register = ["teacher", "register", "teacher/model.pt", "--evaluation", "teacher.json", "--force"]
+    register += ["--min-examples", 20]
+    small_disk.fill(100 << 10)  # the pt2 export registering adds is about as large as the model file (430 KiB)
+    line = one_error_line(rrm(*register))
+    assert "no space left on the device" in line and str(small_disk.path) in line, line
+    assert client.search_registered_models() == []
+    small_disk.free()
+    done = rrm(*register)
+    assert done.exit_code == 0, done.output
+    assert [int(v.version) for v in client.search_model_versions("name = 'rrm-teacher'")] == [1]

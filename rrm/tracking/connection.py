@@ -7,6 +7,7 @@ Store: ``MLFLOW_TRACKING_URI`` when set, else a SQLite file in the current direc
 from __future__ import annotations
 
 import contextlib
+import errno
 import sys
 from collections.abc import Iterator
 
@@ -145,6 +146,11 @@ def mlflow_errors(action: str) -> Iterator[None]:
             raise StoreUnreachable(
                 f"{action}: cannot reach the MLflow tracking server at {uri}; start it "
                 "(`mlflow server`) or point MLFLOW_TRACKING_URI at a running one"
+            ) from None
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # a local artifact store on a full disk
+            raise RRMError(
+                f"{action}: cannot write {exc.filename2 or exc.filename!r}: no space left on the device; free some "
+                "space there, then run it again"
             ) from None
         code = getattr(exc, "error_code", "")
         if code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
