@@ -42,3 +42,6 @@ class Bar(tqdm):
             kw.update(file=_Lines(), mininterval=every, maxinterval=every, delay=every, ncols=0)
             disable = False
         super().__init__(*args, disable=disable, **kw)
+        if hidden and heartbeat:  # a plain line, not a bar among bars: it takes no screen position from later bars
+            with self.get_lock():
+                self._instances.discard(self)

@@ -138,7 +138,7 @@ def test_a_full_disk_under_the_artifact_store_while_registering_leaves_the_regis
     """The experiment's artifacts live on the small disk. A teacher trained and evaluated with space free, then
     registered with the disk full: one line naming the file and the full disk, no registered model nor version left,
     and once space is free the same command registers it."""
-    client = MlflowClient()
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])  # the project's store, whatever an earlier test set
     client.create_experiment("rrm", artifact_location=str(small_disk.path / "artifacts"))
     trained = rrm("train", *tiny_train_args(method="sat", eps=0.1), "--out-dir", "teacher")
     assert trained.exit_code == 0, trained.output
