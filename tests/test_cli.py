@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import torch
 from _helpers import tiny_train_args
 from click.testing import CliRunner
 from mlflow import MlflowClient
+from tqdm import tqdm
 
 from rrm import cli as rrm_cli
 from rrm import progress
@@ -97,6 +99,19 @@ def test_with_progress_off_long_work_still_prints_a_line_a_minute(tmp_path, monk
     assert result.exit_code == 0, result.output
     lines = re.findall(r"^natural [12]/2: +\d+% \d+/\d+ \[.*\]$", result.stderr, re.M)  # epoch, steps, times
     assert len(lines) >= 2 and "\r" not in result.stderr, result.stderr
+
+
+def test_a_hidden_progress_line_left_open_takes_no_screen_position():
+    """A line-a-minute bar that an error left open must not push a later terminal bar to a nested position, where
+    tqdm's cursor moves put the epoch lines off their line starts."""
+    left_open = progress.Bar(total=10, disable=True)
+    left_open.update(1)
+    later = tqdm(total=3, file=io.StringIO())
+    try:
+        assert later.pos == 0
+    finally:
+        later.close()
+        left_open.close()
 
 
 def test_command_list():
