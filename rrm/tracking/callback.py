@@ -40,6 +40,11 @@ RUN_FILE = "mlflow_run.json"  # beside the checkpoint: the run a --resume contin
 BOOKKEEPING = ("passes", "replays", "processes", "paper_epochs")
 
 
+def _epoch_metrics(row: Mapping) -> dict[str, float]:
+    """What an epoch logs: its numbers, less the step itself and the bookkeeping."""
+    return {k: v for k, v in numbers(row).items() if k != "epoch" and k not in BOOKKEEPING}
+
+
 def _device(model: Classifier | str) -> str:
     """The model's device; a worker process (:mod:`rrm.tracking.worker`) is sent the device alone."""
     return model if isinstance(model, str) else str(next(model.parameters()).device)
@@ -143,7 +148,7 @@ class MlflowCallback(Callback):
                 "train(cfg, callbacks=[tracker])`"
             )
         self._out_dir = Path(cfg.out_dir)
-        self._dataset = (data.name, data.digest[:36])  # the input _dataset_input logs, to link metrics to
+        self._dataset = (data.name, data.digest)  # the input _dataset_input logs, to link metrics to
         self._model_params = {k: str(getattr(cfg, k)) for k in MODEL_PARAMS if getattr(cfg, k, None) is not None}
         with mlflow_errors("starting the MLflow run"):
             client = check_store("starting the MLflow run")
@@ -264,9 +269,7 @@ class MlflowCallback(Callback):
 
     def _log_epoch(self, epoch: int, metrics: dict) -> None:
         with mlflow_errors("logging epoch metrics to MLflow"):
-            mlflow.log_metrics(
-                {k: v for k, v in numbers(metrics).items() if k != "epoch" and k not in BOOKKEEPING}, step=epoch
-            )
+            mlflow.log_metrics(_epoch_metrics(metrics), step=epoch)
         self._logged_epochs.add(epoch)
 
     def _store_lost(self, when: str, exc: StoreUnreachable) -> None:
@@ -304,6 +307,7 @@ class MlflowCallback(Callback):
                     run.info.experiment_id,
                     Path(result.model_path),
                     result.history[-1]["epoch"],
+                    list(_epoch_metrics(result.history[-1])),
                     self._model_params,
                 )
             epoch_keys = set(result.history[-1])

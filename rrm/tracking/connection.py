@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from rrm.errors import RRMError, missing_driver
+from rrm.io import output_error
 from rrm.secrets import mask_url
 from rrm.tracking.environment import configure
 from rrm.tracking.uri import check_sqlite_directory, tracking_label, tracking_uri
@@ -147,11 +148,9 @@ def mlflow_errors(action: str) -> Iterator[None]:
                 f"{action}: cannot reach the MLflow tracking server at {uri}; start it "
                 "(`mlflow server`) or point MLFLOW_TRACKING_URI at a running one"
             ) from None
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # a local artifact store on a full disk
-            raise RRMError(
-                f"{action}: cannot write {exc.filename2 or exc.filename!r}: no space left on the device; free some "
-                "space there, then run it again"
-            ) from None
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            # a local artifact store on a full disk: the line every rrm output gives
+            raise RRMError(f"{action}: {output_error(exc.filename2 or exc.filename, exc)}") from None
         code = getattr(exc, "error_code", "")
         if code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
             raise RRMError(

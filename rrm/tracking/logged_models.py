@@ -81,11 +81,17 @@ def log_model(model_path: Path, run_id: str | None = None) -> str:
 
 
 def log_run_model(
-    client: MlflowClient, run_id: str, experiment_id: str, model_path: Path, step: int, params: Mapping[str, str]
+    client: MlflowClient,
+    run_id: str,
+    experiment_id: str,
+    model_path: Path,
+    step: int,
+    keys: list[str],
+    params: Mapping[str, str],
 ) -> str:
     """Log a training run's rrm model file as its MLflow logged model ``model`` (READY, an output of the run at
-    ``step``, so the run's metrics at that step are linked to it); returns the model id. Nothing is exported: the
-    ``MLmodel`` only names the rrm file, which :func:`rrm.tracking.pull` reads."""
+    ``step``, with the run's metrics ``keys`` at that step linked to it); returns the model id. Nothing is exported:
+    the ``MLmodel`` only names the rrm file, which :func:`rrm.tracking.pull` reads."""
     logged = client.create_logged_model(
         experiment_id, name=LOGGED_MODEL_NAME, source_run_id=run_id, params=dict(params), model_type="rrm"
     )
@@ -97,7 +103,7 @@ def log_run_model(
             client.log_model_artifact(logged.model_id, str(Path(tmp) / "MLmodel"))
         client.log_model_artifact(logged.model_id, str(model_path))
         client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step)])
-        _link_step(client, run_id, logged.model_id, step)
+        _link_step(client, run_id, logged.model_id, step, keys)
         client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
     except BaseException:
         with contextlib.suppress(Exception):
@@ -106,9 +112,9 @@ def log_run_model(
     return logged.model_id
 
 
-def _link_step(client: MlflowClient, run_id: str, model_id: str, step: int) -> None:
-    """Link the run's metrics at ``step`` (its last epoch) to the model, as ``mlflow.<flavour>.log_model`` does: each
-    point again, with the model's id."""
+def _link_step(client: MlflowClient, run_id: str, model_id: str, step: int, keys: list[str]) -> None:
+    """Link the run's metrics ``keys`` at ``step`` (its last epoch) to the model, as ``mlflow.<flavour>.log_model``
+    does for every metric of the run: each point again, with the model's id."""
     points = [
         Metric(
             m.key,
@@ -120,7 +126,7 @@ def _link_step(client: MlflowClient, run_id: str, model_id: str, step: int) -> N
             dataset_digest=m.dataset_digest,
             run_id=run_id,
         )
-        for key in client.get_run(run_id).data.metrics
+        for key in keys
         for m in client.get_metric_history(run_id, key)
         if m.step == step and m.model_id is None
     ]

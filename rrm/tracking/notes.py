@@ -11,7 +11,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from rrm.evaluation import EvalResult
-from rrm.train import METHODS
+from rrm.train import may_teach
 
 __all__ = ["NOTE_TAG", "flops", "percent", "run_note", "write_note"]
 
@@ -34,9 +34,8 @@ def flops(value: float) -> str:
 def _training(run: Run) -> str:
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     method = params.get("method", "?")
-    adversarial = method in METHODS and METHODS[method].adversarial
     what = f"{method} `{params.get('model', '?')}` on {tags.get('rrm.dataset', '?')}"
-    if adversarial and params.get("eps"):
+    if may_teach(method) and params.get("eps"):  # trained adversarially: at its threat model
         what += f" at {params.get('norm', 'linf').capitalize()} eps {float(params['eps']):g}"
     if tags.get("rrm.teacher_uri"):
         version = tags.get("rrm.teacher_version")
