@@ -1,6 +1,7 @@
 """Shared fixtures: small models trained through the real trainer, once per test session."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,17 @@ def one_torch_thread_for_the_session():
     training took 8-12 s on one thread and 70-90 s on two with the two cores shared with other work."""
     with one_torch_thread():
         yield
+
+
+@pytest.fixture(autouse=True)
+def no_tracking_uri_left_behind():
+    """Each test starts from the environment's store: rrm sets MLflow's process-wide tracking URI (so fluent calls
+    write where its client does), and a test after one that used a server, now stopped, would otherwise reach for
+    that server (MLflow reads its global before MLFLOW_TRACKING_URI)."""
+    yield
+    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    if utils is not None:
+        utils._tracking_uri = None
 
 
 @pytest.fixture(scope="session")
