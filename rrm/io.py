@@ -164,6 +164,13 @@ def write_json(path: str | os.PathLike, data: object) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def headline_path(path: str | os.PathLike) -> Path:
+    """Where a record's headline numbers go, beside it: ``x.json`` -> ``x.headline.json``. The pipelines declare the
+    headline files as DVC metrics, so ``dvc metrics show`` lists a few numbers a stage, not every setting."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.headline.json")
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

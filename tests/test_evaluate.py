@@ -282,6 +282,29 @@ def test_the_headline_is_the_lowest_accuracy_on_the_most_images():
     assert EvalResult(0.9, {"pgd": 0.6, "apgd": 0.5}).headline_attack == "apgd"  # no counts: every attack counts
 
 
+def test_the_headline_file_holds_each_accuracy_with_its_images_and_the_checks():
+    """What `dvc metrics show` lists: numbers and the checks' verdict, each accuracy beside the images it ran on."""
+    result = EvalResult(
+        0.97,
+        {"apgd": 0.83, "autoattack": 0.70},
+        n_examples=500,
+        n_test=1000,
+        autoattack={"n_examples": 20},
+        sanity_passed=True,
+        sanity={"enabled": True},
+        seconds={"apgd": 12.0},
+        art_version="1.0",
+    )
+    assert result.headline() == {
+        "natural": {"accuracy": 0.97, "images": 1000},
+        "apgd": {"accuracy": 0.83, "images": 500},
+        "autoattack": {"accuracy": 0.70, "images": 20},
+        "checks_passed": True,
+    }
+    assert dataclasses.replace(result, sanity_passed=False).headline()["checks_passed"] is False
+    assert EvalResult(0.9, {"apgd": 0.5}).headline() == {"natural": {"accuracy": 0.9}, "apgd": {"accuracy": 0.5}}
+
+
 def test_older_and_partial_metrics_files_read(tmp_path):
     old = {
         "natural_accuracy": 0.9,

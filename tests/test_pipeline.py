@@ -683,7 +683,24 @@ def test_the_pipeline_goes_through_the_registry(tmp_path: Path, migrated_mlflow_
     files = set(workspace["data"])
     declared = _declared_metrics(work)
     assert files and files <= declared, sorted(files - declared)
-    assert {"runs/teacher/train_metrics.json", "runs/students/kd/train_metrics.json"} <= files
+    assert {"runs/teacher/train_metrics.headline.json", "runs/students/kd/train_metrics.headline.json"} <= files
+    # Headline numbers only: accuracies with their image counts, FLOPs, the checks; no settings, versions or times
+    teacher = workspace["data"]["metrics/teacher.headline.json"]["data"]
+    assert teacher["natural"]["images"] > 0 and teacher["apgd"]["images"] > teacher["autoattack"]["images"] > 0
+    assert teacher["checks_passed"] is True
+    assert set(workspace["data"]["runs/students/kd/train_metrics.headline.json"]["data"]) == {
+        "test_accuracy",
+        "train_loss",
+        "epochs",
+        "total_flops",
+    }
+    written = [entry["data"] for entry in workspace["data"].values() if "data" in entry]  # stages not run: "error"
+    leaves = [v for data in written for v in _leaves(data)]
+    assert leaves and all(isinstance(v, int | float) for v in leaves), [v for v in leaves if isinstance(v, str)]
+
+
+def _leaves(tree: dict) -> list:
+    return [x for v in tree.values() for x in (_leaves(v) if isinstance(v, dict) else [v])]
 
 
 def _declared_metrics(work: Path) -> set[str]:

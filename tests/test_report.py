@@ -305,7 +305,21 @@ def test_seeds_are_averaged_with_their_ci(seeded: Path, tmp_path: Path) -> None:
     assert rows["rrm"]["transfer_pct"] is None  # seed 1 did not run the transfer attack
     assert rows["kd"]["sanity_passed"] is False and rows["natural"]["sanity_passed"] is True
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["frontier.png", "report.json", "table.csv", "table.md"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "frontier.png",
+        "report.headline.json",
+        "report.json",
+        "table.csv",
+        "table.md",
+    ]
+    headline = json.loads((out / "report.headline.json").read_text())  # what `dvc metrics show` lists
+    assert pgd["total_flops"] is None  # these files count no FLOPs: the headline leaves the key out, not null
+    assert headline["rrm-teacher-pgd"] == {
+        "natural_pct": pytest.approx(96.0),
+        "adversarial_pct": pytest.approx(64.0),
+        "sanity_passed": pgd["sanity_passed"],
+    }
+    assert headline["target_met"] is report["target"]["met"]
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "table.md").read_text()
     assert (

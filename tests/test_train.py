@@ -54,6 +54,8 @@ def test_every_method_trains_and_writes_its_files(tmp_path, method, digits, digi
     summary = json.loads((tmp_path / "train_metrics.json").read_text())
     assert summary["epoch_seconds_mean"] > 0 and 0 <= summary["test_accuracy"] <= 1
     assert 0 <= summary["monitor_robust_accuracy"] <= 1
+    headline = json.loads((tmp_path / "train_metrics.headline.json").read_text())  # what `dvc metrics show` lists
+    assert headline == {k: summary[k] for k in ("test_accuracy", "train_loss", "epochs", "total_flops")}
 
 
 def test_free_counts_epochs_as_the_paper_does(tmp_path, digits):

@@ -53,6 +53,10 @@ def headline_attack(accuracy: Mapping[str, float], examples: Mapping[str, int | 
     return min(candidates, key=accuracy.__getitem__)
 
 
+def _counted(accuracy: float, images: int | None) -> dict:
+    return {"accuracy": accuracy} if images is None else {"accuracy": accuracy, "images": images}
+
+
 @dataclass
 class EvalResult:
     """Natural and per-attack adversarial accuracy of one model, with what ran and the gradient-masking checks."""
@@ -133,6 +137,16 @@ class EvalResult:
         if self.sanity_passed is False:
             return "FAILED"
         return "passed" if self.masking_checks_passed else "not run"
+
+    def headline(self) -> dict:
+        """The numbers ``dvc metrics show`` lists (:func:`rrm.io.headline_path`): natural and each attack's accuracy,
+        each with the test images it ran on, and ``checks_passed`` where the checks ran. Settings, versions and
+        timings stay in the full record."""
+        numbers = {"natural": _counted(self.natural_accuracy, self.n_test)}
+        numbers.update({a: _counted(acc, self.examples(a)) for a, acc in self.adversarial_accuracy.items()})
+        if self.sanity_status != "not run":
+            numbers["checks_passed"] = self.sanity_status == "passed"
+        return numbers
 
     def binding_problems(
         self, *, model_sha256: str | None = None, model_spec: Mapping | None = None, dataset_digest: str | None = None

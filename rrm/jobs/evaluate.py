@@ -17,7 +17,7 @@ from rrm.evaluation import (
     robustbench_json,
     stem_thresholds,
 )
-from rrm.io import write_json
+from rrm.io import headline_path, write_json
 from rrm.jobs.common import Tracking, is_registry_uri, require, tracking
 from rrm.jobs.teacher import load_model_ref
 
@@ -92,6 +92,7 @@ def evaluate_job(job: EvaluateJob, track: Tracking = Tracking(experiment=None)) 
         )
         if job.format == "rrm":
             result.write(out)
+            write_json(headline_path(out), result.headline())
         else:
             write_json(out, robustbench_json(result, meta, model=str(job.model), train_run_id=job.train_run_id))
         run_id = (

@@ -1,5 +1,5 @@
-"""Writing the report: the tables as Markdown and CSV, ``report.json`` (the rows, for ``dvc metrics``) and the
-figure, each file replaced whole."""
+"""Writing the report: the tables as Markdown and CSV, ``report.json`` (the rows, every column), its headline file
+(a few numbers a row, for ``dvc metrics``) and the figure, each file replaced whole."""
 
 from __future__ import annotations
 
@@ -20,6 +20,13 @@ from rrm.report.tables import (
     transfer_rows,
 )
 
+# A row's numbers in report.headline.json (rrm.io.headline_path), the file `dvc metrics show` lists
+HEADLINE = ("natural_pct", "adversarial_pct", "attack_examples", "total_flops", "sanity_passed")
+
+
+def _json(data: dict) -> str:
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
 
 def write_report(root: str | os.PathLike, out_dir: str | os.PathLike, **layout: str | os.PathLike) -> dict:
     """Read the metrics under ``root`` (``layout``: :func:`~rrm.report.reading.read_report`'s directories) and write
@@ -31,13 +38,14 @@ def write_report(root: str | os.PathLike, out_dir: str | os.PathLike, **layout: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     by_name = {r.name: {k: v for k, v in r.to_dict().items() if k != "name"} for r in report.runs}
+    headline = {name: {k: row[k] for k in HEADLINE if row.get(k) is not None} for name, row in by_name.items()}
     if report.seeds is not None:
         goal = report.target
         files = {
             "table.md": seeds_table(report),
             "table.csv": csv_text(SEEDS_COLUMNS, report.students),
-            "report.json": json.dumps({**by_name, "seeds": report.seeds, "target": goal}, indent=2, sort_keys=True)
-            + "\n",
+            "report.json": _json({**by_name, "seeds": report.seeds, "target": goal}),
+            "report.headline.json": _json({**headline, "target_met": bool(goal.get("met"))}),
         }
         figure = "frontier.png"
         students, panels, cost, scale = [r.to_dict() for r in report.students], FRONTIER_PANELS, "total_minutes", 1
@@ -52,12 +60,10 @@ def write_report(root: str | os.PathLike, out_dir: str | os.PathLike, **layout: 
             "table2.md": table2(report),
             "table1.csv": csv_text(TABLE1_COLUMNS, report.runs),
             "table2.csv": csv_text(TABLE2_COLUMNS, transfer_rows(report)),
-            "report.json": json.dumps(
-                {**by_name, "claims": {c.claim: {"measured": c.measured, "met": c.met} for c in report.claims}},
-                indent=2,
-                sort_keys=True,
-            )
-            + "\n",
+            "report.json": _json(
+                {**by_name, "claims": {c.claim: {"measured": c.measured, "met": c.met} for c in report.claims}}
+            ),
+            "report.headline.json": _json({**headline, "claims_met": {c.claim: c.met for c in report.claims}}),
         }
         figure = "accuracy_vs_time.png"
         draw = functools.partial(plot_students, [r.to_dict() for r in report.students])

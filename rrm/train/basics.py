@@ -25,6 +25,8 @@ from rrm.train.config import RUNTIME_OPTIONS, TrainConfig
 
 CHECKPOINT_FORMAT = "rrm-checkpoint/1"
 CHECKPOINT, MODEL, METRICS = "checkpoint.pt", "model.pt", "train_metrics.json"
+# The run's numbers in METRICS' headline file (rrm.io.headline_path), the one DVC lists; timings stay in METRICS
+HEADLINE = ("test_accuracy", "train_loss", "epochs", "total_flops")
 
 
 class Callback:

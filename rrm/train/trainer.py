@@ -20,7 +20,7 @@ import torch
 from rrm.config import resolve_device
 from rrm.data import ImageData, batches, load_dataset
 from rrm.errors import RRMError
-from rrm.io import check_writable, write_json
+from rrm.io import check_writable, headline_path, write_json
 from rrm.metrics import accuracy
 from rrm.models import Classifier, Teacher, save_model
 from rrm.progress import Bar
@@ -28,6 +28,7 @@ from rrm.train import distributed
 from rrm.train.basics import (  # noqa: F401  (re-exported: the trainer's public names)
     CHECKPOINT,
     CHECKPOINT_FORMAT,
+    HEADLINE,
     METRICS,
     MODEL,
     Callback,
@@ -377,6 +378,7 @@ class _Run:
             save_model(model, output.path / MODEL, meta)
             output.wrote(MODEL)
             write_json(output.path / METRICS, summary)
+            write_json(headline_path(output.path / METRICS), {k: summary[k] for k in HEADLINE if k in summary})
             output.wrote(METRICS)
         result = TrainResult(
             model=model, config=cfg, history=self.history, summary=summary, out_dir=output.path, data=data
