@@ -104,7 +104,27 @@ def test_cli(layout: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli-reports"
     result = CliRunner().invoke(cli, ["report", "--root", str(layout), "--out-dir", str(out)])
     assert result.exit_code == 0, result.output
-    assert "Table 1" in result.output and (out / "table2.md").is_file()
+    assert "Table 1" in result.output and "Table 2" in result.output and (out / "table2.md").is_file()
+
+
+def test_show_prints_narrow_tables_and_writes_nothing(layout: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rrm report --show`: Tables 1 and 2 in a terminal's width, each robust accuracy beside its attack and images,
+    the claims checked; no file and no directory written."""
+    monkeypatch.chdir(layout)  # where the default --out-dir (reports) would go
+    sat_eval = layout / "metrics" / "students" / "sat.json"
+    sat_eval.write_text(json.dumps({**json.loads(sat_eval.read_text()), "n_examples": 500}))
+    before = sorted(layout.rglob("*"))
+    result = CliRunner().invoke(cli, ["report", "--show"])
+    assert result.exit_code == 0, result.output
+    assert sorted(layout.rglob("*")) == before
+    lines = result.output.splitlines()
+    assert max(map(len, lines)) <= 100, max(lines, key=len)
+    sat = next(line for line in lines if line.startswith("sat "))
+    assert sat.split()[1:5] == ["97.0", "78.0", "art-apgd", "(500)"], sat
+    assert "Table 2: the students of the teacher against SAT" in result.output
+    assert any(line.startswith(("met: rrm", "NOT MET: rrm")) for line in lines), result.output
+    refused = CliRunner().invoke(cli, ["report", "--root", str(layout), "--show", "--track"])
+    assert refused.exit_code == 2 and "drop --track" in refused.output
 
 
 def test_missing_and_corrupt_inputs(layout: Path, tmp_path: Path) -> None:
@@ -414,7 +434,8 @@ def test_cli_report_over_seeds(seeded: Path, tmp_path: Path) -> None:
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in LAYOUT.items()]
     result = CliRunner().invoke(cli, ["report", "--root", str(seeded), *flags, "--out-dir", str(out)])
     assert result.exit_code == 0, result.output
-    assert "over seeds" in result.output and "Met by: rrm-teacher-pgd." in result.output
+    assert "over seeds" in result.output and "Target met by: rrm-teacher-pgd." in result.output
+    assert max(map(len, result.output.splitlines()[:-1])) <= 100  # the last line lists the files written
     assert (out / "frontier.png").is_file()
 
 

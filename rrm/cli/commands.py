@@ -341,25 +341,37 @@ def _check_tune_options(fixed: dict) -> None:
                 "--track/--no-track", default=False, show_default=True, help="Log the report files to MLflow."
             ),
             cloup.option("--experiment", default="rrm", show_default=True, help="MLflow experiment of the report run."),
-        ]
+        ],
+        "runtime": [
+            cloup.option(
+                "--show", is_flag=True, help="Print the tables as narrow text and write nothing (no files, no run)."
+            )
+        ],
     },
 )
-def report(track: bool, experiment: str, **options) -> None:
+def report(track: bool, experiment: str, show: bool, **options) -> None:
     """The paper's Table 1 and Table 2 and an accuracy-against-training-time plot from a pipeline's metrics.
 
     With seed<N> directories: one table of means +- 95% CI over the seeds, the cost/robustness frontier plot and
-    the target check (table.md, table.csv, frontier.png, report.json).
+    the target check (table.md, table.csv, frontier.png, report.json). Prints the tables as narrow text; every
+    column is in the files.
 
     \b
     Examples:
-      rrm report --root . --out-dir reports        # after `dvc repro`; prints Table 1
+      rrm report --show                            # after `dvc repro`: Tables 1 and 2 in the terminal
+      rrm report --root . --out-dir reports        # writes the tables, report.json and the plot
       rrm report --students-dir runs/variants/eps0.3 --evaluations-dir metrics/variants/eps0.3 \\
                  --teacher-dir runs/variants/eps0.3/teacher --teacher-evaluation metrics/variants/eps0.3/teacher.json \\
                  --out-dir reports/variants/eps0.3
     """
     cfg = jobs.ReportConfig(**{k: None if v is None else str(v) for k, v in options.items()})
+    if show:
+        if track:
+            raise click.UsageError("--show writes nothing, so it logs nothing: drop --track (or --show)")
+        click.echo(jobs.show_report(cfg))
+        return
     check_writable(cfg.out_dir, directory=True)
     result = jobs.report_job(cfg, jobs.Tracking(track, experiment))
     out_dir = Path(cfg.out_dir)
-    click.echo((out_dir / result["table"]).read_text().rstrip())
+    click.echo(result["text"])
     click.echo(f"wrote {', '.join(str(out_dir / n) for n in result['files'])}")

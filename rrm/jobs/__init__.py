@@ -17,7 +17,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "common": ["FAIL_FAST_ENV", "Tracking", "is_registry_uri", "require", "tracking"],
         "data": ["RobustifyConfig", "prepare_job", "robustify_job"],
         "evaluate": ["EVALUATE_FORMATS", "EvaluateJob", "Evaluation", "ProbeConfig", "evaluate_job", "probe_job"],
-        "report": ["ReportConfig", "report_job"],
+        "report": ["ReportConfig", "report_job", "show_report"],
         "runs": ["clean_runs_job", "runs_table_job"],
         "teacher": [
             "list_teachers_job",

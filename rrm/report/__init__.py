@@ -33,14 +33,15 @@ note under the table naming it; so is any evaluation whose model file is absent 
 
 Modules, by idea: the typed rows (:mod:`~rrm.report.rows`), reading the metrics files (:mod:`~rrm.report.reading`),
 cost and speedups (:mod:`~rrm.report.costs`), averaging over seeds (:mod:`~rrm.report.averaging`), the paper's
-claims and the study target (:mod:`~rrm.report.claims`), the tables (:mod:`~rrm.report.tables`) and writing the
-files (:mod:`~rrm.report.writing`).
+claims and the study target (:mod:`~rrm.report.claims`), the tables (:mod:`~rrm.report.tables`), their narrow text
+for a terminal (:mod:`~rrm.report.terminal`) and writing the files (:mod:`~rrm.report.writing`).
 """
 
 from rrm.report.averaging import over_seeds
 from rrm.report.claims import claims, target
 from rrm.report.reading import collect, read_report
 from rrm.report.rows import USES_TEACHER, Claim, Report, RunRow, SeedsRow, Speedups
+from rrm.report.terminal import show
 from rrm.report.writing import write_report
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "collect",
     "over_seeds",
     "read_report",
+    "show",
     "target",
     "write_report",
 ]

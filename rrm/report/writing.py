@@ -19,6 +19,7 @@ from rrm.report.tables import (
     table2,
     transfer_rows,
 )
+from rrm.report.terminal import show
 
 # A row's numbers in report.headline.json (rrm.io.headline_path), the file `dvc metrics show` lists
 HEADLINE = ("natural_pct", "adversarial_pct", "attack_examples", "total_flops", "sanity_passed")
@@ -31,7 +32,7 @@ def _json(data: dict) -> str:
 def write_report(root: str | os.PathLike, out_dir: str | os.PathLike, **layout: str | os.PathLike) -> dict:
     """Read the metrics under ``root`` (``layout``: :func:`~rrm.report.reading.read_report`'s directories) and write
     the tables, ``report.json`` and the plot to ``out_dir``; returns :func:`~rrm.report.reading.collect`'s data with
-    ``"files"`` (what was written) and ``"table"`` (the main table)."""
+    ``"files"`` (what was written), ``"table"`` (the main table) and ``"text"`` (:func:`~rrm.report.terminal.show`)."""
     from rrm.plots import FRONTIER_FLOP_PANELS, FRONTIER_PANELS, plot_students  # matplotlib only for a report
 
     report = read_report(root, **layout)
@@ -72,4 +73,4 @@ def write_report(root: str | os.PathLike, out_dir: str | os.PathLike, **layout: 
         tmp.write_text(text)
         os.replace(tmp, out / name)
     draw(out / figure)
-    return {**report.to_dict(), "files": sorted([*files, figure]), "table": next(iter(files))}
+    return {**report.to_dict(), "files": sorted([*files, figure]), "table": next(iter(files)), "text": show(report)}
