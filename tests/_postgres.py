@@ -35,9 +35,32 @@ class Server:
     port: int
     user: str
     root: Path
+    pg_ctl: tuple[str, ...] = ()  # the command that controls it: runuser prefix, pg_ctl, -D data
 
     def url(self, database: str, driver: str = "postgresql+psycopg") -> str:
         return f"{driver}://{self.user}@{self.host}:{self.port}/{database}"
+
+    def stop(self) -> None:
+        """Stop it at once, as a crash would (``-m immediate``: no clean shutdown of open connections)."""
+        _run([*self.pg_ctl, "-m", "immediate", "-w", "-t", "60", "stop"], "pg_ctl stop")
+
+    def start(self) -> None:
+        """Start it again on the same port, with the same data."""
+        options = f"-c listen_addresses={self.host} -p {self.port} -k {self.root} -c fsync=off -c full_page_writes=off"
+        _run(
+            [*self.pg_ctl, "-o", options, "-l", str(self.root / "server.log"), "-w", "-t", "60", "start"],
+            "pg_ctl start",
+        )
+
+    def create_database(self, name: str) -> str:
+        """A new empty database on it; returns its SQLAlchemy URL."""
+        import psycopg
+
+        with psycopg.connect(
+            host=self.host, port=self.port, user=self.user, dbname="postgres", autocommit=True, connect_timeout=10
+        ) as con:
+            con.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
 
 
 def find_binaries() -> Path:
@@ -104,34 +127,21 @@ def running(databases: tuple[str, ...]) -> Iterator[Server]:
             [*prefix, str(binaries / "initdb"), "-D", str(data), "-U", USER, "--auth=trust", "-E", "UTF8", "--no-sync"],
             "initdb",
         )
-        options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off -c full_page_writes=off"
-        _run(
-            [
-                *prefix,
-                str(binaries / "pg_ctl"),
-                "-D",
-                str(data),
-                "-o",
-                options,
-                "-l",
-                str(root / "server.log"),
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ],
-            "pg_ctl start",
+        server = Server(
+            host="127.0.0.1",
+            port=port,
+            user=USER,
+            root=root,
+            pg_ctl=(*prefix, str(binaries / "pg_ctl"), "-D", str(data)),
         )
+        server.start()
         started = True
         try:
-            with psycopg.connect(
-                host="127.0.0.1", port=port, user=USER, dbname="postgres", autocommit=True, connect_timeout=10
-            ) as con:
-                for name in databases:
-                    con.execute(f'CREATE DATABASE "{name}"')
+            for name in databases:
+                server.create_database(name)
         except psycopg.Error as exc:
             raise Unavailable(f"the server started but does not accept connections: {exc}") from None
-        yield Server(host="127.0.0.1", port=port, user=USER, root=root)
+        yield server
     finally:
         if started:
             subprocess.run(

@@ -3,6 +3,7 @@ run, a tracking store lost mid-training, and stores that are down failing fast (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -267,6 +268,46 @@ def test_a_tracking_server_back_before_the_end_gets_the_whole_run(project, tmp_p
     run_id = json.loads((project / "out" / "mlflow_run.json").read_text())["run_id"]
     assert f"MLflow run {run_id}" in stdout
     client = MlflowClient(f"sqlite:///{root}/server.db")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.outputs.model_outputs
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, 26))
+
+
+def test_a_postgres_store_that_restarts_mid_training_gets_the_whole_run(project, postgres):
+    """PostgreSQL as the store itself, no server between: stopped at once (as a crash would) after the first logged
+    epoch and started again while the training goes on. One warning, and at the end the run is FINISHED in the
+    database with every epoch's metrics, those of the epochs trained while it was away included."""
+    import psycopg
+
+    uri = postgres.create_database(f"direct_{os.getpid()}")
+    proc = start_training(project, "out", "--epochs", "25", MLFLOW_TRACKING_URI=uri)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    query = "SELECT count(*) FROM metrics WHERE key = 'epoch_seconds'"
+    deadline = time.monotonic() + 300
+    while True:  # the first epoch logged
+        assert proc.poll() is None and time.monotonic() < deadline, lines
+        with contextlib.suppress(psycopg.Error), psycopg.connect(uri.replace("+psycopg", ""), connect_timeout=5) as con:
+            if con.execute(query).fetchone()[0]:
+                break
+        time.sleep(0.2)
+    postgres.stop()
+    try:
+        deadline = time.monotonic() + 120
+        while not any("stopped answering" in line for line in lines):  # the training has seen it gone
+            assert proc.poll() is None and time.monotonic() < deadline, lines
+            time.sleep(0.05)
+    finally:
+        postgres.start()  # the session's other tests use this server
+    assert proc.wait(timeout=600) == 0, lines
+    reader.join(timeout=10)
+    stdout = proc.stdout.read()
+    warnings = [line for line in lines if not HEARTBEAT.match(line)]
+    assert len(warnings) == 1 and "stopped answering" in warnings[0], lines  # said once, not "left unfinished"
+    run_id = json.loads((project / "out" / "mlflow_run.json").read_text())["run_id"]
+    assert f"MLflow run {run_id}" in stdout
+    client = MlflowClient(uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.outputs.model_outputs
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, 26))

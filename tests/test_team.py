@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -150,6 +151,38 @@ def test_a_tune_worker_killed_mid_trial_leaves_its_trial_failed_and_the_others_c
     assert sorted(trials) == list(range(len(trials))), "no trial lost or duplicated"
     assert trials.pop(killed) == optuna.trial.TrialState.FAIL
     assert set(trials.values()) == {optuna.trial.TrialState.COMPLETE} and len(trials) >= 4, trials
+
+
+def test_a_study_whose_database_goes_away_continues_where_it_stopped(postgres, digits_teacher, project):
+    """The study's PostgreSQL stops at once while a trial runs: the worker ends with one line that says so and how
+    to go on. Once the database is back, the same command finishes the study: the interrupted trial FAIL, every
+    other trial COMPLETE, as many complete as asked for, none lost or counted twice."""
+    storage = postgres.create_database(f"away_{os.getpid()}")
+    worker = _tune_worker(digits_teacher.model_path, storage, "away", 4)
+    deadline, interrupted = time.monotonic() + 240, None
+    while interrupted is None:
+        assert worker.poll() is None and time.monotonic() < deadline, worker.communicate()
+        with contextlib.suppress(KeyError):  # not created yet
+            trials = optuna.load_study(study_name="away", storage=storage).trials
+            running = [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+            if running and any(t.state == optuna.trial.TrialState.COMPLETE for t in trials):
+                interrupted = running[0]
+        time.sleep(0.05)
+    postgres.stop()
+    try:
+        _, err = worker.communicate(timeout=240)
+    finally:
+        postgres.start()
+    lines = err.strip().splitlines()
+    assert worker.returncode == 1 and lines[-1].startswith("Error: the Optuna storage "), err
+    assert "Traceback" not in err and "stopped answering" in lines[-1] and "rerun the same command" in lines[-1], err
+    again = _tune_worker(digits_teacher.model_path, storage, "away", 4)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    trials = {t.number: t.state for t in optuna.load_study(study_name="away", storage=storage).trials}
+    assert sorted(trials) == list(range(len(trials))), "no trial lost or duplicated"
+    assert trials.pop(interrupted) == optuna.trial.TrialState.FAIL
+    assert list(trials.values()) == [optuna.trial.TrialState.COMPLETE] * 4, trials
 
 
 @pytest.mark.slow

@@ -106,6 +106,24 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         ) from None
 
 
+def storage_lost(exc: BaseException, label: str) -> RRMError | None:
+    """The one-line error for a database storage that stopped answering in the middle of a study, or None when
+    ``exc`` is something else. The study keeps what it stored; a rerun continues it (:func:`abandon_dead_trials`
+    fails the trial that was running, and the worker runs a replacement)."""
+    from sqlalchemy.exc import DBAPIError
+
+    seen = exc  # in the chain: Optuna 5 may raise an UnboundLocalError of its own while handling the lost database
+    while seen is not None and not isinstance(seen, DBAPIError):
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        return None
+    text = " ".join(mask_url(_database_message(seen)).split())[:160]
+    return RRMError(
+        f"the Optuna storage {label} stopped answering ({text}); the study keeps every trial it finished: once the "
+        "database answers again, rerun the same command to continue where it stopped"
+    )
+
+
 def _database_message(exc: BaseException) -> str:
     """The database driver's own message where SQLAlchemy wrapped it (``exc.orig``), else the exception's."""
     return str(getattr(exc, "orig", None) or exc)

@@ -32,7 +32,15 @@ from rrm.evaluation import EvalConfig, apgd_accuracy, evaluate
 from rrm.models import Classifier, Teacher, load_model, load_teacher
 from rrm.train import Callback, TrainConfig, knobs_of, train
 from rrm.tune.config import TuneConfig
-from rrm.tune.storage import abandon_dead_trials, is_finished, open_storage, storage_label, this_worker, trial_counts
+from rrm.tune.storage import (
+    abandon_dead_trials,
+    is_finished,
+    open_storage,
+    storage_label,
+    storage_lost,
+    this_worker,
+    trial_counts,
+)
 from rrm.tune.summary import (
     TuneResult,
     parent_best_params,
@@ -370,6 +378,9 @@ def tune(
         if parent is not None:
             with contextlib.suppress(Exception):  # already failing: keep the original error
                 tracking.update_run(parent, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        lost = storage_lost(exc, label)
+        if lost is not None:
+            raise lost from None
         raise
     if parent is not None:
         result.parent_run_id = parent
