@@ -555,6 +555,11 @@ def test_dvc_repro_smoke(tmp_path: Path) -> None:
     work, env, dvc = _pipeline(tmp_path)
     subprocess.run([dvc, "repro"], cwd=work, env=env, check=True)
     assert (work / "reports" / "table1.md").is_file() and (work / "reports" / "accuracy_vs_time.png").is_file()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (report,) = client.search_runs([e.experiment_id for e in client.search_experiments()], "run_name = 'report'")
+    assert "report.headline.json" in {a.path for a in client.list_artifacts(report.info.run_id)}
     second = subprocess.run([dvc, "repro"], cwd=work, env=env, check=True, capture_output=True, text=True)
     assert "Running stage" not in second.stdout
     status = subprocess.run([dvc, "status"], cwd=work, env=env, check=True, capture_output=True, text=True)

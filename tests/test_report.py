@@ -107,6 +107,22 @@ def test_cli(layout: Path, tmp_path: Path) -> None:
     assert "Table 1" in result.output and "Table 2" in result.output and (out / "table2.md").is_file()
 
 
+def test_a_tracked_report_is_a_run_with_its_files_and_headline_numbers(layout: Path, mlflow_store: Path) -> None:
+    """`rrm report --track` (the pipeline's report stage): a "report" run holding the tables, the plot and the
+    headline file as artifacts, and each student's headline numbers as metrics."""
+    from mlflow import MlflowClient
+
+    result = CliRunner().invoke(cli, ["report", "--root", str(layout), "--out-dir", "tracked", "--track"])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(f"sqlite:///{mlflow_store}")
+    (run,) = client.search_runs([client.get_experiment_by_name("rrm").experiment_id])
+    assert run.info.run_name == "report" and run.info.status == "FINISHED"
+    headline = json.loads((mlflow_store.parent / "tracked" / "report.headline.json").read_text())
+    assert run.data.metrics["sat/adversarial_pct"] == pytest.approx(headline["sat"]["adversarial_pct"]) == 78.0
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"table1.md", "table2.md", "report.json", "report.headline.json", "accuracy_vs_time.png"} <= logged
+
+
 def test_show_prints_narrow_tables_and_writes_nothing(layout: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`rrm report --show`: Tables 1 and 2 in a terminal's width, each robust accuracy beside its attack and images,
     the claims checked; no file and no directory written."""

@@ -47,5 +47,7 @@ def report_job(cfg: ReportConfig, track: Tracking = Tracking(enabled=False)) -> 
     out_dir = Path(cfg.out_dir)
     result = write_report(cfg.root, out_dir, **_layout(cfg))
     if track.enabled:
-        tracking().log_report([out_dir / name for name in result["files"]], track.experiment or "rrm")
+        tracking().log_report(
+            [out_dir / name for name in result["files"]], track.experiment or "rrm", metrics=result["headline"]
+        )
     return result

@@ -32,7 +32,8 @@ def _json(data: dict) -> str:
 def write_report(root: str | os.PathLike, out_dir: str | os.PathLike, **layout: str | os.PathLike) -> dict:
     """Read the metrics under ``root`` (``layout``: :func:`~rrm.report.reading.read_report`'s directories) and write
     the tables, ``report.json`` and the plot to ``out_dir``; returns :func:`~rrm.report.reading.collect`'s data with
-    ``"files"`` (what was written), ``"table"`` (the main table) and ``"text"`` (:func:`~rrm.report.terminal.show`)."""
+    ``"files"`` (what was written), ``"table"`` (the main table), ``"text"`` (:func:`~rrm.report.terminal.show`)
+    and ``"headline"`` (what report.headline.json holds)."""
     from rrm.plots import FRONTIER_FLOP_PANELS, FRONTIER_PANELS, plot_students  # matplotlib only for a report
 
     report = read_report(root, **layout)
@@ -46,7 +47,7 @@ def write_report(root: str | os.PathLike, out_dir: str | os.PathLike, **layout: 
             "table.md": seeds_table(report),
             "table.csv": csv_text(SEEDS_COLUMNS, report.students),
             "report.json": _json({**by_name, "seeds": report.seeds, "target": goal}),
-            "report.headline.json": _json({**headline, "target_met": bool(goal.get("met"))}),
+            "report.headline.json": _json(headline := {**headline, "target_met": bool(goal.get("met"))}),
         }
         figure = "frontier.png"
         students, panels, cost, scale = [r.to_dict() for r in report.students], FRONTIER_PANELS, "total_minutes", 1
@@ -64,7 +65,9 @@ def write_report(root: str | os.PathLike, out_dir: str | os.PathLike, **layout: 
             "report.json": _json(
                 {**by_name, "claims": {c.claim: {"measured": c.measured, "met": c.met} for c in report.claims}}
             ),
-            "report.headline.json": _json({**headline, "claims_met": {c.claim: c.met for c in report.claims}}),
+            "report.headline.json": _json(
+                headline := {**headline, "claims_met": {c.claim: c.met for c in report.claims}}
+            ),
         }
         figure = "accuracy_vs_time.png"
         draw = functools.partial(plot_students, [r.to_dict() for r in report.students])
@@ -73,4 +76,10 @@ def write_report(root: str | os.PathLike, out_dir: str | os.PathLike, **layout: 
         tmp.write_text(text)
         os.replace(tmp, out / name)
     draw(out / figure)
-    return {**report.to_dict(), "files": sorted([*files, figure]), "table": next(iter(files)), "text": show(report)}
+    return {
+        **report.to_dict(),
+        "files": sorted([*files, figure]),
+        "table": next(iter(files)),
+        "text": show(report),
+        "headline": headline,
+    }

@@ -14,6 +14,7 @@ from mlflow.entities import Metric, Param, Run
 
 from rrm.secrets import mask_url
 from rrm.tracking.connection import mlflow_errors, one_line, store_client
+from rrm.tracking.flatten import numbers
 from rrm.tracking.runs import DEFAULT_EXPERIMENT, context_tags, ensure_experiment
 from rrm.tracking.stale import PROCESS_TAGS, check_store
 
@@ -96,12 +97,15 @@ def update_run(
             client.set_terminated(run_id, status)
 
 
-def log_report(files: list[Path], experiment: str = DEFAULT_EXPERIMENT) -> None:
-    """Log report files as artifacts; under `mlflow run` into the project's run, otherwise into a new "report" run."""
+def log_report(files: list[Path], experiment: str = DEFAULT_EXPERIMENT, metrics: Mapping | None = None) -> None:
+    """Log report files as artifacts, and the numbers of its headline (``student/adversarial_pct``, ...) as metrics;
+    under `mlflow run` into the project's run, otherwise into a new "report" run."""
     inside_project_run = bool(os.environ.get("MLFLOW_RUN_ID"))
     with mlflow_errors("log the report"):
         if not inside_project_run:
             mlflow.set_experiment(experiment)
         with mlflow.start_run(run_name=None if inside_project_run else "report"):
+            if metrics:
+                mlflow.log_metrics(numbers(metrics))
             for path in files:
                 mlflow.log_artifact(str(path))
