@@ -113,6 +113,7 @@ def test_two_processes_follow_the_single_process_trajectory_and_write_one_run(
         "checkpoint.pt",
         "mlflow_run.json",
         "model.pt",
+        "train_metrics.headline.json",
         "train_metrics.json",
     ]
 

@@ -598,7 +598,13 @@ def test_variants_pipeline_smoke(tmp_path: Path) -> None:
     first = _rrm(work, env, "pipeline", "run", "variants")
     assert first.returncode == 0, first.stdout + first.stderr
     out = work / "reports" / "variants" / "eps0.1"
-    assert sorted(p.name for p in out.iterdir()) == ["frontier.png", "report.json", "table.csv", "table.md"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "frontier.png",
+        "report.headline.json",
+        "report.json",
+        "table.csv",
+        "table.md",
+    ]
     report = json.loads((out / "report.json").read_text())
     assert report["seeds"] == [0] and set(report["target"]["candidates"]) == {"rrm", "rrm-teacher-pgd"}
     assert report["rrm-teacher-pgd"]["method"] == "rrm" and report["rrm-teacher-pgd"]["transfer_pct"] is not None

@@ -255,8 +255,10 @@ def test_a_shard_or_manifest_that_does_not_match_its_digest_is_a_one_line_error(
     blob = bytearray(shard.read_bytes())
     blob[-1] ^= 0xFF  # one pixel of the last test image
     shard.write_bytes(bytes(blob))
+    data = load_dataset(out)  # opening reads no pixels: the shard is checked when rows of it are first read
+    assert torch.equal(data.train_x.read(), mnist_small.train_x)  # the other shards are whole
     with pytest.raises(RRMError) as err:
-        load_dataset(out)
+        data.test_x[:1].read()  # a row of the damaged shard, not the damaged row itself
     _one_line(err, repr(str(shard)), "does not match its digest")
     assert open_shards(out, verify=False).test_x.read()[-1, 0, -1, -1] != mnist_small.test_x[-1, 0, -1, -1]
 
@@ -269,6 +271,34 @@ def test_a_shard_or_manifest_that_does_not_match_its_digest_is_a_one_line_error(
     _one_line(err, repr(str(out / MANIFEST)), "does not match its digest")
 
 
+def test_each_shard_is_hashed_once_by_the_process_that_first_reads_it(tmp_path, mnist_small, monkeypatch):
+    """Opening hashes nothing; a read hashes the shards its rows come from, once per process; a copy sent to another
+    process (a spawned rank) keeps what was checked and hashes only the rest."""
+    import pickle
+
+    import rrm.data.shards as shards
+
+    out = tmp_path / "shards"
+    write_shards(mnist_small, out, shard_images=300)
+    hashed: list[str] = []
+    monkeypatch.setattr(shards, "sha256_file", lambda path: hashed.append(Path(path).name) or sha256_file(path))
+    data = open_shards(out)
+    assert hashed == []
+    data.train_x[:10].read()
+    assert hashed == ["train-00000.safetensors"]
+    data.train_x[5:20].read()  # the same shard again, through another view
+    assert hashed == ["train-00000.safetensors"]
+    rank = pickle.loads(pickle.dumps(data.train_x))
+    rank.read(torch.tensor([0, 299, 300, 650]))  # shards 0, 1 and 2
+    assert sorted(hashed) == ["train-00000.safetensors", "train-00001.safetensors", "train-00002.safetensors"]
+    data.train_x.read()
+    assert sorted(hashed).count("train-00001.safetensors") == 2, "the copy's checks stay in its process"
+    assert len(hashed) == len(set(hashed)) + 2  # the parent hashed shards 1 and 2 itself, and every other once
+    before = len(hashed)
+    open_shards(out, verify=False).train_x.read()
+    assert len(hashed) == before
+
+
 def test_cli_prepares_shards_and_reports_damage_in_one_line(tmp_path, cli_project):
     _tree(tmp_path / "tree", per_class=4)
     runner = CliRunner()
@@ -277,11 +307,21 @@ def test_cli_prepares_shards_and_reports_damage_in_one_line(tmp_path, cli_projec
     result = runner.invoke(rrm_cli.cli, args)
     assert result.exit_code == 0, result.output
     assert "9 train / 3 test images 3x8x8 in 2 shards" in result.output
-    (cli_project / "rim" / "train-00000.safetensors").write_bytes(b"\0" * 20)
-    result = runner.invoke(rrm_cli.cli, ["train", "--dataset", "rim", "--epochs", "1", "--no-track", "--out-dir", "r"])
+    train = ["train", "--dataset", "rim", "--epochs", "1", "--no-track", "--out-dir", "r"]
+    shard = cli_project / "rim" / "train-00000.safetensors"
+    blob = bytearray(shard.read_bytes())
+    blob[-1] ^= 0xFF  # a pixel: the size and header still hold, the hash does not
+    shard.write_bytes(bytes(blob))
+    result = runner.invoke(rrm_cli.cli, train)
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "train-00000.safetensors" in lines[0] and "truncated" in lines[0], result.stderr
+    assert len(lines) == 1 and "train-00000.safetensors" in lines[0] and "does not match its digest" in lines[0], lines
+    assert not (cli_project / "r").exists()
+    (cli_project / "rim" / "test-00000.safetensors").write_bytes(b"\0" * 20)
+    result = runner.invoke(rrm_cli.cli, train)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "test-00000.safetensors" in lines[0] and "truncated" in lines[0], result.stderr
     assert not (cli_project / "r").exists()
 
 

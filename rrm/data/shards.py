@@ -16,8 +16,10 @@ few batches however large the dataset (a memory map would count every page touch
 stores data and models: no pickle, a documented header, readable from any language. The shards are plain immutable
 files that DVC versions as one directory output, storing a shard once however many versions share it.
 
-Checks: opening a dataset compares every shard's size with its header (a truncated file is named) and, unless
-``verify=False``, its sha256 with the manifest (hashed in threads; about one sequential read of the data).
+Checks: opening a dataset compares every shard's size with its header (a truncated file is named). Unless
+``verify=False``, each shard's sha256 is compared with the manifest lazily: the first time a process reads rows of a
+shard, before it returns any of them, and once per process. So a torchrun rank hashes the shards its rows come from,
+opening costs no read of the data, and a damaged shard is still named in one line before any batch uses it.
 """
 
 from __future__ import annotations
@@ -103,6 +105,28 @@ class _Files:
         self.close()
 
 
+class _Verifier:
+    """The shards this process has hashed and found equal to the manifest; shared by every view of one dataset."""
+
+    def __init__(self) -> None:
+        self._done: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def check(self, shards: Iterable[Shard]) -> None:
+        """Hash those of ``shards`` not checked yet (in threads) and name the first that differs from its manifest."""
+        with self._lock:  # one thread hashes a shard; the others wait for it rather than hash it again
+            todo = [s for s in dict.fromkeys(shards) if s.path not in self._done]
+            if todo:
+                _verify(todo)
+                self._done.update(s.path for s in todo)
+
+    def __getstate__(self) -> dict:  # a process that receives the dataset keeps what was checked before
+        return {"done": self._done}
+
+    def __setstate__(self, state: dict) -> None:
+        self._done, self._lock = set(state["done"]), threading.Lock()
+
+
 class ShardedImages:
     """uint8 NCHW images stored in shards, read on demand: a :class:`rrm.data.core.LazyImages`.
 
@@ -120,12 +144,14 @@ class ShardedImages:
         image_shape: tuple[int, int, int],
         rows: np.ndarray | None = None,
         files: _Files | None = None,
+        verifier: _Verifier | None = None,
     ):
         self.shards = tuple(shards)
         self.image_shape = tuple(image_shape)
         self._starts = np.cumsum([0, *(s.count for s in self.shards)])
         self.rows = np.arange(self._starts[-1], dtype=np.int64) if rows is None else rows
         self._files = files or _Files()
+        self._verifier = verifier  # None: no hashing (``verify=False``)
 
     @property
     def shape(self) -> torch.Size:
@@ -139,7 +165,7 @@ class ShardedImages:
             key = key.cpu().numpy()
         if isinstance(key, (int, np.integer)):
             raise TypeError("index a ShardedImages with a slice, a mask or an index array; read() gives the pixels")
-        return ShardedImages(self.shards, self.image_shape, self.rows[key], self._files)
+        return ShardedImages(self.shards, self.image_shape, self.rows[key], self._files, self._verifier)
 
     def __repr__(self) -> str:
         return f"ShardedImages({len(self)} x {'x'.join(map(str, self.image_shape))} uint8 in {len(self.shards)} shards)"
@@ -169,6 +195,8 @@ class ShardedImages:
             return out
         flat = memoryview(out.numpy()).cast("B")
         which = np.searchsorted(self._starts, rows, side="right") - 1
+        if self._verifier is not None:
+            self._verifier.check(self.shards[i] for i in np.unique(which).tolist())
         local = rows - self._starts[which]
         # runs of rows that follow each other in one shard are read in one call
         breaks = np.flatnonzero((np.diff(rows) != 1) | (np.diff(which) != 0)) + 1
@@ -272,18 +300,17 @@ def read_manifest(path: str | os.PathLike) -> tuple[Path, dict]:
 def open_shards(path: str | os.PathLike, verify: bool = True) -> ImageData:
     """A sharded dataset as :class:`ImageData` whose images are :class:`ShardedImages`; labels are read now.
 
-    ``verify``: hash every shard and compare with the manifest (``False`` checks sizes and headers only).
+    ``verify``: compare each shard's sha256 with the manifest the first time this process reads from it (``False``
+    checks sizes and headers only).
     """
     directory, manifest = read_manifest(path)
     try:
-        data = assemble(directory, manifest)
+        data = assemble(directory, manifest, _Verifier() if verify else None)
     except (KeyError, TypeError, ValueError) as exc:  # a manifest entry of the wrong shape
         raise RRMError(
             f"dataset manifest {str(directory / MANIFEST)!r} is damaged ({type(exc).__name__}: "
             f"{(str(exc).splitlines() or [''])[0]}); {_PREPARE_FIX}"
         ) from None
-    if verify:
-        _verify(s for x in (data.train_x, data.test_x) for s in x.shards)
     if data.digest != manifest["digest"]:
         raise RRMError(
             f"dataset manifest {str(directory / MANIFEST)!r} does not match its digest (edited or "
@@ -292,8 +319,9 @@ def open_shards(path: str | os.PathLike, verify: bool = True) -> ImageData:
     return data
 
 
-def assemble(directory: Path, manifest: dict) -> ImageData:
-    """The dataset the manifest describes, its shards' sizes, headers and labels checked (not their hashes)."""
+def assemble(directory: Path, manifest: dict, verifier: _Verifier | None = None) -> ImageData:
+    """The dataset the manifest describes, its shards' sizes, headers and labels checked; their hashes by
+    ``verifier`` as they are read (none without one)."""
     image_shape = tuple(int(v) for v in manifest["image_shape"])
     files = _Files()
     images, labels = {}, {}
@@ -302,7 +330,7 @@ def assemble(directory: Path, manifest: dict) -> ImageData:
             open_shard(directory / entry["file"], int(entry["images"]), image_shape, str(entry["sha256"]))
             for entry in manifest["splits"][split]
         ]
-        images[split] = ShardedImages([s for s, _ in opened], image_shape, files=files)
+        images[split] = ShardedImages([s for s, _ in opened], image_shape, files=files, verifier=verifier)
         labels[split] = torch.from_numpy(np.concatenate([y for _, y in opened] or [np.zeros(0, np.int64)]))
     return ImageData(
         name=manifest["name"],
