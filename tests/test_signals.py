@@ -273,6 +273,7 @@ def test_a_tracking_server_back_before_the_end_gets_the_whole_run(project, tmp_p
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, 26))
 
 
+@pytest.mark.slow  # about 35 s: a server restarted under a real training or study
 def test_a_postgres_store_that_restarts_mid_training_gets_the_whole_run(project, postgres):
     """PostgreSQL as the store itself, no server between: stopped at once (as a crash would) after the first logged
     epoch and started again while the training goes on. One warning, and at the end the run is FINISHED in the

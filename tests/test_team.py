@@ -153,6 +153,7 @@ def test_a_tune_worker_killed_mid_trial_leaves_its_trial_failed_and_the_others_c
     assert set(trials.values()) == {optuna.trial.TrialState.COMPLETE} and len(trials) >= 4, trials
 
 
+@pytest.mark.slow  # about 35 s: a server restarted under a real training or study
 def test_a_study_whose_database_goes_away_continues_where_it_stopped(postgres, digits_teacher, project):
     """The study's PostgreSQL stops at once while a trial runs: the worker ends with one line that says so and how
     to go on. Once the database is back, the same command finishes the study: the interrupted trial FAIL, every
