@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from _helpers import copy_store, override, override_yaml
+from test_report import SEEDS_REPORT_FILES
 
 from rrm.cli import cli
 from rrm.evaluation import EvalConfig
@@ -598,13 +599,7 @@ def test_variants_pipeline_smoke(tmp_path: Path) -> None:
     first = _rrm(work, env, "pipeline", "run", "variants")
     assert first.returncode == 0, first.stdout + first.stderr
     out = work / "reports" / "variants" / "eps0.1"
-    assert sorted(p.name for p in out.iterdir()) == [
-        "frontier.png",
-        "report.headline.json",
-        "report.json",
-        "table.csv",
-        "table.md",
-    ]
+    assert sorted(p.name for p in out.iterdir()) == SEEDS_REPORT_FILES
     report = json.loads((out / "report.json").read_text())
     assert report["seeds"] == [0] and set(report["target"]["candidates"]) == {"rrm", "rrm-teacher-pgd"}
     assert report["rrm-teacher-pgd"]["method"] == "rrm" and report["rrm-teacher-pgd"]["transfer_pct"] is not None

@@ -59,6 +59,10 @@ def _write(root: Path, name: str, values: tuple, model: str) -> None:
     )
 
 
+# What `rrm report` writes over seeds
+SEEDS_REPORT_FILES = ["frontier.png", "report.headline.json", "report.json", "table.csv", "table.md"]
+
+
 @pytest.fixture
 def layout(tmp_path: Path) -> Path:
     for name, values in STUDENTS.items():
@@ -341,13 +345,7 @@ def test_seeds_are_averaged_with_their_ci(seeded: Path, tmp_path: Path) -> None:
     assert rows["rrm"]["transfer_pct"] is None  # seed 1 did not run the transfer attack
     assert rows["kd"]["sanity_passed"] is False and rows["natural"]["sanity_passed"] is True
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == [
-        "frontier.png",
-        "report.headline.json",
-        "report.json",
-        "table.csv",
-        "table.md",
-    ]
+    assert sorted(p.name for p in out.iterdir()) == SEEDS_REPORT_FILES
     headline = json.loads((out / "report.headline.json").read_text())  # what `dvc metrics show` lists
     assert pgd["total_flops"] is None  # these files count no FLOPs: the headline leaves the key out, not null
     assert headline["rrm-teacher-pgd"] == {

@@ -255,22 +255,33 @@ def test_a_tracking_server_back_before_the_end_gets_the_whole_run(project, tmp_p
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()
-    deadline = time.monotonic() + 120
-    while not any("stopped answering" in line for line in lines):  # the training has seen it gone
-        assert proc.poll() is None and time.monotonic() < deadline, lines
-        time.sleep(0.05)
+    wait_until_gone(proc, lines)
     with mlflow_server_process(f"sqlite:///{root}/server.db", root, port=int(url.rsplit(":", 1)[1])):
         assert proc.wait(timeout=600) == 0, lines
         reader.join(timeout=10)
+    assert_whole_run(project / "out", proc, lines, f"sqlite:///{root}/server.db", epochs=25)
+
+
+def wait_until_gone(proc: subprocess.Popen, lines: list[str]) -> None:
+    """Until the training, its stderr read into ``lines``, has warned that the store stopped answering."""
+    deadline = time.monotonic() + 120
+    while not any("stopped answering" in line for line in lines):
+        assert proc.poll() is None and time.monotonic() < deadline, lines
+        time.sleep(0.05)
+
+
+def assert_whole_run(out: Path, proc: subprocess.Popen, lines: list[str], uri: str, epochs: int) -> None:
+    """A training that lost its store and got it back: one warning (not "left unfinished"), and its run FINISHED
+    in the store at ``uri`` with its logged model and every epoch's loss."""
     stdout = proc.stdout.read()
     warnings = [line for line in lines if not HEARTBEAT.match(line)]
-    assert len(warnings) == 1 and "stopped answering" in warnings[0], lines  # said once, not "left unfinished"
-    run_id = json.loads((project / "out" / "mlflow_run.json").read_text())["run_id"]
+    assert len(warnings) == 1 and "stopped answering" in warnings[0], lines
+    run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
     assert f"MLflow run {run_id}" in stdout
-    client = MlflowClient(f"sqlite:///{root}/server.db")
+    client = MlflowClient(uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.outputs.model_outputs
-    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, 26))
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, epochs + 1))
 
 
 @pytest.mark.slow  # about 35 s: a server restarted under a real training or study
@@ -295,23 +306,12 @@ def test_a_postgres_store_that_restarts_mid_training_gets_the_whole_run(project,
         time.sleep(0.2)
     postgres.stop()
     try:
-        deadline = time.monotonic() + 120
-        while not any("stopped answering" in line for line in lines):  # the training has seen it gone
-            assert proc.poll() is None and time.monotonic() < deadline, lines
-            time.sleep(0.05)
+        wait_until_gone(proc, lines)
     finally:
         postgres.start()  # the session's other tests use this server
     assert proc.wait(timeout=600) == 0, lines
     reader.join(timeout=10)
-    stdout = proc.stdout.read()
-    warnings = [line for line in lines if not HEARTBEAT.match(line)]
-    assert len(warnings) == 1 and "stopped answering" in warnings[0], lines  # said once, not "left unfinished"
-    run_id = json.loads((project / "out" / "mlflow_run.json").read_text())["run_id"]
-    assert f"MLflow run {run_id}" in stdout
-    client = MlflowClient(uri)
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.outputs.model_outputs
-    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, 26))
+    assert_whole_run(project / "out", proc, lines, uri, epochs=25)
 
 
 @pytest.mark.parametrize(
