@@ -43,3 +43,6 @@ def configure() -> None:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         # A database store that is down: MLflow logs a traceback per failed call; rrm says it in one line.
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    # A PostgreSQL store that dies under an open connection: psycopg logs "error ignored terminating <Pipeline ...>"
+    # while it discards that connection; rrm has already said in one line that the store stopped answering.
+    logging.getLogger("psycopg").setLevel(logging.ERROR)
