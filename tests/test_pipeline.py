@@ -701,12 +701,18 @@ def test_the_pipeline_goes_through_the_registry(tmp_path: Path, migrated_mlflow_
         "total_flops",
     }
     written = [entry["data"] for entry in workspace["data"].values() if "data" in entry]  # stages not run: "error"
-    leaves = [v for data in written for v in _leaves(data)]
-    assert leaves and all(isinstance(v, int | float) for v in leaves), [v for v in leaves if isinstance(v, str)]
+    leaves = dict(kv for data in written for kv in _leaves(data))
+    assert leaves and all(isinstance(v, int | float) for v in leaves.values()), leaves
+    assert len(leaves) <= 13, sorted(leaves)  # the columns of `dvc metrics show`: 449 before headline files
 
 
-def _leaves(tree: dict) -> list:
-    return [x for v in tree.values() for x in (_leaves(v) if isinstance(v, dict) else [v])]
+def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """``(dotted key, value)`` of each leaf, as `dvc metrics show` names its columns."""
+    return [
+        pair
+        for k, v in tree.items()
+        for pair in (_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)])
+    ]
 
 
 def _declared_metrics(work: Path) -> set[str]:

@@ -346,7 +346,7 @@ def test_seeds_are_averaged_with_their_ci(seeded: Path, tmp_path: Path) -> None:
     assert rows["kd"]["sanity_passed"] is False and rows["natural"]["sanity_passed"] is True
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == SEEDS_REPORT_FILES
-    headline = json.loads((out / "report.headline.json").read_text())  # what `dvc metrics show` lists
+    headline = json.loads((out / "report.headline.json").read_text())  # what a tracked report logs as metrics
     assert pgd["total_flops"] is None  # these files count no FLOPs: the headline leaves the key out, not null
     assert headline["rrm-teacher-pgd"] == {
         "natural_pct": pytest.approx(96.0),

@@ -1,5 +1,5 @@
 """Writing the report: the tables as Markdown and CSV, ``report.json`` (the rows, every column), its headline file
-(a few numbers a row, for ``dvc metrics``) and the figure, each file replaced whole."""
+(a few numbers a row: what a tracked report logs as metrics) and the figure, each file replaced whole."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from rrm.report.tables import (
 )
 from rrm.report.terminal import show
 
-# A row's numbers in report.headline.json (rrm.io.headline_path), the file `dvc metrics show` lists
+# A row's numbers in report.headline.json (rrm.io.headline_path), logged as metrics by a tracked report
 HEADLINE = ("natural_pct", "adversarial_pct", "attack_examples", "total_flops", "sanity_passed")
 
 
