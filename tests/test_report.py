@@ -370,6 +370,7 @@ def test_target_check_over_seeds(seeded: Path, tmp_path: Path) -> None:
     goal = write_report(seeded, tmp_path / "out", **LAYOUT)["target"]
     # sat: 78% in 9 min -> a cheap variant needs >= 62.4% in <= 3 min
     assert goal["sat"] == {
+        "name": "sat",
         "adversarial_pct": pytest.approx(78.0),
         "total_minutes": pytest.approx(9.0),
         "sanity_passed": True,
@@ -441,6 +442,21 @@ def test_a_natural_student_that_clears_the_bar_makes_the_target_say_so(seeded: P
     )
     assert goal["met_without_teacher"] == ["natural"]
     assert "Without the teacher, the same bar is cleared by: natural (70.0% in 1.00 min, 0.11 x sat's)." in md
+
+
+def test_a_sat_reference_named_otherwise_is_found_by_its_method(seeded: Path, tmp_path: Path) -> None:
+    """A study's SAT student with the teacher's eps warm-up (``sat-warmup``) is the reference when no row is named
+    sat: the same ratios and target as under its plain name, and the notes name it."""
+    plain = write_report(seeded, tmp_path / "plain", **LAYOUT)
+    for seed in (0, 1):
+        for base in (LAYOUT["students_dir"], LAYOUT["evaluations_dir"]):
+            old = seeded / base / f"seed{seed}" / ("sat" if base == LAYOUT["students_dir"] else "sat.json")
+            old.rename(old.with_name(old.name.replace("sat", "sat-warmup")))
+    renamed = write_report(seeded, tmp_path / "renamed", **LAYOUT)
+    assert renamed["target"]["sat"]["name"] == "sat-warmup" and renamed["target"]["met_by"] == plain["target"]["met_by"]
+    rows = {r["name"]: r for r in renamed["students"]}
+    assert rows["rrm-teacher-pgd"]["adversarial_of_sat_pct"] == pytest.approx(100 * 64 / 78)
+    assert "sat-warmup: 78.0%" in (tmp_path / "renamed" / "table.md").read_text()
 
 
 def test_cli_report_over_seeds(seeded: Path, tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rrm.report.costs import ratio
-from rrm.report.rows import RunRow, SeedsRow
+from rrm.report.rows import RunRow, SeedsRow, sat_reference
 from rrm.stats import mean_ci
 
 
@@ -71,7 +71,7 @@ def over_seeds(per_seed: list[list[RunRow]]) -> list[SeedsRow]:
         for row in rows:
             by_name.setdefault(row.name, []).append(row)
     out = [_averaged(runs) for runs in by_name.values()]
-    sat = next((r for r in out if r.name == "sat"), None)
+    sat = sat_reference(out)
     for row in out:
         row.adversarial_of_sat_pct = (
             100 * row.adversarial_pct / sat.adversarial_pct

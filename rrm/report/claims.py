@@ -4,7 +4,7 @@ target on students averaged over seeds (:func:`target`)."""
 from __future__ import annotations
 
 from rrm.report.costs import tflops
-from rrm.report.rows import Claim, RunRow, SeedsRow
+from rrm.report.rows import Claim, RunRow, SeedsRow, sat_reference
 
 # The paper's claim for RRM, as checkable targets: robustness close to a SAT student of the same architecture,
 # far above the students that get no robustness signal, at a fraction of SAT's training time.
@@ -20,11 +20,11 @@ TARGET_TIME_FRACTION = 1 / 3
 
 def target(students: list[SeedsRow]) -> dict:
     """The target on rows averaged over seeds: which students that use the teacher reach at least 80% of the
-    SAT student's (the row named sat) mean AutoPGD accuracy in at most a third of its mean student training time,
-    with every evaluation passing the gradient-masking checks. Each candidate comes with what was measured, and so
-    does every student that needs no teacher (``without_teacher``; SAT itself excepted), checked against the same bar:
-    where the teacher's students fail, those are what to use instead."""
-    sat = next((r for r in students if r.name == "sat"), None)
+    SAT student's (:func:`~rrm.report.rows.sat_reference`) mean AutoPGD accuracy in at most a third of its mean
+    student training time, with every evaluation passing the gradient-masking checks. Each candidate comes with
+    what was measured, and so does every student that needs no teacher (``without_teacher``; SAT itself excepted),
+    checked against the same bar: where the teacher's students fail, those are what to use instead."""
+    sat = sat_reference(students)
     counted = bool(students) and all(r.cost_basis == "flops" for r in students)
     rule = (
         f"a student using the teacher with mean adversarial accuracy >= {TARGET_OF_SAT_PCT:.0f}% of sat's and "
@@ -38,7 +38,7 @@ def target(students: list[SeedsRow]) -> dict:
     max_flops = TARGET_TIME_FRACTION * sat.total_flops if counted else None
     candidates, others = {}, {}
     for r in students:
-        if r.name == "sat" or r.adversarial_pct is None:
+        if r is sat or r.adversarial_pct is None:
             continue
         group = candidates if r.uses_teacher else others
         group[r.name] = {
@@ -69,6 +69,7 @@ def target(students: list[SeedsRow]) -> dict:
         "without_teacher": others,
         "met_without_teacher": [name for name, c in others.items() if c["met"]],
         "sat": {
+            "name": sat.name,
             "adversarial_pct": sat.adversarial_pct,
             "total_minutes": sat.total_minutes,
             "sanity_passed": sat.sanity_passed,
@@ -93,7 +94,7 @@ def claims(students: list[RunRow], method: str = "rrm") -> list[Claim]:
     missing are left out.
     """
     rows = {r.name: r for r in students}
-    subject, sat = rows.get(method), rows.get("sat")
+    subject, sat = rows.get(method), sat_reference(students)
     if subject is None or subject.adversarial_pct is None:
         return []
     out: list[Claim] = []

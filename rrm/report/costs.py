@@ -3,7 +3,7 @@ and each student's cost with its teacher's share."""
 
 from __future__ import annotations
 
-from rrm.report.rows import LEARNS_FROM_TEACHER_DATA, RunRow, Speedups
+from rrm.report.rows import LEARNS_FROM_TEACHER_DATA, RunRow, Speedups, sat_reference
 
 
 def ratio(num: float | None, den: float | None) -> float | None:
@@ -32,7 +32,7 @@ def _with_teacher(row: RunRow, teacher: RunRow | None, flops: bool) -> float | N
 def add_speedups(students: list[RunRow], teacher: RunRow | None) -> None:
     """Speedups over the SAT student from counted FLOPs where every run counted them (``cost_basis``), else from
     seconds; the measured-time speedups beside them either way."""
-    sat = next((r for r in students if r.name == "sat"), None)
+    sat = sat_reference(students)
     runs = students + ([teacher] if teacher else [])
     flops = all(r.total_flops is not None for r in runs)
     for row in runs:

@@ -154,6 +154,16 @@ class SeedsRow:
         }
 
 
+def sat_reference(rows: list) -> RunRow | SeedsRow | None:
+    """The SAT student every ratio divides by: the row named ``sat``, else the only row trained with method sat (a
+    study's ``sat-warmup``, say); None where there is neither, or several SAT rows and none named ``sat``."""
+    named = [r for r in rows if r.name == "sat"]
+    if named:
+        return named[0]
+    trained = [r for r in rows if r.method == "sat"]
+    return trained[0] if len(trained) == 1 else None
+
+
 @dataclass
 class Claim:
     """One of the paper's claims checked against the rows: what was measured, as a number and as text."""

@@ -318,17 +318,17 @@ def seeds_table(report: Report) -> str:
     if goal["sat"] is None:
         notes.append("Not checked: no sat student with an adversarial accuracy.")
         return _markdown("Students: accuracy and training cost over seeds", header, rows, notes)
-    need, counted = goal["thresholds"], goal["cost_basis"] == "flops"
+    need, counted, sat = goal["thresholds"], goal["cost_basis"] == "flops", goal["sat"]
     if counted:
         notes += [
-            f"sat: {goal['sat']['adversarial_pct']:.1f}% for {tflops(goal['sat']['total_flops'])} TFLOPs "
-            f"({goal['sat']['total_minutes']:.2f} min), so the target is >= {need['adversarial_pct']:.1f}% for "
+            f"{sat['name']}: {sat['adversarial_pct']:.1f}% for {tflops(sat['total_flops'])} TFLOPs "
+            f"({sat['total_minutes']:.2f} min), so the target is >= {need['adversarial_pct']:.1f}% for "
             f"<= {tflops(need['total_flops'])} TFLOPs.",
             "",
         ]
     else:
         notes += [
-            f"sat: {goal['sat']['adversarial_pct']:.1f}% in {goal['sat']['total_minutes']:.2f} min, so the target "
+            f"{sat['name']}: {sat['adversarial_pct']:.1f}% in {sat['total_minutes']:.2f} min, so the target "
             f"is >= {need['adversarial_pct']:.1f}% in <= {need['total_minutes']:.2f} min.",
             "",
         ]
