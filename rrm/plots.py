@@ -21,6 +21,7 @@ import math
 import os
 from pathlib import Path
 
+from adjustText import adjust_text
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -259,6 +260,7 @@ def plot_students(
     handles = {}
     for i, (ax, (x, x_label, y, y_label)) in enumerate(zip(axes[0], panels)):
         shown = sorted((r for r in rows if r.get(x) is not None and r.get(y) is not None), key=lambda r: (r[x], -r[y]))
+        labels = []
         for r in shown:
             color, marker = style[r["name"]]
             y_high = 100.0 if y.endswith("_pct") else math.inf
@@ -273,7 +275,7 @@ def plot_students(
                 fillstyle="none" if r["name"] in failed else "full",
             )
             if len(rows) <= LABELLED_POINTS:
-                ax.annotate(r["name"], (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                labels.append(ax.text(r[x], r[y], r["name"], fontsize=8))
         if frontier:
             best, front = -math.inf, []
             for r in shown:
@@ -297,6 +299,8 @@ def plot_students(
         ax.set_ylabel(y_label)
         ax.set_title(y_label.replace(" (%)", "") + " against " + x_label.replace(" (min)", ""), fontsize=10)
         ax.grid(alpha=0.3)
+        if labels:  # moved apart where students sit close together, each joined to its point by a line
+            adjust_text(labels, ax=ax, arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
     fig.suptitle(threat_title(*([r.get(key) for r in rows] for key in ("dataset", "norm", "eps", "attack"))))
     names = [r["name"] for r in rows if r["name"] in handles]
     fig.tight_layout()

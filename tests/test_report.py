@@ -696,6 +696,23 @@ def test_error_bars_stay_within_0_and_100_percent(tmp_path: Path) -> None:
     assert [sorted(h) for h in horizontal] == [[0.0, 0.7]], "0.2 +- 0.5 minutes drawn from 0"
 
 
+def test_labels_of_students_close_together_do_not_overlap(tmp_path: Path) -> None:
+    """Four students within a point of each other on both axes, two far off (the transfer study's prefix rows
+    beside its natural and SAT students): every name is drawn, and no two names cover each other."""
+    rows = _frontier_rows(6)
+    for k, row in enumerate(rows[:4]):
+        row.update(total_minutes=20 + 0.5 * k, adversarial_pct=85 + 0.5 * k, adversarial_pct_ci95=None)
+    rows[4].update(total_minutes=10, adversarial_pct=0.0)
+    rows[5].update(total_minutes=65, adversarial_pct=64.0)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = plot_students(rows, tmp_path / "close.png", panels=FRONTIER_PANELS)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in fig.axes[0].texts]
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == sorted(r["name"] for r in rows)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+
+
 def test_no_students_to_plot_is_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(RRMError, match="no students to plot"):
         plot_students([], tmp_path / "empty.png")
