@@ -29,6 +29,10 @@ def _file_in_the_way(directory: Path) -> Path | None:
     return None
 
 
+# A full disk, or a full quota (where the platform has one)
+DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
 def output_error(path: str | os.PathLike, exc: OSError | None = None, *, directory: bool = False) -> OutputError:
     """The one-line error for an output ``path`` that cannot be written, from the cause in ``exc``."""
     path = Path(path)
@@ -46,7 +50,7 @@ def output_error(path: str | os.PathLike, exc: OSError | None = None, *, directo
         fix = "the file system is read-only; choose a path on a writable one"
     elif code in (errno.EACCES, errno.EPERM):
         fix = "permission denied; choose a directory you may write to, or change its permissions"
-    elif code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+    elif code in DISK_FULL:
         fix = "no space left on the device; free some space, or choose another path"
     elif code == errno.EISDIR:
         fix = "it is a directory; pass a file path"

@@ -18,6 +18,7 @@ from rrm.cli import cli
 from rrm.evaluation import EvalConfig
 from rrm.params import read_section
 from rrm.report import USES_TEACHER
+from rrm.tracking import flatten
 from rrm.train import METHODS, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -701,18 +702,9 @@ def test_the_pipeline_goes_through_the_registry(tmp_path: Path, migrated_mlflow_
         "total_flops",
     }
     written = [entry["data"] for entry in workspace["data"].values() if "data" in entry]  # stages not run: "error"
-    leaves = dict(kv for data in written for kv in _leaves(data))
+    leaves = dict(kv for data in written for kv in flatten.leaves(data))
     assert leaves and all(isinstance(v, int | float) for v in leaves.values()), leaves
     assert len(leaves) <= 13, sorted(leaves)  # the columns of `dvc metrics show`: 449 before headline files
-
-
-def _leaves(tree: dict, prefix: str = "") -> list[tuple[str, object]]:
-    """``(dotted key, value)`` of each leaf, as `dvc metrics show` names its columns."""
-    return [
-        pair
-        for k, v in tree.items()
-        for pair in (_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)])
-    ]
 
 
 def _declared_metrics(work: Path) -> set[str]:

@@ -124,12 +124,18 @@ def _unbound_note(rows: list[RunRow | SeedsRow]) -> list[str]:
     ]
 
 
-def _fmt(value: object, digits: int = 2) -> str:
+def fmt(value: object, digits: int = 2) -> str:
+    """A table cell: a float to ``digits`` decimals, "-" for None."""
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def fmt_ci(mean: float | None, half_width: float | None, digits: int = 1) -> str:
+    """A mean over seeds with its 95% CI half-width: ``85.9 ± 5.0``; "-" for None."""
+    return "-" if mean is None else f"{mean:.{digits}f} ± {half_width:.{digits}f}"
 
 
 def _markdown(title: str, header: list[str], rows: list[list[str]], notes: list[str]) -> str:
@@ -163,19 +169,19 @@ def table1(report: Report) -> str:
             [
                 r.label,
                 r.model,
-                _fmt(r.epochs, 0),
+                fmt(r.epochs, 0),
                 _epoch_time(r),
-                _fmt(r.total_minutes),
-                _fmt(r.natural_pct, 1),
-                _fmt(r.adversarial_pct, 1),
+                fmt(r.total_minutes),
+                fmt(r.natural_pct, 1),
+                fmt(r.adversarial_pct, 1),
                 r.attack,
-                _fmt(r.costs.speedup_vs_sat),
-                _fmt(r.costs.speedup_vs_sat_with_teacher),
+                fmt(r.costs.speedup_vs_sat),
+                fmt(r.costs.speedup_vs_sat_with_teacher),
                 tflops(r.total_flops),
                 tflops(r.costs.total_flops_with_teacher),
-                _fmt(r.costs.speedup_vs_sat_measured),
-                _fmt(r.apgd_pct, 1),
-                _fmt(r.attack_examples),
+                fmt(r.costs.speedup_vs_sat_measured),
+                fmt(r.apgd_pct, 1),
+                fmt(r.attack_examples),
             ]
         )
     header = [
@@ -206,18 +212,18 @@ def table2(report: Report) -> str:
         [
             r.label,
             r.model,
-            _fmt(r.natural_pct, 1),
-            _fmt(r.adversarial_pct, 1),
+            fmt(r.natural_pct, 1),
+            fmt(r.adversarial_pct, 1),
             r.attack,
-            _fmt(r.costs.adversarial_of_sat_pct, 1),
-            _fmt(r.total_minutes),
-            _fmt(r.costs.total_minutes_with_teacher),
-            _fmt(r.costs.speedup_vs_sat),
-            _fmt(r.costs.speedup_vs_sat_with_teacher),
+            fmt(r.costs.adversarial_of_sat_pct, 1),
+            fmt(r.total_minutes),
+            fmt(r.costs.total_minutes_with_teacher),
+            fmt(r.costs.speedup_vs_sat),
+            fmt(r.costs.speedup_vs_sat_with_teacher),
             tflops(r.total_flops),
             tflops(r.costs.total_flops_with_teacher),
-            _fmt(r.costs.speedup_vs_sat_measured),
-            _fmt(r.costs.speedup_vs_sat_with_teacher_measured),
+            fmt(r.costs.speedup_vs_sat_measured),
+            fmt(r.costs.speedup_vs_sat_with_teacher_measured),
         ]
         for r in chosen
     ]
@@ -253,26 +259,23 @@ def table2(report: Report) -> str:
 def seeds_table(report: Report) -> str:
     """Markdown: every student's means +- 95% CI over the seeds, against SAT, and the variants study's target check."""
 
-    def ci(mean: float | None, half_width: float | None, digits: int) -> str:
-        return "-" if mean is None else f"{mean:.{digits}f} ± {half_width:.{digits}f}"
-
     rows = [
         [
             r.label,
             r.method,
             r.model,
             str(r.seeds),
-            ci(r.natural_pct, r.natural_pct_ci95, 1),
-            ci(r.adversarial_pct, r.adversarial_pct_ci95, 1),
-            _fmt(r.adversarial_min_pct, 1),
+            fmt_ci(r.natural_pct, r.natural_pct_ci95, 1),
+            fmt_ci(r.adversarial_pct, r.adversarial_pct_ci95, 1),
+            fmt(r.adversarial_min_pct, 1),
             r.attack,
-            ci(r.transfer_pct, r.transfer_pct_ci95, 1),
-            ci(r.total_minutes, r.total_minutes_ci95, 2),
-            ci(r.total_minutes_with_teacher, r.total_minutes_with_teacher_ci95, 2),
-            _fmt(r.adversarial_of_sat_pct, 1),
-            _fmt(r.time_of_sat),
+            fmt_ci(r.transfer_pct, r.transfer_pct_ci95, 1),
+            fmt_ci(r.total_minutes, r.total_minutes_ci95, 2),
+            fmt_ci(r.total_minutes_with_teacher, r.total_minutes_with_teacher_ci95, 2),
+            fmt(r.adversarial_of_sat_pct, 1),
+            fmt(r.time_of_sat),
             "passed" if r.sanity_passed else "**FAILED**",
-            _fmt(r.cost_of_sat),
+            fmt(r.cost_of_sat),
             "-" if r.total_flops is None else f"{tflops(r.total_flops)} ± {tflops(r.total_flops_ci95)}",
         ]
         for r in report.students
@@ -305,7 +308,7 @@ def seeds_table(report: Report) -> str:
         "is checked where every run counted it.",
         "",
         f"Teacher: {t.method} {t.model}, natural {t.natural_pct:.1f}%, adversarial "
-        f"{_fmt(t.adversarial_pct, 1)}% ({t.attack}), {t.total_minutes:.2f} min, checks "
+        f"{fmt(t.adversarial_pct, 1)}% ({t.attack}), {t.total_minutes:.2f} min, checks "
         f"{'passed' if t.sanity_passed else '**FAILED**'}."
         if t
         else "No teacher run found.",
@@ -336,14 +339,14 @@ def seeds_table(report: Report) -> str:
     def cost(c: dict) -> str:
         if counted:
             return (
-                f" at {_fmt(c['cost_of_sat'])} x sat's FLOPs ({c['total_minutes']:.2f} min, "
-                f"{_fmt(c['time_of_sat'])} x its time)"
+                f" at {fmt(c['cost_of_sat'])} x sat's FLOPs ({c['total_minutes']:.2f} min, "
+                f"{fmt(c['time_of_sat'])} x its time)"
             )
-        return f" in {c['total_minutes']:.2f} min ({_fmt(c['time_of_sat'])} x sat's)"
+        return f" in {c['total_minutes']:.2f} min ({fmt(c['time_of_sat'])} x sat's)"
 
     notes += [
         f"- {'met' if c['met'] else '**not met**'}: {name} — {c['adversarial_pct']:.1f}% "
-        f"({_fmt(c['adversarial_of_sat_pct'], 1)}% of sat's"
+        f"({fmt(c['adversarial_of_sat_pct'], 1)}% of sat's"
         + ("" if c["over_natural_points"] is None else f", {c['over_natural_points']:+.1f} points over natural")
         + ")"
         + cost(c)
@@ -355,9 +358,9 @@ def seeds_table(report: Report) -> str:
     alternatives = [
         f"{name} ({others[name]['adversarial_pct']:.1f}% in {others[name]['total_minutes']:.2f} min, "
         + (
-            f"{_fmt(others[name]['cost_of_sat'])} x sat's FLOPs)"
+            f"{fmt(others[name]['cost_of_sat'])} x sat's FLOPs)"
             if counted
-            else f"{_fmt(others[name]['time_of_sat'])} x sat's)"
+            else f"{fmt(others[name]['time_of_sat'])} x sat's)"
         )
         for name in goal["met_without_teacher"]
     ]

@@ -10,21 +10,13 @@ import tabulate
 
 from rrm.report.costs import tflops
 from rrm.report.rows import Report, RunRow, SeedsRow
-from rrm.report.tables import transfer_rows
+from rrm.report.tables import fmt, fmt_ci, transfer_rows
 
 WIDTH = 100  # the notes under a table wrap here; the tables' own columns stay under it
 
 
 def _wrap(text: str) -> str:
     return textwrap.fill(text, WIDTH, subsequent_indent="  ")
-
-
-def _num(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _ci(mean: float | None, half_width: float | None) -> str:
-    return "-" if mean is None else f"{mean:.1f} ± {half_width:.1f}"
 
 
 def _checks(passed: bool | None) -> str:
@@ -49,11 +41,11 @@ def _table1(report: Report) -> str:
     rows = [
         [
             r.label,
-            _num(r.natural_pct),
-            _num(r.adversarial_pct),
+            fmt(r.natural_pct, 1),
+            fmt(r.adversarial_pct, 1),
             _attack(r),
             tflops(r.total_flops),
-            _num(r.costs.speedup_vs_sat, 2),
+            fmt(r.costs.speedup_vs_sat, 2),
             _checks(r.sanity_passed),
         ]
         for r in runs
@@ -67,10 +59,10 @@ def _table2(report: Report) -> str:
     rows = [
         [
             r.label,
-            _num(r.adversarial_pct),
-            _num(r.costs.adversarial_of_sat_pct),
-            _num(r.costs.speedup_vs_sat, 2),
-            _num(r.costs.speedup_vs_sat_with_teacher, 2),
+            fmt(r.adversarial_pct, 1),
+            fmt(r.costs.adversarial_of_sat_pct, 1),
+            fmt(r.costs.speedup_vs_sat, 2),
+            fmt(r.costs.speedup_vs_sat_with_teacher, 2),
         ]
         for r in chosen
     ]
@@ -86,11 +78,11 @@ def _seeds(report: Report) -> str:
         [
             r.label,
             str(r.seeds),
-            _ci(r.natural_pct, r.natural_pct_ci95),
-            _ci(r.adversarial_pct, r.adversarial_pct_ci95),
-            _num(r.adversarial_min_pct),
+            fmt_ci(r.natural_pct, r.natural_pct_ci95),
+            fmt_ci(r.adversarial_pct, r.adversarial_pct_ci95),
+            fmt(r.adversarial_min_pct, 1),
             r.attack,
-            _num(r.cost_of_sat if r.cost_basis == "flops" else r.time_of_sat, 2),
+            fmt(r.cost_of_sat if r.cost_basis == "flops" else r.time_of_sat, 2),
             _checks(r.sanity_passed),
         ]
         for r in students

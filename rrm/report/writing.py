@@ -40,15 +40,15 @@ def write_report(root: str | os.PathLike, out_dir: str | os.PathLike, **layout: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     by_name = {r.name: {k: v for k, v in r.to_dict().items() if k != "name"} for r in report.runs}
-    headline = {name: {k: row[k] for k in HEADLINE if row.get(k) is not None} for name, row in by_name.items()}
+    rows = {name: {k: row[k] for k in HEADLINE if row.get(k) is not None} for name, row in by_name.items()}
     if report.seeds is not None:
         goal = report.target
         files = {
             "table.md": seeds_table(report),
             "table.csv": csv_text(SEEDS_COLUMNS, report.students),
             "report.json": _json({**by_name, "seeds": report.seeds, "target": goal}),
-            "report.headline.json": _json(headline := {**headline, "target_met": bool(goal.get("met"))}),
         }
+        headline = {**rows, "target_met": bool(goal.get("met"))}
         figure = "frontier.png"
         students, panels, cost, scale = [r.to_dict() for r in report.students], FRONTIER_PANELS, "total_minutes", 1
         if goal.get("cost_basis") == "flops":  # the target is checked on counted FLOPs: so is the plot drawn
@@ -65,12 +65,11 @@ def write_report(root: str | os.PathLike, out_dir: str | os.PathLike, **layout: 
             "report.json": _json(
                 {**by_name, "claims": {c.claim: {"measured": c.measured, "met": c.met} for c in report.claims}}
             ),
-            "report.headline.json": _json(
-                headline := {**headline, "claims_met": {c.claim: c.met for c in report.claims}}
-            ),
         }
+        headline = {**rows, "claims_met": {c.claim: c.met for c in report.claims}}
         figure = "accuracy_vs_time.png"
         draw = functools.partial(plot_students, [r.to_dict() for r in report.students])
+    files["report.headline.json"] = _json(headline)
     for name, text in files.items():
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)

@@ -7,7 +7,6 @@ Store: ``MLFLOW_TRACKING_URI`` when set, else a SQLite file in the current direc
 from __future__ import annotations
 
 import contextlib
-import errno
 import sys
 from collections.abc import Iterator
 
@@ -17,7 +16,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from rrm.errors import RRMError, missing_driver
-from rrm.io import output_error
+from rrm.io import DISK_FULL, output_error
 from rrm.secrets import mask_url
 from rrm.tracking.environment import configure
 from rrm.tracking.uri import check_sqlite_directory, tracking_label, tracking_uri
@@ -148,7 +147,7 @@ def mlflow_errors(action: str) -> Iterator[None]:
                 f"{action}: cannot reach the MLflow tracking server at {uri}; start it "
                 "(`mlflow server`) or point MLFLOW_TRACKING_URI at a running one"
             ) from None
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
             # a local artifact store on a full disk: the line every rrm output gives
             raise RRMError(f"{action}: {output_error(exc.filename2 or exc.filename, exc)}") from None
         code = getattr(exc, "error_code", "")
