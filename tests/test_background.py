@@ -124,6 +124,20 @@ def test_the_worker_process_leaves_ctrl_c_to_the_training(tmp_path, digits):
     assert background.callback.calls[-1] == "end" and background.callback.exited_with is None
 
 
+@pytest.mark.skipif(not can_fork(), reason="no fork on this platform")
+def test_a_ctrl_c_sent_as_the_worker_forks_never_kills_it(monkeypatch):
+    """The worker ignores Ctrl-C from its first instruction on. One that arrived before the worker had set that up
+    killed it (a CI run's failure); the worker's first call is slowed here to hold that moment open."""
+    getppid = os.getppid
+    monkeypatch.setattr(os, "getppid", lambda: time.sleep(0.3) or getppid())  # forked with the worker
+    background = BackgroundCallback(_Recorder, process=True)
+    time.sleep(0.1)  # past the fork's own handling, which drops a signal sent sooner
+    os.kill(background.worker.pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert background.worker.is_alive(), "killed by a Ctrl-C it should have ignored"
+    background.__exit__(None, None, None)
+
+
 def _killed_training(log: str) -> None:
     background = BackgroundCallback(lambda: _Recorder(log=log), process=True)
     background.on_epoch_end(1, {"loss": 1.0})

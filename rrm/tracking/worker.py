@@ -89,6 +89,9 @@ def _warm() -> None:
         import rrm.tracking.callback  # noqa: F401  (imports MLflow)
 
 
+_STOPS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _serve(make: Callable[[], Any] | None, conn, other_end, in_process: bool, keep: Callable | None) -> None:
     """The worker: build and enter the callback, run each hook received, exit it, say how it went. A worker
     started without ``make`` (:func:`prestart`) loads what it will need, then waits to be given it; it exits
@@ -98,6 +101,7 @@ def _serve(make: Callable[[], Any] | None, conn, other_end, in_process: bool, ke
         other_end.close()  # so that the training's death reads as the end of the pipe
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the training decides
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)  # blocked across the fork (_start): one sent then is dropped
         sys.stderr = _Relay(conn)
     configure()  # MLflow's settings, before it loads here
     if make is None:
@@ -154,7 +158,12 @@ def _start(make: Callable[[], Any] | None, in_process: bool, keep: Callable | No
         worker = multiprocessing.get_context("fork").Process(target=_serve, args=args, name="rrm-callback", daemon=True)
     else:
         worker = threading.Thread(target=_serve, args=args, name="rrm-callback", daemon=True)
-    worker.start()
+    # blocked until the worker process ignores them: a Ctrl-C right after the fork must not kill it
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS if in_process else ())
+    try:
+        worker.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # one sent meanwhile reaches the training now
     if in_process:
         child.close()  # the worker's end lives on in the worker alone
     return worker, conn
