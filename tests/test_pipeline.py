@@ -651,7 +651,7 @@ def test_the_pipeline_goes_through_the_registry(tmp_path: Path, migrated_mlflow_
     assert (tags["rrm.teacher_name"], tags["rrm.teacher_version"]) == ("rrm-teacher", "1")
     assert tags["rrm.teacher_run_id"] == trained.info.run_id and tags["rrm.teacher_sha256"] == sha256_file(teacher)
     assert trained.info.run_name == "teacher · sat-cnn-digits" and student.info.run_name == "kd-cnn-bn-digits"
-    assert {"eval_apgd_accuracy", "eval_autoattack_accuracy", "sanity_passed"} <= set(trained.data.metrics)
+    assert {"robust/apgd", "robust/autoattack", "checks/passed"} <= set(trained.data.metrics)
     evaluations = client.search_runs(experiments, f"tags.`rrm.train_run_id` = '{trained.info.run_id}'")
     assert len(evaluations) == 1, "registering with the evaluation's metrics file logged it a second time"
     assert evaluations[0].info.run_name == "apgd+autoattack linf eps=0.2 · sat-cnn-digits"  # named before registering

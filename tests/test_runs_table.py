@@ -22,7 +22,7 @@ def rrm(*args: str):
 
 
 def _run(client: MlflowClient, experiment: str, name: str, params: dict, metrics: dict, tags: dict | None = None):
-    """A finished training run as training and `rrm evaluate` leave it: params, eval_* metrics, tags."""
+    """A finished training run as training and `rrm evaluate` leave it: params, natural/ and robust/ metrics, tags."""
     run = client.create_run(
         experiment, run_name=name, tags={"rrm.kind": "train", "rrm.dataset": "mnist5k", **(tags or {})}
     )
@@ -51,12 +51,12 @@ def store(mlflow_store):
     for method, seeds in RESULTS.items():
         for seed, (natural, apgd, aa) in enumerate(seeds):
             metrics = {
-                "eval_natural_accuracy": natural,
-                "eval_apgd_accuracy": apgd,
-                "eval_apgd_examples": 500,
-                "eval_autoattack_accuracy": aa,
-                "eval_autoattack_examples": 200,
-                "eval_eps": 0.3,
+                "natural/accuracy": natural,
+                "robust/apgd": apgd,
+                "robust/apgd_images": 500,
+                "robust/autoattack": aa,
+                "robust/autoattack_images": 200,
+                "robust/eps": 0.3,
                 "total_flops": 2e12 if method != "sat" else 6e12,
             }
             tags = {"rrm.sanity_checks": "passed"}
@@ -108,6 +108,21 @@ def test_text_md_and_csv_are_narrow_tables_of_the_same_numbers(store):
     assert md.stdout.splitlines()[0].replace(" ", "") == "|run|seeds|robust|"
     rows = list(csv.DictReader(io.StringIO(rrm("runs", "table", "--format", "csv").stdout)))
     assert float(rows[0]["robust"]) == pytest.approx(mean) and float(rows[0]["robust_ci"]) == pytest.approx(ci, 1e-3)
+
+
+def test_a_filter_on_a_headline_metric_and_runs_recorded_under_the_old_names(store):
+    client, experiment, _ = store
+    old = {"eval_natural_accuracy": 0.95, "eval_apgd_accuracy": 0.9, "eval_apgd_examples": 500, "eval_eps": 0.3}
+    old |= {"eval_autoattack_accuracy": 0.88, "eval_autoattack_examples": 200, "sanity_passed": 1.0}
+    _run(client, experiment, "rrm-cnn-bn-mnist5k", {"method": "rrm", "seed": "0"}, old, {"rrm.sanity_checks": "passed"})
+    result = rrm("runs", "table", "--runs", "--filter", "metrics.`robust/apgd` > 0.84", "--format", "json")
+    assert result.exit_code == 0, result.output
+    assert [r["method"] for r in json.loads(result.stdout)] == ["sat"], "an old run has no robust/apgd to filter on"
+    rows = json.loads(rrm("runs", "table", "--runs", "--format", "json").stdout)
+    (recorded,) = [r for r in rows if r["method"] == "rrm"]
+    assert recorded["robust"] == [pytest.approx(90.0), 0.0] and recorded["attack"] == "apgd/500"
+    assert recorded["natural"][0] == pytest.approx(95.0) and recorded["eps"] == 0.3
+    assert recorded["autoattack"][0] == pytest.approx(88.0) and recorded["autoattack_images"] == 200
 
 
 @pytest.mark.parametrize(

@@ -160,13 +160,18 @@ def test_register_promote_pull_then_train_student(teacher_run, store, monkeypatc
     measured = 1000 * sum(metrics.seconds.values())
     assert measured > 0 and measured <= evaluated.info.end_time - evaluated.info.start_time <= measured + 5000
     # The training run carries its evaluation's headline numbers, so runs sort by robustness in the UI; the checks
-    # did not run, so there is no sanity_passed to read as passed.
+    # did not run, so there is no checks/passed to read as passed. Their names sort together by what they are.
     trained = client.get_run(tracker.run_id).data
-    assert trained.metrics["eval_apgd_accuracy"] == metrics.adversarial_accuracy["apgd"]
-    assert trained.metrics["eval_natural_accuracy"] == metrics.natural_accuracy
-    assert trained.metrics["eval_headline_accuracy"] == metrics.headline_accuracy
-    assert trained.metrics["eval_apgd_examples"] == metrics.n_examples and "eval_worst_accuracy" not in trained.metrics
-    assert "sanity_passed" not in trained.metrics and trained.tags["rrm.sanity_checks"] == "not run"
+    assert trained.metrics["robust/apgd"] == metrics.adversarial_accuracy["apgd"]
+    assert trained.metrics["natural/accuracy"] == metrics.natural_accuracy
+    assert trained.metrics["natural/images"] == metrics.n_test
+    assert trained.metrics["robust/headline"] == metrics.headline_accuracy
+    assert trained.metrics["robust/apgd_images"] == metrics.n_examples and trained.metrics["robust/eps"] == 0.1
+    headline = {k for k in trained.metrics if k.startswith(("natural/", "robust/", "checks/"))}
+    assert headline == {"natural/accuracy", "natural/images", "robust/headline", "robust/eps"} | {
+        f"robust/{a}{images}" for a in ("apgd", "pgd") for images in ("", "_images")
+    }
+    assert "checks/passed" not in trained.metrics and trained.tags["rrm.sanity_checks"] == "not run"
     note = trained.tags["mlflow.note.content"]  # rewritten with the evaluation's numbers, each with its image count
     apgd = f"apgd {100 * metrics.adversarial_accuracy['apgd']:.1f}% on {metrics.examples('apgd')}"
     assert apgd in note and f"natural {100 * metrics.natural_accuracy:.1f}% on {metrics.n_test}" in note, note
@@ -191,8 +196,8 @@ def test_register_promote_pull_then_train_student(teacher_run, store, monkeypatc
     logged = client.get_logged_model(output.model_id)
     assert has_pt2(client, logged)
     on_model = {m.key: m.value for m in logged.metrics}
-    assert on_model["eval_apgd_accuracy"] == pytest.approx(metrics.adversarial_accuracy["apgd"])
-    assert on_model["eval_natural_accuracy"] == pytest.approx(metrics.natural_accuracy)
+    assert on_model["robust/apgd"] == pytest.approx(metrics.adversarial_accuracy["apgd"])
+    assert on_model["natural/accuracy"] == pytest.approx(metrics.natural_accuracy)
     assert source.data.tags["rrm.role"] == "teacher" and source.info.run_name.startswith("teacher · sat-cnn")
     assert source.data.tags["rrm.registered_as"] == "models:/rrm-teacher/1"
     import mlflow.pytorch

@@ -47,6 +47,7 @@ def runs_table(
     Examples:
       rrm runs table
       rrm runs table --filter "params.method = 'fast'" --runs
+      rrm runs table --filter "metrics.`robust/apgd` > 0.8"
       rrm runs table --columns run,seeds,natural,robust,attack,tflops --format md > leaderboard.md
     """
     for column in columns or ():

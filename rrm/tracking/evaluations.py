@@ -1,12 +1,13 @@
 """Evaluations in MLflow: ``rrm evaluate``'s metrics as a run linked to the training run, and read back from one.
 
 An evaluation run is named after what it measured ("apgd+autoattack linf eps=0.2 · rrm-cnn-bn-mnist5k"), and its
-headline numbers are copied onto the training run: ``eval_natural_accuracy``, ``eval_<attack>_accuracy`` with the
-test images it attacked in ``eval_<attack>_examples``, ``eval_headline_accuracy`` (the lowest accuracy among the
-attacks on the most images), ``sanity_passed`` (1 or 0, absent when the checks did not run) and tag
-``rrm.sanity_checks`` (passed, FAILED or not run), so training runs can be sorted and compared by robustness in
-``mlflow ui`` and ``rrm runs table``. The same result is logged once: logging it again (registering a teacher with the
-metrics file ``rrm evaluate`` wrote) returns the run already there.
+headline numbers are copied onto the training run under names that sort together by what they are:
+``natural/accuracy`` with its test images in ``natural/images``; ``robust/<attack>`` per attack with its images in
+``robust/<attack>_images``, ``robust/headline`` (the lowest accuracy among the attacks on the most images) and
+``robust/eps``; ``checks/passed`` (1 or 0, absent when the checks did not run) and tag ``rrm.sanity_checks`` (passed,
+FAILED or not run). So training runs can be sorted and compared by robustness in ``mlflow ui`` (whose charts group
+them by prefix) and ``rrm runs table``. The same result is logged once: logging it again (registering a teacher with
+the metrics file ``rrm evaluate`` wrote) returns the run already there.
 """
 
 from __future__ import annotations
@@ -33,9 +34,25 @@ from rrm.tracking.notes import write_note
 from rrm.tracking.runs import DEFAULT_EXPERIMENT, context_tags, ensure_experiment, run_status
 from rrm.tracking.versions import run_model
 
-__all__ = ["EXAMPLES_SUFFIX", "evaluation_of_run", "headline_metrics", "log_evaluation"]
+__all__ = [
+    "CHECKS",
+    "EPS",
+    "HEADLINE",
+    "IMAGES_SUFFIX",
+    "NATURAL",
+    "NATURAL_IMAGES",
+    "ROBUST",
+    "evaluation_of_run",
+    "headline_metrics",
+    "log_evaluation",
+]
 
-EXAMPLES_SUFFIX = "_examples"  # eval_<attack>_examples: the test images an attack's accuracy is on
+# The headline's metric names on a training run
+NATURAL, NATURAL_IMAGES = "natural/accuracy", "natural/images"
+ROBUST = "robust/"  # robust/<attack>: the accuracy under that attack
+IMAGES_SUFFIX = "_images"  # robust/<attack>_images: the test images it attacked
+HEADLINE, EPS = "robust/headline", "robust/eps"
+CHECKS = "checks/passed"
 
 
 def log_evaluation(
@@ -136,19 +153,21 @@ def _run_name(result: EvalResult, model_path: str | os.PathLike, train_run: Run 
 def headline_metrics(result: EvalResult) -> dict[str, float]:
     """The numbers of an evaluation a training run carries: natural and per-attack accuracy, and whether the
     gradient-masking checks passed (1 or 0; left out when they did not run, so "not run" never reads as passed)."""
-    values = {"eval_natural_accuracy": result.natural_accuracy}
+    values = {NATURAL: result.natural_accuracy}
+    if result.n_test:
+        values[NATURAL_IMAGES] = float(result.n_test)
     for attack, accuracy in result.adversarial_accuracy.items():
-        name = attack.replace("-", "_")
-        values[f"eval_{name}_accuracy"] = accuracy
+        name = ROBUST + attack.replace("-", "_")
+        values[name] = accuracy
         if result.examples(attack) is not None:
-            values[f"eval_{name}{EXAMPLES_SUFFIX}"] = float(result.examples(attack))
+            values[name + IMAGES_SUFFIX] = float(result.examples(attack))
     if result.headline_accuracy is not None:
-        values["eval_headline_accuracy"] = result.headline_accuracy
+        values[HEADLINE] = result.headline_accuracy
     if result.eps is not None:
-        values["eval_eps"] = float(result.eps)
+        values[EPS] = float(result.eps)
     status = result.sanity_status
     if status != "not run":
-        values["sanity_passed"] = float(status == "passed")
+        values[CHECKS] = float(status == "passed")
     return values
 
 

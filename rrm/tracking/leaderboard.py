@@ -2,7 +2,8 @@
 
 One row per run, or per recipe over its seeds (mean ± 95% CI): runs that share their name, method, model, dataset,
 eps, teacher and headline attack. It reads what training and ``rrm evaluate`` record on the training run (params,
-``eval_*`` metrics, tags), so it works on a team's server as on the project's SQLite file.
+``natural/…``, ``robust/…`` and ``checks/…`` metrics, tags), so it works on a team's server as on the project's
+SQLite file.
 
 The robust number of a run is its evaluation's headline: the lowest accuracy among the attacks run on the most images,
 shown with that attack and image count. AutoAttack run on fewer images has a column of its own; no minimum is taken
@@ -27,7 +28,7 @@ from rrm.errors import RRMError, unknown
 from rrm.evaluation import headline_attack
 from rrm.stats import mean_ci
 from rrm.tracking.connection import has_error_code, mlflow_errors, one_line, store_client
-from rrm.tracking.evaluations import EXAMPLES_SUFFIX
+from rrm.tracking.evaluations import CHECKS, EPS, HEADLINE, IMAGES_SUFFIX, NATURAL, ROBUST
 from rrm.tracking.runs import DEFAULT_EXPERIMENT
 from rrm.tracking.uri import tracking_label
 
@@ -131,7 +132,7 @@ def _training_runs(client: MlflowClient, experiment_id: str, where: str | None) 
             if has_error_code(exc, "INVALID_PARAMETER_VALUE"):
                 raise RRMError(
                     f"bad --filter {where!r}: {one_line(exc.message, 200)}; write MLflow's search syntax, "
-                    "conditions joined by 'and', e.g. \"params.method = 'fast' and metrics.eval_apgd_accuracy > 0.5\""
+                    "conditions joined by 'and', e.g. \"params.method = 'fast' and metrics.`robust/apgd` > 0.5\""
                 ) from None
             raise
         runs.extend(page)
@@ -148,18 +149,35 @@ def _number(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
+_RENAMED = {  # the headline's names before they sorted together (runs recorded until December 2026)
+    "eval_natural_accuracy": NATURAL,
+    "eval_headline_accuracy": HEADLINE,
+    "eval_eps": EPS,
+    "sanity_passed": CHECKS,
+}
+
+
+def _current(metrics: Mapping[str, float]) -> dict[str, float]:
+    """A run's metrics under today's names: an older run's ``eval_<attack>_accuracy`` reads as ``robust/<attack>``."""
+    current = {}
+    for key, value in metrics.items():
+        if key in _RENAMED:
+            key = _RENAMED[key]
+        elif key.startswith("eval_") and key.endswith(("_accuracy", "_examples")) and key != "eval_worst_accuracy":
+            attack, _, kind = key[len("eval_") :].rpartition("_")
+            key = ROBUST + attack + ("" if kind == "accuracy" else IMAGES_SUFFIX)
+        current.setdefault(key, value)
+    return current
+
+
 def _headline(metrics: Mapping[str, float]) -> tuple[str | None, float | None, int | None]:
     """The attack, accuracy and test images of a run's headline (:func:`rrm.evaluation.headline_attack`)."""
     accuracy = {
-        key[len("eval_") : -len("_accuracy")]: value
+        key[len(ROBUST) :]: value
         for key, value in metrics.items()
-        if key.startswith("eval_")
-        and key.endswith("_accuracy")
-        and key not in ("eval_natural_accuracy", "eval_headline_accuracy", "eval_worst_accuracy")
+        if key.startswith(ROBUST) and key not in (HEADLINE, EPS) and not key.endswith(IMAGES_SUFFIX)
     }
-    examples = {
-        a: int(metrics[f"eval_{a}{EXAMPLES_SUFFIX}"]) for a in accuracy if f"eval_{a}{EXAMPLES_SUFFIX}" in metrics
-    }
+    examples = {a: int(metrics[ROBUST + a + IMAGES_SUFFIX]) for a in accuracy if ROBUST + a + IMAGES_SUFFIX in metrics}
     attack = headline_attack(accuracy, examples)
     return attack, accuracy.get(attack), examples.get(attack)
 
@@ -177,12 +195,12 @@ def _teacher(tags: Mapping[str, str]) -> str | None:
 
 
 def _run_row(run: Run) -> Entry:
-    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    params, metrics, tags = run.data.params, _current(run.data.metrics), run.data.tags
     attack, robust, images = _headline(metrics)
-    natural = metrics.get("eval_natural_accuracy", metrics.get("test_accuracy"))
-    aa, aa_images = metrics.get(f"eval_{_AA}_accuracy"), metrics.get(f"eval_{_AA}{EXAMPLES_SUFFIX}")
+    natural = metrics.get(NATURAL, metrics.get("test_accuracy"))
+    aa, aa_images = metrics.get(ROBUST + _AA), metrics.get(ROBUST + _AA + IMAGES_SUFFIX)
     seed = _number(params.get("seed"))
-    eps = _number(metrics.get("eval_eps", params.get("eps")))
+    eps = _number(metrics.get(EPS, params.get("eps")))
     flops = _number(metrics.get("total_flops"))
     return Entry(
         run=run.info.run_name or run.info.run_id,
