@@ -23,7 +23,11 @@ from rrm.models import load_model, save_model
 from rrm.tracking.evaluations import evaluation_of_run
 from rrm.tracking.logged_models import has_pt2
 from rrm.tracking.notes import flops, percent
+from rrm.tracking.runs import ensure_experiment
+from rrm.tracking.views import VIEW_ID, view_url
 from rrm.train import Callback, TrainConfig, train
+
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_ID}"
 
 DIGITS = dict(dataset="digits", model="cnn", epochs=1, monitor_examples=0, progress=False)
 
@@ -80,6 +84,30 @@ def _evaluate(result) -> EvalResult:
         norm="linf", eps=0.1, attacks=("apgd", "pgd"), n_examples=100, steps=10, restarts=1, pgd_steps=10, sanity=False
     )
     return evaluate(result.model.cpu().float().eval(), result.data, config, model_sha256=sha256_file(result.model_path))
+
+
+@pytest.mark.usefixtures("mlflow_store")
+def test_an_experiment_carries_the_robustness_view_and_keeps_a_users_edits():
+    """The saved view in MLflow's own form (what its "Save as new view" writes: a browser test opens it)."""
+    client = MlflowClient()
+    made = ensure_experiment(client, "viewed")
+    envelope = json.loads(client.get_experiment(made).tags[VIEW_TAG])
+    assert envelope["name"] == "Robustness" and envelope["createdAt"] == envelope["updatedAt"] > 0
+    state = json.loads(envelope["state"])
+    assert (state["orderByKey"], state["orderByAsc"]) == ("metrics.`robust/headline`", False), "best first"
+    assert state["searchFilter"] == "tags.`rrm.kind` = 'train'"
+    assert {"metrics.`natural/accuracy`", "metrics.`robust/autoattack`", "params.`method`"} <= set(
+        state["selectedColumns"]
+    )
+    assert view_url("http://127.0.0.1:5000/", made) == (
+        f"http://127.0.0.1:5000/#/experiments/{made}/runs?viewStateShareKey=rrm-robustness&workflowType=machine_learning"
+    )
+    older = client.create_experiment("older")  # made before rrm saved views: it gets one
+    ensure_experiment(client, "older")
+    assert VIEW_TAG in client.get_experiment(older).tags
+    client.set_experiment_tag(older, VIEW_TAG, "a user's edit")
+    ensure_experiment(client, "older")
+    assert client.get_experiment(older).tags[VIEW_TAG] == "a user's edit"
 
 
 def test_training_run_reads_back(teacher_run, store):
@@ -215,9 +243,9 @@ def test_register_promote_pull_then_train_student(teacher_run, store, monkeypatc
     )
     assert (tags["dataset"], tags["dataset_digest"]) == ("digits", result.data.digest)
     worst = min(metrics.adversarial_accuracy, key=metrics.adversarial_accuracy.get)
-    assert float(tags["adversarial_accuracy"]) == metrics.adversarial_accuracy[worst]
+    assert tags["adversarial_accuracy"] == f"{metrics.adversarial_accuracy[worst]:.4f}"  # rounded to what it means
     assert tags["attack"] == worst, "on the same images, the worst attack is the one that counts"
-    assert float(tags["natural_accuracy"]) == metrics.natural_accuracy
+    assert tags["natural_accuracy"] == f"{metrics.natural_accuracy:.4f}"
     assert tags["source_run"] == tracker.run_id and tags["evaluation_run"] == evaluation_run
     assert f"({worst} on 100 test images; linf eps 0.1; sanity checks not run; also " in version.description
     assert tags["examples"] == "100" and all(
@@ -478,7 +506,7 @@ def test_register_and_pull_through_a_server(server, sat_file, tmp_path):
         )
     )
     version = tracking.register_teacher(sat_file, evaluation=evaluation)
-    assert version.uri == "models:/rrm-teacher/1" and version.tags["adversarial_accuracy"] == "0.5"
+    assert version.uri == "models:/rrm-teacher/1" and version.tags["adversarial_accuracy"] == "0.5000"
     assert "sanity checks passed" in version.description
     tracking.promote("rrm-teacher", 1, "champion")
     path, meta = tracking.pull_teacher("models:/rrm-teacher@champion", tmp_path / "pulled.pt")

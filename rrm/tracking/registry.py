@@ -179,10 +179,10 @@ def _version_tags(
         "method": str(meta.get("method")),
         "dataset": str(meta.get("dataset")),
         "dataset_digest": str(meta.get("dataset_digest")),
-        "natural_accuracy": str(
+        "natural_accuracy": _rounded(
             evaluated.natural_accuracy if evaluated is not None else (meta.get("summary") or {}).get("test_accuracy")
         ),
-        "adversarial_accuracy": str(evaluated.headline_accuracy) if evaluated is not None else "not evaluated",
+        "adversarial_accuracy": _rounded(evaluated.headline_accuracy) if evaluated is not None else "not evaluated",
         "evaluated": str(evaluated is not None).lower(),
         "attack": str(evaluated.headline_attack) if evaluated is not None else "none",
         "source_run": run_id,
@@ -197,6 +197,11 @@ def _version_tags(
     if problems:
         tags["forced"] = one_line("; ".join(problems), 4000)
     return tags
+
+
+def _rounded(accuracy: float | None) -> str:
+    """An accuracy as a tag: four decimals (a hundredth of a percent), as the per-attack tags."""
+    return "None" if accuracy is None else f"{accuracy:.4f}"
 
 
 def _import_run(client: MlflowClient, path: Path, meta: dict, experiment: str) -> tuple[str, str]:

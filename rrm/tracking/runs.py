@@ -21,6 +21,7 @@ import rrm
 from rrm.errors import RRMError
 from rrm.tracking.connection import has_error_code, one_line
 from rrm.tracking.stale import process_tags
+from rrm.tracking.views import view_tag
 
 __all__ = ["DEFAULT_EXPERIMENT", "EXPERIMENT_KIND", "context_tags", "end_active_run", "ensure_experiment", "run_status"]
 
@@ -36,13 +37,15 @@ _VERSIONED_PACKAGES = {
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
-    """The id of experiment ``name``, created as a model-training experiment if it does not exist. An existing one
-    without a kind (made before rrm set it) gets the kind too; one whose kind someone chose is left as it is."""
+    """The id of experiment ``name``, created as a model-training experiment with rrm's saved view
+    (:mod:`rrm.tracking.views`) if it does not exist. An existing one without a kind or the view (made before rrm set
+    them) gets them too; a kind someone chose, or their edits to the view, are left as they are."""
     key, kind = EXPERIMENT_KIND
+    view_key, view = view_tag()
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, tags={key: kind})
+            return client.create_experiment(name, tags={key: kind, view_key: view})
         except MlflowException as exc:  # another process created it first
             if not has_error_code(exc, "RESOURCE_ALREADY_EXISTS"):
                 raise
@@ -52,8 +55,9 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
             f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments restore`) or "
             "choose another --experiment"
         )
-    if key not in (experiment.tags or {}):
-        client.set_experiment_tag(experiment.experiment_id, key, kind)
+    for tag, value in ((key, kind), (view_key, view)):
+        if tag not in (experiment.tags or {}):
+            client.set_experiment_tag(experiment.experiment_id, tag, value)
     return experiment.experiment_id
 
 
