@@ -48,8 +48,18 @@ DATASETS: dict[str, Callable[..., ImageData]] = {
 }
 
 __all__ = [
-    "AUGMENTATIONS", "DATASETS", "ImageData", "LazyImages", "as_tensor", "augment_batch", "batches", "load_dataset",
-    "prepare_dataset", "read_dataset", "save_dataset", "to_float",
+    "AUGMENTATIONS",
+    "DATASETS",
+    "ImageData",
+    "LazyImages",
+    "as_tensor",
+    "augment_batch",
+    "batches",
+    "load_dataset",
+    "prepare_dataset",
+    "read_dataset",
+    "save_dataset",
+    "to_float",
 ]
 
 
@@ -81,8 +91,10 @@ def _call(name: str, loader: Callable, options: dict):
     except TypeError as exc:
         raise RRMError(f"dataset {name!r} does not take these options: {exc}") from None
     except ValueError as exc:  # a value the loader cannot use (test_size larger than the data, a text seed)
-        raise RRMError(f"dataset {name!r} cannot use the options {options}: "
-                       f"{(str(exc).splitlines() or [type(exc).__name__])[0]}; check -o") from None
+        raise RRMError(
+            f"dataset {name!r} cannot use the options {options}: "
+            f"{(str(exc).splitlines() or [type(exc).__name__])[0]}; check -o"
+        ) from None
 
 
 def prepare_dataset(

@@ -51,7 +51,7 @@ class LazyImages(Protocol):
 
     def __len__(self) -> int: ...
 
-    def __getitem__(self, key) -> "LazyImages": ...
+    def __getitem__(self, key) -> LazyImages: ...
 
     def read(self, index=None, *, pin: bool = False) -> torch.Tensor:
         """The rows ``index`` (all without it) as one uint8 tensor; ``pin``: in page-locked memory for the GPU."""
@@ -86,8 +86,10 @@ class ImageData:
             raise unknown("augmentation", self.augment, AUGMENTATIONS)
         for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
             if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
-                raise RRMError(f"{self.name}: {split} images must be NCHW with one label each, got {tuple(x.shape)} "
-                               f"and {tuple(y.shape)}")
+                raise RRMError(
+                    f"{self.name}: {split} images must be NCHW with one label each, got {tuple(x.shape)} "
+                    f"and {tuple(y.shape)}"
+                )
         if self.train_x.shape[1:] != self.test_x.shape[1:]:
             raise RRMError(f"{self.name}: train and test images differ in shape")
         if not self.mean:
@@ -129,7 +131,7 @@ class ImageData:
         c, h, _ = self.input_shape
         return dict(num_classes=self.num_classes, in_channels=c, image_size=h, mean=self.mean, std=self.std)
 
-    def validation_split(self, fraction: float = 0.2, seed: int = 0) -> "ImageData":
+    def validation_split(self, fraction: float = 0.2, seed: int = 0) -> ImageData:
         """Carve a stratified validation split from the training data; the result's test split is that validation set.
 
         Tuning scores trials on it, so the real test split is never looked at while choosing hyper-parameters.
@@ -146,16 +148,23 @@ class ImageData:
         keep = torch.ones(len(self.train_y), dtype=torch.bool)
         keep[val] = False
         return dataclasses.replace(
-            self, name=f"{self.name}-val", train_x=self.train_x[keep], train_y=self.train_y[keep],
-            test_x=self.train_x[val], test_y=self.train_y[val],
+            self,
+            name=f"{self.name}-val",
+            train_x=self.train_x[keep],
+            train_y=self.train_y[keep],
+            test_x=self.train_x[val],
+            test_y=self.train_y[val],
             source={**self.source, "validation_of": self.name, "fraction": fraction, "seed": seed},
         )
 
-    def subset(self, n_train: int | None = None, n_test: int | None = None) -> "ImageData":
+    def subset(self, n_train: int | None = None, n_test: int | None = None) -> ImageData:
         """The first ``n_train`` / ``n_test`` examples (the splits are already shuffled and stratified)."""
         return dataclasses.replace(
-            self, train_x=self.train_x[:n_train], train_y=self.train_y[:n_train],
-            test_x=self.test_x[:n_test], test_y=self.test_y[:n_test],
+            self,
+            train_x=self.train_x[:n_train],
+            train_y=self.train_y[:n_train],
+            test_x=self.test_x[:n_test],
+            test_y=self.test_y[:n_test],
         )
 
 
@@ -181,9 +190,14 @@ def save_dataset(data: ImageData, path: str | os.PathLike) -> str:
     """Write ``data`` to one safetensors file atomically; returns its digest."""
     digest = data.digest
     meta = {
-        "format": DATASET_FORMAT, "name": data.name, "classes": json.dumps(list(data.classes)),
-        "augment": data.augment, "mean": json.dumps(list(data.mean)), "std": json.dumps(list(data.std)),
-        "source": json.dumps(data.source, sort_keys=True), "digest": digest,
+        "format": DATASET_FORMAT,
+        "name": data.name,
+        "classes": json.dumps(list(data.classes)),
+        "augment": data.augment,
+        "mean": json.dumps(list(data.mean)),
+        "std": json.dumps(list(data.std)),
+        "source": json.dumps(data.source, sort_keys=True),
+        "digest": digest,
     }
     tensors = {k: getattr(data, k).contiguous() for k in _TENSORS}
     with atomic_path(path) as tmp:
@@ -203,30 +217,46 @@ def read_dataset(path: str | os.PathLike, verify: bool = True) -> ImageData:
     except (SafetensorError, OSError, ValueError) as exc:
         raise RRMError(f"dataset file {str(path)!r} is corrupt ({exc}); re-create it with `rrm data prepare`") from None
     if meta.get("format") != DATASET_FORMAT:
-        raise RRMError(f"{str(path)!r} is not an rrm dataset file (its metadata header has no format "
-                       f"{DATASET_FORMAT!r}); write one with `rrm data prepare`")
+        raise RRMError(
+            f"{str(path)!r} is not an rrm dataset file (its metadata header has no format "
+            f"{DATASET_FORMAT!r}); write one with `rrm data prepare`"
+        )
     missing = [key for key in (*_HEADER_KEYS, "digest") if key not in meta]
     if missing or set(tensors) != set(_TENSORS):
-        what = (f"its metadata header lacks {', '.join(missing)}" if missing
-                else f"it holds tensors {sorted(tensors)}, not {list(_TENSORS)}")
+        what = (
+            f"its metadata header lacks {', '.join(missing)}"
+            if missing
+            else f"it holds tensors {sorted(tensors)}, not {list(_TENSORS)}"
+        )
         raise RRMError(f"dataset file {str(path)!r} is damaged ({what}); re-create it with `rrm data prepare`")
     try:
         header = {key: json.loads(meta[key]) for key in ("classes", "mean", "std", "source")}
-        data = ImageData(name=meta["name"], classes=tuple(header["classes"]), augment=meta["augment"],
-                         mean=tuple(header["mean"]), std=tuple(header["std"]), source=dict(header["source"]),
-                         **tensors)
+        data = ImageData(
+            name=meta["name"],
+            classes=tuple(header["classes"]),
+            augment=meta["augment"],
+            mean=tuple(header["mean"]),
+            std=tuple(header["std"]),
+            source=dict(header["source"]),
+            **tensors,
+        )
         digest = data.digest if verify else None
     except (ValueError, TypeError) as exc:  # a header value that is not JSON, or JSON of the wrong shape
-        raise RRMError(f"dataset file {str(path)!r} is damaged ({type(exc).__name__} reading its metadata header: "
-                       f"{(str(exc).splitlines() or [''])[0]}); re-create it with `rrm data prepare`") from None
+        raise RRMError(
+            f"dataset file {str(path)!r} is damaged ({type(exc).__name__} reading its metadata header: "
+            f"{(str(exc).splitlines() or [''])[0]}); re-create it with `rrm data prepare`"
+        ) from None
     if verify and digest != meta["digest"]:
-        raise RRMError(f"dataset file {str(path)!r} does not match its digest (modified or damaged); "
-                       "re-create it with `rrm data prepare`")
+        raise RRMError(
+            f"dataset file {str(path)!r} does not match its digest (modified or damaged); "
+            "re-create it with `rrm data prepare`"
+        )
     return data
 
 
-def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator | None = None,
-                  within: tuple[int, int] | None = None) -> torch.Tensor:
+def augment_batch(
+    x: torch.Tensor, kind: str, generator: torch.Generator | None = None, within: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Per-dataset training augmentation on a float batch: random crop (zero padding 1/8 of the side) and flip, or
     ImageNet's random-resized crop and flip (``resized-crop-flip``, :func:`_resized_crop_flip`).
 
@@ -244,15 +274,19 @@ def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator | None 
         return _resized_crop_flip(x, draws)
     pad = max(1, h // 8)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (total,), generator=generator, device=gen_device)[offset:offset + n].to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (total,), generator=generator, device=gen_device)[offset:offset + n].to(x.device)
+    dy = torch.randint(0, 2 * pad + 1, (total,), generator=generator, device=gen_device)[offset : offset + n].to(
+        x.device
+    )
+    dx = torch.randint(0, 2 * pad + 1, (total,), generator=generator, device=gen_device)[offset : offset + n].to(
+        x.device
+    )
     rows = (torch.arange(h, device=x.device)[None, :] + dy[:, None])[:, None, :, None]
     cols = (torch.arange(w, device=x.device)[None, :] + dx[:, None])[:, None, None, :]
     batch = torch.arange(n, device=x.device)[:, None, None, None]
     chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
     out = padded[batch, chans, rows, cols]
     if kind == "crop-flip":
-        flip = (torch.rand(total, generator=generator, device=gen_device)[offset:offset + n] < 0.5).to(x.device)
+        flip = (torch.rand(total, generator=generator, device=gen_device)[offset : offset + n] < 0.5).to(x.device)
         out = torch.where(flip[:, None, None, None], out.flip(3), out)
     return out
 

@@ -16,9 +16,13 @@ def _split(name: str, images: np.ndarray, labels: np.ndarray, test_size: int, se
 
     xtr, xte, ytr, yte = train_test_split(images, labels, test_size=test_size, stratify=labels, random_state=seed)
     return ImageData(
-        name=name, train_x=torch.from_numpy(np.ascontiguousarray(xtr)), train_y=torch.from_numpy(ytr).long(),
-        test_x=torch.from_numpy(np.ascontiguousarray(xte)), test_y=torch.from_numpy(yte).long(),
-        classes=DIGIT_CLASSES, **kw,
+        name=name,
+        train_x=torch.from_numpy(np.ascontiguousarray(xtr)),
+        train_y=torch.from_numpy(ytr).long(),
+        test_x=torch.from_numpy(np.ascontiguousarray(xte)),
+        test_y=torch.from_numpy(yte).long(),
+        classes=DIGIT_CLASSES,
+        **kw,
     )
 
 
