@@ -3,7 +3,9 @@
 For each training image x, start from a random *other* training image x_r and minimise
 ``||g_T(x_r) - g_T(x)||_2`` over x_r with normalised-gradient L2 steps, clamped to [0, 1]; x_r keeps x's label.
 The work is batched, shows a progress bar, and is resumable: finished batches are saved to a partial file, so an
-interrupted run continues from its last save (at most ``save_every_s`` seconds of work are lost).
+interrupted run continues from its last save (at most ``save_every_s`` seconds of work are lost). With ``shards``
+the output is a directory of shards (:mod:`rrm.data.shards`, float32 pixels), streamed one batch per shard: memory
+holds one batch however large the dataset, and an interrupted run keeps its finished shards and resumes after them.
 
 Its cost is counted as training's is (:mod:`rrm.train.flops`): the FLOPs of one batch, per image, times the training
 images, stored as ``robustify_flops`` in the dataset's ``source``; ``rrm report`` adds them to rdt's cost.
@@ -13,12 +15,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import math
 import numbers
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from rrm.data import ImageData, as_tensor, save_dataset, to_float
@@ -87,6 +93,15 @@ def match_features(
     return x.detach()
 
 
+def _batch(
+    teacher: Classifier, data: ImageData, partners: torch.Tensor, rows: torch.Tensor, settings: dict, device
+) -> torch.Tensor:
+    """The robustified images of training rows ``rows``, on the CPU."""
+    target = to_float(as_tensor(data.train_x[rows])).to(device)
+    begin = to_float(as_tensor(data.train_x[partners[rows]])).to(device)
+    return match_features(teacher, begin, target, settings["steps"], settings["step_size"]).cpu()
+
+
 def robustify(
     teacher: Classifier,
     data: ImageData,
@@ -100,8 +115,10 @@ def robustify(
     teacher_ref: str = "",
     progress: bool | None = None,
     save_every_s: float = 30.0,
+    shards: bool = False,
 ) -> ImageData:
-    """Write the robustified training split of ``data`` (test split unchanged) to ``out``; returns it."""
+    """Write the robustified training split of ``data`` (test split unchanged) to ``out``, a file or with ``shards``
+    a directory of shards; returns it."""
     check_settings(steps, step_size, batch_size)
     if len(data.train_y) < 2:
         raise RRMError("robustify needs at least two training images")
@@ -114,9 +131,11 @@ def robustify(
     teacher = teacher.to(device).eval()
     teacher.requires_grad_(False)
     out = Path(out)
+    settings = {"steps": steps, "step_size": step_size, "seed": seed, "from_digest": data.digest}
+    if shards:
+        return _stream(teacher, data, out, settings, batch_size, device, teacher_ref, progress)
     check_writable(out)
     partial = out.with_name(out.name + ".partial.pt")
-    settings = {"steps": steps, "step_size": step_size, "seed": seed, "from_digest": data.digest}
     n = len(data.train_y)
     result = torch.empty(data.train_x.shape, dtype=torch.float32)
     done = 0
@@ -128,10 +147,8 @@ def robustify(
     bar = Bar(total=n, initial=done, desc="robustify", unit="img", disable=None if progress is None else not progress)
     for start in range(done, n, batch_size):
         idx = torch.arange(start, min(start + batch_size, n))
-        target = to_float(as_tensor(data.train_x[idx])).to(device)
-        begin = to_float(as_tensor(data.train_x[partners[idx]])).to(device)
         with FlopCounter() if flops_per_image is None else contextlib.nullcontext() as counter:
-            result[idx] = match_features(teacher, begin, target, steps, step_size).cpu()
+            result[idx] = _batch(teacher, data, partners, idx, settings, device)
         if flops_per_image is None:
             flops_per_image = counter.get_total_flops() / len(idx)
         done = int(idx[-1]) + 1
@@ -143,27 +160,92 @@ def robustify(
     bar.close()
     if flops_per_image is None:  # every batch was done before a resume: count one image
         with FlopCounter() as counter:
-            match_features(
-                teacher,
-                to_float(as_tensor(data.train_x[partners[:1]])).to(device),
-                to_float(as_tensor(data.train_x[:1])).to(device),
-                steps,
-                step_size,
-            )
+            _batch(teacher, data, partners, torch.arange(1), settings, device)
         flops_per_image = counter.get_total_flops()
-    robust = dataclasses.replace(
+    # a robustified set written as one file is held in memory: shards are read here
+    robust = _robustified(data, result, as_tensor(data.test_x), teacher_ref, settings, flops_per_image)
+    save_dataset(robust, out)
+    partial.unlink(missing_ok=True)
+    return robust
+
+
+def _robustified(
+    data: ImageData, train_x, test_x, teacher_ref: str, settings: dict, flops_per_image: float
+) -> ImageData:
+    """The robustified dataset: ``data`` with the new training images, its source saying how they were made."""
+    return dataclasses.replace(
         data,
         name=f"{data.name}-robust",
-        train_x=result,
-        test_x=as_tensor(data.test_x),  # a robustified set is one file, held in memory: shards read here
+        train_x=train_x,
+        test_x=test_x,
         source={
             "kind": "robustified",
             "from": data.name,
             "teacher": teacher_ref,
             **settings,
-            "robustify_flops": flops_per_image * n,
+            "robustify_flops": flops_per_image * len(data.train_y),
         },
     )
-    save_dataset(robust, out)
-    partial.unlink(missing_ok=True)
-    return robust
+
+
+class _Computed:
+    """Robustified training images computed when read (:class:`rrm.data.core.LazyImages`): what
+    :func:`rrm.data.shard_writer.write_shards` streams into shards, one shard's rows in memory at a time."""
+
+    dtype = torch.float32
+    ndim = 4
+    device = torch.device("cpu")
+
+    def __init__(self, compute: Callable[[torch.Tensor], torch.Tensor], shape, identity: bytes, rows=None):
+        self._compute, self._shape, self._identity = compute, tuple(shape), identity
+        self.rows = np.arange(self._shape[0], dtype=np.int64) if rows is None else rows
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.rows), *self._shape[1:]))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key) -> _Computed:
+        return _Computed(self._compute, self._shape, self._identity, self.rows[key])
+
+    def read(self, index=None, *, pin: bool = False) -> torch.Tensor:
+        rows = self.rows if index is None else self.rows[np.asarray(index)]
+        return self._compute(torch.from_numpy(rows))
+
+    def fingerprint(self) -> bytes:
+        """The teacher, the settings and the source data (the content, without computing it), and the rows."""
+        return hashlib.sha256(self._identity + self.rows.tobytes()).digest()
+
+
+def _stream(
+    teacher: Classifier,
+    data: ImageData,
+    out: Path,
+    settings: dict,
+    batch_size: int,
+    device: str | torch.device,
+    teacher_ref: str,
+    progress: bool | None,
+) -> ImageData:
+    """Robustify into a directory of shards, one batch a shard; finished shards of the same work are kept."""
+    from rrm.data.shard_writer import write_shards
+
+    n = len(data.train_y)
+    partners = _partners(n, settings["seed"])
+
+    with FlopCounter() as counter:  # one image's work, counted before any shard (the plan names the cost)
+        _batch(teacher, data, partners, torch.arange(1), settings, device)
+    bar = Bar(total=n, desc="robustify", unit="img", disable=None if progress is None else not progress)
+
+    def computed(rows: torch.Tensor) -> torch.Tensor:
+        x = _batch(teacher, data, partners, rows, settings, device)
+        bar.update(len(rows))
+        return x
+
+    identity = json.dumps([teacher_ref, teacher.spec, settings], sort_keys=True, default=str).encode()
+    images = _Computed(computed, data.train_x.shape, hashlib.sha256(identity).digest())
+    robust = _robustified(data, images, data.test_x, teacher_ref, settings, counter.get_total_flops())
+    with bar:
+        return write_shards(robust, out, shard_images=batch_size, progress=False)

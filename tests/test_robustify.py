@@ -4,8 +4,10 @@ import pytest
 import torch
 
 import rrm.robustify as rb
-from rrm.data import read_dataset, to_float
+from rrm.data import load_dataset, read_dataset, to_float
+from rrm.data.shards import ShardedImages
 from rrm.errors import RRMError
+from rrm.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +72,47 @@ def test_teacher_of_other_images_is_rejected(tmp_path, digits_teacher):
     with pytest.raises(RRMError, match="use a teacher trained on it"):
         rb.robustify(digits_teacher.model, load_dataset("mnist5k").subset(8, 8), tmp_path / "x.safetensors")
     assert not list(tmp_path.iterdir())
+
+
+def test_streamed_into_shards_it_equals_the_file_and_resumes_after_its_last_shard(
+    tmp_path, digits_teacher, small, monkeypatch
+):
+    """One batch a shard, float32 pixels: the same images as the one-file output, bit for bit; an interruption keeps
+    the finished shards, and the same call finishes the rest; training reads the directory."""
+    teacher = digits_teacher.model
+    whole = rb.robustify(teacher, small, tmp_path / "whole.safetensors", steps=5, batch_size=32, progress=False)
+
+    real = rb.match_features
+    calls = {"n": 0}
+
+    def crash_in_the_third_shard(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the first call counts one image's FLOPs
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rb, "match_features", crash_in_the_third_shard)
+    out = tmp_path / "robust"
+    with pytest.raises(KeyboardInterrupt):
+        rb.robustify(teacher, small, out, steps=5, batch_size=32, progress=False, shards=True)
+    assert sorted(p.name for p in out.glob("train-*")) == ["train-00000.safetensors", "train-00001.safetensors"]
+    assert not (out / "dataset.json").exists(), "no manifest: nothing reads a half-written set as whole"
+    calls["n"] = 10
+    streamed = rb.robustify(teacher, small, out, steps=5, batch_size=32, progress=False, shards=True)
+    assert calls["n"] == 12, "one image's count and the one shard left"
+    assert isinstance(streamed.train_x, ShardedImages) and streamed.train_x.dtype == torch.float32
+    assert torch.equal(streamed.train_x.read(), whole.train_x) and torch.equal(streamed.test_x.read(), small.test_x)
+    assert streamed.source == whole.source and torch.equal(streamed.train_y, whole.train_y)
+    assert load_dataset(str(out)).digest == streamed.digest
+    result = train(
+        TrainConfig(
+            dataset=str(out),
+            model="cnn",
+            method="rdt",
+            epochs=1,
+            monitor_examples=0,
+            progress=False,
+            out_dir=str(tmp_path / "student"),
+        )
+    )
+    assert result.summary["epochs"] == 1 and (tmp_path / "student" / "model.pt").is_file()

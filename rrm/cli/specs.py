@@ -121,7 +121,12 @@ ROBUSTIFY = {
         "alias of a models:/ teacher has moved since.",
     ),
     "dataset": Spec("data", "Registered dataset name, a prepared .safetensors file or a directory of shards."),
-    "out": Spec("data", "Output .safetensors file."),
+    "out": Spec("data", "Output .safetensors file, or directory with --shards."),
+    "shards": Spec(
+        "data",
+        "Stream the output into a directory of shards, one batch a shard: memory holds a batch, not the dataset; "
+        "rerun the same command after an interruption to resume from the finished shards.",
+    ),
     "steps": Spec("method", "Feature-matching steps per image."),
     "step_size": Spec("method", "L2 step of each update."),
     "batch_size": Spec("runtime", "Images per batch."),

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.numpy import save
-from rrm.progress import Bar
 
-from rrm.data.core import ImageData
-from rrm.data.shards import MANIFEST, SHARD_NAME, SHARDS_FORMAT, SPLITS, assemble, open_shard, shard_name
+from rrm.data.core import ImageData, LazyImages
+from rrm.data.shards import DTYPES, MANIFEST, SHARD_NAME, SHARDS_FORMAT, SPLITS, assemble, open_shard, shard_name
 from rrm.errors import RRMError
 from rrm.io import atomic_path, check_writable, ensure_dir, sha256_file
+from rrm.progress import Bar
 
 # Shards of about this size: large enough for few files and sequential reads, small enough that an interrupted
 # prepare loses little and every worker gets several.
@@ -31,13 +31,14 @@ SHARD_BYTES = 32 << 20
 
 @dataclass(frozen=True)
 class _Task:
-    """One shard to write: its images as files to decode (``paths``) or as pixels already in memory (``pixels``)."""
+    """One shard to write: its images as files to decode (``paths``), or as pixels: an array in memory or lazy
+    images (:class:`rrm.data.core.LazyImages`), read (or computed) only when the shard is written."""
 
     path: Path
     labels: np.ndarray
     image_size: int = 0
     paths: tuple[str, ...] = ()
-    pixels: np.ndarray | None = None
+    pixels: np.ndarray | LazyImages | None = None
 
 
 def _write_shard(task: _Task) -> str:
@@ -49,7 +50,7 @@ def _write_shard(task: _Task) -> str:
         for i, path in enumerate(task.paths):
             x[i] = decode_image(path, task.image_size).numpy()
     else:
-        x = task.pixels
+        x = task.pixels.read().numpy() if isinstance(task.pixels, LazyImages) else task.pixels
     # safetensors writes an array's buffer as it lies in memory, whatever its strides: C order first
     blob = save({"x": np.ascontiguousarray(x), "y": np.ascontiguousarray(task.labels, dtype=np.int64)})
     with atomic_path(task.path) as tmp:
@@ -57,12 +58,12 @@ def _write_shard(task: _Task) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _finished(task: _Task, image_shape: tuple[int, ...]) -> str | None:
+def _finished(task: _Task, image_shape: tuple[int, ...], dtype: str) -> str | None:
     """The sha256 of the task's shard if a run before this one wrote it whole with these labels; else None."""
     if not task.path.is_file():
         return None
     try:
-        _, labels = open_shard(task.path, len(task.labels), image_shape, "")
+        _, labels = open_shard(task.path, len(task.labels), image_shape, "", dtype)
     except RRMError:
         return None
     return sha256_file(task.path) if np.array_equal(labels, task.labels) else None
@@ -93,8 +94,9 @@ def write_shards(
 ) -> ImageData:
     """Write ``source`` as a sharded dataset in directory ``out``; returns it, opened (lazily).
 
-    ``source`` is an :class:`ImageData` of uint8 images (written as they are) or a
-    :class:`rrm.data.folders.FolderPlan`, whose images ``workers`` processes decode (all CPUs by default). Each
+    ``source`` is an :class:`ImageData` of uint8 or float32 images, in memory or lazy (read, or computed, one shard
+    at a time as it is written), or a :class:`rrm.data.folders.FolderPlan`, whose images ``workers`` processes
+    decode (all CPUs by default). Each
     shard is written atomically and the manifest last, so an interrupted prepare leaves only whole shards: run again
     with the same arguments, it keeps them and writes the rest. Other arguments start over. ``shard_images``
     (images per shard) defaults to about :data:`SHARD_BYTES` a shard; with the images it fixes the files and so the
@@ -112,6 +114,7 @@ def write_shards(
             f"{str(out)!r} holds files that are not shards ({', '.join(sorted(foreign)[:3])}); choose a "
             "new or empty directory for the shards"
         )
+    dtypes = {split: "uint8" for split in SPLITS}
     if isinstance(source, FolderPlan):
         image_shape = (3, source.image_size, source.image_size)
         splits = {
@@ -120,20 +123,22 @@ def write_shards(
         }
         plan_of = json.dumps([[str(p), label] for samples in (source.train, source.test) for p, label in samples])
     elif isinstance(source, ImageData):
-        if source.train_x.dtype != torch.uint8:
-            raise RRMError(
-                f"{source.name!r} holds {source.train_x.dtype} images; shards hold uint8 photographs, so "
-                "write this dataset as one file (drop --shards)"
-            )
+        for images in (source.train_x, source.test_x):
+            if images.dtype not in (torch.uint8, torch.float32):
+                raise RRMError(
+                    f"{source.name!r} holds {images.dtype} images; shards hold uint8 or float32, so write this "
+                    "dataset as one file (drop --shards)"
+                )
         image_shape = source.input_shape
+        dtypes = {"train": _dtype_name(source.train_x.dtype), "test": _dtype_name(source.test_x.dtype)}
         splits = {
-            "train": (source.train_x.numpy(), source.train_y.numpy()),
-            "test": (source.test_x.numpy(), source.test_y.numpy()),
+            "train": (_pixels(source.train_x), source.train_y.numpy()),
+            "test": (_pixels(source.test_x), source.test_y.numpy()),
         }
         plan_of = source.digest
     else:
         raise TypeError(f"write_shards takes ImageData or FolderPlan, not {type(source).__name__}")
-    per_shard = shard_images or max(1, SHARD_BYTES // math.prod(image_shape))
+    per_shard = shard_images or max(1, SHARD_BYTES // math.prod(image_shape))  # uint8 rows: a float32 shard is 4x
     meta = {"name": source.name, "classes": list(source.classes), "augment": source.augment, "source": source.source}
     plan = hashlib.sha256(json.dumps([meta, image_shape, per_shard, plan_of], sort_keys=True).encode()).hexdigest()
     tasks: dict[str, list[_Task]] = {}
@@ -148,7 +153,8 @@ def write_shards(
                 tasks[split].append(_Task(path, labels[chunk], pixels=images[chunk]))
     _start_or_resume(out, plan, {t.path.name for split in SPLITS for t in tasks[split]})
     try:
-        digests = _run_tasks([t for split in SPLITS for t in tasks[split]], image_shape, workers, progress, source.name)
+        todo = [(t, dtypes[split]) for split in SPLITS for t in tasks[split]]
+        digests = _run_tasks(todo, image_shape, workers, progress, source.name)
     except RRMError as exc:
         kept = sum(1 for p in out.iterdir() if SHARD_NAME.match(p.name))
         raise RRMError(
@@ -166,6 +172,8 @@ def write_shards(
         "mean": list(source.mean),
         "std": list(source.std),
     }
+    if set(dtypes.values()) != {"uint8"}:  # a prepared photograph set's manifest stays as it was
+        manifest["dtypes"] = dtypes
     data = assemble(out, manifest)  # without statistics, ImageData computes them as in memory: first training images
     manifest.update(mean=list(data.mean), std=list(data.std), digest=data.digest)
     with atomic_path(out / MANIFEST) as tmp:
@@ -180,6 +188,15 @@ _PLAN = ".prepare-plan"
 
 # rrm.io.atomic_path's temporary files of a shard, the manifest or the plan
 _TEMPORARY = re.compile(r"^\.((train|test)-\d{5}\.safetensors|dataset\.json|\.prepare-plan)\.\d+\.tmp$")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, (torch_dtype, *_) in DTYPES.items() if torch_dtype == dtype)
+
+
+def _pixels(images) -> np.ndarray | LazyImages:
+    """What a task takes of a split's images: lazy ones as they are (each shard reads or computes its rows)."""
+    return images if isinstance(images, LazyImages) else images.numpy()
 
 
 def _ours(path: Path) -> bool:
@@ -208,17 +225,19 @@ def _start_or_resume(out: Path, plan: str, planned: set[str]) -> None:
 
 
 def _run_tasks(
-    tasks: list[_Task], image_shape: tuple[int, ...], workers: int, progress: bool | None, name: str
+    tasks: list[tuple[_Task, str]], image_shape: tuple[int, ...], workers: int, progress: bool | None, name: str
 ) -> dict[Path, str]:
-    """Write the tasks' shards (skipping those a previous run finished); returns each shard's sha256."""
+    """Write the tasks' shards, each with its split's pixel type (skipping those a previous run finished); returns
+    each shard's sha256."""
     digests: dict[Path, str] = {}
     todo = []
-    for task in tasks:
-        done = _finished(task, image_shape)
+    for task, dtype in tasks:
+        done = _finished(task, image_shape, dtype)
         if done is None:
             todo.append(task)
         else:
             digests[task.path] = done
+    tasks = [task for task, _ in tasks]
     total = sum(len(t.labels) for t in tasks)
     bar = Bar(
         total=total,

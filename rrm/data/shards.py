@@ -1,12 +1,13 @@
-"""Prepared datasets larger than memory: pre-decoded uint8 images in safetensors shards, read row by row.
+"""Prepared datasets larger than memory: pre-decoded images in safetensors shards, read row by row.
 
 A sharded dataset is a directory::
 
     dataset.json                  the manifest: the metadata of a prepared file (name, classes, augment, mean, std,
                                   source), the image shape, each split's shards with their image count and sha256,
-                                  and the dataset digest
-    train-00000.safetensors ...   tensors ``x`` (uint8 NCHW) and ``y`` (int64 labels), no metadata, so the bytes
-    test-00000.safetensors  ...   depend on the images alone and a second prepare writes the same files
+                                  each split's pixel type (``dtypes``; uint8 where it is absent) and the digest
+    train-00000.safetensors ...   tensors ``x`` (NCHW: uint8 photographs, or float32 in [0, 1] for data that rrm
+    test-00000.safetensors  ...   made, such as a robustified set) and ``y`` (int64 labels), no metadata, so the
+                                  bytes depend on the images alone and a second prepare writes the same files
 
 Why this format: images are decoded, resized and labelled once (:func:`rrm.data.shard_writer.write_shards`, in
 worker processes), and a row of ``x`` is a fixed number of bytes at a known offset, so any image is one ``preadv``
@@ -50,6 +51,8 @@ SPLITS = ("train", "test")
 # Open shard files kept per dataset (a Restricted ImageNet at 224 px has ~1,200 shards).
 _OPEN_FILES = 64
 SHARD_NAME = re.compile(r"^(train|test)-\d{5}\.safetensors$")
+# The pixel types a shard may hold: torch's, numpy's and safetensors' names
+DTYPES = {"uint8": (torch.uint8, np.uint8, "U8"), "float32": (torch.float32, np.float32, "F32")}
 _PREPARE_FIX = "re-run `rrm data prepare --shards` to re-create it"
 
 
@@ -128,13 +131,12 @@ class _Verifier:
 
 
 class ShardedImages:
-    """uint8 NCHW images stored in shards, read on demand: a :class:`rrm.data.core.LazyImages`.
+    """NCHW images (uint8, or float32) stored in shards, read on demand: a :class:`rrm.data.core.LazyImages`.
 
     Indexing (a slice, a boolean mask, integer indices) gives a view of the selected rows without reading; only
     :meth:`read` reads, with one ``preadv`` per run of consecutive rows straight into the returned tensor.
     """
 
-    dtype = torch.uint8
     ndim = 4
     device = torch.device("cpu")
 
@@ -145,9 +147,11 @@ class ShardedImages:
         rows: np.ndarray | None = None,
         files: _Files | None = None,
         verifier: _Verifier | None = None,
+        dtype: torch.dtype = torch.uint8,
     ):
         self.shards = tuple(shards)
         self.image_shape = tuple(image_shape)
+        self.dtype = dtype
         self._starts = np.cumsum([0, *(s.count for s in self.shards)])
         self.rows = np.arange(self._starts[-1], dtype=np.int64) if rows is None else rows
         self._files = files or _Files()
@@ -165,10 +169,11 @@ class ShardedImages:
             key = key.cpu().numpy()
         if isinstance(key, (int, np.integer)):
             raise TypeError("index a ShardedImages with a slice, a mask or an index array; read() gives the pixels")
-        return ShardedImages(self.shards, self.image_shape, self.rows[key], self._files, self._verifier)
+        return ShardedImages(self.shards, self.image_shape, self.rows[key], self._files, self._verifier, self.dtype)
 
     def __repr__(self) -> str:
-        return f"ShardedImages({len(self)} x {'x'.join(map(str, self.image_shape))} uint8 in {len(self.shards)} shards)"
+        shape, dtype = "x".join(map(str, self.image_shape)), str(self.dtype).removeprefix("torch.")
+        return f"ShardedImages({len(self)} x {shape} {dtype} in {len(self.shards)} shards)"
 
     def __getstate__(self) -> dict:  # descriptors stay in their process
         return {**self.__dict__, "_files": None}
@@ -186,11 +191,11 @@ class ShardedImages:
         return h.digest()
 
     def read(self, index=None, *, pin: bool = False) -> torch.Tensor:
-        """Rows ``index`` of this view (all of them without it) as one uint8 tensor; ``pin`` page-locks it."""
+        """Rows ``index`` of this view (all of them without it) as one tensor; ``pin`` page-locks it."""
         rows = self.rows
         if index is not None:
             rows = rows[index.cpu().numpy() if isinstance(index, torch.Tensor) else np.asarray(index)]
-        out = torch.empty((len(rows), *self.image_shape), dtype=torch.uint8, pin_memory=pin)
+        out = torch.empty((len(rows), *self.image_shape), dtype=self.dtype, pin_memory=pin)
         if not len(rows):
             return out
         flat = memoryview(out.numpy()).cast("B")
@@ -244,20 +249,24 @@ def _header(path: Path) -> tuple[dict, int]:
     return header, data_start
 
 
-def open_shard(path: Path, count: int, image_shape: tuple[int, ...], sha256: str) -> tuple[Shard, np.ndarray]:
-    """The shard and its labels, checked against what the manifest says it holds."""
+def open_shard(
+    path: Path, count: int, image_shape: tuple[int, ...], sha256: str, dtype: str = "uint8"
+) -> tuple[Shard, np.ndarray]:
+    """The shard and its labels, checked against what the manifest says it holds (``dtype``: a :data:`DTYPES` key)."""
     header, data_start = _header(path)
     x, y = header["x"], header["y"]
-    if (x["dtype"], x["shape"], y["dtype"], y["shape"]) != ("U8", [count, *image_shape], "I64", [count]):
+    stored = DTYPES[dtype][2]
+    if (x["dtype"], x["shape"], y["dtype"], y["shape"]) != (stored, [count, *image_shape], "I64", [count]):
         raise RRMError(
             f"dataset shard {str(path)!r} holds x {x['dtype']} {x['shape']} and y {y['dtype']} "
-            f"{y['shape']}, not the {count} images {list(image_shape)} its manifest lists; {_PREPARE_FIX}"
+            f"{y['shape']}, not the {count} {stored} images {list(image_shape)} its manifest lists; {_PREPARE_FIX}"
         )
     y_start, y_end = (data_start + int(o) for o in y["data_offsets"])
     with open(path, "rb") as fh:
         fh.seek(y_start)
         labels = np.frombuffer(fh.read(y_end - y_start), dtype="<i8").astype(np.int64)
-    shard = Shard(path, count, data_start + int(x["data_offsets"][0]), int(np.prod(image_shape)), sha256)
+    row_bytes = int(np.prod(image_shape)) * np.dtype(DTYPES[dtype][1]).itemsize
+    shard = Shard(path, count, data_start + int(x["data_offsets"][0]), row_bytes, sha256)
     return shard, labels
 
 
@@ -326,11 +335,16 @@ def assemble(directory: Path, manifest: dict, verifier: _Verifier | None = None)
     files = _Files()
     images, labels = {}, {}
     for split in SPLITS:
+        dtype = manifest.get("dtypes", {}).get(split, "uint8")
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown pixel type {dtype!r} of the {split} split")
         opened = [
-            open_shard(directory / entry["file"], int(entry["images"]), image_shape, str(entry["sha256"]))
+            open_shard(directory / entry["file"], int(entry["images"]), image_shape, str(entry["sha256"]), dtype)
             for entry in manifest["splits"][split]
         ]
-        images[split] = ShardedImages([s for s, _ in opened], image_shape, files=files, verifier=verifier)
+        images[split] = ShardedImages(
+            [s for s, _ in opened], image_shape, files=files, verifier=verifier, dtype=DTYPES[dtype][0]
+        )
         labels[split] = torch.from_numpy(np.concatenate([y for _, y in opened] or [np.zeros(0, np.int64)]))
     return ImageData(
         name=manifest["name"],

@@ -35,6 +35,7 @@ class RobustifyConfig:
     seed: int = 0
     device: str = "auto"
     progress: bool | None = None
+    shards: bool = False
 
 
 def robustify_job(cfg: RobustifyConfig):
@@ -60,4 +61,5 @@ def robustify_job(cfg: RobustifyConfig):
         device=device,
         teacher_ref=cfg.teacher,
         progress=cfg.progress,
+        shards=cfg.shards,
     )
