@@ -15,6 +15,20 @@ def small(digits):
     return digits.subset(n_train=96, n_test=32)
 
 
+def crash_on_call(monkeypatch, n: int) -> dict:
+    """``match_features`` raises KeyboardInterrupt on its ``n``-th call; returns the call counter."""
+    real, calls = rb.match_features, {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rb, "match_features", crashing)
+    return calls
+
+
 def test_partners_are_always_other_images():
     partners = rb._partners(500, seed=3)
     assert (partners != torch.arange(500)).all()
@@ -46,16 +60,7 @@ def test_interrupted_robustify_resumes_to_the_same_result(tmp_path, digits_teach
     teacher = digits_teacher.model
     full = rb.robustify(teacher, small, tmp_path / "full.safetensors", steps=5, batch_size=32, progress=False)
 
-    real = rb.match_features
-    calls = {"n": 0}
-
-    def crash_on_third_batch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(rb, "match_features", crash_on_third_batch)
+    calls = crash_on_call(monkeypatch, 3)  # the third batch
     out = tmp_path / "cut.safetensors"
     with pytest.raises(KeyboardInterrupt):
         rb.robustify(teacher, small, out, steps=5, batch_size=32, progress=False, save_every_s=0)
@@ -82,16 +87,7 @@ def test_streamed_into_shards_it_equals_the_file_and_resumes_after_its_last_shar
     teacher = digits_teacher.model
     whole = rb.robustify(teacher, small, tmp_path / "whole.safetensors", steps=5, batch_size=32, progress=False)
 
-    real = rb.match_features
-    calls = {"n": 0}
-
-    def crash_in_the_third_shard(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # the first call counts one image's FLOPs
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(rb, "match_features", crash_in_the_third_shard)
+    calls = crash_on_call(monkeypatch, 4)  # the third shard: the first call counts one image's FLOPs
     out = tmp_path / "robust"
     with pytest.raises(KeyboardInterrupt):
         rb.robustify(teacher, small, out, steps=5, batch_size=32, progress=False, shards=True)
