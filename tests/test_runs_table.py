@@ -100,6 +100,9 @@ def test_text_md_and_csv_are_narrow_tables_of_the_same_numbers(store):
     assert text.exit_code == 0, text.output
     lines = text.stdout.splitlines()
     assert lines[0].split()[:3] == ["run", "method", "model"] and len(lines) == 2 + 3
+    experiment = store[1]
+    view = f"http://127.0.0.1:5000/#/experiments/{experiment}/runs?viewStateShareKey=rrm-robustness"
+    assert text.stderr == f"in mlflow ui: {view}&workflowType=machine_learning\n", "the same runs in a browser"
     assert max(map(len, lines)) <= 160
     sat = next(line for line in lines if line.startswith("sat-"))
     mean, ci = mean_ci([83.0, 85.0])

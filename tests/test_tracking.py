@@ -24,7 +24,7 @@ from rrm.tracking.evaluations import evaluation_of_run
 from rrm.tracking.logged_models import has_pt2
 from rrm.tracking.notes import flops, percent
 from rrm.tracking.runs import ensure_experiment
-from rrm.tracking.views import VIEW_ID, view_url
+from rrm.tracking.views import VIEW_ID, ui_address, view_url
 from rrm.train import Callback, TrainConfig, train
 
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_ID}"
@@ -102,6 +102,10 @@ def test_an_experiment_carries_the_robustness_view_and_keeps_a_users_edits():
     assert view_url("http://127.0.0.1:5000/", made) == (
         f"http://127.0.0.1:5000/#/experiments/{made}/runs?viewStateShareKey=rrm-robustness&workflowType=machine_learning"
     )
+    assert ui_address() == "http://127.0.0.1:5000", "a local store: where `mlflow ui` serves it"
+    with pytest.MonkeyPatch.context() as mp:  # a team server: its own address, never its credentials
+        mp.setenv("MLFLOW_TRACKING_URI", "https://ann:s3cret@mlflow.example.org:8443/team/")
+        assert ui_address() == "https://mlflow.example.org:8443/team"
     older = client.create_experiment("older")  # made before rrm saved views: it gets one
     ensure_experiment(client, "older")
     assert VIEW_TAG in client.get_experiment(older).tags

@@ -53,7 +53,7 @@ def runs_table(
     for column in columns or ():
         if column not in COLUMNS:
             raise unknown("column", column, COLUMNS)
-    table, rows = jobs.runs_table_job(
+    table, rows, view = jobs.runs_table_job(
         experiment, where=where, over_seeds=not per_run, sort=sort, columns=columns, fmt=fmt
     )
     if rows == 0:  # said on stderr; csv and json still get their (empty) table for the scripts that read them
@@ -62,6 +62,8 @@ def runs_table(
         if fmt in ("text", "md"):
             return
     click.echo(table, nl=False)
+    if fmt == "text":  # the same runs in a browser (stderr: the table stays the output)
+        click.echo(f"in mlflow ui: {view}", err=True)
 
 
 @runs.command("clean")

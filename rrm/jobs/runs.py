@@ -21,9 +21,10 @@ def runs_table_job(
     sort: str = "robust",
     columns: tuple[str, ...] | None = None,
     fmt: str = "text",
-) -> tuple[str, int]:
-    """The finished training runs of ``experiment`` as a table in ``fmt`` (text, md, csv, json), and how many rows
+) -> tuple[str, int, str]:
+    """The finished training runs of ``experiment`` as a table in ``fmt`` (text, md, csv, json), how many rows, and
+    the link to the experiment's Robustness view in ``mlflow ui``
     (:func:`rrm.tracking.leaderboard.leaderboard` and :func:`~rrm.tracking.leaderboard.render`)."""
     module = tracking().leaderboard
     board = module.leaderboard(experiment, where=where, over_seeds=over_seeds, sort=sort)
-    return module.render(board, columns, fmt), len(board.entries)
+    return module.render(board, columns, fmt), len(board.entries), board.view

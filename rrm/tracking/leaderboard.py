@@ -31,6 +31,7 @@ from rrm.tracking.connection import has_error_code, mlflow_errors, one_line, sto
 from rrm.tracking.evaluations import CHECKS, EPS, HEADLINE, IMAGES_SUFFIX, NATURAL, ROBUST
 from rrm.tracking.runs import DEFAULT_EXPERIMENT
 from rrm.tracking.uri import tracking_label
+from rrm.tracking.views import ui_address, view_url
 
 __all__ = ["COLUMNS", "FORMATS", "Entry", "Leaderboard", "leaderboard", "render"]
 
@@ -92,6 +93,7 @@ class Leaderboard:
     store: str
     entries: list[Entry]
     over_seeds: bool
+    view: str = ""  # the experiment's Robustness view in mlflow ui (:mod:`rrm.tracking.views`)
 
 
 def leaderboard(
@@ -117,7 +119,8 @@ def leaderboard(
     present = [e for e in entries if e.value(sort) is not None]
     missing = [e for e in entries if e.value(sort) is None]
     present.sort(key=lambda e: e.value(sort), reverse=numeric)
-    return Leaderboard(experiment, tracking_label(), present + missing, over_seeds)
+    view = view_url(ui_address(), found.experiment_id)
+    return Leaderboard(experiment, tracking_label(), present + missing, over_seeds, view)
 
 
 def _training_runs(client: MlflowClient, experiment_id: str, where: str | None) -> list[Run]:

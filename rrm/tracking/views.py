@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import json
 import time
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
-__all__ = ["VIEW_ID", "VIEW_NAME", "view_tag", "view_url"]
+from rrm.tracking.uri import tracking_uri
 
+__all__ = ["LOCAL_UI", "VIEW_ID", "VIEW_NAME", "ui_address", "view_tag", "view_url"]
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
 VIEW_ID = "rrm-robustness"
 VIEW_NAME = "Robustness"
 _TAG_PREFIX = "mlflow.sharedViewState."  # MLflow 3.17's key for saved views (its UI code, SHARED_VIEW_STATE_TAG)
@@ -70,3 +73,12 @@ def view_url(ui: str, experiment_id: str) -> str:
     layout rather than the GenAI one a fresh browser starts in."""
     query = f"viewStateShareKey={VIEW_ID}&workflowType=machine_learning"
     return f"{ui.rstrip('/')}/#/experiments/{quote(experiment_id)}/runs?{query}"
+
+
+def ui_address() -> str:
+    """Where the store's UI is: a tracking server's own address (without credentials), else ``mlflow ui``'s."""
+    parts = urlsplit(tracking_uri())
+    if parts.scheme in ("http", "https") and parts.hostname:
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{parts.hostname}{port}{parts.path.rstrip('/')}"
+    return LOCAL_UI
