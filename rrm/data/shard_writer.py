@@ -39,6 +39,7 @@ class _Task:
     image_size: int = 0
     paths: tuple[str, ...] = ()
     pixels: np.ndarray | LazyImages | None = None
+    dtype: str = "uint8"  # a rrm.data.shards.DTYPES key: the pixel type of its split
 
 
 def _write_shard(task: _Task) -> str:
@@ -58,12 +59,12 @@ def _write_shard(task: _Task) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _finished(task: _Task, image_shape: tuple[int, ...], dtype: str) -> str | None:
+def _finished(task: _Task, image_shape: tuple[int, ...]) -> str | None:
     """The sha256 of the task's shard if a run before this one wrote it whole with these labels; else None."""
     if not task.path.is_file():
         return None
     try:
-        _, labels = open_shard(task.path, len(task.labels), image_shape, "", dtype)
+        _, labels = open_shard(task.path, len(task.labels), image_shape, "", task.dtype)
     except RRMError:
         return None
     return sha256_file(task.path) if np.array_equal(labels, task.labels) else None
@@ -150,11 +151,10 @@ def write_shards(
             if isinstance(source, FolderPlan):
                 tasks[split].append(_Task(path, labels[chunk], source.image_size, paths=tuple(images[chunk])))
             else:
-                tasks[split].append(_Task(path, labels[chunk], pixels=images[chunk]))
+                tasks[split].append(_Task(path, labels[chunk], pixels=images[chunk], dtype=dtypes[split]))
     _start_or_resume(out, plan, {t.path.name for split in SPLITS for t in tasks[split]})
     try:
-        todo = [(t, dtypes[split]) for split in SPLITS for t in tasks[split]]
-        digests = _run_tasks(todo, image_shape, workers, progress, source.name)
+        digests = _run_tasks([t for split in SPLITS for t in tasks[split]], image_shape, workers, progress, source.name)
     except RRMError as exc:
         kept = sum(1 for p in out.iterdir() if SHARD_NAME.match(p.name))
         raise RRMError(
@@ -225,19 +225,17 @@ def _start_or_resume(out: Path, plan: str, planned: set[str]) -> None:
 
 
 def _run_tasks(
-    tasks: list[tuple[_Task, str]], image_shape: tuple[int, ...], workers: int, progress: bool | None, name: str
+    tasks: list[_Task], image_shape: tuple[int, ...], workers: int, progress: bool | None, name: str
 ) -> dict[Path, str]:
-    """Write the tasks' shards, each with its split's pixel type (skipping those a previous run finished); returns
-    each shard's sha256."""
+    """Write the tasks' shards (skipping those a previous run finished); returns each shard's sha256."""
     digests: dict[Path, str] = {}
     todo = []
-    for task, dtype in tasks:
-        done = _finished(task, image_shape, dtype)
+    for task in tasks:
+        done = _finished(task, image_shape)
         if done is None:
             todo.append(task)
         else:
             digests[task.path] = done
-    tasks = [task for task, _ in tasks]
     total = sum(len(t.labels) for t in tasks)
     bar = Bar(
         total=total,
