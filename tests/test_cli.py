@@ -80,6 +80,23 @@ def test_commands_that_need_no_model_load_no_torch(args):
     assert done.stdout.splitlines()[-1] == "", done.stdout
 
 
+@pytest.mark.parametrize(
+    "args", [["teacher", "register", "model.pt", "--alias", "latest"], ["teacher", "promote", "1", "v2"]]
+)
+def test_a_bad_alias_is_refused_before_torch_or_mlflow_loads(args, tmp_path):
+    """A registry alias MLflow would refuse is one line at once: the command imports neither torch nor MLflow (seconds
+    each) and touches no store."""
+    script = (
+        "import sys\nfrom rrm.cli import main\ntry:\n    sys.argv = ['rrm', *sys.argv[1:]]\n    main()\n"
+        "finally:\n    print(*[m for m in ('torch', 'mlflow') if m in sys.modules])\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert f"invalid alias {args[-1]!r}" in done.stderr and "e.g. champion" in done.stderr
+    assert done.stdout.splitlines()[-1] == "" and list(tmp_path.iterdir()) == [], done.stdout
+
+
 def test_a_bare_train_prints_its_usage_and_trains_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = rrm("train")

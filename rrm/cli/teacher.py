@@ -70,6 +70,8 @@ def teacher_register(
       rrm teacher register runs/teacher/model.pt --evaluation runs/teacher/eval_metrics.json --alias champion
     """
     jobs.require(source, "SOURCE (a run id or a model file)")
+    if alias is not None:
+        jobs.check_alias(alias)
     version = jobs.register_teacher_job(
         source, name, evaluation=evaluation, force=force, experiment=experiment, alias=alias, min_examples=min_examples
     )
@@ -177,5 +179,6 @@ def teacher_promote(version: str | None, alias: str | None, name: str) -> None:
     """
     jobs.require(version, "VERSION")
     jobs.require(alias, "ALIAS")
+    jobs.check_alias(alias)
     found = jobs.promote_teacher_job(name, version, alias)
     click.echo(f"models:/{name}@{alias} -> version {found.version}")

@@ -14,7 +14,7 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
-        "common": ["FAIL_FAST_ENV", "Tracking", "is_registry_uri", "require", "tracking"],
+        "common": ["FAIL_FAST_ENV", "Tracking", "check_alias", "is_registry_uri", "require", "tracking"],
         "data": ["RobustifyConfig", "prepare_job", "robustify_job"],
         "evaluate": ["EVALUATE_FORMATS", "EvaluateJob", "Evaluation", "ProbeConfig", "evaluate_job", "probe_job"],
         "report": ["ReportConfig", "report_job", "show_report"],

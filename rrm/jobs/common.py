@@ -1,4 +1,5 @@
-"""What every job shares: whether and where it is tracked, how MLflow is loaded, and the one-line input errors."""
+"""What every job shares: whether and where it is tracked, how MLflow is loaded, and the one-line input errors;
+without torch or MLflow, so that the command line refuses bad input at once."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from rrm.errors import RRMError
-from rrm.models.teacher import REGISTRY_SCHEMES
+from rrm.tracking.aliases import check_alias
 from rrm.tracking.environment import FAIL_FAST_ENV
 
-__all__ = ["FAIL_FAST_ENV", "Tracking", "is_registry_uri", "require", "tracking"]
+__all__ = ["FAIL_FAST_ENV", "Tracking", "check_alias", "is_registry_uri", "require", "tracking"]
 
 
 @dataclass
@@ -32,6 +33,8 @@ def tracking() -> ModuleType:
 
 def is_registry_uri(ref: str | os.PathLike | None) -> bool:
     """Whether a model reference is a registry URI (loading it talks to MLflow) rather than a file."""
+    from rrm.models.teacher import REGISTRY_SCHEMES  # here: the command line checks its input without torch
+
     return isinstance(ref, str) and ref.startswith(REGISTRY_SCHEMES)
 
 

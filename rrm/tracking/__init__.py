@@ -13,6 +13,7 @@ One module per concern:
 - :mod:`rrm.tracking.notes`: what a training run found, in one paragraph (its note in ``mlflow ui``);
 - :mod:`rrm.tracking.worker`: a training callback run in a worker process, beside the training (without MLflow);
 - :mod:`rrm.tracking.callback`: :class:`MlflowCallback`, one run per training;
+- :mod:`rrm.tracking.aliases`: the registry's rule for aliases, without MLflow;
 - :mod:`rrm.tracking.versions`, :mod:`rrm.tracking.pull`, :mod:`rrm.tracking.registry`, :mod:`rrm.tracking.card`,
   :mod:`rrm.tracking.cleanup`: teachers in the model registry: their records, pulling them, registering them, their
   model card, what killed registrations left;
@@ -35,6 +36,7 @@ from rrm.tracking.environment import configure
 _getattr, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submodules=[
+        "aliases",
         "callback",
         "card",
         "cleanup",
@@ -55,6 +57,7 @@ _getattr, __dir__, __all__ = lazy_loader.attach(
         "worker",
     ],
     submod_attrs={
+        "aliases": ["check_alias"],
         "callback": ["MlflowCallback"],
         "evaluations": ["log_evaluation"],
         "versions": ["DEFAULT_TEACHER_NAME", "TeacherVersion"],

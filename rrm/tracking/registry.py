@@ -35,6 +35,7 @@ from rrm.errors import RRMError
 from rrm.evaluation import EvalResult
 from rrm.io import sha256_file
 from rrm.models import Classifier, load_model
+from rrm.tracking.aliases import check_alias
 from rrm.tracking.card import MIN_EXAMPLES, model_card, refusals
 from rrm.tracking.cleanup import CREATING_TAG, REGISTRY_DESCRIPTION, remove_abandoned_models
 from rrm.tracking.connection import has_error_code, mlflow_errors, one_line, store_client
@@ -44,14 +45,7 @@ from rrm.tracking.logged_models import LOGGED_MODEL_NAME, add_pt2, has_pt2, log_
 from rrm.tracking.pull import run_file
 from rrm.tracking.runs import DEFAULT_EXPERIMENT, context_tags, ensure_experiment
 from rrm.tracking.stale import check_store, process_tags
-from rrm.tracking.versions import (
-    DEFAULT_TEACHER_NAME,
-    TEACHER_TAG,
-    TeacherVersion,
-    check_alias,
-    resolve_version,
-    run_model,
-)
+from rrm.tracking.versions import DEFAULT_TEACHER_NAME, TEACHER_TAG, TeacherVersion, resolve_version, run_model
 
 __all__ = ["TEACHER_RUN_PREFIX", "list_teachers", "promote", "register_teacher", "show_teacher"]
 

@@ -1,5 +1,5 @@
 """Registry records: a registered teacher's version (:class:`TeacherVersion`), the version a ``models:/`` URI names,
-the logged model behind a version or a run, and the rule for aliases."""
+and the logged model behind a version or a run."""
 
 from __future__ import annotations
 
@@ -15,21 +15,10 @@ from rrm.errors import RRMError
 from rrm.tracking.connection import has_error_code
 from rrm.tracking.logged_models import LOGGED_MODEL_NAME
 
-__all__ = [
-    "DEFAULT_TEACHER_NAME",
-    "TEACHER_TAG",
-    "TeacherVersion",
-    "check_alias",
-    "resolve_version",
-    "run_model",
-    "version_model_id",
-]
+__all__ = ["DEFAULT_TEACHER_NAME", "TEACHER_TAG", "TeacherVersion", "resolve_version", "run_model", "version_model_id"]
 
 DEFAULT_TEACHER_NAME = "rrm-teacher"
 TEACHER_TAG = "rrm.teacher"
-# MLflow's rule for aliases, checked before anything is written: letters, digits, "_" and "-"; not "latest" nor "v3".
-_ALIAS = re.compile(r"^[\w\-]{1,255}$")
-_RESERVED_ALIAS = re.compile(r"^(latest|[vV]\d+)$", re.IGNORECASE)
 
 
 @dataclasses.dataclass
@@ -98,16 +87,6 @@ def version_model_id(version: ModelVersion) -> str | None:
     """The logged model behind a version (MLflow 3 stores it as the source ``models:/m-...``)."""
     match = re.fullmatch(r"models:/(m-[0-9a-f]+)", version.source or "")
     return version.model_id or (match.group(1) if match else None)
-
-
-def check_alias(alias: str) -> str:
-    """``alias`` if MLflow accepts it as an alias, else a one-line error naming the rule."""
-    if not _ALIAS.match(alias) or _RESERVED_ALIAS.match(alias):
-        raise RRMError(
-            f"invalid alias {alias!r}: use letters, digits, '_' and '-' (not 'latest' nor 'v' and a number), "
-            "e.g. champion"
-        )
-    return alias
 
 
 def run_model(client: MlflowClient, uri: str, required: bool = True) -> LoggedModel | None:
