@@ -135,8 +135,8 @@ def test_training_run_reads_back(teacher_run, store):
     assert metrics["monitor_robust_accuracy"] == pytest.approx(result.summary["monitor_robust_accuracy"])
     assert {"epoch_seconds_mean", "epoch_seconds_ci95", "total_seconds"} <= set(metrics)
     # bookkeeping is tagged, not listed among the accuracies
-    assert not {"passes", "replays", "processes", "paper_epochs"} & set(metrics)
-    assert [run.data.tags[f"rrm.{k}"] for k in ("passes", "replays", "processes")] == ["2", "1", "1"]
+    assert not {"passes", "replays", "processes", "threads", "paper_epochs"} & set(metrics)
+    assert [run.data.tags[f"rrm.{k}"] for k in ("passes", "replays", "processes", "threads")] == ["2", "1", "1", "1"]
 
     tags = run.data.tags
     assert tags["mlflow.source.git.commit"] == _git(store, "rev-parse", "HEAD")

@@ -176,3 +176,22 @@ def test_no_progress_prints_nothing(tmp_path, digits, capsys):
     train(_cfg(tmp_path, method="natural", epochs=1, progress=False), data=digits)
     out = capsys.readouterr()
     assert out.err == "" and out.out == ""
+
+
+def test_a_seed_gives_the_same_weights_again_and_the_run_records_its_thread_count(digits, tmp_path):
+    """Seeded training is bit-for-bit repeatable on the same thread count, which the summary records: torch orders
+    CPU float sums by its threads, so another count gives other weights from the same seed (docs/methods.md)."""
+
+    def run(name: str, threads: int):
+        cfg = TrainConfig(dataset="digits", model="cnn", epochs=1, seed=3, monitor_examples=0, progress=False)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return train(cfg.replace(out_dir=str(tmp_path / name)), data=digits)
+        finally:
+            torch.set_num_threads(previous)
+
+    first, again, two = run("first", 1), run("again", 1), run("two", 2)
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()))
+    assert (first.summary["threads"], two.summary["threads"]) == (1, 2)
+    assert json.loads((tmp_path / "two" / "train_metrics.json").read_text())["threads"] == 2

@@ -37,7 +37,7 @@ __all__ = ["RUN_FILE", "MlflowCallback"]
 
 RUN_FILE = "mlflow_run.json"  # beside the checkpoint: the run a --resume continues
 # counts that say how a training ran, not what it reached: tags (rrm.passes, ...), not metrics beside the accuracies
-BOOKKEEPING = ("passes", "replays", "processes", "paper_epochs")
+BOOKKEEPING = ("passes", "replays", "processes", "threads", "paper_epochs")
 
 
 def _epoch_metrics(row: Mapping) -> dict[str, float]:

@@ -359,6 +359,8 @@ class _Run:
             schedule=self.schedule,
             device=str(self.device),
             processes=self.ctx.world_size,
+            # CPU float sums are ordered by torch's thread count: the same seed gives the same weights only with it
+            threads=torch.get_num_threads(),
         )
         if self.transplant:  # a transplant learns from the teacher whatever the method: the report adds its cost
             summary["transplant"], summary["transplant_reason"] = self.transplant
