@@ -66,16 +66,21 @@ def test_the_listing_is_each_commands_own_summary():
     assert rrm_cli.cli.get_command(None, "nosuch") is None
 
 
+# `rrm ARGS...` in a fresh interpreter that prints, last, which of torch and MLflow the command imported
+LOADED_AFTER = (
+    "import sys\nfrom rrm.cli import main\ntry:\n    sys.argv = ['rrm', *sys.argv[1:]]\n    main()\n"
+    "finally:\n    print(*[m for m in ('torch', 'mlflow') if m in sys.modules])\n"
+)
+
+
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["pipeline", "list"], ["tarin"]])
 def test_commands_that_need_no_model_load_no_torch(args):
     """The command line in a fresh interpreter: help, the version, the pipelines and a mistyped command never import
     torch (seconds) nor MLflow."""
-    script = (
-        "import sys\nfrom rrm.cli import main\ntry:\n    sys.argv = ['rrm', *sys.argv[1:]]\n    main()\n"
-        "finally:\n    print(*[m for m in ('torch', 'mlflow') if m in sys.modules])\n"
-    )
     root = Path(rrm_cli.__file__).parents[2]  # where pipelines/ is
-    done = subprocess.run([sys.executable, "-c", script, *args], cwd=root, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", LOADED_AFTER, *args], cwd=root, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode in (0, 2), done.stderr
     assert done.stdout.splitlines()[-1] == "", done.stdout
 
@@ -86,12 +91,10 @@ def test_commands_that_need_no_model_load_no_torch(args):
 def test_a_bad_alias_is_refused_before_torch_or_mlflow_loads(args, tmp_path):
     """A registry alias MLflow would refuse is one line at once: the command imports neither torch nor MLflow (seconds
     each) and touches no store."""
-    script = (
-        "import sys\nfrom rrm.cli import main\ntry:\n    sys.argv = ['rrm', *sys.argv[1:]]\n    main()\n"
-        "finally:\n    print(*[m for m in ('torch', 'mlflow') if m in sys.modules])\n"
-    )
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
-    done = subprocess.run([sys.executable, "-c", script, *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", LOADED_AFTER, *args], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert f"invalid alias {args[-1]!r}" in done.stderr and "e.g. champion" in done.stderr
     assert done.stdout.splitlines()[-1] == "" and list(tmp_path.iterdir()) == [], done.stdout
