@@ -183,11 +183,11 @@ def test_a_seed_gives_the_same_weights_again_and_the_run_records_its_thread_coun
     CPU float sums by its threads, so another count gives other weights from the same seed (docs/methods.md)."""
 
     def run(name: str, threads: int):
-        cfg = TrainConfig(dataset="digits", model="cnn", epochs=1, seed=3, monitor_examples=0, progress=False)
+        cfg = _cfg(tmp_path / name, method="natural", epochs=1, seed=3, monitor_examples=0)
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            return train(cfg.replace(out_dir=str(tmp_path / name)), data=digits)
+            return train(cfg, data=digits)
         finally:
             torch.set_num_threads(previous)
 

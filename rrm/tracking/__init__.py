@@ -57,7 +57,6 @@ _getattr, __dir__, __all__ = lazy_loader.attach(
         "worker",
     ],
     submod_attrs={
-        "aliases": ["check_alias"],
         "callback": ["MlflowCallback"],
         "evaluations": ["log_evaluation"],
         "versions": ["DEFAULT_TEACHER_NAME", "TeacherVersion"],
