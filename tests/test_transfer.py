@@ -18,7 +18,7 @@ from rrm import cli as rrm_cli
 from rrm.errors import RRMError
 from rrm.evaluation import EvalConfig, eps_growth_radii, evaluate, other_class_starts, sanity_warnings
 from rrm.models import build_model, load_model, save_model
-from rrm.models.transplant import choose_transplant, folded_stem, stem_prefix_spec, transplant_prefix
+from rrm.models.transplant import choose_transplant, folded_stem, stem_prefix_spec, transplant_prefix, transplanted
 from rrm.train import TrainConfig, train
 from rrm.train.monitor import monitor_split
 
@@ -77,6 +77,36 @@ def test_a_stem_prefix_computes_the_teachers_maps_and_feeds_the_students_first_l
     assert torch.equal(loaded(x), student(x)), "the file rebuilds the prefixed architecture"
 
 
+@pytest.mark.parametrize("student_name", ["resnet8", "convmixer"])
+def test_a_stem_adapter_narrows_the_teachers_maps_to_the_pixels_channels_for_the_student_as_built(
+    tmp_path, student_name
+):
+    teacher = _teacher()
+    student, kind, why = transplanted(
+        "stem-adapter", teacher, lambda **extra: build_model(student_name, **MNIST, **extra)
+    )
+    assert kind == "stem-adapter" and "narrows its 32 maps to the image's 1 channel" in why and "\n" not in why
+    plain = build_model(student_name, **MNIST)
+    shapes = [tuple(v.shape) for v in plain.body.state_dict().values()]
+    as_built = [tuple(v.shape) for v in student.body[3:].state_dict().values()]
+    assert as_built == shapes, "behind the adapter the student is its architecture as built, first layer included"
+    adapter = student.body[2]
+    assert (adapter.in_channels, adapter.out_channels, adapter.kernel_size) == (32, 1, (1, 1))
+    assert adapter.weight.requires_grad and not any(p.requires_grad for p in student.body[0].parameters())
+    x = torch.rand(3, 1, 28, 28)
+    z = (x - 0.13) / 0.31
+    maps = torch.relu(F.conv2d(z, teacher.body[0].weight, teacher.body[0].bias, padding=1))
+    by_hand = (maps * adapter.weight.view(1, 32, 1, 1)).sum(1, keepdim=True) + adapter.bias.view(1, 1, 1, 1)
+    student.eval()
+    assert torch.allclose(student.body[:3](z), by_hand, atol=1e-5), "a weighted sum of the teacher's maps"
+    save_model(student, tmp_path / "s.pt")
+    loaded, _ = load_model(tmp_path / "s.pt")
+    assert loaded.spec["stem_prefix"]["adapter"] == 1
+    assert torch.equal(loaded(x), student(x)), "the file rebuilds the adapted architecture"
+    with pytest.raises(RRMError, match="narrows to the image's 1 channels, not 3"):
+        build_model(student_name, **MNIST, stem_prefix=stem_prefix_spec(teacher, adapter=3))
+
+
 def test_a_teachers_batchnorm_is_folded_into_the_prefix():
     torch.manual_seed(1)
     teacher = build_model("cnn-bn", **MNIST)
@@ -123,8 +153,9 @@ def test_pairs_no_transfer_fits_are_refused_naming_what_differs():
         choose_transplant("stem-prefix", build_model("convmixer", **MNIST), build_model("cnn", **MNIST))
 
 
+@pytest.mark.parametrize(("transplant", "kind"), [("auto", "stem-prefix"), ("stem-adapter", "stem-adapter")])
 def test_a_frozen_prefix_is_bit_identical_after_training_and_the_teacher_gets_no_gradient(
-    tmp_path, digits, digits_teacher
+    tmp_path, digits, digits_teacher, transplant, kind
 ):
     teacher = digits_teacher.model
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -136,7 +167,7 @@ def test_a_frozen_prefix_is_bit_identical_after_training_and_the_teacher_gets_no
         method="fast",
         eps=0.1,
         teacher=str(digits_teacher.model_path),
-        transplant="auto",
+        transplant=transplant,
         epochs=2,
         lr=0.05,
         monitor_examples=0,
@@ -150,7 +181,8 @@ def test_a_frozen_prefix_is_bit_identical_after_training_and_the_teacher_gets_no
     assert torch.equal(trained["body.0.bias"].cpu(), bias.cpu())
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items()), "the teacher is unchanged"
     assert all(p.grad is None for p in teacher.parameters()), "no gradient reached the teacher"
-    assert result.summary["transplant"] == "stem-prefix" and "differs" in result.summary["transplant_reason"]
+    assert result.summary["transplant"] == kind
+    assert ("differs" if kind == "stem-prefix" else "asked for") in result.summary["transplant_reason"]
     assert result.summary["test_accuracy"] > 0.5
 
 

@@ -10,6 +10,7 @@ from rrm.attacks.autoattack import VERSIONS as AA_VERSIONS
 from rrm.cli.options import Spec
 from rrm.evaluation import ATTACKS, TRANSFER_ATTACKS
 from rrm.models import ARCHITECTURES
+from rrm.models.transplant import TRANSPLANTS
 from rrm.train import FEATURE_LOSSES, MATCH_INPUTS, METHODS, PRECISIONS, SCHEDULES, tunable_methods
 from rrm.tune.config import MODES, PRUNERS
 
@@ -58,8 +59,9 @@ TRAIN = {
         "Give the student the teacher's robust first layer before training (any method; try it with "
         "--method fast): auto picks for the pair and says why; stem copies the whole layer (the same shape); "
         "stem-filters, the filters the teacher's next layer reads most, into a stem with fewer; stem-prefix "
-        "runs the teacher's layer in front of the student's own, which reads its maps (any shape).",
-        ("auto", "stem", "stem-filters", "stem-prefix"),
+        "runs the teacher's layer in front of the student's own, which reads its maps (any shape); stem-adapter "
+        "runs it in front of the student as built, through a trained 1x1 convolution (any student, cheaper).",
+        TRANSPLANTS,
         "transplant",
     ),
     "transplant_frozen": Spec("method", "Keep the transplanted stem frozen (--no-transplant-frozen fine-tunes it)."),

@@ -10,6 +10,9 @@ BatchNorm on either side is folded: the teacher's stem becomes one affine convol
 - ``stem-prefix``: any student whose model starts with a convolution. The teacher's stem and its ReLU run in front of
   the student, and the student's own first layer (its kernel, stride and filters kept) reads the teacher's maps in
   place of the pixels: a trained adapter from the teacher's thresholded maps into the student's own layers.
+- ``stem-adapter``: any student, its architecture whole. The teacher's stem and its ReLU run in front, and a trained
+  1x1 convolution narrows its maps to the image's channels, which the student's first layer reads as it would the
+  pixels. It costs a fraction of ``stem-prefix``, whose first layer reads every map.
 - ``auto``: ``stem`` where the shapes match, else ``stem-prefix``; :func:`choose_transplant` says why.
 """
 
@@ -25,8 +28,9 @@ from rrm.models.base import Classifier
 
 # auto: chosen for the pair (choose_transplant); stem: the teacher's first layer whole; stem-filters: the k filters the
 # teacher's next layer reads most, for a student whose first layer has k <= the teacher's filters and otherwise the same
-# shape; stem-prefix: the teacher's first layer in front of the student's, which reads its maps.
-TRANSPLANTS = ("auto", "stem", "stem-filters", "stem-prefix")
+# shape; stem-prefix: the teacher's first layer in front of the student's, which reads its maps; stem-adapter: the same
+# prefix narrowed by a trained 1x1 convolution to the image's channels, in front of the student as built.
+TRANSPLANTS = ("auto", "stem", "stem-filters", "stem-prefix", "stem-adapter")
 
 
 def stem_layers(model: Classifier) -> tuple[nn.Conv2d, nn.BatchNorm2d | None]:
@@ -173,9 +177,10 @@ _PREFIX_FIX = (
 )
 
 
-def stem_prefix_spec(teacher: Classifier) -> dict:
-    """The shape of the teacher's stem as a prefix of a student (``build_model(stem_prefix=...)``); raises
-    :class:`RRMError` with :func:`prefix_problems` where it cannot be one."""
+def stem_prefix_spec(teacher: Classifier, adapter: int | None = None) -> dict:
+    """The shape of the teacher's stem as a prefix of a student (``build_model(stem_prefix=...)``); ``adapter``: a 1x1
+    convolution narrows its maps to that many channels, which the student reads as built (``stem-adapter``). Raises
+    :class:`RRMError` with :func:`prefix_problems` where the stem cannot be a prefix."""
     conv, _ = stem_layers(teacher)
     problems = prefix_problems(teacher)
     if problems:
@@ -183,28 +188,41 @@ def stem_prefix_spec(teacher: Classifier) -> dict:
             f"the first layer of teacher {teacher.spec.get('name')!r} ({describe_stem(conv)}) cannot run in front of "
             f"a student: {'; '.join(problems)}; {_PREFIX_FIX}"
         )
-    return {
+    spec = {
         "channels": conv.out_channels,
         "kernel": list(conv.kernel_size),
         "padding": list(conv.padding),
         "dilation": list(conv.dilation),
     }
+    if adapter is not None:  # only where set: the specs of stem-prefix students stay as they were
+        spec["adapter"] = adapter
+    return spec
 
 
 def prefixed_body(body: nn.Module, in_channels: int, prefix: dict) -> nn.Sequential:
-    """``body`` with a stem of shape ``prefix`` (:func:`stem_prefix_spec`) and a ReLU in front, its first convolution
-    rebuilt to read the prefix's ``channels`` maps (same filters, kernel, stride and padding)."""
+    """``body`` with a stem of shape ``prefix`` (:func:`stem_prefix_spec`) and a ReLU in front: with an ``adapter``,
+    a 1x1 convolution narrows the stem's maps to the ``in_channels`` that ``body`` reads as built; without one,
+    ``body``'s first convolution is rebuilt to read the stem's ``channels`` maps (same filters, kernel, stride and
+    padding)."""
+    stem = nn.Conv2d(
+        in_channels, prefix["channels"], tuple(prefix["kernel"]), padding=tuple(prefix["padding"]),
+        dilation=tuple(prefix["dilation"]),
+    )  # fmt: skip
+    if prefix.get("adapter"):
+        if prefix["adapter"] != in_channels:
+            raise RRMError(f"a stem adapter narrows to the image's {in_channels} channels, not {prefix['adapter']}")
+        adapter = nn.Conv2d(prefix["channels"], in_channels, 1)
+        return nn.Sequential(
+            stem, nn.ReLU(inplace=True), adapter, *(body if isinstance(body, nn.Sequential) else [body])
+        )
     layers = list(body) if isinstance(body, nn.Sequential) else []
     first = layers[0] if layers else None
     if not isinstance(first, nn.Conv2d) or first.groups != 1:
         raise RRMError(
             "a student takes the teacher's first layer as a prefix only where its model starts with an ungrouped "
-            "convolution; choose such a student (cnn, cnn-bn, resnet8, resnet20, vgg, convmixer)"
+            "convolution; choose such a student (cnn, cnn-bn, resnet8, resnet20, vgg, convmixer) or --transplant "
+            "stem-adapter, which takes any student"
         )
-    stem = nn.Conv2d(
-        in_channels, prefix["channels"], tuple(prefix["kernel"]), padding=tuple(prefix["padding"]),
-        dilation=tuple(prefix["dilation"]),
-    )  # fmt: skip
     reader = nn.Conv2d(
         prefix["channels"], first.out_channels, first.kernel_size, first.stride, first.padding, first.dilation,
         bias=first.bias is not None,
@@ -234,6 +252,13 @@ def choose_transplant(requested: str, teacher: Classifier, student: Classifier) 
     if requested not in TRANSPLANTS:
         raise RRMError(f"unknown transplant {requested!r}; choose one of {', '.join(TRANSPLANTS)}")
     t_conv, _ = stem_layers(teacher)
+    if requested == "stem-adapter":  # any student: its first layer is not touched
+        prefix, channels = stem_prefix_spec(teacher), student.spec.get("in_channels")
+        return "stem-adapter", (
+            f"asked for: the teacher's {describe_stem(t_conv)} runs in front of the student, and a trained 1x1 "
+            f"convolution narrows its {prefix['channels']} maps to the image's {channels} channel"
+            f"{'s' if channels != 1 else ''}, which the student reads as built"
+        )
     s_conv, s_bn = stem_layers(student)
     teacher_stem, student_stem = describe_stem(t_conv), describe_stem(s_conv)
     same = _shape(t_conv) == _shape(s_conv) and (s_bn is not None or s_conv.bias is not None)
@@ -266,8 +291,9 @@ def transplanted(
     stem; the other transplants copy it into the student as first built, so their seeded results do not change."""
     student = build()
     kind, why = choose_transplant(requested, teacher, student)
-    if kind == "stem-prefix":
-        student = build(stem_prefix=stem_prefix_spec(teacher))
+    if kind in ("stem-prefix", "stem-adapter"):
+        adapter = student.spec["in_channels"] if kind == "stem-adapter" else None
+        student = build(stem_prefix=stem_prefix_spec(teacher, adapter=adapter))
         transplant_prefix(teacher, student, frozen=frozen)
     else:
         transplant_stem(teacher, student, frozen=frozen, filters=kind == "stem-filters")

@@ -75,7 +75,7 @@ class TrainConfig(Config):
     alpha: float = 1.0  # KD / KDIGA: weight of the distillation term
     gamma: float = 1.0  # KDIGA: weight of input-gradient alignment
     # stem transfer (any method): the teacher's robust first layer in the student (rrm.models.transplant)
-    transplant: str | None = None  # auto | stem | stem-filters | stem-prefix
+    transplant: str | None = None  # auto | stem | stem-filters | stem-prefix | stem-adapter
     transplant_frozen: bool = True  # keep the transplanted stem as it is (False: fine-tune it with the rest)
     # runtime
     precision: str | None = None  # fp32 | bf16 | fp16 autocast; None: the method's default
