@@ -127,16 +127,19 @@ def test_a_teachers_batchnorm_is_folded_into_the_prefix():
     [
         ("cnn", "cnn", "stem", "has the teacher's shape (32 3x3 filters)"),
         ("cnn", "cnn-bn", "stem", "has the teacher's shape (32 3x3 filters)"),
-        ("cnn", "resnet8", "stem-prefix", "(16 3x3 filters) differs from the teacher's (32 3x3 filters)"),
-        ("cnn", "resnet20", "stem-prefix", "(16 3x3 filters) differs"),
-        ("cnn", "vgg11", "stem-prefix", "(64 3x3 filters) differs"),
-        ("cnn", "convmixer", "stem-prefix", "(128 4x4 filters, stride 4) differs"),
-        ("resnet8", "cnn", "stem-prefix", "(32 3x3 filters) differs from the teacher's (16 3x3 filters)"),
-        ("vgg11", "resnet8", "stem-prefix", "reads its 64 maps"),
+        ("cnn", "resnet8", "stem-adapter", "(16 3x3 filters) differs from the teacher's (32 3x3 filters)"),
+        ("cnn", "resnet20", "stem-adapter", "(16 3x3 filters) differs"),
+        ("cnn", "vgg11", "stem-adapter", "(64 3x3 filters) differs"),
+        ("cnn", "convmixer", "stem-adapter", "(128 4x4 filters, stride 4) differs"),
+        ("resnet8", "cnn", "stem-adapter", "(32 3x3 filters) differs from the teacher's (16 3x3 filters)"),
+        ("vgg11", "resnet8", "stem-adapter", "narrows its 64 maps to the image's 1 channel"),
+        ("cnn", "alexnet", "stem-adapter", "(not a convolution) differs"),
+        ("cnn", "resnet18", "stem-adapter", "(64 3x3 filters) differs"),  # its small-input stem
     ],
 )
 def test_auto_picks_the_transfer_for_each_zoo_pair_and_says_why(teacher_name, student_name, kind, words):
-    teacher, student = build_model(teacher_name, **MNIST), build_model(student_name, **MNIST)
+    size = dict(MNIST, image_size=64) if student_name == "alexnet" else MNIST  # its pooling needs more pixels
+    teacher, student = build_model(teacher_name, **size), build_model(student_name, **size)
     chosen, why = choose_transplant("auto", teacher, student)
     assert chosen == kind and words in why, why
     assert "\n" not in why
@@ -148,12 +151,12 @@ def test_pairs_no_transfer_fits_are_refused_naming_what_differs():
         choose_transplant("auto", build_model("convmixer", **MNIST), build_model("resnet8", **MNIST))
     large = dict(MNIST, image_size=64)
     with pytest.raises(RRMError, match="does not start with a convolution"):
-        choose_transplant("auto", build_model("cnn", **large), build_model("alexnet", **large))
+        choose_transplant("stem-prefix", build_model("cnn", **large), build_model("alexnet", **large))
     with pytest.raises(RRMError, match="cannot run in front of a student: its stride is 4"):
         choose_transplant("stem-prefix", build_model("convmixer", **MNIST), build_model("cnn", **MNIST))
 
 
-@pytest.mark.parametrize(("transplant", "kind"), [("auto", "stem-prefix"), ("stem-adapter", "stem-adapter")])
+@pytest.mark.parametrize(("transplant", "kind"), [("stem-prefix", "stem-prefix"), ("auto", "stem-adapter")])
 def test_a_frozen_prefix_is_bit_identical_after_training_and_the_teacher_gets_no_gradient(
     tmp_path, digits, digits_teacher, transplant, kind
 ):
@@ -182,7 +185,7 @@ def test_a_frozen_prefix_is_bit_identical_after_training_and_the_teacher_gets_no
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items()), "the teacher is unchanged"
     assert all(p.grad is None for p in teacher.parameters()), "no gradient reached the teacher"
     assert result.summary["transplant"] == kind
-    assert ("differs" if kind == "stem-prefix" else "asked for") in result.summary["transplant_reason"]
+    assert ("asked for" if kind == "stem-prefix" else "differs") in result.summary["transplant_reason"]
     assert result.summary["test_accuracy"] > 0.5
 
 
@@ -194,11 +197,13 @@ def test_transplant_auto_through_the_command_line(cli_project, digits_teacher):
          "--monitor-examples", "0", "--no-track", "--out-dir", "out"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "transplant: stem-prefix (the student's first layer (128 4x4 filters, stride 4) differs" in result.stderr
+    assert "transplant: stem-adapter (the student's first layer (128 4x4 filters, stride 4) differs" in result.stderr
     metrics = json.loads((cli_project / "out" / "train_metrics.json").read_text())
-    assert metrics["transplant"] == "stem-prefix"
+    assert metrics["transplant"] == "stem-adapter"
     model, meta = load_model(cli_project / "out" / "model.pt")
-    assert meta["config"]["transplant"] == "auto" and model.spec["stem_prefix"]["channels"] == 32
+    assert meta["config"]["transplant"] == "auto" and model.spec["stem_prefix"] == {
+        "channels": 32, "kernel": [3, 3], "padding": [1, 1], "dilation": [1, 1], "adapter": 1,
+    }  # fmt: skip
 
 
 def test_an_impossible_pair_is_refused_before_training(cli_project, tmp_path, digits):

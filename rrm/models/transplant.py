@@ -13,7 +13,7 @@ BatchNorm on either side is folded: the teacher's stem becomes one affine convol
 - ``stem-adapter``: any student, its architecture whole. The teacher's stem and its ReLU run in front, and a trained
   1x1 convolution narrows its maps to the image's channels, which the student's first layer reads as it would the
   pixels. It costs a fraction of ``stem-prefix``, whose first layer reads every map.
-- ``auto``: ``stem`` where the shapes match, else ``stem-prefix``; :func:`choose_transplant` says why.
+- ``auto``: ``stem`` where the shapes match, else ``stem-adapter``; :func:`choose_transplant` says why.
 """
 
 from __future__ import annotations
@@ -245,26 +245,26 @@ def transplant_prefix(teacher: Classifier, student: Classifier, frozen: bool = T
 
 def choose_transplant(requested: str, teacher: Classifier, student: Classifier) -> tuple[str, str]:
     """The transplant to run for this pair, and why in one line. ``auto`` picks ``stem`` where the student's first
-    layer has the teacher's shape and ``stem-prefix`` otherwise; an explicit choice is checked here, before training.
+    layer has the teacher's shape and ``stem-adapter`` otherwise (any student; in the transfer study it cost less than
+    ``stem-prefix`` and kept as much robustness or more); an explicit choice is checked here, before training.
 
     Raises :class:`RRMError` naming what differs and what would work where no transplant fits the pair.
     """
     if requested not in TRANSPLANTS:
         raise RRMError(f"unknown transplant {requested!r}; choose one of {', '.join(TRANSPLANTS)}")
     t_conv, _ = stem_layers(teacher)
-    if requested == "stem-adapter":  # any student: its first layer is not touched
-        prefix, channels = stem_prefix_spec(teacher), student.spec.get("in_channels")
-        return "stem-adapter", (
-            f"asked for: the teacher's {describe_stem(t_conv)} runs in front of the student, and a trained 1x1 "
-            f"convolution narrows its {prefix['channels']} maps to the image's {channels} channel"
-            f"{'s' if channels != 1 else ''}, which the student reads as built"
-        )
-    s_conv, s_bn = stem_layers(student)
-    teacher_stem, student_stem = describe_stem(t_conv), describe_stem(s_conv)
-    same = _shape(t_conv) == _shape(s_conv) and (s_bn is not None or s_conv.bias is not None)
+    teacher_stem = describe_stem(t_conv)
+    try:
+        s_conv, s_bn = stem_layers(student)
+    except RRMError:
+        if requested not in ("auto", "stem-adapter"):  # the adapter takes a student whatever its first layer
+            raise
+        s_conv, s_bn = None, None
+    student_stem = describe_stem(s_conv) if s_conv is not None else "not a convolution"
     if requested in ("stem", "stem-filters"):
         return requested, f"asked for: the teacher's {teacher_stem} copied into the student's first layer"
-    if requested == "auto" and same:
+    carries = s_conv is not None and (s_bn is not None or s_conv.bias is not None)  # somewhere for its thresholds
+    if requested == "auto" and carries and _shape(t_conv) == _shape(s_conv):
         return "stem", (
             f"the student's first layer has the teacher's shape ({teacher_stem}): the teacher's is copied into it"
         )
@@ -275,11 +275,21 @@ def choose_transplant(requested: str, teacher: Classifier, student: Classifier) 
             f"their first layers differ ({teacher_stem} against {student_stem}) and the teacher's cannot run in front "
             f"of the student's ({'; '.join(problems)}); {_PREFIX_FIX}"
         )
-    prefix = stem_prefix_spec(teacher)
-    why = "asked for, " if requested == "stem-prefix" else f"the student's first layer ({student_stem}) differs from "
-    return "stem-prefix", (
-        f"{why}the teacher's ({teacher_stem}): the teacher's runs in front of it, and the student's first layer "
-        f"reads its {prefix['channels']} maps in place of the pixels"
+    channels = stem_prefix_spec(teacher)["channels"]
+    if requested == "stem-prefix":
+        return "stem-prefix", (
+            f"asked for, the teacher's ({teacher_stem}): the teacher's runs in front of it, and the student's first "
+            f"layer reads its {channels} maps in place of the pixels"
+        )
+    pixels = student.spec.get("in_channels")
+    front = (
+        f"the student's first layer ({student_stem}) differs from the teacher's ({teacher_stem}): the teacher's runs"
+    )
+    if requested == "stem-adapter":
+        front = f"asked for: the teacher's first layer ({teacher_stem}) runs"
+    return "stem-adapter", (
+        f"{front} in front of the student, and a trained 1x1 convolution narrows its {channels} maps to the image's "
+        f"{pixels} channel{'s' if pixels != 1 else ''}, which the student reads as built"
     )
 
 
