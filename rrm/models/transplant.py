@@ -211,7 +211,10 @@ def prefixed_body(body: nn.Module, in_channels: int, prefix: dict) -> nn.Sequent
     )  # fmt: skip
     if prefix.get("adapter"):
         if prefix["adapter"] != in_channels:
-            raise RRMError(f"a stem adapter narrows to the image's {in_channels} channels, not {prefix['adapter']}")
+            raise RRMError(
+                f"a stem adapter narrows the teacher's maps to the image's channel count ({in_channels}), not to "
+                f"{prefix['adapter']}; rebuild the student with the image's channels"
+            )
         adapter = nn.Conv2d(prefix["channels"], in_channels, 1)
         return nn.Sequential(
             stem, nn.ReLU(inplace=True), adapter, *(body if isinstance(body, nn.Sequential) else [body])
@@ -261,7 +264,7 @@ def choose_transplant(requested: str, teacher: Classifier, student: Classifier) 
         if requested not in ("auto", "stem-adapter"):  # the adapter takes a student whatever its first layer
             raise
         s_conv, s_bn = None, None
-    student_stem = describe_stem(s_conv) if s_conv is not None else "not a convolution"
+    student_stem = describe_stem(s_conv) if s_conv is not None else "a block, not a convolution"
     if requested in ("stem", "stem-filters"):
         return requested, f"asked for: the teacher's {teacher_stem} copied into the student's first layer"
     carries = s_conv is not None and (s_bn is not None or s_conv.bias is not None)  # somewhere for its thresholds
