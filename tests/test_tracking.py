@@ -468,6 +468,30 @@ def test_resumed_run_logs_every_epoch(store):
     assert sorted(m.step for m in history) == [1, 2]
 
 
+def test_an_epoch_the_store_wrote_before_it_stopped_answering_is_logged_once(store, monkeypatch):
+    """The store wrote epoch 1's metrics and went away before its reply came (a server killed mid-request): the
+    training goes on, and when the store answers again at the end, epoch 1 is in the run once, not sent again."""
+    import mlflow
+    import requests
+
+    log_metrics, lost = mlflow.log_metrics, []
+
+    def written_then_lost(metrics, step=None, **kwargs):
+        log_metrics(metrics, step=step, **kwargs)
+        if step == 1 and not lost:
+            lost.append(step)
+            raise requests.ConnectionError("connection reset by peer before the reply")
+
+    monkeypatch.setattr(mlflow, "log_metrics", written_then_lost)
+    cfg = TrainConfig(**{**DIGITS, "epochs": 3}, method="natural", out_dir=str(store / "reply-lost"))
+    with tracking.MlflowCallback(experiment="tests") as tracker:
+        train(cfg, callbacks=[tracker])
+    run = MlflowClient().get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    for key in ("loss", "epoch_seconds"):
+        assert sorted(m.step for m in MlflowClient().get_metric_history(tracker.run_id, key)) == [1, 2, 3], key
+
+
 def test_training_on_a_prepared_file_records_the_file_as_input(store):
     from rrm.data import prepare_dataset
 

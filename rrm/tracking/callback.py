@@ -45,6 +45,11 @@ def _epoch_metrics(row: Mapping) -> dict[str, float]:
     return {k: v for k, v in numbers(row).items() if k != "epoch" and k not in BOOKKEEPING}
 
 
+def _epochs_in_store(client: MlflowClient, run_id: str) -> set[int]:
+    """The epochs the store holds for ``run_id``: each epoch's metrics are one batch, written whole or not at all."""
+    return {int(m.step) for m in client.get_metric_history(run_id, "epoch_seconds")}
+
+
 def _device(model: Classifier | str) -> str:
     """The model's device; a worker process (:mod:`rrm.tracking.worker`) is sent the device alone."""
     return model if isinstance(model, str) else str(next(model.parameters()).device)
@@ -229,7 +234,7 @@ class MlflowCallback(Callback):
         new = {k: v for k, v in params.items() if k not in logged}
         if new:
             mlflow.log_params(new)
-        self._logged_epochs = {int(m.step) for m in client.get_metric_history(run_id, "epoch_seconds")}
+        self._logged_epochs = _epochs_in_store(client, run_id)
 
     def _log_teacher(self, client: MlflowClient, ref: str) -> None:
         """Tag the run with its teacher and link the teacher's logged model as an input, from :attr:`teacher` as
@@ -284,7 +289,8 @@ class MlflowCallback(Callback):
         try:
             if self._lost is not None:  # it may be back: then the run is finished as if it had never left
                 with mlflow_errors("reaching the MLflow tracking store again"):
-                    store_client().get_run(self.run_id)
+                    # the store may have written the epoch whose reply was lost: that one is not sent twice
+                    self._logged_epochs |= _epochs_in_store(store_client(), self.run_id)
                 self._lost = None
             self._finish(result)
         except StoreUnreachable as exc:
