@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import copy_store, one_torch_thread, worker_env
+from _helpers import copy_store, digits_file, one_torch_thread, worker_env
 
 from rrm.data import batches, load_dataset
 from rrm.data.core import shard_bounds
@@ -38,6 +38,9 @@ def one_thread():
 
 
 def _flags(values: dict) -> list[str]:
+    """The command line of ``values``; the digits come from their prepared file (see :func:`_helpers.digits_file`)."""
+    if values.get("dataset") == "digits":
+        values = {**values, "dataset": digits_file()}
     flags = []
     for key, value in values.items():
         flag = "--" + ("lambda" if key == "lam" else key.replace("_", "-"))
@@ -155,7 +158,9 @@ class _StopAfter(Callback):
 def test_two_processes_resume_a_checkpoint_to_the_uninterrupted_result(tmp_path, digits, single_natural):
     cut = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(**COMMON, out_dir=str(cut)), data=digits, callbacks=[_StopAfter(1)])
+        # named as the command line names the digits: a resumed run must have the same settings
+        cfg = TrainConfig(**{**COMMON, "dataset": digits_file()}, out_dir=str(cut))
+        train(cfg, data=digits, callbacks=[_StopAfter(1)])
     assert len(_history(cut)) == 1 and not (cut / "model.pt").exists()
     result = torchrun(tmp_path, "train", *_flags(COMMON), "--out-dir", str(cut), "--resume", "--no-track")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _helpers import copy_store, override, override_yaml
+from _helpers import copy_store, override, override_yaml, undo_cli_settings
+from click.testing import CliRunner
 from test_report import SEEDS_REPORT_FILES
 
 from rrm.cli import cli
@@ -623,7 +624,9 @@ def _rrm(work: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_the_pipeline_goes_through_the_registry(tmp_path: Path, migrated_mlflow_db: Path) -> None:
+def test_the_pipeline_goes_through_the_registry(
+    tmp_path: Path, migrated_mlflow_db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A shrunk `dvc repro` of a student of the teacher: the teacher is registered and promoted to the alias of
     params.yaml, then pulled; `rrm teacher pull models:/rrm-teacher@champion` works afterwards; the student's run names
     the teacher's name, version and run; the teacher's run is named and tagged as a teacher's and carries its
@@ -638,8 +641,12 @@ def test_the_pipeline_goes_through_the_registry(tmp_path: Path, migrated_mlflow_
     run = subprocess.run([dvc, "repro", "distill_student@kd"], cwd=work, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     teacher, pinned = work / "runs" / "teacher" / "model.pt", work / "runs" / "teacher" / "champion.pt"
-    pulled = _rrm(work, env, "teacher", "pull", "models:/rrm-teacher@champion", "--out", "again.pt")
-    assert pulled.returncode == 0, pulled.stderr
+    # The commands after the pipeline run in this process (the stages ran as processes): the same code and store
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    undo_cli_settings(monkeypatch)
+    pulled = CliRunner().invoke(cli, ["teacher", "pull", "models:/rrm-teacher@champion", "--out", "again.pt"])
+    assert pulled.exit_code == 0, pulled.output
     assert sha256_file(work / "again.pt") == sha256_file(pinned) == sha256_file(teacher)
     assert "models:/rrm-teacher@champion -> version 1" in (work / "runs" / "teacher" / "registered.txt").read_text()
 
@@ -657,13 +664,14 @@ def test_the_pipeline_goes_through_the_registry(tmp_path: Path, migrated_mlflow_
     assert evaluations[0].info.run_name == "apgd+autoattack linf eps=0.2 · sat-cnn-digits"  # named before registering
 
     # The champion moved since it was pulled (the pin is another file): one line, nothing written, no run.
-    moved = _rrm(
-        work,
-        env,
-        *("train", "--params", "params.yaml", "--section", "students.kd", "--out-dir", "runs/moved"),
-        *("--teacher", "models:/rrm-teacher@champion", "--teacher-pin", "runs/students/kd/model.pt"),
+    moved = CliRunner().invoke(
+        cli,
+        [
+            *("train", "--params", "params.yaml", "--section", "students.kd", "--out-dir", "runs/moved"),
+            *("--teacher", "models:/rrm-teacher@champion", "--teacher-pin", "runs/students/kd/model.pt"),
+        ],
     )
-    assert moved.returncode == 1 and moved.stderr.count("\n") == 1, moved.stderr
+    assert moved.exit_code == 1 and moved.stderr.count("\n") == 1, moved.output
     assert "the alias moved since the file was pulled" in moved.stderr and "version 1 of 'rrm-teacher'" in moved.stderr
     assert not (work / "runs" / "moved").exists()
     assert len(client.search_runs(experiments)) == 3  # teacher, its evaluation, the student

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import copy_store, free_port, mlflow_server_process, tiny_train_args, worker_env
+from _helpers import cli_options, copy_store, digits_file, free_port, mlflow_server_process, tiny_train_args, worker_env
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
@@ -28,20 +28,14 @@ from rrm.tracking import MlflowCallback
 from rrm.tracking.stale import clean_stale_runs
 from rrm.train import TrainConfig, train
 
-# PGD training on digits: an epoch takes about a second, so a signal sent after the first one lands mid-training.
-LONG = [
-    "--dataset",
-    "digits",
-    "--model",
-    "cnn",
-    "--method",
-    "sat",
-    "--eps",
-    "0.1",
-    "--monitor-examples",
-    "0",
-    "--no-progress",
-]
+
+# PGD training on the digits: an epoch takes about a second, so a signal sent after the first one lands mid-training.
+def long_args() -> list[str]:
+    """The long training's options; the digits come from their prepared file (see :func:`_helpers.digits_file`)."""
+    options = dict(dataset=digits_file(), model="cnn", method="sat", eps=0.1, monitor_examples=0, progress=False)
+    return cli_options(options, {})
+
+
 QUICK = tiny_train_args()
 HEARTBEAT = re.compile(r"^\S+ \d+/\d+: +\d+% \d+/\d+ \[")  # a long run's line a minute, its bar hidden
 
@@ -58,7 +52,7 @@ def rrm(*args: object):
 def start_training(project: Path, out_dir: str, *args: str, **env: str) -> subprocess.Popen:
     """`python -m rrm.cli train` in its own process, as a scheduler starts it."""
     return subprocess.Popen(
-        [sys.executable, "-m", "rrm.cli", "train", *LONG, "--out-dir", out_dir, *args],
+        [sys.executable, "-m", "rrm.cli", "train", *long_args(), "--out-dir", out_dir, *args],
         cwd=project,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -111,7 +105,7 @@ def test_sigterm_mid_training_ends_the_run_killed_and_resume_continues_it(projec
     assert 1 <= done < 40 and not (project / "out" / "model.pt").exists()
 
     # --resume continues that run: same id, the epochs after the checkpoint appended, each epoch once.
-    resumed = rrm("train", *LONG, "--out-dir", "out", "--epochs", done + 1, "--resume")
+    resumed = rrm("train", *long_args(), "--out-dir", "out", "--epochs", done + 1, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert f"MLflow run {run.info.run_id}" in resumed.output
     _, again = only_run(f"sqlite:///{project}/mlflow.db")

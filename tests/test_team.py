@@ -18,14 +18,27 @@ from pathlib import Path
 
 import optuna
 import pytest
-from _helpers import mlflow_server, one_torch_thread, tiny_train_args, tiny_tune_args, undo_cli_settings, worker_env
+from _helpers import (
+    digits_file,
+    mlflow_server,
+    one_torch_thread,
+    tiny_train_args,
+    tiny_tune_args,
+    undo_cli_settings,
+    worker_env,
+)
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from rrm import cli as rrm_cli
 from rrm.io import sha256_file
 
-SMALL = tiny_tune_args()
+
+def small() -> list[str]:
+    """The smallest study's options; the digits come from their prepared file (see :func:`_helpers.digits_file`)."""
+    return tiny_tune_args(dataset=digits_file())
+
+
 TINY_TRAIN = tiny_train_args(lr=0.05, experiment="team")
 
 
@@ -104,8 +117,18 @@ def test_runs_and_teachers_live_in_the_team_server_on_postgres(team_server, post
 
 def _tune_worker(teacher: Path, storage: str, study: str, n_trials: int) -> subprocess.Popen:
     """One `rrm tune` worker process on ``study`` in ``storage`` (untracked)."""
-    command = [sys.executable, "-m", "rrm.cli", "tune", "--teacher", str(teacher), *SMALL, "--n-trials", str(n_trials)]
-    command += ["--storage", storage, "--study-name", study, "--no-track", "--best-trials", "1"]
+    command = [sys.executable, "-m", "rrm.cli", "tune", "--teacher", str(teacher), *small()]
+    command += [
+        "--n-trials",
+        str(n_trials),
+        "--storage",
+        storage,
+        "--study-name",
+        study,
+        "--no-track",
+        "--best-trials",
+        "1",
+    ]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env())
 
 
@@ -211,7 +234,7 @@ def test_sixteen_trainings_and_four_tune_workers_at_once_on_one_server(team_serv
         assert {"model.pt", "checkpoint.pt", "train_metrics.json"} <= artifacts
         assert len(run.outputs.model_outputs) == 1
 
-    tune = [sys.executable, "-m", "rrm.cli", "tune", "--teacher", str(digits_teacher.model_path), *SMALL]
+    tune = [sys.executable, "-m", "rrm.cli", "tune", "--teacher", str(digits_teacher.model_path), *small()]
     tune += ["--n-trials", "8", "--storage", postgres.url("optuna"), "--study-name", "load"]
     tune += ["--experiment", "load-tune", "--best-trials", "1"]
     workers = [subprocess.Popen(tune, env=env, stderr=subprocess.PIPE, text=True) for _ in range(4)]

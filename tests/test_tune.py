@@ -17,7 +17,7 @@ from pathlib import Path
 import matplotlib.image
 import optuna
 import pytest
-from _helpers import tiny_tune_args, worker_env
+from _helpers import digits_file, tiny_tune_args, worker_env
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
@@ -27,7 +27,11 @@ from rrm.plots import running_best
 from rrm.tune import TuneConfig, parse_range, storage_label
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = tiny_tune_args(best_trials=2)
+
+
+def small() -> list[str]:
+    """The smallest study's options; the digits come from their prepared file (see :func:`_helpers.digits_file`)."""
+    return tiny_tune_args(best_trials=2, dataset=digits_file())
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +94,7 @@ def _png(path: Path) -> None:
 
 @pytest.mark.usefixtures("mlflow_store")
 def test_small_study_records_every_trial_as_a_child_run_and_writes_the_plots(project, teacher):
-    result = rrm("tune", "--method", "rrm", "--teacher", teacher, *SMALL, "--n-trials", "3", "--study-name", "s")
+    result = rrm("tune", "--method", "rrm", "--teacher", teacher, *small(), "--n-trials", "3", "--study-name", "s")
     assert result.exit_code == 0, result.output
     assert len(re.findall(r"^trial \d+ complete: lambda=", result.stderr, re.M)) == 3, result.stderr
 
@@ -148,7 +152,7 @@ def test_small_study_records_every_trial_as_a_child_run_and_writes_the_plots(pro
     assert dashboard["objective_names"] == ["val_natural_accuracy", "val_apgd_accuracy"]
 
     # Run again with the same target: nothing to do, nothing new recorded, the parent run reused.
-    again = rrm("tune", "--method", "rrm", "--teacher", teacher, *SMALL, "--n-trials", "3", "--study-name", "s")
+    again = rrm("tune", "--method", "rrm", "--teacher", teacher, *small(), "--n-trials", "3", "--study-name", "s")
     assert again.exit_code == 0, again.output
     assert "3/3 finished trials (0 run now" in again.output
     _, parents, children = _runs(project)
@@ -162,7 +166,7 @@ def test_under_mlflow_run_the_projects_run_is_the_parent_and_trials_join_its_exp
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     project_run = client.create_run("0").info.run_id
     monkeypatch.setenv("MLFLOW_RUN_ID", project_run)
-    result = rrm("tune", "--method", "rrm", "--teacher", teacher, *SMALL, "--n-trials", "1", "--study-name", "m")
+    result = rrm("tune", "--method", "rrm", "--teacher", teacher, *small(), "--n-trials", "1", "--study-name", "m")
     assert result.exit_code == 0, result.output
     children = client.search_runs(["0"], "tags.`rrm.kind` = 'trial'")
     assert [c.data.tags["mlflow.parentRunId"] for c in children] == [project_run]
@@ -178,7 +182,7 @@ def test_pruned_trials_are_recorded_as_pruned(project, teacher):
         "kd",
         "--teacher",
         teacher,
-        *SMALL,
+        *small(),
         "--epochs",
         "3",
         "--n-trials",
@@ -228,7 +232,7 @@ def test_pruned_trials_are_recorded_as_pruned(project, teacher):
     ],
 )
 def test_bad_input_fails_before_any_trial(project, teacher, args, message):
-    result = rrm("tune", "--teacher", teacher, *SMALL, "--n-trials", "2", *args)
+    result = rrm("tune", "--teacher", teacher, *small(), "--n-trials", "2", *args)
     assert result.exit_code == 1, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.stderr
@@ -237,13 +241,13 @@ def test_bad_input_fails_before_any_trial(project, teacher, args, message):
 
 
 def test_missing_teacher_and_unreachable_postgres_fail_fast(project, teacher):
-    result = rrm("tune", *SMALL)
+    result = rrm("tune", *small())
     assert result.exit_code == 1 and "needs a teacher" in result.stderr
     with socket.socket() as s:  # a loopback port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     started = time.monotonic()
-    result = rrm("tune", "--teacher", teacher, *SMALL, "--storage", f"postgresql://u:secret@127.0.0.1:{port}/db")
+    result = rrm("tune", "--teacher", teacher, *small(), "--storage", f"postgresql://u:secret@127.0.0.1:{port}/db")
     assert time.monotonic() - started < 30
     assert result.exit_code == 1, result.output
     line = result.stderr.strip()
@@ -254,7 +258,7 @@ def test_missing_teacher_and_unreachable_postgres_fail_fast(project, teacher):
 
 
 def test_a_study_made_with_other_settings_is_refused(project, teacher):
-    common = ["tune", "--teacher", teacher, *SMALL, "--n-trials", "1", "--no-track", "--study-name", "x"]
+    common = ["tune", "--teacher", teacher, *small(), "--n-trials", "1", "--no-track", "--study-name", "x"]
     assert rrm(*common).exit_code == 0
     result = rrm(*common, "--range", "lambda=1e-3,1e-1")
     assert result.exit_code == 1 and "made with other settings (ranges)" in result.stderr, result.output
@@ -271,7 +275,7 @@ def test_two_workers_share_one_journal_study(project, teacher):
         "tune",
         "--teacher",
         teacher,
-        *SMALL,
+        *small(),
         "--n-trials",
         "6",
         "--storage",
@@ -321,7 +325,7 @@ def test_an_interrupted_study_resumes_instead_of_starting_over(project, teacher)
         "tune",
         "--teacher",
         teacher,
-        *SMALL,
+        *small(),
         "--epochs",
         "2",
         "--n-trials",
@@ -359,7 +363,7 @@ def test_an_interrupted_study_resumes_instead_of_starting_over(project, teacher)
         "tune",
         "--teacher",
         teacher,
-        *SMALL,
+        *small(),
         "--epochs",
         "2",
         "--n-trials",
