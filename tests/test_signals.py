@@ -29,9 +29,9 @@ from rrm.tracking.stale import clean_stale_runs
 from rrm.train import TrainConfig, train
 
 
-# PGD training on the digits: an epoch takes about a second, so a signal sent after the first one lands mid-training.
 def long_args() -> list[str]:
-    """The long training's options; the digits come from their prepared file (see :func:`_helpers.digits_file`)."""
+    """A PGD training on the digits, read from their prepared file (:func:`_helpers.digits_file`): an epoch takes about
+    a second, so a signal sent after the first one lands mid-training."""
     options = dict(dataset=digits_file(), model="cnn", method="sat", eps=0.1, monitor_examples=0, progress=False)
     return cli_options(options, {})
 
