@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -401,10 +402,10 @@ def test_students_take_their_teacher_from_the_registry_pinned_to_a_pulled_copy(p
         assert "--teacher models:/" in command and "--teacher-pin " in command, f"{pipeline}: {name}"
 
 
-def _commit_outputs(work: Path, env: dict, dvc: str, *targets: str) -> set[str]:
+def _commit_outputs(work: Path, *targets: str) -> set[str]:
     """Record ``targets`` (dvc.yaml files or ``dvc.yaml:stage``) in dvc.lock as if they had run: a placeholder file
-    for every output, then `dvc commit --force`, which hashes deps and outputs without running anything. Returns the
-    names of the stages recorded."""
+    for every output, then `dvc commit --force` (DVC's own function, in this process), which hashes deps and outputs
+    without running anything. Returns the names of the stages recorded."""
     from dvc.repo import Repo
 
     names = set()
@@ -416,18 +417,22 @@ def _commit_outputs(work: Path, env: dict, dvc: str, *targets: str) -> set[str]:
                     path = Path(out.fs_path)
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(f"placeholder of {stage.addressing}\n")
-    subprocess.run([dvc, "commit", "--force", "--quiet", *targets], cwd=work, env=env, check=True)
+    with contextlib.chdir(work), Repo(".") as repo:  # where the command line runs it: targets are read from the cwd
+        for target in targets:
+            repo.commit(target, force=True)
     return names
 
 
-def _changed(work: Path, env: dict, dvc: str, target: str = "dvc.yaml") -> dict[str, set[str]]:
-    """`dvc status`: each changed stage with the deps it reports changed."""
-    run = subprocess.run(
-        [dvc, "status", "--json", target], cwd=work, env=env, check=True, capture_output=True, text=True
-    )
+def _changed(work: Path, target: str = "dvc.yaml") -> dict[str, set[str]]:
+    """`dvc status` (DVC's own function, in this process: what `dvc status --json` prints): each changed stage with
+    the deps it reports changed."""
+    from dvc.repo import Repo
+
+    with contextlib.chdir(work), Repo(".") as repo:
+        status = repo.status(targets=[target])
     return {
         stage: {dep for entry in entries if isinstance(entry, dict) for dep in entry.get("changed deps", {})}
-        for stage, entries in json.loads(run.stdout).items()
+        for stage, entries in status.items()
     }
 
 
@@ -441,9 +446,9 @@ def test_code_edits_change_the_stages_that_run_that_code(tmp_path: Path) -> None
     """After an edit to rrm/train/methods.py `dvc status` reports every stage that runs it as changed: all but
     prepare and the evaluations (the report and the registry read the methods' facts there); edits to rrm/evaluation
     and rrm/report only the stages running them, and an edit to an attack every stage that trains or evaluates."""
-    work, env, dvc = _pipeline(tmp_path)
-    names = _commit_outputs(work, env, dvc, "dvc.yaml")
-    assert _changed(work, env, dvc) == {}
+    work = _pipeline(tmp_path)[0]
+    names = _commit_outputs(work, "dvc.yaml")
+    assert _changed(work) == {}
     trained = {n for n in names if n.startswith(("train_", "distill_student@"))}
     evaluated = {n for n in names if n.startswith("evaluate_")}
     assert {"train_teacher", "train_rdt", "train_student@natural", "distill_student@rrm"} <= trained
@@ -452,22 +457,22 @@ def test_code_edits_change_the_stages_that_run_that_code(tmp_path: Path) -> None
 
     methods = work / "rrm" / "train" / "methods.py"
     source = _append(methods, "# an edit\n")
-    assert _changed(work, env, dvc) == {name: {"rrm/train"} for name in names - {"prepare"} - evaluated}
+    assert _changed(work) == {name: {"rrm/train"} for name in names - {"prepare"} - evaluated}
     methods.write_text(source)  # back to the committed code: only the edits below count
     run, writing = work / "rrm" / "evaluation" / "run.py", work / "rrm" / "report" / "writing.py"
     sources = _append(run, "# an edit\n"), _append(writing, "# an edit\n")
-    assert _changed(work, env, dvc) == {**{name: {"rrm/evaluation"} for name in evaluated}, "report": {"rrm/report"}}
+    assert _changed(work) == {**{name: {"rrm/evaluation"} for name in evaluated}, "report": {"rrm/report"}}
     run.write_text(sources[0])
     writing.write_text(sources[1])
     _append(work / "rrm" / "attacks" / "pgd.py", "# an edit\n")
-    assert _changed(work, env, dvc) == {name: {"rrm/attacks"} for name in trained | evaluated | {"robustify"}}
+    assert _changed(work) == {name: {"rrm/attacks"} for name in trained | evaluated | {"robustify"}}
 
 
 def test_plain_dvc_status_reads_the_main_pipeline_and_the_linked_studies(tmp_path: Path) -> None:
     """Once the main pipeline has run, a plain `dvc status` is clean: the studies stay out of DVC's view until `rrm
     pipeline link` (or `run`) puts one in, and `unlink` takes it out again; `dvc metrics show` never lists them."""
     work, env, dvc = _pipeline(tmp_path)
-    _commit_outputs(work, env, dvc, "dvc.yaml")
+    _commit_outputs(work, "dvc.yaml")
 
     def status() -> str:
         return subprocess.run([dvc, "status"], cwd=work, env=env, check=True, capture_output=True, text=True).stdout
@@ -509,12 +514,12 @@ def test_pipeline_commands_refuse_unknown_names_and_foreign_files(tmp_path: Path
 
 
 def test_bytecode_does_not_change_code_deps(tmp_path: Path) -> None:
-    work, env, dvc = _pipeline(tmp_path)
-    _commit_outputs(work, env, dvc, "dvc.yaml:prepare")
+    work = _pipeline(tmp_path)[0]
+    _commit_outputs(work, "dvc.yaml:prepare")
     cache = work / "rrm" / "data" / "__pycache__"
     cache.mkdir()
     (cache / f"core.{sys.implementation.cache_tag}.pyc").write_bytes(b"bytecode")
-    assert _changed(work, env, dvc, "dvc.yaml:prepare") == {}
+    assert _changed(work, "dvc.yaml:prepare") == {}
 
 
 def _set(work: Path, section: str, **values) -> None:
@@ -526,7 +531,7 @@ def test_dvc_repro_stops_on_bad_params_and_keeps_earlier_outputs(tmp_path: Path)
     run: the student's options are refused before its teacher is read) stays intact."""
     work, env, dvc = _pipeline(tmp_path)
     upstream_stages = ("prepare", "train_teacher", "evaluate_teacher", "register_teacher", "pull_teacher")
-    _commit_outputs(work, env, dvc, *(f"dvc.yaml:{stage}" for stage in upstream_stages))
+    _commit_outputs(work, *(f"dvc.yaml:{stage}" for stage in upstream_stages))
     upstream = ["data/digits.safetensors", "runs/teacher/model.pt", "metrics/teacher.json", "runs/teacher/champion.pt"]
     cases = [
         ({"lambda": -0.5}, "lambda must be > 0"),
