@@ -117,18 +117,8 @@ def test_runs_and_teachers_live_in_the_team_server_on_postgres(team_server, post
 
 def _tune_worker(teacher: Path, storage: str, study: str, n_trials: int) -> subprocess.Popen:
     """One `rrm tune` worker process on ``study`` in ``storage`` (untracked)."""
-    command = [sys.executable, "-m", "rrm.cli", "tune", "--teacher", str(teacher), *small()]
-    command += [
-        "--n-trials",
-        str(n_trials),
-        "--storage",
-        storage,
-        "--study-name",
-        study,
-        "--no-track",
-        "--best-trials",
-        "1",
-    ]
+    command = [sys.executable, "-m", "rrm.cli", "tune", "--teacher", str(teacher), *small(), "--no-track"]
+    command += ["--n-trials", str(n_trials), "--storage", storage, "--study-name", study, "--best-trials", "1"]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env())
 
 
