@@ -409,15 +409,14 @@ def _commit_outputs(work: Path, *targets: str) -> set[str]:
     from dvc.repo import Repo
 
     names = set()
-    with Repo(str(work)) as repo:
+    with contextlib.chdir(work), Repo(".") as repo:  # where the command line runs: targets are read from the cwd
         for target in targets:
-            for stage in repo.stage.collect(str(work / target)):  # a relative target is read from the cwd
+            for stage in repo.stage.collect(target):
                 names.add(stage.name)
                 for out in stage.outs:
                     path = Path(out.fs_path)
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(f"placeholder of {stage.addressing}\n")
-    with contextlib.chdir(work), Repo(".") as repo:  # where the command line runs it: targets are read from the cwd
         for target in targets:
             repo.commit(target, force=True)
     return names
